@@ -1,0 +1,1 @@
+"""Runners turn loaded weights plus job parameters into image bytes."""

@@ -1,0 +1,160 @@
+"""CacheAgent: one per agent pod; the operator's orders in spec, the agent's report in status."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from stoker.api.base import Condition, ObjectName, Resource, StokerModel
+
+
+class HoldOrder(StokerModel):
+    """Keep a model on this agent as a replica target."""
+
+    model: ObjectName
+    """ModelCache name in the agent's namespace."""
+    tier: Literal["disk", "vram"] = "disk"
+    """disk: download and never evict from disk; vram: also keep it loaded."""
+
+
+class CacheAgentSpec(StokerModel):
+    """Orders from the operator. Models not listed in holds are released: the agent may evict them."""
+
+    holds: list[HoldOrder] = Field(default_factory=list, max_length=10000)
+    """Models to prefetch and hold. The agent downloads missing ones in the background, behind job downloads."""
+    cordon: bool = False
+    """Take no new jobs; running jobs finish."""
+
+
+class GpuInfo(StokerModel):
+    """The agent's accelerator."""
+
+    model: str = ""
+    """GPU product name, or cpu."""
+    vram_bytes: int = 0
+    """Total device memory."""
+
+
+class TierUsage(StokerModel):
+    """Capacity and use of one cache tier."""
+
+    budget_bytes: int = 0
+    """Byte budget of the tier."""
+    used_bytes: int = 0
+    """Bytes held."""
+    reserved_bytes: int = 0
+    """Bytes reserved for downloads or loads in progress."""
+
+
+class CachedModel(StokerModel):
+    """A model the agent holds."""
+
+    name: str
+    """ModelCache name."""
+    tier: Literal["disk", "ram", "vram"]
+    """Fastest tier the model is in."""
+    size_bytes: int
+    """Size of the file."""
+    last_used: str | None = None
+    """When a job last used it (RFC 3339)."""
+    preloaded: bool = False
+    """Baked into the container image: free, never evicted."""
+    held: bool = False
+    """Held as a replica target."""
+
+
+class DownloadProgress(StokerModel):
+    """A download in progress."""
+
+    name: str
+    """ModelCache name."""
+    bytes_done: int = 0
+    """Bytes received so far."""
+    bytes_total: int | None = None
+    """Expected size, when known."""
+
+
+class Bandwidths(StokerModel):
+    """Measured transfer rates in bytes per second (0 when not yet measured)."""
+
+    download_bps: float = 0
+    """Network download."""
+    disk_to_gpu_bps: float = 0
+    """Disk to GPU (or to host memory on a CPU-only agent)."""
+    ram_to_gpu_bps: float = 0
+    """Pinned host memory to GPU."""
+
+
+class RunningJob(StokerModel):
+    """A job the agent is working on."""
+
+    name: str
+    """GenerationJob name."""
+    attempt: int
+    """Attempt number."""
+    expected_remaining_seconds: float = 0
+    """Estimate used for queue-wait in placement."""
+
+
+class CacheAgentStatus(StokerModel):
+    """Report written by the agent, except conditions, which the operator writes from the agent's Lease."""
+
+    pod: str = ""
+    """Pod the agent runs in."""
+    node: str = ""
+    """Node of the pod."""
+    zone: str = ""
+    """Topology zone of the node."""
+    gpu: GpuInfo = Field(default_factory=GpuInfo)
+    """The accelerator."""
+    disk: TierUsage = Field(default_factory=TierUsage)
+    """Disk tier."""
+    ram: TierUsage = Field(default_factory=TierUsage)
+    """Pinned host memory tier."""
+    vram: TierUsage = Field(default_factory=TierUsage)
+    """GPU memory tier."""
+    models: list[CachedModel] = Field(default_factory=list, max_length=10000)
+    """Models held, with their fastest tier."""
+    models_on_disk: int = 0
+    """Count of models on disk (for kubectl get)."""
+    hot_models: int = 0
+    """Count of models loaded in GPU memory (for kubectl get)."""
+    downloads: list[DownloadProgress] = Field(default_factory=list, max_length=1000)
+    """Downloads in progress."""
+    slots: int = 1
+    """Jobs the agent runs at once."""
+    free_slots: int = 0
+    """Slots not taken by a running or bound job."""
+    running: list[RunningJob] = Field(default_factory=list, max_length=1000)
+    """Jobs bound to the agent and not finished."""
+    bandwidth: Bandwidths = Field(default_factory=Bandwidths)
+    """Measured transfer rates."""
+    observed_generation: int | None = None
+    """The spec generation whose orders the agent has taken in."""
+    conditions: list[Condition] = Field(default_factory=list, max_length=16)
+    """Ready (the agent's Lease is being renewed). Written by the operator."""
+
+
+class CacheAgent(Resource):
+    """One agent pod: the operator's orders in spec, the agent's cache report in status."""
+
+    kind_name: ClassVar[str] = "CacheAgent"
+    plural: ClassVar[str] = "cacheagents"
+    short_names: ClassVar[tuple[str, ...]] = ("ca",)
+    printer_columns: ClassVar[tuple[dict[str, str], ...]] = (
+        {"name": "Node", "type": "string", "jsonPath": ".status.node"},
+        {"name": "GPU", "type": "string", "jsonPath": ".status.gpu.model"},
+        {"name": "Disk Used", "type": "integer", "jsonPath": ".status.disk.usedBytes", "format": "int64"},
+        {"name": "Budget", "type": "integer", "jsonPath": ".status.disk.budgetBytes", "format": "int64"},
+        {"name": "Models", "type": "integer", "jsonPath": ".status.modelsOnDisk"},
+        {"name": "Hot", "type": "integer", "jsonPath": ".status.hotModels"},
+        {"name": "Free Slots", "type": "integer", "jsonPath": ".status.freeSlots"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+
+    kind: Literal["CacheAgent"] = "CacheAgent"
+    spec: CacheAgentSpec = Field(default_factory=CacheAgentSpec)
+    """Orders from the operator."""
+    status: CacheAgentStatus | None = None
+    """Report from the agent."""

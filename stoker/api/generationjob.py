@@ -1,0 +1,224 @@
+"""GenerationJob: one image generation request."""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from stoker.api.base import Condition, ObjectName, Resource, StokerModel
+
+IMMUTABLE_SPEC = {
+    "rule": "self == oldSelf",
+    "message": "a GenerationJob's spec is immutable: delete the job and create a new one",
+}
+
+
+class JobPhase(enum.StrEnum):
+    PENDING = "Pending"
+    SCHEDULED = "Scheduled"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class CacheHit(enum.StrEnum):
+    VRAM = "vram"
+    RAM = "ram"
+    DISK = "disk"
+    MISS = "miss"
+
+
+class Sampler(enum.StrEnum):
+    EULER = "euler"
+    EULER_A = "euler_a"
+    DPMPP_2M = "dpmpp_2m"
+    DDIM = "ddim"
+    PNDM = "pndm"
+    LMS = "lms"
+    HEUN = "heun"
+    UNIPC = "unipc"
+
+
+class NoiseSchedule(enum.StrEnum):
+    NORMAL = "normal"
+    KARRAS = "karras"
+
+
+class LoraRef(StokerModel):
+    """A LoRA applied on top of the checkpoint."""
+
+    name: ObjectName
+    """Name of a ModelCache of kind lora in the job's namespace."""
+    weight: float = Field(default=1.0, ge=-10, le=10)
+    """Strength of the LoRA."""
+
+
+class GenerationParams(StokerModel):
+    """What to generate."""
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    """Text prompt."""
+    negative_prompt: str = Field(default="", max_length=4000)
+    """What the image should not contain."""
+    steps: int = Field(default=20, ge=1, le=150)
+    """Denoising steps."""
+    cfg_scale: float = Field(default=7.0, ge=0, le=30)
+    """Classifier-free guidance scale."""
+    width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    """Image width in pixels, a multiple of 8."""
+    height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    """Image height in pixels, a multiple of 8."""
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    """Random seed. When absent the agent picks one and records it in status.result.seed; the same seed gives the same image on the same hardware."""
+    sampler: Sampler = Sampler.EULER_A
+    """Sampler: euler, euler_a, dpmpp_2m, ddim, pndm, lms, heun or unipc."""
+    scheduler: NoiseSchedule = NoiseSchedule.NORMAL
+    """Noise schedule: normal or karras."""
+    batch_size: int = Field(default=1, ge=1, le=8)
+    """Images generated in one run."""
+
+
+class OutputSpec(StokerModel):
+    """Where the image goes."""
+
+    url: str | None = Field(default=None, max_length=4096, pattern=r"^https?://[^\s/$.?#][^\s]*$")
+    """HTTP PUT target, for example a presigned object-store URL. Its query string is treated as a secret. When absent the image is written to the agent's results volume."""
+
+
+class GenerationJobSpec(StokerModel):
+    """A generation request. Immutable once created."""
+
+    model: ObjectName
+    """Name of the checkpoint ModelCache in the job's namespace."""
+    loras: list[LoraRef] = Field(default_factory=list, max_length=16)
+    """LoRAs to apply, with weights."""
+    vae: ObjectName | None = None
+    """Name of a ModelCache of kind vae replacing the checkpoint's own VAE."""
+    params: GenerationParams
+    """Generation parameters."""
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    """Higher runs first. Waiting raises a job's effective priority so no job starves."""
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    """Attempts before the job fails, counting retries after an agent vanished or failed."""
+    timeout_seconds: int = Field(default=3600, ge=1, le=7 * 86400)
+    """The job fails with DeadlineExceeded this long after creation if it has not finished."""
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    """Where the image goes."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, le=365 * 86400)
+    """Delete the job this long after it succeeds or fails. Kept forever when absent."""
+
+
+class Attempt(StokerModel):
+    """One attempt at running the job."""
+
+    attempt: int = Field(ge=1)
+    """Attempt number, from 1."""
+    agent: str = ""
+    """CacheAgent that ran (or was to run) the attempt."""
+    outcome: Literal["Succeeded", "Failed", "Requeued", "Cancelled"]
+    """How the attempt ended."""
+    reason: str = ""
+    """Why, in one CamelCase word."""
+    message: str = ""
+    """Detail."""
+    finished_at: str | None = None
+    """When the attempt ended (RFC 3339)."""
+
+
+class Timings(StokerModel):
+    """Where the time went, in seconds."""
+
+    queued_seconds: float | None = None
+    """From creation to the start of the attempt that succeeded."""
+    download_seconds: float | None = None
+    """Downloading missing artifacts."""
+    load_seconds: float | None = None
+    """Loading weights to the GPU (or host memory)."""
+    inference_seconds: float | None = None
+    """Running the pipeline."""
+    upload_seconds: float | None = None
+    """Delivering the image."""
+    total_seconds: float | None = None
+    """From creation to finish."""
+
+
+class Progress(StokerModel):
+    """Denoising progress."""
+
+    step: int = Field(default=0, ge=0)
+    """Steps done."""
+    steps: int = Field(default=0, ge=0)
+    """Steps in all."""
+
+
+class JobResult(StokerModel):
+    """The delivered image."""
+
+    location: str
+    """Where the image is: the PUT URL without its query string, or a path on the agent's results volume."""
+    sha256: str
+    """SHA-256 of the PNG bytes."""
+    bytes: int
+    """Size of the PNG."""
+    content_type: str = "image/png"
+    """MIME type."""
+    seed: int | None = None
+    """Seed used."""
+
+
+class GenerationJobStatus(StokerModel):
+    """Observed state. The operator writes phase Pending/Scheduled/Failed(scheduling), agent and attempt; the bound agent writes Running, progress, timings, cacheHit, result and Succeeded/Failed for its attempt."""
+
+    phase: JobPhase = JobPhase.PENDING
+    """Pending, Scheduled, Running, Succeeded or Failed."""
+    agent: str | None = None
+    """CacheAgent the current attempt is bound to."""
+    attempt: int = Field(default=0, ge=0)
+    """Current attempt number (0 before the first binding)."""
+    history: list[Attempt] = Field(default_factory=list, max_length=100)
+    """Earlier attempts and how they ended."""
+    cache_hit: CacheHit | None = None
+    """Tier the checkpoint came from: vram, ram, disk or miss (downloaded)."""
+    timings: Timings | None = None
+    """Where the time went."""
+    progress: Progress | None = None
+    """Denoising progress of the current attempt."""
+    result: JobResult | None = None
+    """The delivered image."""
+    reason: str | None = None
+    """Why the job failed, one CamelCase word (for example ModelNotFound, AttemptsExhausted, DeadlineExceeded)."""
+    message: str | None = None
+    """Detail of the failure and what to do."""
+    scheduled_at: str | None = None
+    """When the current attempt was bound (RFC 3339)."""
+    started_at: str | None = None
+    """When the current attempt started running."""
+    finished_at: str | None = None
+    """When the job succeeded or failed."""
+    conditions: list[Condition] = Field(default_factory=list, max_length=16)
+    """Standard conditions."""
+
+
+class GenerationJob(Resource):
+    """One image generation request, scheduled onto the agent that can start it soonest."""
+
+    kind_name: ClassVar[str] = "GenerationJob"
+    plural: ClassVar[str] = "generationjobs"
+    short_names: ClassVar[tuple[str, ...]] = ("gj",)
+    printer_columns: ClassVar[tuple[dict[str, str], ...]] = (
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Agent", "type": "string", "jsonPath": ".status.agent"},
+        {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
+        {"name": "Hit", "type": "string", "jsonPath": ".status.cacheHit"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+    spec_rules: ClassVar[tuple[dict[str, str], ...]] = (IMMUTABLE_SPEC,)
+
+    kind: Literal["GenerationJob"] = "GenerationJob"
+    spec: GenerationJobSpec
+    """What to generate and how."""
+    status: GenerationJobStatus | None = None
+    """Observed state."""

@@ -1,0 +1,172 @@
+"""ModelCache: one model artifact and how warm to keep it."""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from stoker.api.base import Condition, ObjectName, Resource, StokerModel
+
+IMMUTABLE = {"x-kubernetes-validations": [{
+    "rule": "self == oldSelf",
+    "message": "source is immutable: a different source is a different model; create a new ModelCache",
+}]}
+
+PICKLE_FORMATS = frozenset({"ckpt", "pt", "bin"})
+
+
+class ArtifactKind(enum.StrEnum):
+    CHECKPOINT = "checkpoint"
+    LORA = "lora"
+    VAE = "vae"
+    UPSCALER = "upscaler"
+    CONTROLNET = "controlnet"
+    EMBEDDING = "embedding"
+
+
+class WeightFormat(enum.StrEnum):
+    SAFETENSORS = "safetensors"
+    CKPT = "ckpt"
+    PT = "pt"
+    BIN = "bin"
+
+
+class SecretRef(StokerModel):
+    """A key of a Secret in the ModelCache's namespace holding a credential for the source."""
+
+    name: ObjectName
+    """Name of the Secret."""
+    key: str = Field(default="token", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    """Key inside the Secret whose value is the credential."""
+    header: str = Field(default="Authorization", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9-]+$")
+    """HTTP header that carries the credential. For Authorization the value is sent as a bearer token unless it already names a scheme."""
+
+
+class ModelSource(StokerModel):
+    """Where the weights come from."""
+
+    url: str = Field(max_length=2048, pattern=r"^https?://[^\s/$.?#][^\s]*$")
+    """HTTP(S) URL of the file. Plain http is refused by agents unless they are configured to allow it."""
+    secret_ref: SecretRef | None = None
+    """Optional credential for the URL. Never logged or reported."""
+    sha256: str | None = Field(default=None, pattern=r"^[a-f0-9]{64}$")
+    """Expected SHA-256 of the file, lowercase hex. A download that does not match is discarded."""
+    size_bytes: int | None = Field(default=None, ge=1, le=2**44)
+    """Size of the file in bytes. A hint used for placement before the first download; checked against the download."""
+
+
+class Autoscale(StokerModel):
+    """Add warm copies as demand rises; remove them as it falls."""
+
+    max_replicas: int = Field(ge=1, le=1000)
+    """Upper bound on disk copies the autoscaler may ask for."""
+    target_jobs_per_minute: float = Field(default=6.0, gt=0, le=10000)
+    """Demand one copy should serve, in jobs per minute. Desired copies = ceil(demand / target), between replicas and maxReplicas."""
+
+
+class ModelCacheSpec(StokerModel):
+    """Desired state of a ModelCache."""
+
+    source: ModelSource = Field(json_schema_extra=IMMUTABLE)
+    """Where the weights come from (immutable)."""
+    kind: ArtifactKind = ArtifactKind.CHECKPOINT
+    """What the artifact is: checkpoint, lora, vae, upscaler, controlnet or embedding."""
+    format: WeightFormat = WeightFormat.SAFETENSORS
+    """File format. Pickle-based formats (ckpt, pt, bin) can run code when loaded and are refused unless allowPickle is true."""
+    allow_pickle: bool = False
+    """Accept a pickle-based format. Only for sources you trust completely."""
+    replicas: int = Field(default=1, ge=0, le=1000)
+    """Keep at least this many copies on agents' disks; those copies are never evicted."""
+    hot_replicas: int = Field(default=0, ge=0, le=1000)
+    """Keep this many copies loaded in GPU memory (or pinned RAM), ready to run at once."""
+    autoscale: Autoscale | None = None
+    """Raise the number of copies with demand, up to maxReplicas."""
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ModelCacheSpec:
+        # Mirrors the CEL rules in ModelCache.spec_rules, so clients fail early too.
+        if self.format in PICKLE_FORMATS and not self.allow_pickle:
+            raise ValueError(ModelCache.spec_rules[0]["message"])
+        if self.hot_replicas > self.replicas and self.autoscale is None:
+            raise ValueError(ModelCache.spec_rules[1]["message"])
+        if self.autoscale is not None and self.autoscale.max_replicas < self.replicas:
+            raise ValueError(ModelCache.spec_rules[2]["message"])
+        return self
+
+
+class CopyCounts(StokerModel):
+    """Copies of the model per cache tier."""
+
+    disk: int = 0
+    """Agents holding the file on disk (including baked-in copies)."""
+    ram: int = 0
+    """Agents holding it in pinned host memory."""
+    vram: int = 0
+    """Agents holding it loaded in GPU memory."""
+
+
+class ModelCopy(StokerModel):
+    """One agent holding the model."""
+
+    agent: ObjectName
+    """CacheAgent name."""
+    tier: Literal["disk", "ram", "vram", "downloading"]
+    """Fastest tier the copy is in."""
+    held: bool = False
+    """Kept there as a replica target (never evicted)."""
+
+
+class ModelCacheStatus(StokerModel):
+    """Observed state of a ModelCache, written by the operator."""
+
+    observed_generation: int | None = None
+    """The metadata.generation this status reflects."""
+    size_bytes: int | None = None
+    """Size of the file, as measured by an agent or given in spec."""
+    desired_replicas: int = 0
+    """Disk copies the operator is aiming for (replicas, raised by autoscale)."""
+    desired_hot_replicas: int = 0
+    """Loaded copies the operator is aiming for."""
+    copies: CopyCounts = Field(default_factory=CopyCounts)
+    """Copies per tier."""
+    agents: list[ModelCopy] = Field(default_factory=list, max_length=10000)
+    """Which agents hold the model, and where."""
+    demand_jobs_per_minute: float = 0.0
+    """Recent demand, an exponentially weighted rate of jobs per minute."""
+    last_used: str | None = None
+    """When a job last used the model (RFC 3339)."""
+    conditions: list[Condition] = Field(default_factory=list, max_length=16)
+    """Ready (replica targets met), Available (at least one copy exists), Failed (the source is bad)."""
+
+
+class ModelCache(Resource):
+    """A model artifact (checkpoint, LoRA, VAE, ...) and how many warm copies of it to keep across the fleet."""
+
+    kind_name: ClassVar[str] = "ModelCache"
+    plural: ClassVar[str] = "modelcaches"
+    short_names: ClassVar[tuple[str, ...]] = ("mc",)
+    printer_columns: ClassVar[tuple[dict[str, str], ...]] = (
+        {"name": "Kind", "type": "string", "jsonPath": ".spec.kind"},
+        {"name": "Size", "type": "integer", "jsonPath": ".status.sizeBytes", "format": "int64"},
+        {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
+        {"name": "Warm", "type": "integer", "jsonPath": ".status.copies.disk"},
+        {"name": "Hot", "type": "integer", "jsonPath": ".status.copies.vram"},
+        {"name": "Demand", "type": "number", "jsonPath": ".status.demandJobsPerMinute", "description": "jobs per minute"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
+    spec_rules: ClassVar[tuple[dict[str, str], ...]] = (
+        {"rule": "self.format == 'safetensors' || self.allowPickle",
+         "message": "format is pickle-based (ckpt, pt, bin), which can run code when loaded: convert the file to safetensors, or set allowPickle: true if you trust the source completely"},
+        {"rule": "self.hotReplicas <= self.replicas || has(self.autoscale)",
+         "message": "hotReplicas must not exceed replicas: every loaded copy is also a disk copy"},
+        {"rule": "!has(self.autoscale) || self.autoscale.maxReplicas >= self.replicas",
+         "message": "autoscale.maxReplicas must be at least replicas"},
+    )
+
+    kind: Literal["ModelCache"] = "ModelCache"
+    spec: ModelCacheSpec
+    """Desired state: where the model comes from and how many copies to keep warm."""
+    status: ModelCacheStatus | None = None
+    """Observed state, written by the operator."""

@@ -1,0 +1,1 @@
+"""Discrete-event fleet simulator driving the real placement, planning and eviction code."""

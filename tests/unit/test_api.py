@@ -1,0 +1,66 @@
+"""The pydantic API types agree with the examples and with the committed CRD YAML."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pydantic
+import pytest
+import yaml
+
+from stoker import api, crdgen
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+KINDS = {r.kind_name: r for r in api.RESOURCES}
+
+
+def documents(path: pathlib.Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.mark.parametrize("folder", ["crds", "charts/stoker/crds"])
+def test_committed_crd_yaml_matches_the_generator(folder: str) -> None:
+    rendered = crdgen.render_crds()
+    on_disk = {p.name: p.read_text() for p in (REPO / folder).glob("*.yaml")}
+    assert on_disk == rendered, f"{folder} is stale: run `stoker crds`"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_valid_examples_parse_as_api_types(path: pathlib.Path) -> None:
+    for doc in documents(path):
+        obj = KINDS[doc["kind"]].model_validate(doc)
+        assert obj.name == doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "invalid").glob("*.yaml")), ids=lambda p: p.name)
+def test_invalid_examples_fail_pydantic_validation_too(path: pathlib.Path) -> None:
+    [doc] = documents(path)
+    cls = KINDS[doc["kind"]]
+    with pytest.raises(pydantic.ValidationError):
+        cls.model_validate(doc)
+
+
+def test_crd_schemas_are_structural() -> None:
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for banned in ("$ref", "anyOf", "oneOf", "allOf", "title", "$defs"):
+                assert banned not in node, f"{banned} at {where}"
+            if "properties" in node or "items" in node:
+                assert node.get("type") in ("object", "array"), f"untyped node at {where}"
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    for resource in api.RESOURCES:
+        crd = crdgen.build_crd(resource)
+        walk(crd["spec"]["versions"][0]["schema"], resource.kind_name)
+
+
+def test_wire_form_uses_camel_case_and_drops_unset_fields() -> None:
+    spec = api.GenerationJobSpec.model_validate({"model": "m", "params": {"prompt": "p", "cfgScale": 5}})
+    wire = spec.wire()
+    assert wire["params"]["cfgScale"] == 5
+    assert "vae" not in wire
+    assert wire["maxAttempts"] == 3
