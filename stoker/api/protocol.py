@@ -1,0 +1,38 @@
+"""How the operator and the agents talk through the API server.
+
+Field ownership (one writer per field):
+- GenerationJob metadata label AGENT_LABEL and annotation ATTEMPT_ANNOTATION: the
+  operator. Present exactly while the job is bound (Scheduled or Running). The binding
+  is one merge patch on the main resource carrying metadata.resourceVersion, so a stale
+  cache or a second operator can never bind a job twice.
+- GenerationJob status phase Pending/Scheduled, agent, attempt, history, scheduledAt,
+  and terminal Failed for AttemptsExhausted / DeadlineExceeded / ModelUnavailable /
+  Cancelled: the operator.
+- GenerationJob status phase Running/Succeeded/Failed (non-retryable) for the current
+  attempt, progress, timings, cacheHit, result, startedAt, finishedAt, attemptFailure:
+  the bound agent, and only while the label and annotation still name it and its
+  attempt; every agent write carries a resourceVersion precondition.
+- CacheAgent spec.holds: the operator. spec.cordon: people (kubectl patch).
+- CacheAgent status, except conditions: the agent. status.conditions (Ready): the
+  operator, from the agent's Lease.
+- ModelCache status: the operator.
+- Lease `<cacheagent name>` (coordination.k8s.io/v1) in the agent's namespace:
+  the agent renews it every LEASE_RENEW_S; the operator marks the agent NotReady when
+  renewTime is older than leaseDurationSeconds.
+"""
+
+from __future__ import annotations
+
+from stoker.api.base import AGENT_LABEL, GROUP
+
+ATTEMPT_ANNOTATION = f"{GROUP}/attempt"
+LEASE_DURATION_S = 15
+LEASE_RENEW_S = 5
+OPERATOR_LEASE = "stoker-operator"
+FIELD_MANAGER_OPERATOR = "stoker-operator"
+FIELD_MANAGER_AGENT = "stoker-agent"
+
+__all__ = [
+    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "LEASE_DURATION_S", "LEASE_RENEW_S",
+    "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT",
+]

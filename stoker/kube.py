@@ -1,0 +1,100 @@
+"""Thin helpers over the Kubernetes client shared by the operator and the agent (I/O)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import uuid
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from stoker.api import GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+PLURALS = {"ModelCache": "modelcaches", "GenerationJob": "generationjobs", "CacheAgent": "cacheagents"}
+
+
+def now_rfc3339(now: dt.datetime | None = None) -> str:
+    return (now or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """A client from an explicit kubeconfig, $KUBECONFIG, or the in-cluster service account."""
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    if path:
+        return config.new_client_from_config(config_file=path)
+    config.load_incluster_config()
+    return client.ApiClient()
+
+
+def is_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, ApiException) and exc.status == 409
+
+
+def is_not_found(exc: BaseException) -> bool:
+    return isinstance(exc, ApiException) and exc.status == 404
+
+
+class Objects:
+    """Get, list and merge-patch Stoker custom objects in one namespace."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.namespace = namespace
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name)
+
+    def list(self, kind: str, *, label_selector: str = "") -> dict[str, Any]:
+        return self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURALS[kind], label_selector=label_selector)
+
+    def create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], body)
+
+    def patch(self, kind: str, name: str, body: dict[str, Any], *, resource_version: str | None = None) -> dict[str, Any]:
+        """Merge-patch the main resource; with resource_version, fail with 409 if it changed."""
+        if resource_version is not None:
+            body = {**body, "metadata": {**body.get("metadata", {}), "resourceVersion": resource_version}}
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name, body)
+
+    def patch_status(self, kind: str, name: str, status: dict[str, Any], *,
+                     resource_version: str | None = None) -> dict[str, Any]:
+        """Merge-patch the status subresource; with resource_version, fail with 409 if it changed."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.namespace, PLURALS[kind], name, body)
+
+    def delete(self, kind: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name)
+
+    def event(self, obj: dict[str, Any], *, reason: str, message: str, warning: bool = False,
+              component: str = "stoker") -> None:
+        """Record a core/v1 Event on `obj`; failures are logged, never raised."""
+        meta = obj.get("metadata", {})
+        ts = dt.datetime.now(dt.timezone.utc)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(name=f"{meta.get('name', 'x')}.{uuid.uuid4().hex[:12]}",
+                                         namespace=self.namespace),
+            involved_object=client.V1ObjectReference(
+                api_version=obj.get("apiVersion"), kind=obj.get("kind"), name=meta.get("name"),
+                namespace=self.namespace, uid=meta.get("uid"), resource_version=meta.get("resourceVersion")),
+            reason=reason, message=message[:1024], type="Warning" if warning else "Normal",
+            first_timestamp=ts, last_timestamp=ts, count=1,
+            source=client.V1EventSource(component=component),
+        )
+        try:
+            self.core.create_namespaced_event(self.namespace, event)
+        except ApiException as exc:  # events are best-effort; never fail the caller
+            log.warning("could not record event %s on %s/%s: %s", reason, self.namespace, meta.get("name"), exc.reason)
