@@ -98,3 +98,45 @@ class Objects:
             self.core.create_namespaced_event(self.namespace, event)
         except ApiException as exc:  # events are best-effort; never fail the caller
             log.warning("could not record event %s on %s/%s: %s", reason, self.namespace, meta.get("name"), exc.reason)
+
+
+def stream_events(list_fn: Any, *, stop: Any, on_event: Any, timeout_s: int = 30, **kwargs: Any) -> None:
+    """Watch `list_fn` (a namespaced list call) until `stop.is_set()`, calling
+    `on_event(type, object)` for every event. Relists after errors and 410 Gone, and
+    replays the list as ADDED events so callers see the full state after a gap.
+
+    Blocking: run it in a thread.
+    """
+    from kubernetes import watch
+
+    resource_version = ""
+    while not stop.is_set():
+        try:
+            if not resource_version:
+                listing = list_fn(**kwargs)
+                for item in listing.get("items", []):
+                    on_event("ADDED", item)
+                resource_version = listing["metadata"]["resourceVersion"]
+            w = watch.Watch()
+            for event in w.stream(list_fn, resource_version=resource_version, timeout_seconds=timeout_s,
+                                  allow_watch_bookmarks=True, **kwargs):
+                if stop.is_set():
+                    w.stop()
+                    break
+                obj = event["object"]
+                if event["type"] == "ERROR":
+                    resource_version = ""  # 410 Gone or similar: relist
+                    break
+                resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
+                if event["type"] != "BOOKMARK":
+                    on_event(event["type"], obj)
+        except ApiException as exc:
+            if exc.status == 410:
+                resource_version = ""
+            else:
+                log.warning("watch failed (%s %s); retrying", exc.status, exc.reason)
+                stop.wait(1.0)
+        except Exception as exc:  # connection drops: retry, never die silently
+            log.warning("watch interrupted (%s); retrying", exc)
+            resource_version = ""
+            stop.wait(1.0)

@@ -36,3 +36,17 @@ __all__ = [
     "AGENT_LABEL", "ATTEMPT_ANNOTATION", "LEASE_DURATION_S", "LEASE_RENEW_S",
     "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT",
 ]
+
+
+def bound_attempt(job: dict, agent: str) -> int | None:
+    """The attempt `agent` may run for this GenerationJob object, or None when the job is
+    not bound to it (unbound, bound elsewhere, finished, or being deleted)."""
+    meta = job.get("metadata", {})
+    if meta.get("deletionTimestamp") or meta.get("labels", {}).get(AGENT_LABEL) != agent:
+        return None
+    if job.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+        return None
+    try:
+        return int(meta.get("annotations", {}).get(ATTEMPT_ANNOTATION, ""))
+    except ValueError:
+        return None

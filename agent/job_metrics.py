@@ -1,0 +1,20 @@
+"""Prometheus metrics of the job loop, registered beside the cache metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class JobMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter("stoker_agent_jobs", "Jobs finished by this agent, by outcome.", ["outcome"], registry=registry)
+        self.queue_wait = Histogram("stoker_agent_job_queue_wait_seconds", "Creation to start of the attempt.",
+                                    buckets=SECONDS_BUCKETS, registry=registry)
+        self.load_seconds = Histogram("stoker_agent_job_load_seconds", "Loading weights for a job.",
+                                      buckets=SECONDS_BUCKETS, registry=registry)
+        self.inference_seconds = Histogram("stoker_agent_job_inference_seconds", "Running the pipeline.",
+                                           buckets=SECONDS_BUCKETS, registry=registry)
+        self.tier_hits = Counter("stoker_agent_job_cache_tier", "Tier the job's checkpoint came from.", ["tier"],
+                                 registry=registry)

@@ -1,0 +1,184 @@
+"""`stoker-agent`: one per GPU pod. Wires the cache tiers, loader, runner and job loop to
+the API server and runs them until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Literal
+
+import pydantic
+import torch
+
+from stoker import kube
+from stoker.agent import status_report
+from stoker.agent.disk_store import DiskStore
+from stoker.agent.download import Downloader
+from stoker.agent.job_metrics import JobMetrics
+from stoker.agent.jobs import JobSettings, JobWorker, model_source
+from stoker.agent.loader import Loader
+from stoker.agent.metrics import AgentMetrics
+from stoker.agent.orders import OrderFollower
+from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
+from stoker.agent.settings import AgentSettings, SettingsError, SizeBytes
+from stoker.agent.weights import Weights
+from stoker.api.cacheagent import Bandwidths
+
+log = logging.getLogger("stoker.agent")
+
+
+class RunSettings(AgentSettings):
+    """Everything the agent process needs: the cache settings plus the job loop's."""
+
+    kubeconfig: str | None = None
+    """Path of a kubeconfig; in a pod the service account is used."""
+    results_dir: pathlib.Path = pathlib.Path("/var/lib/stoker/results")
+    """Where images go for jobs without an output URL."""
+    device: str = "auto"
+    """cuda, cuda:N, cpu, or auto (the first GPU when there is one)."""
+    ram_budget_bytes: SizeBytes = 32 * 2**30
+    """Pinned host memory for the RAM tier (GPU agents only)."""
+    vram_budget_bytes: SizeBytes | None = None
+    """Memory for loaded models; default: 80 % of the GPU, or 8 GiB of host memory on a CPU-only agent."""
+    model_not_found_grace_s: float = pydantic.Field(default=10.0, ge=0)
+    """How long a job waits for its ModelCache to appear before failing with ModelNotFound."""
+    runner: Literal["diffusers", "comfyui"] = "diffusers"
+    """Built-in diffusers pipelines, or a ComfyUI server beside the agent."""
+    comfyui_url: str = "http://127.0.0.1:8188"
+    """ComfyUI server URL (runner comfyui)."""
+    comfyui_models_dir: pathlib.Path = pathlib.Path("/comfyui/models")
+    """ComfyUI's models folder, managed by the agent (runner comfyui)."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"device {name} was asked for but no CUDA device is visible; use --device cpu or auto")
+    return device
+
+
+def build_runner(settings: RunSettings, device: torch.device):  # type: ignore[no-untyped-def]
+    if settings.runner == "comfyui":
+        from stoker.agent.runner.comfyui import ComfyUIRunner, ComfyUISettings
+
+        return ComfyUIRunner(ComfyUISettings(url=settings.comfyui_url, models_dir=settings.comfyui_models_dir))
+    from stoker.agent.runner.diffusers_runner import DiffusersRunner
+
+    return DiffusersRunner(device=device)
+
+
+async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
+    name = settings.effective_agent_name
+    if not name:
+        raise SettingsError("the agent needs a name: set --pod-name / STOKER_POD_NAME (the chart does) or --agent-name")
+    device = pick_device(settings.device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu_model, vram_total = props.name, int(props.total_memory)
+    else:
+        gpu_model, vram_total = "cpu", 0
+    vram_budget = settings.vram_budget_bytes or (int(vram_total * 0.8) if vram_total else 8 * 2**30)
+
+    api = kube.api_client(settings.kubeconfig)
+    objects = kube.Objects(api, settings.namespace)
+    metrics = AgentMetrics()
+    job_metrics = JobMetrics(metrics.registry)
+    if settings.metrics_enabled and settings.metrics_port:
+        metrics.serve(port=settings.metrics_port, addr=settings.metrics_addr)
+
+    downloader = Downloader(settings.download_policy())
+    store = DiskStore(cache_dir=settings.cache_dir, budget_bytes=settings.disk_budget_bytes, downloader=downloader,
+                      preload_dir=settings.preload_dir, metrics=metrics, max_downloads=settings.max_downloads,
+                      max_prefetches=settings.max_prefetches, verify_on_start=settings.verify_on_start)
+    await store.start()
+    loader = Loader()
+    weights = Weights(loader=loader, device=device, vram_budget_bytes=vram_budget, ram_budget_bytes=settings.ram_budget_bytes)
+    runner = build_runner(settings, device)
+
+    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
+    identity = status_report.Identity(pod=settings.pod_name or name, node=settings.node_name or "",
+                                      zone=settings.zone or "", gpu_model=gpu_model, vram_bytes=vram_total)
+    writer: StatusWriter
+    worker = JobWorker(objects=objects, settings=JobSettings(
+        agent=name, namespace=settings.namespace, slots=settings.job_slots, results_dir=settings.results_dir,
+        model_not_found_grace_s=settings.model_not_found_grace_s),
+        store=store, weights=weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick())
+    if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
+        weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
+    orders = OrderFollower(objects=objects, name=name, store=store,
+                           resolve=lambda mc: model_source(objects, mc), failures=worker.model_failures,
+                           on_change=lambda: writer.kick())
+
+    def build():  # type: ignore[no-untyped-def]
+        return status_report.build_status(
+            identity=identity, disk=disk_view(store), ram=tier_view(weights.ram, 0), vram=tier_view(weights.vram, vram_budget),
+            slots=settings.job_slots, running=worker.running(), failures=list(worker.model_failures.values()),
+            bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0)),
+            observed_generation=orders.observed_generation)
+
+    writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s)
+    lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
+                        renew_s=settings.lease_renew_interval_s)
+    await asyncio.to_thread(lease.renew_once)
+    await writer.write_if_changed()
+    log.info("agent %s/%s ready on %s (%s), disk budget %d bytes, %d slot(s)",
+             settings.namespace, name, device, gpu_model, settings.disk_budget_bytes, settings.job_slots)
+    try:
+        await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop))
+    finally:
+        await store.close()
+        downloader.close()
+        loader.close()
+
+
+def disk_view(store: DiskStore) -> status_report.DiskView:
+    snap = store.snapshot()
+    return status_report.DiskView(
+        budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, reserved_bytes=snap.reserved_bytes,
+        entries=tuple(status_report.DiskEntryView(key=m.key, size_bytes=m.size_bytes, last_used=m.last_used,
+                                                  preloaded=m.preloaded, held=m.held) for m in snap.models),
+        downloads=tuple(status_report.DownloadView(key=d.key, bytes_done=d.bytes_done, total_bytes=d.total_bytes)
+                        for d in snap.downloads))
+
+
+def tier_view(tier, budget_bytes: int) -> status_report.TierView:  # type: ignore[no-untyped-def]
+    if tier is None:
+        return status_report.TierView(budget_bytes=budget_bytes, used_bytes=0, reserved_bytes=0, entries=())
+    snap = tier.snapshot()
+    return status_report.TierView(
+        budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, reserved_bytes=snap.reserved_bytes,
+        entries=tuple(status_report.TierEntryView(key=e.key, size_bytes=e.size_bytes, last_used=e.last_used)
+                      for e in snap.entries))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = RunSettings.from_args(argv)
+    except SettingsError as exc:
+        print(f"stoker-agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_agent(settings, stop)
+
+    try:
+        asyncio.run(runner())
+    except SettingsError as exc:
+        print(f"stoker-agent: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The agent's presence in the API: its CacheAgent, its Lease, its status reports (I/O)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from stoker import kube
+from stoker.api import API_VERSION
+from stoker.api.cacheagent import CacheAgentStatus
+from stoker.api.protocol import LEASE_DURATION_S, LEASE_RENEW_S
+
+log = logging.getLogger(__name__)
+
+
+def register(objects: kube.Objects, *, name: str, pod_name: str) -> dict[str, Any]:
+    """Create this agent's CacheAgent, or adopt the one a previous run left.
+
+    The CacheAgent is owned by the agent's Pod, so it goes away with the Pod.
+    """
+    owner: list[dict[str, Any]] = []
+    try:
+        pod = objects.core.read_namespaced_pod(pod_name, objects.namespace)
+        owner = [{"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid,
+                  "controller": True, "blockOwnerDeletion": False}]
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        log.warning("pod %s/%s not found: CacheAgent %s will have no owner and outlive this process",
+                    objects.namespace, pod_name, name)
+    try:
+        obj = objects.create("CacheAgent", {
+            "apiVersion": API_VERSION, "kind": "CacheAgent",
+            "metadata": {"name": name, "ownerReferences": owner}, "spec": {},
+        })
+        log.info("registered CacheAgent %s/%s", objects.namespace, name)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        obj = objects.get("CacheAgent", name)
+        if owner and obj["metadata"].get("ownerReferences") != owner:
+            obj = objects.patch("CacheAgent", name, {"metadata": {"ownerReferences": owner}})
+        log.info("adopted existing CacheAgent %s/%s", objects.namespace, name)
+    return obj
+
+
+class LeaseKeeper:
+    """Renews the agent's coordination.k8s.io Lease: the heartbeat the operator watches."""
+
+    def __init__(self, api: client.ApiClient, *, namespace: str, name: str,
+                 duration_s: int = LEASE_DURATION_S, renew_s: float = LEASE_RENEW_S) -> None:
+        self.coordination = client.CoordinationV1Api(api)
+        self.namespace, self.name = namespace, name
+        self.duration_s, self.renew_s = duration_s, renew_s
+
+    def renew_once(self) -> None:
+        now = dt.datetime.now(dt.timezone.utc)
+        body = {"spec": {"holderIdentity": self.name, "leaseDurationSeconds": self.duration_s,
+                         "renewTime": kube.now_rfc3339(now)}}
+        try:
+            self.coordination.patch_namespaced_lease(self.name, self.namespace, body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.coordination.create_namespaced_lease(self.namespace, client.V1Lease(
+                metadata=client.V1ObjectMeta(name=self.name),
+                spec=client.V1LeaseSpec(holder_identity=self.name, lease_duration_seconds=self.duration_s,
+                                        acquire_time=now, renew_time=now)))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.renew_once)
+            except Exception as exc:  # keep trying: a missed renewal is what the grace period is for
+                log.warning("lease renewal failed: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.renew_s)
+            except TimeoutError:
+                pass
+
+
+class StatusWriter:
+    """Writes the CacheAgent status when it changes: at most once per `min_interval_s`,
+    at once when `kick()` says something significant happened."""
+
+    def __init__(self, objects: kube.Objects, *, name: str, build: Callable[[], CacheAgentStatus],
+                 min_interval_s: float = 1.0, max_interval_s: float = 30.0) -> None:
+        self.objects, self.name, self.build = objects, name, build
+        self.min_interval_s, self.max_interval_s = min_interval_s, max_interval_s
+        self._kicked = asyncio.Event()
+        self._last: dict[str, Any] | None = None
+        self.writes = 0
+
+    def kick(self) -> None:
+        self._kicked.set()
+
+    async def write_if_changed(self) -> bool:
+        status = self.build().wire()
+        # Lists replace wholesale under a merge patch; send every field so stale ones clear.
+        if status == self._last:
+            return False
+        await asyncio.to_thread(self.objects.patch_status, "CacheAgent", self.name, _with_nulls(status, self._last))
+        self._last = status
+        self.writes += 1
+        return True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        last_write = 0.0
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._kicked.wait(), timeout=self.min_interval_s)
+            except TimeoutError:
+                pass
+            self._kicked.clear()
+            wait = self.min_interval_s - (loop.time() - last_write)
+            if wait > 0:
+                await asyncio.sleep(wait)  # debounce: coalesce bursts of changes
+            try:
+                if await self.write_if_changed() or loop.time() - last_write > self.max_interval_s:
+                    last_write = loop.time()
+            except Exception as exc:
+                log.warning("status write for CacheAgent %s failed: %s", self.name, exc)
+                self._last = None
+
+
+def _with_nulls(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """A merge patch from `old` to `new`: fields that disappeared are set to null."""
+    patch = dict(new)
+    for key in (old or {}):
+        if key not in new:
+            patch[key] = None
+    return patch

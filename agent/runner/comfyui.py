@@ -1,0 +1,330 @@
+"""HTTP runner: drives a ComfyUI server running beside the agent through its documented API.
+
+For each job the runner links the job's model files into the server's model folders
+(`sync_model_folder`), queues a workflow graph with ``POST /prompt`` (checkpoint, LoRAs,
+optional VAE, CLIP text encode, KSampler, VAE decode, SaveImage), polls
+``GET /history/{prompt_id}`` until the prompt finished, and fetches the image with
+``GET /view``. Cancellation deletes the prompt from the queue and ``POST /interrupt``s
+it. The agent owns the model folders: ComfyUI only ever sees files the agent's disk
+cache has verified, under names derived from the model name and content hash.
+
+Example configuration (agent settings)::
+
+    runner:
+      kind: comfyui
+      comfyui:
+        url: http://127.0.0.1:8188       # the server in the same pod
+        modelsDir: /comfyui/models       # ComfyUI's models/ folder, on a shared volume
+        link: symlink                    # or copy, when the server cannot follow links
+        pollIntervalSeconds: 0.2
+        timeoutSeconds: 600
+
+ComfyUI reports progress only over its websocket; this runner polls, so it reports
+the last step when the prompt finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import pathlib
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from stoker.agent.runner import base
+from stoker.agent.runner.base import (
+    ArtifactKind,
+    GeneratedImage,
+    GenerationRequest,
+    LoadedArtifact,
+    Reason,
+    RunnerError,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_SUBDIRS: Mapping[ArtifactKind, str] = {
+    ArtifactKind.CHECKPOINT: "checkpoints",
+    ArtifactKind.LORA: "loras",
+    ArtifactKind.VAE: "vae",
+}
+
+# Stoker's sampler names → ComfyUI's KSampler `sampler_name`; PNDM has no ComfyUI counterpart.
+COMFY_SAMPLERS: Mapping[base.Sampler, str] = {
+    base.Sampler.EULER: "euler",
+    base.Sampler.EULER_A: "euler_ancestral",
+    base.Sampler.HEUN: "heun",
+    base.Sampler.DPM_2: "dpm_2",
+    base.Sampler.DPM_2_A: "dpm_2_ancestral",
+    base.Sampler.DPMPP_2M: "dpmpp_2m",
+    base.Sampler.DPMPP_2M_SDE: "dpmpp_2m_sde",
+    base.Sampler.DPMPP_SDE: "dpmpp_sde",
+    base.Sampler.LMS: "lms",
+    base.Sampler.DDIM: "ddim",
+    base.Sampler.UNIPC: "uni_pc",
+    base.Sampler.DEIS: "deis",
+    base.Sampler.LCM: "lcm",
+}
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def model_filename(artifact: LoadedArtifact) -> str:
+    """The file name ComfyUI sees for `artifact`: the sanitised model name plus a content-hash tag. Pure."""
+    stem = _UNSAFE.sub("_", artifact.name).strip("._")[:80] or "model"
+    tag = _UNSAFE.sub("", artifact.sha256)[:12] or "nohash"
+    return f"{stem}-{tag}.safetensors"
+
+
+def sync_model_folder(models_dir: pathlib.Path, artifacts: Iterable[LoadedArtifact], *,
+                      link: str = "symlink") -> dict[str, str]:
+    """Make every artifact's verified file visible in ComfyUI's `models_dir`; return sha256 → file name.
+
+    Files appear under ``checkpoints/``, ``loras/`` and ``vae/`` with `model_filename`
+    names (never a user-supplied path). `link` is ``symlink`` (no copy; the agent pins the
+    cached file while the job runs) or ``copy`` (written to a temporary name, then renamed).
+    """
+    if link not in ("symlink", "copy"):
+        raise ValueError(f"link must be 'symlink' or 'copy', not {link!r}")
+    names = {}
+    for artifact in artifacts:
+        if artifact.path is None:
+            raise RunnerError(Reason.BACKEND_FAILED,
+                              f"{artifact.kind} {artifact.name!r} has no file in the disk cache to give ComfyUI")
+        folder = models_dir / MODEL_SUBDIRS[artifact.kind]
+        folder.mkdir(parents=True, exist_ok=True)
+        name = model_filename(artifact)
+        target = folder / name
+        source = artifact.path.resolve()
+        if link == "symlink":
+            if not (target.is_symlink() and pathlib.Path(os.readlink(target)) == source):
+                temporary = folder / f".{name}.{os.getpid()}.link"
+                temporary.unlink(missing_ok=True)
+                temporary.symlink_to(source)
+                os.replace(temporary, target)
+        elif not target.exists() or target.stat().st_size != source.stat().st_size:
+            temporary = folder / f".{name}.{os.getpid()}.partial"
+            shutil.copyfile(source, temporary)
+            os.replace(temporary, target)
+        names[artifact.sha256] = name
+    return names
+
+
+def prune_model_folder(models_dir: pathlib.Path, *, keep: Iterable[str]) -> list[pathlib.Path]:
+    """Remove files this runner placed (``*-<hash>.safetensors``) that are not in `keep`; return them."""
+    kept = set(keep)
+    removed = []
+    for subdir in MODEL_SUBDIRS.values():
+        folder = models_dir / subdir
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if re.fullmatch(r".+-[0-9A-Za-z]{1,12}\.safetensors", path.name) and path.name not in kept:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def build_workflow(request: GenerationRequest, *, checkpoint: str, loras: Sequence[tuple[str, float]],
+                   vae: str | None, filename_prefix: str) -> dict[str, Any]:
+    """The ComfyUI API-format graph for one text-to-image job. Pure."""
+    sampler, schedule = base.check_request(request)
+    if sampler not in COMFY_SAMPLERS:
+        raise RunnerError(Reason.INVALID_PARAMETERS,
+                          f"sampler {sampler} is not available in ComfyUI; use one of {', '.join(COMFY_SAMPLERS)}")
+    graph: dict[str, Any] = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}}
+    model: list[Any] = ["1", 0]
+    clip: list[Any] = ["1", 1]
+    vae_out: list[Any] = ["1", 2]
+    for index, (name, weight) in enumerate(loras):
+        node = str(100 + index)
+        graph[node] = {"class_type": "LoraLoader", "inputs": {
+            "model": model, "clip": clip, "lora_name": name, "strength_model": weight, "strength_clip": weight}}
+        model, clip = [node, 0], [node, 1]
+    if vae is not None:
+        graph["2"] = {"class_type": "VAELoader", "inputs": {"vae_name": vae}}
+        vae_out = ["2", 0]
+    if request.clip_skip > 1:
+        graph["3"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": clip,
+                                                                   "stop_at_clip_layer": -request.clip_skip}}
+        clip = ["3", 0]
+    graph["4"] = {"class_type": "CLIPTextEncode", "inputs": {"text": request.prompt, "clip": clip}}
+    graph["5"] = {"class_type": "CLIPTextEncode", "inputs": {"text": request.negative_prompt, "clip": clip}}
+    graph["6"] = {"class_type": "EmptyLatentImage", "inputs": {
+        "width": request.width, "height": request.height, "batch_size": request.batch_size}}
+    graph["7"] = {"class_type": "KSampler", "inputs": {
+        "seed": request.seed, "steps": request.steps, "cfg": request.cfg_scale,
+        "sampler_name": COMFY_SAMPLERS[sampler], "scheduler": schedule.value, "denoise": 1.0,
+        "model": model, "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0]}}
+    graph["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": vae_out}}
+    graph["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": filename_prefix}}
+    return graph
+
+
+@dataclasses.dataclass(frozen=True)
+class ComfyUISettings:
+    """How to reach the ComfyUI server and where its model folders are."""
+
+    url: str = "http://127.0.0.1:8188"
+    """Base URL of the server beside the agent."""
+    models_dir: pathlib.Path = pathlib.Path("/comfyui/models")
+    """ComfyUI's ``models/`` folder; the agent writes ``checkpoints/``, ``loras/`` and ``vae/`` in it."""
+    link: str = "symlink"
+    """``symlink`` or ``copy`` model files into the folders."""
+    poll_interval_s: float = 0.2
+    timeout_s: float = 600.0
+    request_timeout_s: float = 30.0
+
+
+class ComfyUIRunner:
+    """A `Runner` backed by a ComfyUI server."""
+
+    def __init__(self, settings: ComfyUISettings, *, client: httpx.Client | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.settings = settings
+        self._client = client or httpx.Client(base_url=settings.url, timeout=settings.request_timeout_s)
+        self._sleep = sleep
+        self.client_id = uuid.uuid4().hex
+
+    def close(self) -> None:
+        self._client.close()
+
+    def generate(
+        self,
+        *,
+        checkpoint: LoadedArtifact,
+        loras: Sequence[LoadedArtifact],
+        vae: LoadedArtifact | None,
+        request: GenerationRequest,
+        on_step: Callable[[int, int], None],
+        should_cancel: Callable[[], bool],
+    ) -> GeneratedImage:
+        artifacts = [checkpoint, *loras, *([vae] if vae else [])]
+        names = sync_model_folder(self.settings.models_dir, artifacts, link=self.settings.link)
+        prefix = f"stoker/{uuid.uuid4().hex}"
+        graph = build_workflow(request, checkpoint=names[checkpoint.sha256],
+                               loras=[(names[lora.sha256], lora.weight) for lora in loras],
+                               vae=names[vae.sha256] if vae else None, filename_prefix=prefix)
+        if should_cancel():
+            raise RunnerError(Reason.CANCELLED, "cancelled before the prompt was queued")
+        prompt_id = self._queue(graph)
+        entry = self._wait(prompt_id, should_cancel)
+        image = self._fetch_image(prompt_id, entry)
+        on_step(request.steps, request.steps)
+        parameters = base.format_parameters(request, model=checkpoint.name, loras=loras,
+                                            vae=vae.name if vae else None, model_hash=checkpoint.sha256)
+        return _with_parameters(image, parameters)
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._client.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise RunnerError(Reason.BACKEND_UNAVAILABLE,
+                              f"ComfyUI at {self.settings.url} is unreachable ({type(error).__name__}); "
+                              "check that the server beside the agent is running", retryable=True) from None
+
+    def _queue(self, graph: Mapping[str, Any]) -> str:
+        response = self._call("POST", "/prompt", json={"prompt": graph, "client_id": self.client_id})
+        if response.status_code == 400:
+            raise RunnerError(Reason.INVALID_PARAMETERS,
+                              f"ComfyUI refused the workflow: {_describe_refusal(response)}")
+        if not response.is_success:
+            raise RunnerError(Reason.BACKEND_FAILED, f"ComfyUI answered POST /prompt with {response.status_code}",
+                              retryable=response.status_code >= 500)
+        prompt_id = response.json().get("prompt_id")
+        if not isinstance(prompt_id, str) or not prompt_id:
+            raise RunnerError(Reason.BACKEND_FAILED, "ComfyUI accepted the workflow but returned no prompt_id")
+        log.info("queued ComfyUI prompt %s", prompt_id)
+        return prompt_id
+
+    def _cancel(self, prompt_id: str) -> None:
+        self._call("POST", "/queue", json={"delete": [prompt_id]})
+        self._call("POST", "/interrupt", json={"prompt_id": prompt_id})
+        log.info("cancelled ComfyUI prompt %s", prompt_id)
+
+    def _wait(self, prompt_id: str, should_cancel: Callable[[], bool]) -> Mapping[str, Any]:
+        deadline = time.monotonic() + self.settings.timeout_s
+        while True:
+            if should_cancel():
+                self._cancel(prompt_id)
+                raise RunnerError(Reason.CANCELLED, f"cancelled while ComfyUI ran prompt {prompt_id}")
+            response = self._call("GET", f"/history/{prompt_id}")
+            if response.is_success:
+                entry = response.json().get(prompt_id)
+                if entry:  # a prompt appears in the history once it has finished, well or not
+                    status = entry.get("status") or {}
+                    if status.get("status_str", "success") == "success":
+                        return entry
+                    raise _execution_error(prompt_id, status)
+            if time.monotonic() > deadline:
+                self._cancel(prompt_id)
+                raise RunnerError(Reason.BACKEND_FAILED,
+                                  f"ComfyUI did not finish prompt {prompt_id} within {self.settings.timeout_s:.0f}s",
+                                  retryable=True)
+            self._sleep(self.settings.poll_interval_s)
+
+    def _fetch_image(self, prompt_id: str, entry: Mapping[str, Any]) -> bytes:
+        images = [image for node in entry.get("outputs", {}).values() for image in node.get("images", [])
+                  if image.get("type") == "output"]
+        if not images:
+            raise RunnerError(Reason.BACKEND_FAILED, f"ComfyUI prompt {prompt_id} finished without an output image")
+        image = images[0]
+        response = self._call("GET", "/view", params={
+            "filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": "output"})
+        if not response.is_success:
+            raise RunnerError(Reason.BACKEND_FAILED,
+                              f"ComfyUI answered GET /view for prompt {prompt_id} with {response.status_code}")
+        return response.content
+
+
+def _describe_refusal(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    parts = [str(body.get("error", {}).get("message", ""))]
+    for node, errors in (body.get("node_errors") or {}).items():
+        for error in errors.get("errors", []):
+            parts.append(f"node {node} ({errors.get('class_type', '?')}): {error.get('message')} "
+                         f"{error.get('details', '')}".strip())
+    return "; ".join(p for p in parts if p)[:1000]
+
+
+def _execution_error(prompt_id: str, status: Mapping[str, Any]) -> RunnerError:
+    message = "no details"
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            message = f"{data.get('node_type', '?')}: {data.get('exception_message', '').strip()}"
+        elif kind == "execution_interrupted":
+            message = "interrupted on the server"
+    if "out of memory" in message.lower():
+        return RunnerError(Reason.INSUFFICIENT_VRAM, f"ComfyUI ran out of GPU memory on prompt {prompt_id}: {message}",
+                           retryable=True)
+    return RunnerError(Reason.BACKEND_FAILED, f"ComfyUI failed prompt {prompt_id}: {message}")
+
+
+def _with_parameters(png: bytes, parameters: str) -> GeneratedImage:
+    """Re-save ComfyUI's PNG with our `parameters` chunk (its own chunks name server-side files)."""
+    from PIL import Image, PngImagePlugin
+
+    try:
+        image = Image.open(io.BytesIO(png))
+        image.load()
+    except OSError as error:
+        raise RunnerError(Reason.BACKEND_FAILED, f"ComfyUI returned an unreadable image: {error}") from None
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return GeneratedImage(png=buffer.getvalue(), width=image.width, height=image.height,
+                          metadata={"parameters": parameters})

@@ -1,0 +1,110 @@
+"""Build the CacheAgent status from the tiers' snapshots (pure: values in, dict out)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+
+from stoker.api.cacheagent import (
+    Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, ModelFailure, RunningJob, TierUsage,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Where the agent runs."""
+
+    pod: str
+    node: str
+    zone: str
+    gpu_model: str
+    vram_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TierEntryView:
+    key: str
+    size_bytes: int
+    last_used: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TierView:
+    budget_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    entries: tuple[TierEntryView, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskEntryView:
+    key: str
+    size_bytes: int
+    last_used: float
+    preloaded: bool
+    held: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadView:
+    key: str
+    bytes_done: int
+    total_bytes: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskView:
+    budget_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    entries: tuple[DiskEntryView, ...]
+    downloads: tuple[DownloadView, ...]
+
+
+def _name(key: str) -> str:
+    """ModelCache name of a "namespace/name" key."""
+    return key.rsplit("/", 1)[-1]
+
+
+def _time(ts: float) -> str | None:
+    if ts <= 0:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
+                 running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
+                 observed_generation: int | None) -> CacheAgentStatus:
+    """The agent's report: each model once, at its fastest tier, LRU timestamps merged."""
+    models: dict[str, CachedModel] = {}
+    last_used: dict[str, float] = {}
+    for e in disk.entries:
+        models[e.key] = CachedModel(name=_name(e.key), tier="disk", size_bytes=e.size_bytes,
+                                    preloaded=e.preloaded, held=e.held)
+        last_used[e.key] = e.last_used
+    for tier_name, tier in (("ram", ram), ("vram", vram)):
+        for t in tier.entries:
+            base = models.get(t.key)
+            models[t.key] = CachedModel(name=_name(t.key), tier=tier_name, size_bytes=base.size_bytes if base else t.size_bytes,
+                                        preloaded=base.preloaded if base else False, held=base.held if base else False)
+            last_used[t.key] = max(last_used.get(t.key, 0.0), t.last_used)
+    listed = [m.model_copy(update={"last_used": _time(last_used[k])}) for k, m in sorted(models.items())]
+    return CacheAgentStatus(
+        pod=identity.pod, node=identity.node, zone=identity.zone,
+        gpu=GpuInfo(model=identity.gpu_model, vram_bytes=identity.vram_bytes),
+        disk=TierUsage(budget_bytes=disk.budget_bytes, used_bytes=disk.used_bytes, reserved_bytes=disk.reserved_bytes),
+        ram=TierUsage(budget_bytes=ram.budget_bytes, used_bytes=ram.used_bytes, reserved_bytes=ram.reserved_bytes),
+        vram=TierUsage(budget_bytes=vram.budget_bytes, used_bytes=vram.used_bytes, reserved_bytes=vram.reserved_bytes),
+        models=listed,
+        models_on_disk=len(disk.entries),
+        hot_models=len(vram.entries),
+        downloads=[DownloadProgress(name=_name(d.key), bytes_done=d.bytes_done, bytes_total=d.total_bytes)
+                   for d in disk.downloads],
+        slots=slots,
+        free_slots=max(0, slots - len(running)),
+        running=list(running),
+        model_failures=list(failures),
+        bandwidth=bandwidth,
+        observed_generation=observed_generation,
+    )

@@ -1,0 +1,193 @@
+"""The ComfyUI runner queues a workflow on a server speaking ComfyUI's API and returns its image."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from PIL import Image
+
+from stoker.agent.runner import comfyui
+from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact, Reason, RunnerError
+from stoker.testing.comfyui_stub import ComfyUIStub
+
+REQUEST = GenerationRequest(prompt="a red fox", negative_prompt="text", steps=4, width=64, height=40, seed=11,
+                            sampler="euler_a", scheduler="karras")
+
+
+def _artifact(folder: pathlib.Path, name: str, kind: ArtifactKind, *, sha: str, weight: float = 1.0) -> LoadedArtifact:
+    path = folder / f"{sha}.safetensors"  # the disk cache names files by content, not by user input
+    path.write_bytes(b"weights of " + name.encode())
+    return LoadedArtifact(name=name, kind=kind, tensors={}, sha256=sha, weight=weight, path=path)
+
+
+@pytest.fixture
+def stub(tmp_path: pathlib.Path) -> Iterator[ComfyUIStub]:
+    with ComfyUIStub(tmp_path / "comfyui") as server:
+        yield server
+
+
+@pytest.fixture
+def cache(tmp_path: pathlib.Path) -> pathlib.Path:
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def runner(stub: ComfyUIStub) -> Iterator[comfyui.ComfyUIRunner]:
+    settings = comfyui.ComfyUISettings(url=stub.url, models_dir=stub.models_dir, poll_interval_s=0.01,
+                                       timeout_s=30.0)
+    runner = comfyui.ComfyUIRunner(settings)
+    yield runner
+    runner.close()
+
+
+def _run(runner, checkpoint, *, loras=(), vae=None, request=REQUEST, should_cancel=lambda: False, on_step=None):
+    return runner.generate(checkpoint=checkpoint, loras=list(loras), vae=vae, request=request,
+                           on_step=on_step or (lambda i, n: None), should_cancel=should_cancel)
+
+
+def test_a_job_becomes_a_png_of_the_requested_size_with_its_parameters(runner, stub, cache) -> None:
+    checkpoint = _artifact(cache, "dreamy/v1", ArtifactKind.CHECKPOINT, sha="a" * 64)
+    steps: list[tuple[int, int]] = []
+    image = _run(runner, checkpoint, on_step=lambda i, n: steps.append((i, n)))
+    png = Image.open(io.BytesIO(image.png))
+    assert png.size == (64, 40) == (image.width, image.height)
+    assert png.text["parameters"].startswith("a red fox\nNegative prompt: text\n")
+    assert "prompt" not in png.text  # ComfyUI's own chunks name server-side files
+    assert steps == [(4, 4)]
+
+
+def test_the_workflow_wires_checkpoint_loras_vae_and_sampler(runner, stub, cache) -> None:
+    checkpoint = _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="b" * 64)
+    loras = [_artifact(cache, "style", ArtifactKind.LORA, sha="c" * 64, weight=0.6),
+             _artifact(cache, "detail", ArtifactKind.LORA, sha="d" * 64, weight=1.2)]
+    vae = _artifact(cache, "vae-ft", ArtifactKind.VAE, sha="e" * 64)
+    _run(runner, checkpoint, loras=loras, vae=vae)
+    (graph,) = stub.prompts.values()
+    by_type: dict[str, list[dict]] = {}
+    for node in graph.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert by_type["CheckpointLoaderSimple"] == [{"ckpt_name": "base-bbbbbbbbbbbb.safetensors"}]
+    assert [(n["lora_name"], n["strength_model"]) for n in by_type["LoraLoader"]] == [
+        ("style-cccccccccccc.safetensors", 0.6), ("detail-dddddddddddd.safetensors", 1.2)]
+    assert by_type["VAELoader"] == [{"vae_name": "vae-ft-eeeeeeeeeeee.safetensors"}]
+    (sampler,) = by_type["KSampler"]
+    assert (sampler["sampler_name"], sampler["scheduler"], sampler["seed"], sampler["steps"]) == (
+        "euler_ancestral", "karras", 11, 4)
+    decode = next(n for n in graph.values() if n["class_type"] == "VAEDecode")
+    assert graph[decode["inputs"]["vae"][0]]["class_type"] == "VAELoader"
+
+
+def test_model_files_are_linked_under_safe_names(runner, stub, cache) -> None:
+    checkpoint = _artifact(cache, "../../etc/passwd", ArtifactKind.CHECKPOINT, sha="f" * 64)
+    _run(runner, checkpoint)
+    (placed,) = (stub.models_dir / "checkpoints").iterdir()
+    assert placed.name == "etc_passwd-ffffffffffff.safetensors"
+    assert placed.is_symlink() and placed.resolve() == checkpoint.path.resolve()
+
+
+def test_copy_mode_places_a_real_file_and_prune_removes_what_is_no_longer_held(tmp_path, cache) -> None:
+    models = tmp_path / "models"
+    kept = _artifact(cache, "kept", ArtifactKind.CHECKPOINT, sha="1" * 64)
+    gone = _artifact(cache, "gone", ArtifactKind.LORA, sha="2" * 64)
+    names = comfyui.sync_model_folder(models, [kept, gone], link="copy")
+    placed = models / "checkpoints" / names[kept.sha256]
+    assert not placed.is_symlink() and placed.read_bytes() == kept.path.read_bytes()
+    removed = comfyui.prune_model_folder(models, keep=[names[kept.sha256]])
+    assert [p.name for p in removed] == [names[gone.sha256]]
+    assert placed.exists()
+
+
+def test_the_same_inputs_give_the_same_bytes(runner, cache) -> None:
+    checkpoint = _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="3" * 64)
+    assert _run(runner, checkpoint).png == _run(runner, checkpoint).png
+
+
+def test_cancelling_a_running_prompt_interrupts_it(runner, stub, cache) -> None:
+    checkpoint = _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="4" * 64)
+    stub.hold()
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _run(runner, checkpoint, should_cancel=cancel.is_set)
+        except RunnerError as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert stub.running.wait(timeout=30)
+    cancel.set()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert isinstance(outcome[0], RunnerError) and outcome[0].reason is Reason.CANCELLED
+    (prompt_id,) = stub.prompts
+    assert stub.interrupts == [{"prompt_id": prompt_id}]
+    assert stub.deleted == [prompt_id]
+
+
+def test_a_model_the_server_does_not_have_is_reported_with_comfyuis_reason(runner, stub, cache) -> None:
+    checkpoint = _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="5" * 64)
+    graph = comfyui.build_workflow(REQUEST, checkpoint="missing.safetensors", loras=[], vae=None,
+                                   filename_prefix="x")
+    with pytest.raises(RunnerError) as caught:
+        runner._queue(graph)
+    assert caught.value.reason is Reason.INVALID_PARAMETERS
+    assert "missing.safetensors" in str(caught.value)
+    _run(runner, checkpoint)  # the runner stays usable
+
+
+def test_an_out_of_memory_failure_on_the_server_is_insufficient_vram(runner, stub, cache) -> None:
+    stub.fail_next = "CUDA out of memory. Tried to allocate 2.00 GiB"
+    with pytest.raises(RunnerError) as caught:
+        _run(runner, _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="6" * 64))
+    assert caught.value.reason is Reason.INSUFFICIENT_VRAM
+    assert caught.value.retryable
+
+
+def test_another_server_failure_carries_its_message(runner, stub, cache) -> None:
+    stub.fail_next = "mat1 and mat2 shapes cannot be multiplied"
+    with pytest.raises(RunnerError) as caught:
+        _run(runner, _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="7" * 64))
+    assert caught.value.reason is Reason.BACKEND_FAILED
+    assert "mat1 and mat2" in str(caught.value)
+
+
+def test_an_unreachable_server_is_a_retryable_failure(tmp_path, cache) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = comfyui.ComfyUISettings(url=f"http://127.0.0.1:{port}", models_dir=tmp_path / "models")
+    runner = comfyui.ComfyUIRunner(settings)
+    with pytest.raises(RunnerError) as caught:
+        _run(runner, _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="8" * 64))
+    runner.close()
+    assert caught.value.reason is Reason.BACKEND_UNAVAILABLE and caught.value.retryable
+
+
+def test_a_sampler_comfyui_lacks_is_refused_before_queueing(runner, stub, cache) -> None:
+    request = GenerationRequest(prompt="x", width=64, height=64, sampler="pndm")
+    with pytest.raises(RunnerError) as caught:
+        _run(runner, _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="9" * 64), request=request)
+    assert caught.value.reason is Reason.INVALID_PARAMETERS
+    assert stub.prompts == {}
+
+
+def test_a_prompt_that_never_finishes_times_out(stub, cache) -> None:
+    settings = comfyui.ComfyUISettings(url=stub.url, models_dir=stub.models_dir, poll_interval_s=0.01,
+                                       timeout_s=0.2)
+    runner = comfyui.ComfyUIRunner(settings)
+    stub.hold()
+    with pytest.raises(RunnerError) as caught:
+        _run(runner, _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="0" * 64))
+    runner.close()
+    assert caught.value.reason is Reason.BACKEND_FAILED and caught.value.retryable
+    assert "within" in str(caught.value)
+    assert len(stub.interrupts) == 1
