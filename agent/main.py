@@ -48,6 +48,8 @@ class RunSettings(AgentSettings):
     """How long a job waits for its ModelCache to appear before failing with ModelNotFound."""
     runner: Literal["diffusers", "comfyui"] = "diffusers"
     """Built-in diffusers pipelines, or a ComfyUI server beside the agent."""
+    torch_threads: int | None = pydantic.Field(default=None, ge=1, le=256)
+    """CPU threads torch may use; set it when several agents share a CPU-only machine."""
     comfyui_url: str = "http://127.0.0.1:8188"
     """ComfyUI server URL (runner comfyui)."""
     comfyui_models_dir: pathlib.Path = pathlib.Path("/comfyui/models")
@@ -78,6 +80,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     if not name:
         raise SettingsError("the agent needs a name: set --pod-name / STOKER_POD_NAME (the chart does) or --agent-name")
     device = pick_device(settings.device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu_model, vram_total = props.name, int(props.total_memory)
