@@ -43,7 +43,7 @@ class RunSettings(AgentSettings):
     ram_budget_bytes: SizeBytes = 32 * 2**30
     """Pinned host memory for the RAM tier (GPU agents only)."""
     vram_budget_bytes: SizeBytes | None = None
-    """Memory for loaded models; default: 80 % of the GPU, or 8 GiB of host memory on a CPU-only agent."""
+    """Memory for loaded models; default: 80 percent of the GPU, or 8 GiB of host memory on a CPU-only agent."""
     model_not_found_grace_s: float = pydantic.Field(default=10.0, ge=0)
     """How long a job waits for its ModelCache to appear before failing with ModelNotFound."""
     runner: Literal["diffusers", "comfyui"] = "diffusers"

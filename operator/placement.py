@@ -1,0 +1,893 @@
+"""Placement: which pending GenerationJob goes to which CacheAgent (pure, no I/O).
+
+The cost of running a job on an agent is the estimated time until it could start:
+
+    queue wait on the agent
+  + for every artifact of the job (checkpoint, LoRAs, VAE) not already in VRAM:
+        bytes / bandwidth from the tier where it is (RAM->GPU, disk->GPU,
+        or download then disk->GPU)
+  + the cost of what loading it would evict (re-fetch time of the victims,
+    weighted up for hot replica targets and for models other pending jobs want).
+
+Agents that are not Ready, cordoned, too small, or that already failed the job are
+skipped. Jobs are taken in order of effective priority, which rises with waiting
+time (aging), so a job for a cold model is never starved by a stream of hot ones.
+A job may stay pending to wait for a busy agent that holds its model when the
+cost says waiting is cheaper than loading elsewhere; the cost model decides.
+
+One call plans a whole pass: many jobs are assigned in turn while a virtual copy of
+the fleet is updated (slots taken, models loaded, victims evicted), so later jobs see
+the effect of earlier ones. The result depends only on the arguments (no clock, no
+randomness, no iteration over hash-ordered sets).
+
+Speed: a pass never evaluates every (job, agent) pair. For each job the candidates
+are the agents that already hold one of its artifacts (from an index built lazily
+per artifact and kept current as the pass assigns), plus the few free agents that
+look cheapest for a cold load (a heap ordered by a job-independent estimate).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "AgentView",
+    "ArtifactInfo",
+    "Binding",
+    "FleetIndex",
+    "JobView",
+    "PlacementError",
+    "PlacementPlan",
+    "PlacementSettings",
+    "Tier",
+    "Unplaceable",
+    "Waiting",
+    "effective_priority",
+    "job_order_key",
+    "plan_bindings",
+    "plan_placement",
+]
+
+_GIB = 1 << 30
+
+
+class PlacementError(ValueError):
+    """Root of this module's errors: the inputs describe an impossible fleet or job."""
+
+
+class Tier(enum.StrEnum):
+    """Where an artifact is on an agent, best first; `miss` means it must be downloaded."""
+
+    VRAM = "vram"
+    RAM = "ram"
+    DISK = "disk"
+    MISS = "miss"
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactInfo:
+    """One model artifact (checkpoint, LoRA, VAE, ...) and its size."""
+
+    key: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    """What placement needs to know about one CacheAgent, as observed now."""
+
+    name: str
+    node: str = ""
+    zone: str = ""
+    ready: bool = True
+    """False once the agent's Lease expired (or it never reported)."""
+    cordoned: bool = False
+    slots: int = 1
+    """Jobs the agent runs at the same time."""
+    free_slots: int = 1
+    running_remaining_s: tuple[float, ...] = ()
+    """Expected remaining seconds of each running job; a busy slot without an
+    estimate is assumed to free after `PlacementSettings.default_remaining_s`."""
+    vram_capacity_bytes: int | None = None
+    """None: unknown, not used to filter."""
+    vram_free_bytes: int = 0
+    ram_capacity_bytes: int | None = None
+    ram_free_bytes: int = 0
+    disk_capacity_bytes: int | None = None
+    """The disk budget; baked-in (preloaded) models do not count against it."""
+    disk_free_bytes: int = 0
+    vram: frozenset[str] = frozenset()
+    ram: frozenset[str] = frozenset()
+    disk: frozenset[str] = frozenset()
+    """Artifact keys on local disk, including baked-in ones."""
+    downloading: Mapping[str, int] = field(default_factory=dict)
+    """Artifact key -> bytes downloaded so far (space already reserved)."""
+    preloaded: frozenset[str] = frozenset()
+    """Baked into the image: on disk, free, never evicted."""
+    held: frozenset[str] = frozenset()
+    """Replica targets held on disk: the agent never evicts them from disk."""
+    held_hot: frozenset[str] = frozenset()
+    """Replica targets kept loaded: evicting them from VRAM costs extra."""
+    in_use: frozenset[str] = frozenset()
+    """Artifacts used by running jobs: pinned in every tier while they run."""
+    download_bps: float | None = None
+    """Measured bandwidths; None or 0 means not measured yet (defaults apply)."""
+    disk_to_gpu_bps: float | None = None
+    ram_to_gpu_bps: float | None = None
+    _keys: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    """Memo of every key the agent has in some tier (computed on first use; the view is immutable)."""
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every artifact key in some tier of this agent (VRAM, RAM, disk, downloading)."""
+        keys = self._keys
+        if keys is None:
+            keys = self.vram | self.ram | self.disk | frozenset(self.downloading)
+            object.__setattr__(self, "_keys", keys)
+        return keys
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """What placement needs to know about one pending GenerationJob."""
+
+    key: str
+    """Unique job id, e.g. "namespace/name"."""
+    model: str
+    loras: tuple[str, ...] = ()
+    vae: str | None = None
+    priority: float = 0.0
+    created_at: float = 0.0
+    """Seconds on the caller's clock (the same clock as `now`)."""
+    failed_agents: frozenset[str] = frozenset()
+    """Agents on which an attempt of this job already failed: never chosen again."""
+    attempt: int = 1
+    expected_run_s: float | None = None
+    """Expected generation time once loaded; None: the settings' default."""
+
+    @property
+    def artifact_keys(self) -> tuple[str, ...]:
+        """Checkpoint first, then LoRAs and VAE, without duplicates."""
+        keys = [self.model, *self.loras]
+        if self.vae is not None:
+            keys.append(self.vae)
+        return tuple(dict.fromkeys(keys))
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementSettings:
+    """Knobs of the cost model. Defaults match the fleet sizes in DESIGN.md."""
+
+    default_download_bps: float = 200e6
+    """Used until an agent has measured its own (6 GB in 30 s)."""
+    default_disk_to_gpu_bps: float = 2e9
+    default_ram_to_gpu_bps: float = 20e9
+    default_run_s: float = 10.0
+    """Expected generation time of a job that does not say."""
+    default_remaining_s: float = 5.0
+    """Expected remaining time of a running job without an estimate."""
+    aging_per_s: float = 1.0 / 60.0
+    """Effective priority gained per second of waiting: one step per minute, so a job
+    `d` priority steps below a stream of others overtakes them after `d` minutes."""
+    max_hot_wait_age_s: float = 300.0
+    """A job pending longer than this no longer waits for a busy agent: it takes the
+    best free one. Together with aging this bounds how long any job can wait."""
+    evict_cold_weight: float = 0.1
+    """Share of a victim's re-fetch time charged when nothing suggests it is needed."""
+    evict_hot_target_weight: float = 1.0
+    """Added when the victim is a hot replica target on that agent."""
+    evict_demand_weight: float = 0.5
+    """Added per pending job that needs the victim (up to `evict_demand_cap` jobs)."""
+    evict_demand_cap: int = 4
+    cold_candidates: int = 8
+    """Free agents, best ranked for a cold load, evaluated exactly for every job besides
+    the holders of its artifacts (so a job always sees some non-holders too)."""
+    holder_candidates: int = 16
+    """Most free holders of a job's artifacts evaluated per job (best tier first), and most
+    busy holders of its checkpoint considered for waiting (shortest wait first). With more
+    holders than that, the first ones found in fleet order are used."""
+    reference_size_bytes: int = 4 * _GIB
+    """Size used to rank free agents for cold loads independently of the job."""
+    unknown_size_bytes: int = 4 * _GIB
+    """Assumed size of an artifact the caller does not know the size of."""
+
+    def __post_init__(self) -> None:
+        for name in ("default_download_bps", "default_disk_to_gpu_bps", "default_ram_to_gpu_bps"):
+            if not getattr(self, name) > 0:
+                raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.cold_candidates < 1 or self.holder_candidates < 1:
+            raise PlacementError("PlacementSettings.cold_candidates and holder_candidates must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """Bind `job_key` to `agent` now."""
+
+    job_key: str
+    agent: str
+    cost_s: float
+    """Estimated seconds until the job starts (load + eviction cost; no wait)."""
+    cache_tier: Tier
+    """Where the job's checkpoint is on the agent at binding time."""
+    reason: str
+    load_s: float = 0.0
+    evict_s: float = 0.0
+    evicts: tuple[str, ...] = ()
+    """Artifacts the agent is expected to evict to make room (an estimate)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Leave `job_key` pending: the cheapest agent is busy and waiting for it beats loading elsewhere."""
+
+    job_key: str
+    agent: str
+    wait_s: float
+    cost_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaceable:
+    """No Ready agent could take `job_key` now (too small, all failed it, or no room)."""
+
+    job_key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPlan:
+    """Outcome of one pass. Jobs the pass did not reach (no free slot left) are in none of these."""
+
+    bindings: tuple[Binding, ...] = ()
+    waiting: tuple[Waiting, ...] = ()
+    unplaceable: tuple[Unplaceable, ...] = ()
+    jobs_examined: int = 0
+
+
+def effective_priority(job: JobView, *, now: float, settings: PlacementSettings) -> float:
+    """Priority plus aging: rises by `aging_per_s` for every second the job has waited."""
+    return job.priority + settings.aging_per_s * max(0.0, now - job.created_at)
+
+
+def job_order_key(job: JobView, *, settings: PlacementSettings) -> tuple[float, float, str]:
+    """Sort key for the queue (smallest first). Independent of `now`: aging raises every
+    job at the same rate, so the order only changes as jobs arrive or leave, and a caller
+    may keep its queue sorted by this key between passes."""
+    return (settings.aging_per_s * job.created_at - job.priority, job.created_at, job.key)
+
+
+def plan_bindings(
+    jobs: Iterable[JobView],
+    agents: Iterable[AgentView],
+    artifacts: Mapping[str, ArtifactInfo] | Iterable[ArtifactInfo],
+    *,
+    now: float,
+    settings: PlacementSettings = PlacementSettings(),
+    index: FleetIndex | None = None,
+) -> tuple[Binding, ...]:
+    """The bindings of one scheduling pass (see `plan_placement` for the whole plan)."""
+    return plan_placement(jobs, agents, artifacts, now=now, settings=settings, index=index).bindings
+
+
+def plan_placement(
+    jobs: Iterable[JobView],
+    agents: Iterable[AgentView],
+    artifacts: Mapping[str, ArtifactInfo] | Iterable[ArtifactInfo],
+    *,
+    now: float,
+    settings: PlacementSettings = PlacementSettings(),
+    jobs_sorted: bool = False,
+    demand: Mapping[str, int] | None = None,
+    index: FleetIndex | None = None,
+) -> PlacementPlan:
+    """Assign pending jobs to agents for one pass.
+
+    Jobs are examined in `job_order_key` order. Each goes to its cheapest eligible agent
+    if that agent has a free slot, is recorded as waiting if the cheapest is busy, or as
+    unplaceable if none can take it. The pass stops as soon as no free slot is left.
+
+    For large queues and fleets planned over and over (a simulator):
+    `jobs_sorted=True` says `jobs` is already in `job_order_key` order, so it is read
+    lazily and only as far as needed; `demand` (pending jobs per artifact key) then
+    saves counting it from `jobs` (an iterator that is not a sequence counts as no
+    demand); `index`, a `FleetIndex` kept between calls, re-indexes only changed agents.
+    """
+    sizes = artifacts if isinstance(artifacts, Mapping) else {a.key: a for a in artifacts}
+    job_list: Iterable[JobView]
+    if jobs_sorted:
+        job_list = jobs
+        if demand is None:
+            demand = _demand(jobs) if isinstance(jobs, Sequence) else {}
+    else:
+        pending = jobs if isinstance(jobs, Sequence) else tuple(jobs)
+        job_list = _in_queue_order(pending, settings)
+        if demand is None:
+            demand = _demand(pending)
+    fleet = _Fleet(agents, sizes, demand, settings, index)
+    bindings: list[Binding] = []
+    waiting: list[Waiting] = []
+    unplaceable: list[Unplaceable] = []
+    examined = 0
+    seen: set[str] = set()
+    for job in job_list if fleet.free_total > 0 else ():
+        if job.key in seen:
+            raise PlacementError(f"job {job.key!r} appears twice in one placement pass; pass each pending job once")
+        seen.add(job.key)
+        examined += 1
+        outcome = fleet.place(job, now=now)
+        if isinstance(outcome, Binding):
+            bindings.append(outcome)
+        elif isinstance(outcome, Waiting):
+            waiting.append(outcome)
+        else:
+            unplaceable.append(outcome)
+        if fleet.free_total <= 0:
+            break  # nothing more can be bound; leave the rest of the queue unread
+    return PlacementPlan(tuple(bindings), tuple(waiting), tuple(unplaceable), examined)
+
+
+# --- internals -------------------------------------------------------------------
+
+
+def _in_queue_order(jobs: Sequence[JobView], settings: PlacementSettings) -> Iterator[JobView]:
+    """`jobs` in `job_order_key` order, lazily: a heap costs O(n) up front and O(log n)
+    per job taken, where a full sort would cost O(n log n) even when a pass binds few."""
+    aging = settings.aging_per_s
+    heap = [(aging * j.created_at - j.priority, j.created_at, j.key, i) for i, j in enumerate(jobs)]
+    heapq.heapify(heap)
+    while heap:
+        yield jobs[heapq.heappop(heap)[3]]
+
+
+def _demand(jobs: Iterable[JobView]) -> dict[str, int]:
+    """Pending jobs per artifact key: evicting a model others wait for costs more."""
+    counts: Counter[str] = Counter(j.model for j in jobs)
+    counts.update(k for j in jobs if j.loras or j.vae is not None for k in j.artifact_keys[1:])
+    return counts
+
+
+def _view_tier(view: AgentView, key: str) -> Tier | None:
+    if key in view.vram:
+        return Tier.VRAM
+    if key in view.ram:
+        return Tier.RAM
+    if key in view.disk:
+        return Tier.DISK
+    if key in view.downloading:
+        return Tier.MISS
+    return None
+
+
+_SCANS_BEFORE_INDEX = 24
+"""Artifacts looked up by scanning the fleet before a pass builds a full holder index."""
+
+_TIER_RANK = {Tier.VRAM: 0, Tier.RAM: 1, Tier.DISK: 2, Tier.MISS: 3}
+
+
+class _Agent:
+    """Mutable virtual state of one agent during a pass (copied from its view on first use)."""
+
+    __slots__ = (
+        "view", "name", "vram", "ram", "disk", "downloading", "in_use", "pinned_disk",
+        "held_hot", "vram_free", "disk_free", "free_slots", "busy", "dl", "d2g", "r2g",
+        "victims", "version",
+    )
+
+    def __init__(self, view: AgentView, settings: PlacementSettings) -> None:
+        self.view = view
+        self.name = view.name
+        self.vram = view.vram
+        self.ram = view.ram
+        self.disk = view.disk
+        self.downloading = view.downloading
+        self.in_use = view.in_use
+        self.pinned_disk = view.held | view.preloaded
+        self.held_hot = view.held_hot
+        self.vram_free = _vram_free(view)
+        self.disk_free = _disk_free(view)
+        self.free_slots = view.free_slots if view.free_slots > 0 else 0
+        self.busy: list[float] = _busy_times(view, settings)
+        self.dl = view.download_bps or settings.default_download_bps
+        self.d2g = view.disk_to_gpu_bps or settings.default_disk_to_gpu_bps
+        self.r2g = view.ram_to_gpu_bps or settings.default_ram_to_gpu_bps
+        self.victims: dict[bool, tuple[tuple[float, str, int, float], ...]] = {}
+        self.version = 0
+
+    def tier(self, key: str) -> Tier | None:
+        if key in self.vram:
+            return Tier.VRAM
+        if key in self.ram:
+            return Tier.RAM
+        if key in self.disk:
+            return Tier.DISK
+        if key in self.downloading:
+            return Tier.MISS
+        return None
+
+    def wait_s(self) -> float:
+        return 0.0 if self.free_slots > 0 else self.busy[0]
+
+
+@dataclass(slots=True)
+class _Option:
+    agent: _Agent
+    wait_s: float
+    load_s: float
+    evict_s: float
+    tier: Tier
+    evict_vram: tuple[str, ...] = ()
+    evict_disk: tuple[str, ...] = ()
+    vram_add: int = 0
+    disk_add: int = 0
+    evicted_vram_bytes: int = 0
+    evicted_disk_bytes: int = 0
+    loaded: tuple[str, ...] = field(default=())
+    downloaded: tuple[str, ...] = field(default=())
+
+    @property
+    def evicts(self) -> tuple[str, ...]:
+        return self.evict_vram + self.evict_disk
+
+    @property
+    def cost_s(self) -> float:
+        return self.wait_s + self.load_s + self.evict_s
+
+
+class FleetIndex:
+    """Optional accelerator for callers that plan many passes over a slowly changing fleet.
+
+    It indexes the eligible (Ready, uncordoned) agents by the artifacts they hold, and on
+    each pass re-indexes only the `AgentView` objects that are not the very same objects
+    as last time, so a simulator that replaces only the views of agents that changed pays
+    for those alone. Pass the same instance to every `plan_placement` call; the plan is
+    the same as without it, except that when more agents hold an artifact than
+    `holder_candidates` allows, which of them are looked at follows indexing order.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._agents: tuple[AgentView, ...] = ()
+        self._all: dict[str, AgentView] = {}
+        self.views: dict[str, AgentView] = {}
+        self.by_key: dict[str, dict[str, AgentView]] = {}
+        self.free: dict[str, None] = {}
+
+    def sync(self, agents: Sequence[AgentView]) -> None:
+        """Bring the index up to date with `agents` (the full fleet, in any order)."""
+        prev = self._agents
+        n = min(len(prev), len(agents))
+        changed = [i for i in range(n) if agents[i] is not prev[i]]
+        try:
+            for i in changed:
+                self._remove(prev[i])
+            for v in prev[n:]:
+                self._remove(v)
+            for i in changed:
+                self._add(agents[i])
+            for v in agents[n:]:
+                self._add(v)
+        except PlacementError:
+            self._reset()  # start clean on the next sync
+            raise
+        self._agents = tuple(agents)
+
+    def _add(self, v: AgentView) -> None:
+        if v.name in self._all:
+            raise PlacementError(f"agent {v.name!r} appears twice in one placement pass; pass each agent once")
+        self._all[v.name] = v
+        if v.ready and not v.cordoned:
+            self.views[v.name] = v
+            for key in v.keys:
+                holders = self.by_key.get(key)
+                if holders is None:
+                    holders = self.by_key[key] = {}
+                holders[v.name] = v
+            if v.free_slots > 0:
+                self.free[v.name] = None
+
+    def _remove(self, v: AgentView) -> None:
+        if self._all.get(v.name) is not v:
+            return
+        del self._all[v.name]
+        if self.views.pop(v.name, None) is not None:
+            for key in v.keys:
+                holders = self.by_key[key]
+                del holders[v.name]
+                if not holders:
+                    del self.by_key[key]
+            self.free.pop(v.name, None)
+
+
+class _Fleet:
+    """The virtual fleet of one pass, with the indexes that keep the pass fast."""
+
+    def __init__(
+        self,
+        agents: Iterable[AgentView],
+        sizes: Mapping[str, ArtifactInfo],
+        demand: Mapping[str, int],
+        settings: PlacementSettings,
+        index: FleetIndex | None,
+    ) -> None:
+        self.settings = settings
+        self.sizes = sizes
+        self.demand = demand
+        agent_list = agents if isinstance(agents, Sequence) else tuple(agents)
+        self.index = index
+        if index is not None:
+            index.sync(agent_list)
+            self.eligible: list[AgentView] = []
+            self.views = index.views
+            free_views = [self.views[n] for n in index.free]
+        else:
+            self.eligible = [v for v in agent_list if v.ready and not v.cordoned]
+            self.views = {v.name: v for v in self.eligible}
+            if len(self.views) != len(self.eligible) or len({v.name for v in agent_list}) != len(agent_list):
+                raise PlacementError("an agent name appears twice in one placement pass; pass each agent once")
+            free_views = [v for v in self.eligible if v.free_slots > 0]
+        self.states: dict[str, _Agent] = {}
+        self.scan_memo: dict[str, list[str]] = {}
+        self.gained: dict[str, dict[str, None]] = {}
+        """Keys loaded during the pass onto agents whose view did not have them."""
+        self.free_names: dict[str, None] = {v.name: None for v in free_views}
+        self.free_memo: dict[str, dict[str, None]] = {}
+        """Per artifact: the agents holding it that still have a free slot (kept current)."""
+        self.free_total = sum(v.free_slots for v in free_views)
+        ref = settings.reference_size_bytes
+        heap = [(self._cold_rank(_vram_free(v), _disk_free(v), v, ref), v.name, 0) for v in free_views]
+        heapq.heapify(heap)
+        self.cold_heap = heap
+
+    # -- state access
+
+    def state(self, name: str) -> _Agent:
+        st = self.states.get(name)
+        if st is None:
+            st = self.states[name] = _Agent(self.views[name], self.settings)
+        return st
+
+    def size(self, key: str) -> int:
+        info = self.sizes.get(key)
+        return self.settings.unknown_size_bytes if info is None else info.size_bytes
+
+    def _cold_rank(self, vram_free: float, disk_free: float, v: AgentView, ref: int) -> float:
+        s = self.settings
+        dl = v.download_bps or s.default_download_bps
+        d2g = v.disk_to_gpu_bps or s.default_disk_to_gpu_bps
+        rank = ref / dl + ref / d2g
+        if vram_free < ref:
+            rank += s.evict_cold_weight * ref / d2g
+        if disk_free < ref:
+            rank += s.evict_cold_weight * ref / dl
+        return rank
+
+    def tier_of(self, name: str, key: str) -> Tier | None:
+        st = self.states.get(name)
+        return st.tier(key) if st is not None else _view_tier(self.views[name], key)
+
+    def holder_names(self, key: str) -> Iterable[str]:
+        """Eligible agents that held `key` when the pass started, plus those that gained it
+        since; some may have evicted it since (callers check `tier_of`)."""
+        if self.index is None and len(self.scan_memo) >= _SCANS_BEFORE_INDEX:
+            # Many distinct artifacts in this pass: one index over all holdings is cheaper
+            # than a scan of the fleet per artifact.
+            self.index = FleetIndex()
+            self.index.sync(self.eligible)
+        if self.index is not None:
+            base: Iterable[str] = self.index.by_key.get(key, {})
+        else:
+            memo = self.scan_memo.get(key)
+            if memo is None:
+                memo = self.scan_memo[key] = [v.name for v in self.eligible if key in v.keys]
+            base = memo
+        gained = self.gained.get(key)
+        return base if not gained else [*base, *gained]
+
+    def free_holders(self, key: str, limit: int, failed: frozenset[str]) -> list[tuple[int, str]]:
+        """Up to `limit` (tier rank, name) of agents with a free slot that hold `key`."""
+        free_dict = self.free_memo.get(key)
+        if free_dict is None:
+            holders = self.holder_names(key)
+            free = self.free_names
+            if isinstance(holders, dict) and len(free) < len(holders):
+                # Few free agents: test each of them rather than walking every holder.
+                free_dict = {n: None for n in free if n in holders}
+            else:
+                free_dict = {n: None for n in holders if n in free}
+            self.free_memo[key] = free_dict
+        out: list[tuple[int, str]] = []
+        for name in free_dict:
+            if name in failed:
+                continue
+            t = self.tier_of(name, key)
+            if t is not None:
+                out.append((_TIER_RANK[t], name))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def busy_holders(self, key: str, limit: int, failed: frozenset[str]) -> list[tuple[float, int, str]]:
+        """Up to `limit` (wait lower bound, tier rank, name) of busy agents that hold `key`."""
+        out: list[tuple[float, int, str]] = []
+        free = self.free_names
+        for name in self.holder_names(key):
+            if name in free or name in failed:
+                continue
+            t = self.tier_of(name, key)
+            if t is not None:
+                out.append((self._wait_lower_bound(name), _TIER_RANK[t], name))
+                if len(out) >= limit:
+                    break
+        return out
+
+    # -- one job
+
+    def place(self, job: JobView, *, now: float) -> Binding | Waiting | Unplaceable:
+        s = self.settings
+        keys = job.artifact_keys
+        arts = tuple((k, self.size(k)) for k in keys)
+        total = sum(size for _, size in arts)
+        may_wait = now - job.created_at <= s.max_hot_wait_age_s
+        failed = job.failed_agents
+        cap = s.holder_candidates
+
+        # Free agents: holders of the job's artifacts (best tier first), then the cold heap.
+        free_cands: dict[str, None] = {}
+        busy_cands: list[tuple[float, int, str]] = []
+        for i, key in enumerate(keys):
+            if len(free_cands) < cap:
+                for _, name in sorted(self.free_holders(key, 2 * cap, failed))[: cap - len(free_cands)]:
+                    free_cands[name] = None
+            if may_wait and i == 0:
+                # Waiting only pays off for the checkpoint (LoRAs and VAEs load in well under a second).
+                busy_cands = self.busy_holders(key, 2 * cap, failed)
+        self._add_cold_candidates(free_cands, failed, total)
+
+        best: _Option | None = None
+        for name in free_cands:
+            best = self._better(best, arts, self.state(name), total, 0.0)
+        busy_cands.sort()
+        for wait_lb, _, name in busy_cands[:cap]:
+            if best is not None and wait_lb >= best.cost_s:
+                break  # sorted by wait: no busy agent left can beat the best
+            st = self.state(name)
+            best = self._better(best, arts, st, total, st.wait_s())
+        if best is None:
+            if not free_cands and not busy_cands:
+                return Unplaceable(job.key, f"no Ready agent with a free slot can fit {_gb(total)} and has not failed this job")
+            return Unplaceable(job.key, f"no candidate agent can fit or make room for {_gb(total)} (models in use or held)")
+        run_s = job.expected_run_s if job.expected_run_s is not None else s.default_run_s
+        st = best.agent
+        if best.wait_s > 0:
+            # Reserve the agent's next free slot so later jobs in this pass see the queue.
+            heapq.heapreplace(st.busy, best.wait_s + best.load_s + best.evict_s + run_s)
+            return Waiting(
+                job.key, st.name, best.wait_s, best.cost_s,
+                f"waiting {best.wait_s:.1f}s for busy agent {st.name} ({best.tier} hit) is cheaper than loading elsewhere",
+            )
+        self._commit(job, best, run_s)
+        return Binding(
+            job.key, st.name, best.cost_s, best.tier, _reason(best),
+            load_s=best.load_s, evict_s=best.evict_s, evicts=best.evicts,
+        )
+
+    def _better(self, best: _Option | None, arts: tuple[tuple[str, int], ...], st: _Agent, total: int, wait: float) -> _Option | None:
+        if not self._fits(st.view, total):
+            return best
+        opt = self._evaluate(arts, st, wait)
+        if opt is None:
+            return best
+        if best is None or (opt.cost_s, opt.agent.name) < (best.cost_s, best.agent.name):
+            return opt
+        return best
+
+    def _wait_lower_bound(self, name: str) -> float:
+        st = self.states.get(name)
+        return st.wait_s() if st is not None else _first_free_s(self.views[name], self.settings)
+
+    def _fits(self, view: AgentView, total: int) -> bool:
+        if view.vram_capacity_bytes is not None and total > view.vram_capacity_bytes:
+            return False
+        return True
+
+    def _add_cold_candidates(self, candidates: dict[str, None], failed: frozenset[str], total: int) -> None:
+        """Take the best few free agents from the cold heap (skipping stale entries)."""
+        want = self.settings.cold_candidates
+        popped: list[tuple[float, str, int]] = []
+        heap = self.cold_heap
+        scanned = 0
+        limit = 4 * want + len(failed)
+        while heap and want > 0 and scanned < limit:
+            entry = heapq.heappop(heap)
+            rank, name, version = entry
+            st = self.states.get(name)
+            if st is not None and (st.version != version or st.free_slots <= 0):
+                continue  # stale: the agent changed (a newer entry exists) or is full
+            scanned += 1
+            popped.append(entry)
+            if name in failed or name in candidates:
+                continue
+            view = self.views[name]
+            if not self._fits(view, total):
+                continue
+            candidates[name] = None
+            want -= 1
+        for entry in popped:
+            heapq.heappush(heap, entry)
+
+    def _evaluate(self, arts: tuple[tuple[str, int], ...], st: _Agent, wait: float) -> _Option | None:
+        load = 0.0
+        vram_need = 0
+        disk_need = 0
+        loaded: list[str] = []
+        downloaded: list[str] = []
+        tier = Tier.VRAM
+        first = True
+        for key, size in arts:
+            t = st.tier(key)
+            if first:
+                tier = t if t is not None else Tier.MISS
+                first = False
+            if t is Tier.VRAM:
+                continue
+            vram_need += size
+            loaded.append(key)
+            if t is Tier.RAM:
+                load += size / st.r2g
+            elif t is Tier.DISK:
+                load += size / st.d2g
+            elif t is Tier.MISS:  # download in progress: space reserved, bytes remaining
+                done = st.downloading.get(key, 0)
+                load += max(0, size - done) / st.dl + size / st.d2g
+            else:
+                load += size / st.dl + size / st.d2g
+                disk_need += size
+                downloaded.append(key)
+        evict_s = 0.0
+        evict_vram: list[str] = []
+        evict_disk: list[str] = []
+        ev_vram = ev_disk = 0
+        busy_now = wait > 0
+        if vram_need > st.vram_free:
+            got = self._evict(st, vram=True, need=vram_need - st.vram_free, exclude=set(loaded), ignore_in_use=busy_now)
+            if got is None:
+                return None
+            cost, evict_vram, ev_vram = got
+            evict_s += cost
+        if disk_need > st.disk_free:
+            got = self._evict(st, vram=False, need=disk_need - st.disk_free, exclude=set(k for k, _ in arts), ignore_in_use=busy_now)
+            if got is None:
+                return None
+            cost, evict_disk, ev_disk = got
+            evict_s += cost
+        return _Option(
+            st, wait, load, evict_s, tier, tuple(evict_vram), tuple(evict_disk),
+            vram_add=vram_need, disk_add=disk_need,
+            evicted_vram_bytes=ev_vram, evicted_disk_bytes=ev_disk,
+            loaded=tuple(loaded), downloaded=tuple(downloaded),
+        )
+
+    def _victims(self, st: _Agent, *, vram: bool) -> tuple[tuple[float, str, int, float], ...]:
+        """Evictable residents of a tier, cheapest to lose first: (cost per byte, key, size, cost)."""
+        cached = st.victims.get(vram)
+        if cached is not None:
+            return cached
+        s = self.settings
+        out = []
+        if vram:
+            for key in st.vram:
+                size = self.size(key)
+                refetch = size / (st.r2g if key in st.ram else st.d2g if key in st.disk else st.dl)
+                weight = s.evict_cold_weight + s.evict_demand_weight * min(self.demand.get(key, 0), s.evict_demand_cap)
+                if key in st.held_hot:
+                    weight += s.evict_hot_target_weight
+                cost = weight * refetch
+                out.append((cost / max(1, size), key, size, cost))
+        else:
+            for key in st.disk:
+                if key in st.pinned_disk:
+                    continue
+                size = self.size(key)
+                weight = s.evict_cold_weight + s.evict_demand_weight * min(self.demand.get(key, 0), s.evict_demand_cap)
+                cost = weight * size / st.dl
+                out.append((cost / max(1, size), key, size, cost))
+        out.sort()
+        result = tuple(out)
+        st.victims[vram] = result
+        return result
+
+    def _evict(
+        self, st: _Agent, *, vram: bool, need: int, exclude: set[str], ignore_in_use: bool
+    ) -> tuple[float, list[str], int] | None:
+        cost = 0.0
+        freed = 0
+        victims: list[str] = []
+        for _, key, size, c in self._victims(st, vram=vram):
+            if key in exclude or (not ignore_in_use and key in st.in_use):
+                continue
+            cost += c
+            freed += size
+            victims.append(key)
+            if freed >= need:
+                return cost, victims, freed
+        return None
+
+    def _commit(self, job: JobView, opt: _Option, run_s: float) -> None:
+        st = opt.agent
+        st.free_slots -= 1
+        self.free_total -= 1
+        heapq.heappush(st.busy, opt.load_s + opt.evict_s + run_s)
+        keys = frozenset(job.artifact_keys)
+        st.vram = (st.vram - set(opt.evict_vram)) | keys
+        st.disk = (st.disk - set(opt.evict_disk)) | set(opt.downloaded)
+        # A model evicted from disk is gone from RAM too (the agent drops all host copies).
+        st.ram = st.ram - set(opt.evict_disk)
+        st.in_use = st.in_use | keys
+        st.vram_free = max(0, st.vram_free - opt.vram_add + opt.evicted_vram_bytes)
+        st.disk_free = max(0, st.disk_free - opt.disk_add + opt.evicted_disk_bytes)
+        st.victims = {}
+        st.version += 1
+        for key in opt.loaded:
+            if key not in st.view.keys:
+                self.gained.setdefault(key, {})[st.name] = None
+                if st.free_slots > 0 and key in self.free_memo:
+                    self.free_memo[key][st.name] = None
+        if st.free_slots <= 0:
+            self.free_names.pop(st.name, None)
+            for key in st.view.keys | st.vram | st.disk:
+                memo = self.free_memo.get(key)
+                if memo is not None:
+                    memo.pop(st.name, None)
+        if st.free_slots > 0:
+            rank = self._cold_rank(st.vram_free, st.disk_free, st.view, self.settings.reference_size_bytes)
+            heapq.heappush(self.cold_heap, (rank, st.name, st.version))
+
+
+def _busy_times(view: AgentView, settings: PlacementSettings) -> list[float]:
+    """Heap of the times at which the agent's busy slots free up (never 0: 0 means a free slot)."""
+    free = view.free_slots if view.free_slots > 0 else 0
+    busy_slots = max(0, view.slots - free)
+    remaining = sorted(r if r > 1e-3 else 1e-3 for r in view.running_remaining_s)[:busy_slots]
+    remaining += [settings.default_remaining_s] * (busy_slots - len(remaining))
+    if not remaining and free == 0:
+        remaining = [settings.default_remaining_s]
+    return remaining  # sorted, hence a valid heap
+
+
+def _first_free_s(view: AgentView, settings: PlacementSettings) -> float:
+    """Lower bound of the wait on an untouched agent, without building its state."""
+    if view.free_slots > 0:
+        return 0.0
+    if view.running_remaining_s:
+        return max(1e-3, min(view.running_remaining_s))
+    return settings.default_remaining_s
+
+
+def _vram_free(view: AgentView) -> float:
+    # An agent that does not report a VRAM capacity is not limited by it.
+    return math.inf if view.vram_capacity_bytes is None else max(0, view.vram_free_bytes)
+
+
+def _disk_free(view: AgentView) -> float:
+    return math.inf if view.disk_capacity_bytes is None else max(0, view.disk_free_bytes)
+
+
+def _gb(size_bytes: float) -> str:
+    return f"{size_bytes / 1e9:.1f} GB"
+
+
+def _reason(opt: _Option) -> str:
+    parts = [f"checkpoint {opt.tier.value}" if opt.tier is not Tier.MISS else "checkpoint not cached"]
+    if opt.load_s > 0:
+        parts.append(f"load {opt.load_s:.1f}s")
+    if opt.evicts:
+        parts.append(f"evicts {len(opt.evicts)} ({opt.evict_s:.1f}s)")
+    return ", ".join(parts)
