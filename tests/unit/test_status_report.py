@@ -1,0 +1,52 @@
+"""The CacheAgent status built from tier snapshots: each model once, at its fastest tier."""
+
+from __future__ import annotations
+
+from stoker.agent import status_report as sr
+from stoker.api.cacheagent import Bandwidths, ModelFailure, RunningJob
+
+IDENTITY = sr.Identity(pod="p", node="n", zone="z", gpu_model="H100", vram_bytes=80 * 2**30)
+
+
+def disk(*entries: sr.DiskEntryView, downloads: tuple[sr.DownloadView, ...] = ()) -> sr.DiskView:
+    return sr.DiskView(budget_bytes=1000, used_bytes=sum(e.size_bytes for e in entries if not e.preloaded),
+                       reserved_bytes=0, entries=entries, downloads=downloads)
+
+
+def tier(*entries: sr.TierEntryView, budget: int = 500) -> sr.TierView:
+    return sr.TierView(budget_bytes=budget, used_bytes=sum(e.size_bytes for e in entries), reserved_bytes=0, entries=entries)
+
+
+def build(**kw):  # type: ignore[no-untyped-def]
+    args = dict(identity=IDENTITY, disk=disk(), ram=tier(), vram=tier(), slots=2, running=[], failures=[],
+                bandwidth=Bandwidths(), observed_generation=3)
+    args.update(kw)
+    return sr.build_status(**args)
+
+
+def test_a_model_on_disk_and_in_vram_is_reported_once_at_vram_keeping_disk_flags() -> None:
+    status = build(disk=disk(sr.DiskEntryView("ns/a", 100, 10.0, preloaded=False, held=True),
+                             sr.DiskEntryView("ns/b", 200, 20.0, preloaded=True, held=False)),
+                   vram=tier(sr.TierEntryView("ns/a", 90, 30.0)))
+    models = {m.name: m for m in status.models}
+    assert set(models) == {"a", "b"}
+    assert models["a"].tier == "vram" and models["a"].held and models["a"].size_bytes == 100
+    assert models["a"].last_used == "1970-01-01T00:00:30Z"
+    assert models["b"].tier == "disk" and models["b"].preloaded
+    assert status.models_on_disk == 2 and status.hot_models == 1
+
+
+def test_free_slots_count_running_jobs_and_never_go_negative() -> None:
+    running = [RunningJob(name=f"j{i}", attempt=1) for i in range(3)]
+    assert build(running=running[:1]).free_slots == 1
+    assert build(running=running).free_slots == 0
+
+
+def test_downloads_failures_and_generation_are_carried_through() -> None:
+    status = build(disk=disk(downloads=(sr.DownloadView("ns/c", 5, 50),)),
+                   failures=[ModelFailure(name="c", reason="ChecksumMismatch")])
+    wire = status.wire()
+    assert wire["downloads"] == [{"name": "c", "bytesDone": 5, "bytesTotal": 50}]
+    assert wire["modelFailures"][0]["reason"] == "ChecksumMismatch"
+    assert wire["observedGeneration"] == 3
+    assert wire["gpu"] == {"model": "H100", "vramBytes": 80 * 2**30}
