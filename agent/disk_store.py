@@ -1,0 +1,1033 @@
+"""The agent's disk tier: files, downloads and the index around the pure accounting.
+
+Gather, decide, act: the accounting and eviction choice live in `disk_cache`
+(pure); this module owns the directory, runs downloads in worker threads, and
+applies the decisions (deleting evicted files, writing the index).
+
+Layout under the cache directory (names never come from user input)::
+
+    models/<id>.<format>             complete, verified file
+    models/<id>.<format>.meta.json   what it is: key, source, sha256, size (written before the rename)
+    models/<id>.<format>.part        download in progress (see `download.partial_paths`)
+    models/<id>.<format>.part.json   the downloader's resume sidecar
+    models/<id>.<format>.pending.json which model the partial file belongs to
+    index.json                       last use per model, so LRU order survives restarts
+
+`<id>` is a hash of the model key ("namespace/name") and its source (URL without
+query, expected sha256), so a changed source gets a fresh file.
+
+On start the index is rebuilt from the disk: a file without its metadata, or with
+a wrong size (or a wrong digest when `verify_on_start`), is deleted; a partial
+file with intact sidecars is kept as a *parked* download whose bytes stay
+reserved in the budget, and is resumed by the next `ensure` of the same source
+(or dropped when space is needed, or by `drop_parked`). A partial file is never
+reported as cached.
+
+Preloaded (baked-in) models are matched by a manifest, `manifest.json` in the
+read-only preload directory::
+
+    {"models": [{"key": "team/sd15", "file": "sd15.safetensors", "sha256": "<hex>"}]}
+
+Hashing tens of gigabytes of baked-in files at every start would cost minutes, so
+the manifest, written when the image is built, is trusted for the digest. An
+entry is served for a model with the same key, or for any model whose expected
+sha256 equals the entry's (the same bytes under another name). `key` may be
+omitted for digest-only matching. Files must be plain names in that directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import enum
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pathlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from stoker.agent import safetensors_header
+from stoker.agent.disk_cache import DiskCacheState, InsufficientCache
+from stoker.agent.download import (
+    Credentials,
+    DownloadError,
+    DownloadProgress,
+    DownloadRequest,
+    Downloader,
+    check_url,
+    partial_paths,
+    redact_url,
+)
+from stoker.agent.metrics import AgentMetrics
+from stoker.agent.settings import AgentSettings
+
+__all__ = [
+    "DiskStore",
+    "DiskStoreError",
+    "DownloadView",
+    "FailureView",
+    "ModelSource",
+    "ModelView",
+    "Priority",
+    "StoreSnapshot",
+    "PICKLE_FORMATS",
+]
+
+log = logging.getLogger(__name__)
+
+TIER = "disk"
+FORMATS = frozenset({"safetensors", "ckpt", "pt", "bin"})
+PICKLE_FORMATS = frozenset({"ckpt", "pt", "bin"})
+_META = ".meta.json"
+_PENDING = ".pending.json"
+_INDEX = "index.json"
+_MANIFEST = "manifest.json"
+_BANDWIDTH_EWMA_WEIGHT = 0.3
+_MAX_FAILURES = 500
+T = TypeVar("T")
+
+
+class DiskStoreError(Exception):
+    """A model could not be made available on disk; `reason` is machine-readable."""
+
+    def __init__(self, reason: str, message: str, *, key: str | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.key = key
+        self.retryable = retryable
+
+
+class Priority(enum.IntEnum):
+    """Download order: job downloads before prefetches. Lower runs first."""
+
+    JOB = 0
+    PREFETCH = 1
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model artifact as the disk tier needs it (the agent maps ModelCache onto this)."""
+
+    key: str
+    """"namespace/name" of the ModelCache."""
+    url: str
+    sha256: str | None = None
+    size_bytes: int | None = None
+    format: str = "safetensors"
+    allow_pickle: bool = False
+    credentials: Credentials | None = None
+
+    def __repr__(self) -> str:
+        # the query string of a presigned URL is a credential too
+        return (
+            f"ModelSource(key={self.key!r}, url={redact_url(self.url)!r}, sha256={self.sha256!r}, "
+            f"size_bytes={self.size_bytes!r}, format={self.format!r}, allow_pickle={self.allow_pickle!r}, "
+            f"credentials={self.credentials!r})"
+        )
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown weight format {self.format!r} for {self.key}; expected one of {sorted(FORMATS)}")
+        if self.sha256 is not None and (len(self.sha256) != 64 or not _is_hex(self.sha256)):
+            raise ValueError(f"sha256 of {self.key} must be 64 lowercase hex characters")
+
+    @property
+    def digest(self) -> str:
+        """Identity of the source: key, URL without query, expected digest."""
+        ident = f"{self.key}\n{redact_url(self.url)}\n{self.sha256 or ''}"
+        return hashlib.sha256(ident.encode()).hexdigest()
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.digest[:32]}.{self.format}"
+
+
+@dataclass(frozen=True)
+class ModelView:
+    key: str
+    size_bytes: int
+    last_used: float
+    """Unix time of the last use."""
+    preloaded: bool
+    held: bool
+    in_use: int
+    sha256: str | None
+    path: pathlib.Path
+
+
+@dataclass(frozen=True)
+class DownloadView:
+    key: str
+    bytes_done: int
+    total_bytes: int | None
+    bandwidth_bytes_per_s: float
+    priority: Priority
+    running: bool
+    """False while queued behind other downloads."""
+    attempts: int
+
+
+@dataclass(frozen=True)
+class FailureView:
+    """The last failure to fetch or verify a model (cleared when it succeeds)."""
+
+    key: str
+    reason: str
+    message: str
+    retryable: bool
+    at: float
+    """Unix time of the failure."""
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """What the disk tier reports in CacheAgent status."""
+
+    budget_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    free_bytes: int
+    preloaded_bytes: int
+    models: tuple[ModelView, ...]
+    """Most recently used first; preloaded models included (they cost no budget)."""
+    downloads: tuple[DownloadView, ...]
+    parked_partial_bytes: int
+    """Bytes of interrupted downloads kept for a resume (inside `reserved_bytes`)."""
+    download_bandwidth_bytes_per_s: float | None
+    """Moving average over recent downloads; None before the first."""
+    failures: tuple[FailureView, ...] = ()
+    """Recent failures, newest first."""
+
+    def to_status(self) -> dict[str, Any]:
+        """The disk tier's part of CacheAgentStatus, as validated API models.
+
+        Keys: disk, models, modelsOnDisk, downloads, downloadBps, modelFailures. Model
+        names are the ModelCache names (the key without its namespace).
+        """
+        from stoker.api import cacheagent
+
+        return {
+            "disk": cacheagent.TierUsage(
+                budget_bytes=self.budget_bytes, used_bytes=self.used_bytes, reserved_bytes=self.reserved_bytes
+            ),
+            "models": [
+                cacheagent.CachedModel(
+                    name=_name(m.key),
+                    tier=TIER,
+                    size_bytes=m.size_bytes,
+                    last_used=_rfc3339(m.last_used),
+                    preloaded=m.preloaded,
+                    held=m.held,
+                )
+                for m in self.models
+            ],
+            "modelsOnDisk": len(self.models),
+            "downloads": [
+                cacheagent.DownloadProgress(name=_name(d.key), bytes_done=d.bytes_done, bytes_total=d.total_bytes)
+                for d in self.downloads
+            ],
+            "downloadBps": self.download_bandwidth_bytes_per_s or 0.0,
+            "modelFailures": [
+                cacheagent.ModelFailure(
+                    name=_name(f.key), reason=f.reason, message=f.message, retryable=f.retryable, at=_rfc3339(f.at)
+                )
+                for f in self.failures
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    """A committed or preloaded file."""
+
+    key: str
+    path: pathlib.Path
+    size_bytes: int
+    sha256: str | None
+    source_digest: str | None
+    preloaded: bool = False
+
+
+@dataclass
+class _Flight:
+    """One download in progress, shared by everyone waiting for the same model."""
+
+    source: ModelSource
+    priority: Priority
+    seq: int
+    progress: DownloadProgress = field(default_factory=DownloadProgress)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    running: bool = False
+    task: asyncio.Task[pathlib.Path] | None = None
+
+
+class _PriorityGate:
+    """At most `slots` downloads at once, at most `prefetch_slots` of them prefetches,
+    started in priority order, first come first served within a priority."""
+
+    def __init__(self, *, slots: int, prefetch_slots: int) -> None:
+        self._slots = slots
+        self._prefetch_slots = prefetch_slots
+        self._cond = asyncio.Condition()
+        self._waiting: list[_Flight] = []
+        self._running: list[_Flight] = []
+
+    def _may_start(self, flight: _Flight) -> bool:
+        if len(self._running) >= self._slots:
+            return False
+        if flight.priority == Priority.PREFETCH:
+            if sum(f.priority == Priority.PREFETCH for f in self._running) >= self._prefetch_slots:
+                return False
+        eligible = [f for f in self._waiting if f.priority == Priority.JOB or flight.priority == Priority.PREFETCH]
+        return min(eligible, key=lambda f: (f.priority, f.seq)) is flight
+
+    async def acquire(self, flight: _Flight) -> None:
+        async with self._cond:
+            self._waiting.append(flight)
+            try:
+                await self._cond.wait_for(lambda: self._may_start(flight))
+            finally:
+                self._waiting.remove(flight)
+            self._running.append(flight)
+            flight.running = True
+
+    async def release(self, flight: _Flight) -> None:
+        async with self._cond:
+            self._running.remove(flight)
+            flight.running = False
+            self._cond.notify_all()
+
+    async def reprioritize(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+
+class DiskStore:
+    """The disk tier of one agent. All methods run on the agent's event loop.
+
+    Call `await start()` once before anything else, and `await close()` at exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        cache_dir: pathlib.Path,
+        budget_bytes: int,
+        downloader: Downloader,
+        preload_dir: pathlib.Path | None = None,
+        metrics: AgentMetrics | None = None,
+        max_downloads: int = 2,
+        max_prefetches: int = 1,
+        verify_on_start: bool = False,
+        validate_header: Callable[[pathlib.Path], object] = safetensors_header.read_header,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cache_dir = pathlib.Path(cache_dir)
+        self.models_dir = self.cache_dir / "models"
+        self.preload_dir = pathlib.Path(preload_dir) if preload_dir is not None else None
+        self._downloader = downloader
+        self._metrics = metrics or AgentMetrics()
+        self._verify_on_start = verify_on_start
+        self._validate_header = validate_header
+        self._clock = clock
+        self._state = DiskCacheState(budget_bytes=budget_bytes)
+        self._files: dict[str, _FileInfo] = {}
+        self._parked: dict[str, tuple[str, pathlib.Path]] = {}  # key -> (source digest, data path)
+        self._flights: dict[str, _Flight] = {}
+        self._gate = _PriorityGate(slots=max_downloads, prefetch_slots=max_prefetches)
+        self._seq = itertools.count()
+        self._bandwidth_bytes_per_s: float | None = None
+        self._failures: dict[str, FailureView] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+
+    @classmethod
+    def from_settings(
+        cls, settings: AgentSettings, *, metrics: AgentMetrics | None = None, downloader: Downloader | None = None
+    ) -> DiskStore:
+        """The disk tier as configured; the caller closes the downloader it passes (or `store.downloader`)."""
+        return cls(
+            cache_dir=settings.cache_dir,
+            budget_bytes=settings.disk_budget_bytes,
+            downloader=downloader or Downloader(settings.download_policy()),
+            preload_dir=settings.preload_dir,
+            metrics=metrics,
+            max_downloads=settings.max_downloads,
+            max_prefetches=settings.max_prefetches,
+            verify_on_start=settings.verify_on_start,
+        )
+
+    @property
+    def downloader(self) -> Downloader:
+        return self._downloader
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Rebuild the index from disk and scan the preload directory."""
+        self._loop = asyncio.get_running_loop()
+        found = await asyncio.to_thread(self._scan)
+        self._apply_scan(found)
+        self._started = True
+        self._publish()
+        log.info(
+            "disk cache ready at %s: %d models, %d bytes used of %d, %d partial downloads kept, %d preloaded",
+            self.cache_dir, len(self._files) - found.preloaded_count, self._state.used_bytes,
+            self._state.budget_bytes, len(self._parked), found.preloaded_count,
+        )
+
+    async def close(self) -> None:
+        """Stop downloads (their partial files are kept for a resume) and save the index."""
+        flights = list(self._flights.values())
+        for flight in flights:
+            flight.cancel.set()
+        tasks = [f.task for f in flights if f.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._save_index()
+
+    # ---- the main entry points -------------------------------------------
+
+    async def ensure(self, source: ModelSource, *, priority: Priority = Priority.JOB) -> pathlib.Path:
+        """Path of the verified file for `source`, downloading it if needed.
+
+        Concurrent calls for the same model share one download. Raises
+        `DiskStoreError` with a `reason` (e.g. `ChecksumMismatch`,
+        `InsufficientCache`, `PickleFormatNotAllowed`).
+        """
+        self._check_started()
+        try:
+            self._check_source(source)
+        except DiskStoreError as exc:
+            self._record_failure(exc)
+            raise
+        counted = False
+        while True:
+            path = self._lookup(source)
+            if path is not None:
+                if not counted:
+                    self._metrics.cache_hits.labels(TIER).inc()
+                return path
+            if not counted:
+                self._metrics.cache_misses.labels(TIER).inc()
+                counted = True
+            flight = self._flights.get(source.key)
+            if flight is not None and flight.source.digest != source.digest:
+                raise DiskStoreError(
+                    "SourceChanged",
+                    f"{source.key} is already downloading from another source; retry when that download ends",
+                    key=source.key,
+                    retryable=True,
+                )
+            if flight is None:
+                flight = self._start_flight(source, priority)
+            elif priority < flight.priority:
+                flight.priority = priority
+                await self._gate.reprioritize()
+            assert flight.task is not None
+            # shielded: one caller giving up must not cancel the download for the others
+            await asyncio.shield(flight.task)
+            # loop: the file could have been evicted before this waiter resumed
+
+    async def prefetch(self, source: ModelSource) -> pathlib.Path:
+        """`ensure` behind job downloads in priority (for operator orders)."""
+        return await self.ensure(source, priority=Priority.PREFETCH)
+
+    def start_prefetch(self, source: ModelSource) -> asyncio.Task[pathlib.Path]:
+        """Prefetch in the background (an operator order); failures are logged, not lost.
+
+        The returned task can be awaited or cancelled; cancelling it does not stop a
+        download that a job is also waiting for.
+        """
+
+        def report(task: asyncio.Task[pathlib.Path]) -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if isinstance(exc, DiskStoreError):
+                log.warning("prefetch of %s failed (%s): %s", source.key, exc.reason, exc.message)
+            elif exc is not None:
+                log.error("prefetch of %s failed", source.key, exc_info=exc)
+
+        task = asyncio.get_running_loop().create_task(self.prefetch(source), name=f"prefetch {source.key}")
+        task.add_done_callback(report)
+        return task
+
+    @contextlib.asynccontextmanager
+    async def use(self, source: ModelSource) -> AsyncIterator[pathlib.Path]:
+        """Ensure the file and pin it for the duration of the block (a job using it)."""
+        path = await self.ensure(source)
+        self.pin(source.key)  # no await since ensure returned: nothing can evict it in between
+        try:
+            yield path
+        finally:
+            self.unpin(source.key)
+
+    def lookup(self, source: ModelSource) -> pathlib.Path | None:
+        """Path of the cached file for `source` without downloading (counts as a use)."""
+        return self._lookup(source)
+
+    def is_cached(self, key: str) -> bool:
+        return key in self._files
+
+    # ---- pins and holds --------------------------------------------------
+
+    def pin(self, key: str) -> None:
+        """A job uses `key`: it is not evicted until the matching `unpin`."""
+        self._state = self._state.pin(key, now=self._clock())
+
+    def unpin(self, key: str) -> None:
+        self._state = self._state.unpin(key, now=self._clock())
+        self._save_index()
+
+    def hold(self, key: str) -> None:
+        """Operator order: keep `key` on disk (now or once downloaded); never evict it."""
+        self._state = self._state.hold(key)
+
+    def release(self, key: str) -> None:
+        """Operator order: `key` may be evicted again."""
+        self._state = self._state.release(key)
+
+    def remove(self, key: str) -> bool:
+        """Delete a cached model that is not pinned; False if absent or pinned."""
+        info = self._files.get(key)
+        if info is None or info.preloaded or self._state.is_pinned(key):
+            return False
+        self._state = self._state.remove(key)
+        self._delete_files(info)
+        self._metrics.evictions.labels(TIER).inc()
+        self._save_index()
+        self._publish()
+        return True
+
+    def drop_parked(self, key: str | None = None) -> int:
+        """Delete kept partial downloads (one, or all without `key`); returns how many."""
+        keys = [key] if key is not None else list(self._parked)
+        dropped = 0
+        for k in keys:
+            if k in self._parked and k not in self._flights:
+                self._drop_parked(k)
+                dropped += 1
+        self._publish()
+        return dropped
+
+    def set_budget(self, budget_bytes: int) -> tuple[str, ...]:
+        """Change the byte budget; evicts LRU models to fit under a smaller one."""
+        self._state, victims = self._state.with_budget(budget_bytes)
+        self._evict_files(victims)
+        self._publish()
+        return victims
+
+    # ---- reporting -------------------------------------------------------
+
+    def snapshot(self) -> StoreSnapshot:
+        snap = self._state.snapshot()
+        models = tuple(
+            ModelView(
+                key=e.key,
+                size_bytes=e.size_bytes,
+                last_used=e.last_used,
+                preloaded=e.preloaded,
+                held=e.held,
+                in_use=e.in_use,
+                sha256=self._files[e.key].sha256,
+                path=self._files[e.key].path,
+            )
+            for e in snap.entries
+        )
+        downloads = tuple(
+            DownloadView(
+                key=f.source.key,
+                bytes_done=f.progress.bytes_done,
+                total_bytes=f.progress.total_bytes,
+                bandwidth_bytes_per_s=f.progress.bandwidth_bytes_per_s,
+                priority=f.priority,
+                running=f.running,
+                attempts=f.progress.attempts,
+            )
+            for f in sorted(self._flights.values(), key=lambda f: (f.priority, f.seq))
+        )
+        parked_bytes = sum(
+            self._state.reservations[k].size_bytes for k in self._parked if k in self._state.reservations
+        )
+        return StoreSnapshot(
+            budget_bytes=snap.budget_bytes,
+            used_bytes=snap.used_bytes,
+            reserved_bytes=snap.reserved_bytes,
+            free_bytes=snap.free_bytes,
+            preloaded_bytes=snap.preloaded_bytes,
+            models=models,
+            downloads=downloads,
+            parked_partial_bytes=parked_bytes,
+            download_bandwidth_bytes_per_s=self._bandwidth_bytes_per_s,
+            failures=tuple(sorted(self._failures.values(), key=lambda f: -f.at)),
+        )
+
+    @property
+    def state(self) -> DiskCacheState:
+        """The current accounting (an immutable value)."""
+        return self._state
+
+    # ---- internals: lookups ------------------------------------------------
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("DiskStore.start() must be awaited before use")
+
+    def _check_source(self, source: ModelSource) -> None:
+        if source.format in PICKLE_FORMATS and not source.allow_pickle:
+            raise DiskStoreError(
+                "PickleFormatNotAllowed",
+                f"{source.key} is in the pickle-based format {source.format!r}, which can run code when loaded; "
+                f"convert it to safetensors, or set allowPickle: true on the ModelCache if you trust the source",
+                key=source.key,
+            )
+        try:
+            check_url(source.url, self._downloader.policy)
+        except DownloadError as exc:
+            raise DiskStoreError(str(exc.reason), f"{source.key}: {exc.message}", key=source.key) from None
+
+    def _lookup(self, source: ModelSource) -> pathlib.Path | None:
+        info = self._files.get(source.key)
+        if info is not None and not info.preloaded and info.source_digest != source.digest:
+            info = None  # the source changed: the old file does not count (replaced on download)
+        if info is not None and info.preloaded and source.sha256 and info.sha256 and info.sha256 != source.sha256:
+            info = None
+        if info is None and source.sha256:
+            info = next(
+                (f for f in self._files.values() if f.preloaded and f.sha256 == source.sha256), None
+            )
+        if info is None:
+            return None
+        self._state = self._state.touch(info.key, now=self._clock())
+        return info.path
+
+    # ---- internals: downloads ----------------------------------------------
+
+    def _start_flight(self, source: ModelSource, priority: Priority) -> _Flight:
+        flight = _Flight(source=source, priority=priority, seq=next(self._seq))
+        self._flights[source.key] = flight
+        flight.task = asyncio.get_running_loop().create_task(self._run_flight(flight), name=f"download {source.key}")
+        # failures reach every waiter; this marks them retrieved when nobody waits any more
+        flight.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._metrics.downloads_in_progress.set(len(self._flights))
+        return flight
+
+    async def _run_flight(self, flight: _Flight) -> pathlib.Path:
+        try:
+            await self._gate.acquire(flight)
+            try:
+                return await self._download(flight)
+            finally:
+                await self._gate.release(flight)
+        finally:
+            self._flights.pop(flight.source.key, None)
+            self._metrics.downloads_in_progress.set(len(self._flights))
+            self._publish()
+
+    async def _download(self, flight: _Flight) -> pathlib.Path:
+        try:
+            path = await self._download_once(flight)
+        except DiskStoreError as exc:
+            if exc.reason != "Cancelled":
+                self._record_failure(exc)
+            raise
+        self._failures.pop(flight.source.key, None)
+        return path
+
+    def _record_failure(self, exc: DiskStoreError) -> None:
+        key = exc.key or "?"
+        self._failures.pop(key, None)
+        self._failures[key] = FailureView(
+            key=key, reason=exc.reason, message=exc.message, retryable=exc.retryable, at=self._clock()
+        )
+        while len(self._failures) > _MAX_FAILURES:
+            del self._failures[next(iter(self._failures))]
+
+    async def _download_once(self, flight: _Flight) -> pathlib.Path:
+        source = flight.source
+        key = source.key
+        dest = self.models_dir / source.file_name
+        old = self._files.get(key)
+        if old is not None and not old.preloaded and old.source_digest != source.digest:
+            if self._state.is_pinned(key):
+                raise DiskStoreError(
+                    "SourceChanged",
+                    f"the source of {key} changed while the old file is in use or held; retry after release",
+                    key=key,
+                    retryable=True,
+                )
+            self._state = self._state.remove(key)
+            self._delete_files(old)
+        parked = self._parked.pop(key, None)
+        if parked is not None and parked[0] != source.digest:
+            self._parked[key] = parked
+            self._drop_parked(key)
+        elif parked is not None:
+            log.info("resuming the interrupted download of %s", key)
+        loop = asyncio.get_running_loop()
+
+        def on_total(total_bytes: int) -> None:
+            _call_in_loop(loop, lambda: self._reserve(key, total_bytes))
+
+        def before_rename(part: pathlib.Path, sha256: str) -> None:
+            if source.format == "safetensors":
+                self._validate_header(part)
+            # metadata first: a file in models/ without it is an incomplete download
+            self._write_json(
+                dest.with_name(dest.name + _META),
+                {
+                    "key": key,
+                    "source": source.digest,
+                    "url": redact_url(source.url),
+                    "sha256": sha256,
+                    "size_bytes": part.stat().st_size,
+                    "format": source.format,
+                },
+                fsync=True,
+            )
+
+        request = DownloadRequest(
+            url=source.url,
+            dest=dest,
+            sha256=source.sha256,
+            size_bytes=source.size_bytes,
+            credentials=source.credentials,
+            require_size=True,
+            resume_key=source.digest,
+        )
+        try:
+            if source.size_bytes is not None:
+                self._reserve(key, source.size_bytes)
+            await asyncio.to_thread(
+                self._write_json, dest.with_name(dest.name + _PENDING), {"key": key, "source": source.digest}
+            )
+            worker = loop.create_task(
+                asyncio.to_thread(
+                    self._downloader.download,
+                    request,
+                    progress=flight.progress,
+                    on_total=on_total,
+                    cancel=flight.cancel,
+                    before_rename=before_rename,
+                )
+            )
+            try:
+                result = await asyncio.shield(worker)
+            except asyncio.CancelledError:
+                # the thread cannot be interrupted; stop it and wait, so the budget stays true
+                flight.cancel.set()
+                with contextlib.suppress(BaseException):
+                    await worker
+                raise
+        except asyncio.CancelledError:
+            self._park_or_abort(key, dest, source, keep=True)
+            raise
+        except DownloadError as exc:
+            self._park_or_abort(key, dest, source, keep=exc.retryable)
+            self._metrics.download_failures.labels(str(exc.reason)).inc()
+            raise DiskStoreError(str(exc.reason), f"{key}: {exc.message}", key=key, retryable=exc.retryable) from None
+        except safetensors_header.HeaderError as exc:
+            self._park_or_abort(key, dest, source, keep=False)
+            self._metrics.download_failures.labels("InvalidSafetensors").inc()
+            raise DiskStoreError(
+                "InvalidSafetensors",
+                f"{key}: the downloaded file is not a valid safetensors file ({exc}); it was discarded. "
+                f"Check spec.source.url and spec.format",
+                key=key,
+            ) from None
+        except InsufficientCache as exc:
+            self._park_or_abort(key, dest, source, keep=False)
+            self._metrics.download_failures.labels(exc.reason).inc()
+            raise DiskStoreError(exc.reason, str(exc), key=key, retryable=True) from None
+        except BaseException:
+            self._park_or_abort(key, dest, source, keep=False)
+            raise
+
+        (dest.with_name(dest.name + _PENDING)).unlink(missing_ok=True)
+        if result.size_bytes > self._state.reservations[key].size_bytes:
+            self._state, victims = self._state.resize_reservation(key, result.size_bytes, now=self._clock())
+            self._evict_files(victims)
+        self._state = self._state.commit(key, now=self._clock(), size_bytes=result.size_bytes)
+        self._files[key] = _FileInfo(
+            key=key, path=dest, size_bytes=result.size_bytes, sha256=result.sha256, source_digest=source.digest
+        )
+        self._metrics.downloaded_bytes.inc(result.transferred_bytes)
+        self._metrics.download_duration.observe(result.duration_s)
+        if result.transferred_bytes > 0 and result.duration_s > 0:
+            bw = result.bandwidth_bytes_per_s
+            prev = self._bandwidth_bytes_per_s
+            self._bandwidth_bytes_per_s = bw if prev is None else prev + _BANDWIDTH_EWMA_WEIGHT * (bw - prev)
+            self._metrics.download_bandwidth.set(self._bandwidth_bytes_per_s)
+        self._save_index()
+        log.info("cached %s: %d bytes at %s", key, result.size_bytes, dest.name)
+        return dest
+
+    def _reserve(self, key: str, size_bytes: int) -> None:
+        """Reserve (or resize the reservation of) `key`; evicts LRU files, then parked partials."""
+        now = self._clock()
+        while True:
+            try:
+                if key in self._state.reservations:
+                    if self._state.reservations[key].size_bytes == size_bytes:
+                        return
+                    self._state, victims = self._state.resize_reservation(key, size_bytes, now=now)
+                else:
+                    self._state, _, victims = self._state.reserve(key, size_bytes, now=now)
+                break
+            except InsufficientCache:
+                # interrupted downloads of other models are the cheapest bytes to give up
+                others = [k for k in self._parked if k != key and k not in self._flights]
+                if not others:
+                    raise
+                self._drop_parked(others[0])
+        self._evict_files(victims)
+        self._publish()
+
+    def _park_or_abort(self, key: str, dest: pathlib.Path, source: ModelSource, *, keep: bool) -> None:
+        part = partial_paths(dest)[0]
+        if keep and part.exists() and key in self._state.reservations:
+            self._parked[key] = (source.digest, dest)
+            log.info("kept %d bytes of the interrupted download of %s for a resume", part.stat().st_size, key)
+        else:
+            if key in self._state.reservations:
+                self._state = self._state.abort(key)
+            for path in (*partial_paths(dest), dest.with_name(dest.name + _PENDING)):
+                path.unlink(missing_ok=True)
+        self._publish()
+
+    def _drop_parked(self, key: str) -> None:
+        _, dest = self._parked.pop(key)
+        if key in self._state.reservations:
+            self._state = self._state.abort(key)
+        for path in (*partial_paths(dest), dest.with_name(dest.name + _PENDING)):
+            path.unlink(missing_ok=True)
+        log.info("dropped the partial download of %s", key)
+
+    def _evict_files(self, victims: tuple[str, ...]) -> None:
+        for key in victims:
+            info = self._files.get(key)
+            if info is not None:
+                self._delete_files(info)
+                log.info("evicted %s (%d bytes, least recently used)", key, info.size_bytes)
+            self._metrics.evictions.labels(TIER).inc()
+        if victims:
+            self._save_index()
+
+    def _delete_files(self, info: _FileInfo) -> None:
+        self._files.pop(info.key, None)
+        if info.preloaded:
+            return
+        info.path.with_name(info.path.name + _META).unlink(missing_ok=True)
+        info.path.unlink(missing_ok=True)
+
+    # ---- internals: index and start-up scan --------------------------------
+
+    def _publish(self) -> None:
+        self._metrics.used_bytes.labels(TIER).set(self._state.used_bytes)
+        self._metrics.reserved_bytes.labels(TIER).set(self._state.reserved_bytes)
+        self._metrics.budget_bytes.labels(TIER).set(self._state.budget_bytes)
+
+    def _save_index(self) -> None:
+        last_used = {e.key: e.last_used for e in self._state.entries.values() if not e.preloaded}
+        with contextlib.suppress(OSError):
+            self._write_json(self.cache_dir / _INDEX, {"version": 1, "last_used": last_used})
+
+    @staticmethod
+    def _write_json(path: pathlib.Path, data: dict[str, Any], *, fsync: bool = False) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w") as fh:
+            json.dump(data, fh)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def _scan(self) -> _ScanResult:
+        """Runs in a worker thread: read the directory, delete what cannot be trusted."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        result = _ScanResult()
+        try:
+            index = json.loads((self.cache_dir / _INDEX).read_text()).get("last_used", {})
+        except (OSError, ValueError, AttributeError):
+            index = {}
+        result.last_used = {k: float(v) for k, v in index.items() if isinstance(v, (int, float))}
+        names = {p.name for p in self.models_dir.iterdir()}
+        claimed: set[str] = set()
+        for name in sorted(names):
+            if name.endswith(".tmp"):
+                (self.models_dir / name).unlink(missing_ok=True)
+                claimed.add(name)
+            if not name.endswith(_META):
+                continue
+            data_name = name[: -len(_META)]
+            claimed |= {name, data_name}
+            info = self._check_committed(self.models_dir / data_name, self.models_dir / name)
+            if info is None:
+                (self.models_dir / name).unlink(missing_ok=True)
+                (self.models_dir / data_name).unlink(missing_ok=True)
+                continue
+            previous = result.files.get(info.key)
+            if previous is not None:
+                # two files for one key (its source changed): keep the more recent download
+                loser = min(previous, info, key=lambda i: i.path.stat().st_mtime)
+                loser.path.unlink(missing_ok=True)
+                loser.path.with_name(loser.path.name + _META).unlink(missing_ok=True)
+                info = previous if loser is info else info
+            result.files[info.key] = info
+        for name in sorted(names):
+            if not name.endswith(_PENDING):
+                continue
+            data_name = name[: -len(_PENDING)]
+            part, sidecar = partial_paths(self.models_dir / data_name)
+            claimed |= {name, part.name, sidecar.name}
+            try:
+                pending = json.loads((self.models_dir / name).read_text())
+                meta = json.loads(sidecar.read_text())
+                total = meta.get("total_bytes")
+                usable = part.exists() and isinstance(total, int) and part.stat().st_size <= total
+                key, digest = pending["key"], pending["source"]
+            except (OSError, ValueError, KeyError, TypeError):
+                usable = False
+            if usable and key not in result.files:
+                result.partials.append((key, digest, self.models_dir / data_name, int(total)))
+            else:
+                for path in (self.models_dir / name, part, sidecar):
+                    path.unlink(missing_ok=True)
+        for name in sorted(names - claimed):
+            path = self.models_dir / name
+            log.warning("removing %s from the cache directory: it has no metadata (an incomplete download)", name)
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+        if self.preload_dir is not None:
+            for info in self._scan_preload(self.preload_dir):
+                result.files.setdefault(info.key, info)
+                result.preloaded_count += 1
+        return result
+
+    def _check_committed(self, data: pathlib.Path, meta_path: pathlib.Path) -> _FileInfo | None:
+        try:
+            meta = json.loads(meta_path.read_text())
+            key, size, digest = meta["key"], int(meta["size_bytes"]), meta.get("sha256")
+            source = meta["source"]
+            stat = data.stat()
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("removing %s: its metadata is unreadable or the file is missing", data.name)
+            return None
+        if stat.st_size != size or not digest:
+            log.warning("removing %s (%s): size %d, expected %d", data.name, key, stat.st_size, size)
+            return None
+        if self._verify_on_start and _sha256_file(data) != digest:
+            log.warning("removing %s (%s): sha256 does not match what was downloaded", data.name, key)
+            return None
+        return _FileInfo(key=key, path=data, size_bytes=size, sha256=digest, source_digest=source)
+
+    @staticmethod
+    def _scan_preload(preload_dir: pathlib.Path) -> list[_FileInfo]:
+        manifest_path = preload_dir / _MANIFEST
+        if not manifest_path.exists():
+            if preload_dir.exists() and any(preload_dir.iterdir()):
+                log.warning("preload directory %s has no %s; its files are ignored", preload_dir, _MANIFEST)
+            return []
+        try:
+            entries = json.loads(manifest_path.read_text())["models"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring preloaded models: cannot read %s (%s)", manifest_path, exc)
+            return []
+        found: list[_FileInfo] = []
+        root = preload_dir.resolve()
+        for entry in entries:
+            try:
+                file_name = str(entry["file"])
+                sha = entry.get("sha256")
+                key = str(entry.get("key") or f"preload:{file_name}")
+            except (KeyError, TypeError, AttributeError):
+                log.error("ignoring a malformed entry in %s: %r", manifest_path, entry)
+                continue
+            path = (preload_dir / file_name).resolve()
+            if "/" in file_name or file_name in ("", ".", "..") or path.parent != root or not path.is_file():
+                log.error("ignoring preloaded %s: %r is not a file directly inside %s", key, file_name, preload_dir)
+                continue
+            found.append(
+                _FileInfo(
+                    key=key, path=path, size_bytes=path.stat().st_size, sha256=sha, source_digest=None, preloaded=True
+                )
+            )
+        return found
+
+    def _apply_scan(self, found: _ScanResult) -> None:
+        now = self._clock()
+        budget = self._state.budget_bytes
+        state = DiskCacheState(budget_bytes=2**63)
+        for info in found.files.values():
+            if info.preloaded:
+                state = state.add_preloaded(info.key, info.size_bytes, now=now)
+            else:
+                state, _, _ = state.reserve(info.key, info.size_bytes, now=now)
+                state = state.commit(info.key, now=found.last_used.get(info.key, 0.0))
+        self._files = dict(found.files)
+        # a smaller budget than last time evicts the least recently used files
+        state, victims = state.with_budget(budget)
+        for key in victims:
+            self._delete_files(self._files[key])
+        for key, digest, dest, total in found.partials:
+            if key in state.entries or state.free_bytes < total:
+                for path in (*partial_paths(dest), dest.with_name(dest.name + _PENDING)):
+                    path.unlink(missing_ok=True)
+                continue
+            state, _, _ = state.reserve(key, total, now=now)
+            self._parked[key] = (digest, dest)
+        self._state = state
+        self._save_index()
+
+
+@dataclass
+class _ScanResult:
+    files: dict[str, _FileInfo] = field(default_factory=dict)
+    partials: list[tuple[str, str, pathlib.Path, int]] = field(default_factory=list)
+    last_used: dict[str, float] = field(default_factory=dict)
+    preloaded_count: int = 0
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], *, timeout_s: float = 60.0) -> T:
+    """Run `fn` on the event loop from a worker thread and return its result."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the waiting thread
+            future.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return future.result(timeout=timeout_s)
+
+
+def _name(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def _rfc3339(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, tz=datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _sha256_file(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+

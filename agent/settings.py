@@ -1,0 +1,239 @@
+"""Agent settings from the environment (`STOKER_*`) and command-line flags.
+
+Flags override environment variables, which override defaults. Every field has
+a flag named after it (`disk_budget_bytes` -> `--disk-budget-bytes`) and an
+environment variable (`STOKER_DISK_BUDGET_BYTES`). Sizes accept units
+(`50GiB`, `500M`, `2Ti`), host lists accept commas. Settings are validated at
+start and failures name the setting, the bad value and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import types
+import typing
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from stoker.agent.download import DownloadPolicy
+
+__all__ = ["AgentSettings", "SettingsError", "parse_size_bytes"]
+
+GiB = 2**30
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mi": 2**20, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "ti": 2**40, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class SettingsError(ValueError):
+    """The agent's configuration is invalid; the message lists every problem."""
+
+
+def parse_size_bytes(value: object) -> int:
+    """`50GiB`, `500M`, `1.5Ti` or a plain integer, as bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 50GiB, got a boolean")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size; use bytes or a unit such as 50GiB, 500MiB, 2TB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _split_hosts(value: object) -> object:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        return [h.strip() for item in value for h in str(item).split(",") if h.strip()] or None
+    return value
+
+
+SizeBytes = Annotated[int, pydantic.BeforeValidator(parse_size_bytes)]
+
+
+class AgentSettings(BaseSettings):
+    """Configuration of one agent process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STOKER_", extra="forbid", validate_default=True, use_attribute_docstrings=True
+    )
+
+    # ---- disk tier ----
+    cache_dir: pathlib.Path = pathlib.Path("/var/cache/stoker")
+    """Writable directory for downloaded models (an emptyDir or local volume)."""
+    preload_dir: pathlib.Path | None = None
+    """Read-only directory of baked-in models with a manifest.json; optional."""
+    disk_budget_bytes: SizeBytes = 50 * GiB
+    """Bytes of downloaded models the agent may keep (baked-in models do not count)."""
+    verify_on_start: bool = False
+    """Re-hash every cached file at start (slow for large caches; sizes are always checked)."""
+
+    # ---- downloads ----
+    allow_http: bool = False
+    """Allow plain http model URLs (in-cluster mirrors); https only otherwise."""
+    allowed_hosts: Annotated[list[str] | None, NoDecode] = None
+    """Only download from these hosts (`.example.com` allows a domain); any host if unset."""
+    max_downloads: int = Field(default=2, ge=1, le=64)
+    """Downloads running at once."""
+    max_prefetches: int = Field(default=1, ge=0, le=64)
+    """How many of those may be prefetches ordered by the operator (jobs go first)."""
+    download_connect_timeout_s: float = Field(default=10.0, gt=0)
+    download_read_timeout_s: float = Field(default=30.0, gt=0)
+    download_max_attempts: int = Field(default=6, ge=1, le=100)
+
+    # ---- jobs and identity ----
+    job_slots: int = Field(default=1, ge=1, le=64)
+    """Jobs this agent runs at once."""
+    agent_name: str | None = None
+    """Name of the CacheAgent; defaults to the pod name."""
+    namespace: str = "default"
+    """Namespace of the agent's pod and CacheAgent (set from the downward API)."""
+    pod_name: str | None = None
+    """Name of the agent's pod (downward API); the CacheAgent's owner."""
+    node_name: str | None = None
+    zone: str | None = None
+
+    # ---- API server and reporting (the reporter extends these) ----
+    lease_duration_s: float = Field(default=15.0, gt=0)
+    """How long the agent's Lease stays valid without renewal."""
+    lease_renew_interval_s: float = Field(default=5.0, gt=0)
+    status_min_interval_s: float = Field(default=1.0, ge=0)
+    """Minimum time between CacheAgent status writes (significant changes excepted)."""
+
+    # ---- observability ----
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    """Port of the /metrics endpoint; 0 picks a free port, and the endpoint is off if metrics_enabled is false."""
+    metrics_addr: str = "0.0.0.0"
+    metrics_enabled: bool = True
+    log_level: str = "INFO"
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: object) -> object:
+        return _split_hosts(value)
+
+    @field_validator("disk_budget_bytes")
+    @classmethod
+    def _positive_budget(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("the disk budget must be more than 0 bytes (for example 50GiB)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("use one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentSettings:
+        self._check_cache_dir()
+        if self.preload_dir is not None and not self.preload_dir.is_dir():
+            raise ValueError(
+                f"preload_dir {self.preload_dir} is not a directory; mount the baked-in models there or unset it"
+            )
+        if self.lease_renew_interval_s >= self.lease_duration_s:
+            raise ValueError(
+                f"lease_renew_interval_s ({self.lease_renew_interval_s}) must be shorter than "
+                f"lease_duration_s ({self.lease_duration_s}), or the Lease expires between renewals"
+            )
+        if self.max_prefetches > self.max_downloads:
+            raise ValueError(f"max_prefetches ({self.max_prefetches}) cannot exceed max_downloads ({self.max_downloads})")
+        return self
+
+    def _check_cache_dir(self) -> None:
+        path = self.cache_dir
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cache_dir {path} cannot be created ({exc.strerror}); mount a writable volume there") from None
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"cache_dir {path} is not a writable directory; mount a writable volume there")
+
+    # ---- construction ------------------------------------------------------
+
+    @classmethod
+    def load(cls, **overrides: Any) -> AgentSettings:
+        """Settings from the environment plus `overrides`; raises `SettingsError` with readable messages."""
+        try:
+            return cls(**overrides)
+        except pydantic.ValidationError as exc:
+            raise SettingsError(_explain(exc)) from None
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> AgentSettings:
+        """Settings from flags, then `STOKER_*` variables, then defaults."""
+        parser = cls.argument_parser()
+        namespace = parser.parse_args(argv)
+        overrides = {k: v for k, v in vars(namespace).items() if v is not None}
+        return cls.load(**overrides)
+
+    @classmethod
+    def argument_parser(cls) -> argparse.ArgumentParser:
+        """One flag per field; the lead's CLI can add its own flags to it."""
+        parser = argparse.ArgumentParser(prog="stoker-agent", description="Stoker agent: one per GPU pod.")
+        for name, info in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            env = f"STOKER_{name.upper()}"
+            doc = (info.description or "").strip()
+            help_text = f"{doc} (env {env}; default {info.default!r})"
+            kind = _base_type(info.annotation)
+            if kind is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            elif kind is list:
+                parser.add_argument(flag, action="append", default=None, metavar="HOST", help=help_text + "; repeat or use commas")
+            else:
+                parser.add_argument(flag, default=None, help=help_text)
+        return parser
+
+    # ---- views for the components -----------------------------------------
+
+    def download_policy(self) -> DownloadPolicy:
+        return DownloadPolicy(
+            allow_http=self.allow_http,
+            allowed_hosts=frozenset(self.allowed_hosts) if self.allowed_hosts else None,
+            connect_timeout_s=self.download_connect_timeout_s,
+            read_timeout_s=self.download_read_timeout_s,
+            max_attempts=self.download_max_attempts,
+        )
+
+    @property
+    def effective_agent_name(self) -> str | None:
+        return self.agent_name or self.pod_name
+
+
+def _base_type(annotation: object) -> object:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _base_type(args[0])
+    if origin in (typing.Union, types.UnionType) and args:
+        return _base_type(args[0])
+    return origin or annotation
+
+
+def _explain(exc: pydantic.ValidationError) -> str:
+    lines = ["invalid agent settings:"]
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        where = f"{name} (flag --{name.replace('_', '-')}, env STOKER_{name.upper()})" if err["loc"] else "settings"
+        message = err["msg"].removeprefix("Value error, ")
+        shown = err.get("input")
+        value = f" [got {shown!r}]" if err["loc"] and shown is not None and not isinstance(shown, dict) else ""
+        lines.append(f"  {where}: {message}{value}")
+    return "\n".join(lines)

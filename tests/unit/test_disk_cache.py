@@ -1,0 +1,319 @@
+"""Disk cache accounting: LRU eviction plans, budget, pins, holds, preloaded models."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from stoker.agent.disk_cache import (
+    CachedItem,
+    DiskCacheState,
+    InsufficientCache,
+    KeyConflict,
+    NotCached,
+    plan_eviction,
+)
+
+GiB = 2**30
+
+
+def item(key: str, size: int, used: float, pinned: bool = False) -> CachedItem:
+    return CachedItem(key=key, size_bytes=size, last_used=used, pinned=pinned)
+
+
+class TestPlanEviction:
+    def test_nothing_is_evicted_when_there_is_already_room(self) -> None:
+        assert plan_eviction([item("a", 10, 1.0)], need_bytes=5, free_bytes=5) == ()
+
+    def test_least_recently_used_items_go_first(self) -> None:
+        items = [item("new", 10, 3.0), item("old", 10, 1.0), item("mid", 10, 2.0)]
+        assert plan_eviction(items, need_bytes=15, free_bytes=0) == ("old", "mid")
+
+    def test_eviction_stops_as_soon_as_there_is_room(self) -> None:
+        items = [item("a", 10, 1.0), item("b", 10, 2.0), item("c", 10, 3.0)]
+        assert plan_eviction(items, need_bytes=12, free_bytes=5) == ("a",)
+
+    def test_pinned_items_are_skipped_even_when_oldest(self) -> None:
+        items = [item("pinned", 100, 0.0, pinned=True), item("b", 10, 2.0)]
+        assert plan_eviction(items, need_bytes=10, free_bytes=0) == ("b",)
+
+    def test_ties_in_last_use_break_by_key(self) -> None:
+        items = [item("b", 10, 1.0), item("a", 10, 1.0)]
+        assert plan_eviction(items, need_bytes=10, free_bytes=0) == ("a",)
+
+    def test_impossible_requests_raise_with_the_numbers_and_evict_nothing(self) -> None:
+        items = [item("p", 30, 0.0, pinned=True), item("a", 10, 1.0)]
+        with pytest.raises(InsufficientCache) as info:
+            plan_eviction(items, need_bytes=50, free_bytes=5)
+        err = info.value
+        assert (err.needed_bytes, err.free_bytes, err.evictable_bytes, err.pinned_bytes) == (50, 5, 10, 30)
+        assert "release held models" in str(err)
+
+    def test_accepts_any_iterable_such_as_a_generator(self) -> None:
+        assert plan_eviction((item(k, 1, float(i)) for i, k in enumerate("xyz")), need_bytes=2, free_bytes=0) == (
+            "x",
+            "y",
+        )
+
+    def test_negative_need_is_rejected(self) -> None:
+        with pytest.raises(ValueError):
+            plan_eviction([], need_bytes=-1, free_bytes=0)
+
+    @given(
+        st.lists(
+            st.tuples(st.integers(0, 100), st.floats(0, 1000, allow_nan=False), st.booleans()),
+            max_size=12,
+        ),
+        st.integers(0, 600),
+        st.integers(-50, 200),
+    )
+    def test_a_plan_is_the_shortest_lru_prefix_that_makes_room(
+        self, raw: list[tuple[int, float, bool]], need: int, free: int
+    ) -> None:
+        items = [item(f"k{i}", size, used, pinned) for i, (size, used, pinned) in enumerate(raw)]
+        by_key = {i.key: i for i in items}
+        evictable = sum(i.size_bytes for i in items if not i.pinned)
+        try:
+            victims = plan_eviction(items, need_bytes=need, free_bytes=free)
+        except InsufficientCache:
+            assert free + evictable < need
+            return
+        assert free + sum(by_key[v].size_bytes for v in victims) >= need
+        assert not any(by_key[v].pinned for v in victims)
+        if victims:
+            # minimal: without the last victim there would not have been room
+            assert free + sum(by_key[v].size_bytes for v in victims[:-1]) < need
+            survivors = [i for i in items if not i.pinned and i.key not in victims]
+            newest_victim = max((by_key[v].last_used, v) for v in victims)
+            assert all((s.last_used, s.key) > newest_victim for s in survivors)
+        else:
+            assert free >= need
+
+
+class TestDiskCacheState:
+    def test_reserve_then_commit_moves_bytes_from_reserved_to_used(self) -> None:
+        state, reservation, victims = DiskCacheState(budget_bytes=100).reserve("m", 60, now=1.0)
+        assert (state.reserved_bytes, state.used_bytes, victims) == (60, 0, ())
+        assert reservation.size_bytes == 60
+        state = state.commit("m", now=2.0, size_bytes=55)
+        assert (state.reserved_bytes, state.used_bytes, state.free_bytes) == (0, 55, 45)
+
+    def test_concurrent_reservations_cannot_overrun_the_budget(self) -> None:
+        state, _, _ = DiskCacheState(budget_bytes=100).reserve("a", 60, now=1.0)
+        with pytest.raises(InsufficientCache) as info:
+            state.reserve("b", 60, now=1.0)
+        assert info.value.reserved_bytes == 60 and info.value.budget_bytes == 100
+        assert info.value.key == "b"
+
+    def test_reserving_evicts_the_least_recently_used_unpinned_entries(self) -> None:
+        state = DiskCacheState(budget_bytes=100)
+        for i, key in enumerate(["a", "b", "c"]):
+            state, _, _ = state.reserve(key, 30, now=float(i))
+            state = state.commit(key, now=float(i))
+        state = state.touch("a", now=10.0)
+        state, _, victims = state.reserve("d", 50, now=11.0)
+        assert victims == ("b", "c")
+        assert set(state.entries) == {"a"}
+
+    def test_preloaded_models_cost_no_budget_are_held_and_never_evicted(self) -> None:
+        state = DiskCacheState(budget_bytes=50).add_preloaded("baked", 10 * GiB, now=0.0)
+        assert state.free_bytes == 50
+        state, _, victims = state.reserve("x", 50, now=1.0)
+        assert victims == () and "baked" in state.entries
+        view = state.snapshot().entries[0]
+        assert view.preloaded and view.held and view.pinned
+
+    def test_held_and_in_use_entries_survive_while_others_go(self) -> None:
+        state = DiskCacheState(budget_bytes=90)
+        for i, key in enumerate(["held", "used", "free"]):
+            state, _, _ = state.reserve(key, 30, now=float(i))
+            state = state.commit(key, now=float(i))
+        state = state.hold("held").pin("used", now=5.0)
+        with pytest.raises(InsufficientCache):
+            state.reserve("big", 60, now=6.0)
+        state, _, victims = state.reserve("small", 30, now=6.0)
+        assert victims == ("free",)
+
+    def test_holds_given_before_download_apply_once_committed(self) -> None:
+        state = DiskCacheState(budget_bytes=10).hold("m")
+        state, _, _ = state.reserve("m", 10, now=0.0)
+        state = state.commit("m", now=1.0)
+        with pytest.raises(InsufficientCache):
+            state.reserve("other", 1, now=2.0)
+        state = state.release("m")
+        _, _, victims = state.reserve("other", 1, now=2.0)
+        assert victims == ("m",)
+
+    def test_abort_returns_the_reserved_bytes(self) -> None:
+        state, _, _ = DiskCacheState(budget_bytes=10).reserve("m", 10, now=0.0)
+        assert state.abort("m").free_bytes == 10
+
+    def test_commit_cannot_exceed_the_reservation_without_resizing(self) -> None:
+        state, _, _ = DiskCacheState(budget_bytes=100).reserve("m", 10, now=0.0)
+        with pytest.raises(ValueError, match="resize_reservation"):
+            state.commit("m", now=1.0, size_bytes=20)
+        state, victims = state.resize_reservation("m", 20, now=1.0)
+        assert victims == () and state.commit("m", now=1.0, size_bytes=20).used_bytes == 20
+
+    def test_the_same_key_cannot_be_reserved_twice(self) -> None:
+        state, _, _ = DiskCacheState(budget_bytes=100).reserve("m", 10, now=0.0)
+        with pytest.raises(KeyConflict):
+            state.reserve("m", 10, now=0.0)
+
+    def test_unpinning_something_not_pinned_is_an_error(self) -> None:
+        with pytest.raises(NotCached):
+            DiskCacheState(budget_bytes=1).unpin("m", now=0.0)
+
+    def test_failed_operations_leave_the_original_state_untouched(self) -> None:
+        state, _, _ = DiskCacheState(budget_bytes=10).reserve("a", 10, now=0.0)
+        state = state.commit("a", now=0.0).pin("a", now=0.0)
+        before = state.snapshot()
+        with pytest.raises(InsufficientCache):
+            state.reserve("b", 5, now=1.0)
+        assert state.snapshot() == before
+
+    def test_removing_a_pinned_entry_needs_force(self) -> None:
+        state, _, _ = DiskCacheState(budget_bytes=10).reserve("a", 10, now=0.0)
+        state = state.commit("a", now=0.0).hold("a")
+        with pytest.raises(Exception, match="held"):
+            state.remove("a")
+        assert "a" not in state.remove("a", force=True).entries
+
+    def test_shrinking_the_budget_evicts_lru_entries_to_fit(self) -> None:
+        state = DiskCacheState(budget_bytes=100)
+        for i, key in enumerate("abc"):
+            state, _, _ = state.reserve(key, 30, now=float(i))
+            state = state.commit(key, now=float(i))
+        state, victims = state.with_budget(50)
+        assert victims == ("a", "b") and state.used_bytes == 30
+
+    def test_snapshot_lists_entries_most_recent_first_with_figures(self) -> None:
+        state = DiskCacheState(budget_bytes=100)
+        for i, key in enumerate("ab"):
+            state, _, _ = state.reserve(key, 10, now=float(i))
+            state = state.commit(key, now=float(i))
+        state, _, _ = state.reserve("c", 20, now=5.0)
+        snap = state.snapshot()
+        assert [e.key for e in snap.entries] == ["b", "a"]
+        assert (snap.used_bytes, snap.reserved_bytes, snap.free_bytes) == (20, 20, 60)
+        assert [r.key for r in snap.reservations] == ["c"]
+
+
+KEYS = st.sampled_from([f"m{i}" for i in range(8)])
+
+
+class DiskCacheMachine(RuleBasedStateMachine):
+    """Random operation sequences against the invariants of the disk tier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = DiskCacheState(budget_bytes=1000)
+        self.now = 0.0
+
+    def tick(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    @rule(key=KEYS, size=st.integers(0, 1200))
+    def reserve(self, key: str, size: int) -> None:
+        before = self.state
+        try:
+            after, reservation, victims = before.reserve(key, size, now=self.tick())
+        except KeyConflict:
+            assert key in before.entries or key in before.reservations
+            return
+        except InsufficientCache as exc:
+            evictable = sum(i.size_bytes for i in before.items() if not i.pinned)
+            assert before.free_bytes + evictable < size
+            assert exc.needed_bytes == size
+            return
+        assert reservation.size_bytes == size
+        for victim in victims:
+            assert not before.is_pinned(victim), "a pinned, held or preloaded entry was evicted"
+            assert victim not in after.entries
+        if victims:
+            # eviction only when needed, and only as much as needed
+            assert before.free_bytes < size
+            freed = sum(before.entries[v].size_bytes for v in victims[:-1])
+            assert before.free_bytes + freed < size
+            # LRU: every evicted entry is older than every surviving unpinned entry
+            newest_victim = max((before.entries[v].last_used, v) for v in victims)
+            for survivor in after.items():
+                if not survivor.pinned:
+                    assert (survivor.last_used, survivor.key) > newest_victim
+        self.state = after
+
+    @precondition(lambda self: bool(self.state.reservations))
+    @rule(data=st.data(), shrink=st.integers(0, 50))
+    def commit(self, data: st.DataObject, shrink: int) -> None:
+        key = data.draw(st.sampled_from(sorted(self.state.reservations)))
+        size = max(self.state.reservations[key].size_bytes - shrink, 0)
+        self.state = self.state.commit(key, now=self.tick(), size_bytes=size)
+
+    @precondition(lambda self: bool(self.state.reservations))
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.state.reservations)))
+        self.state = self.state.abort(key)
+
+    @rule(key=KEYS)
+    def touch(self, key: str) -> None:
+        if key in self.state.entries:
+            self.state = self.state.touch(key, now=self.tick())
+
+    @rule(key=KEYS)
+    def pin(self, key: str) -> None:
+        self.state = self.state.pin(key, now=self.tick())
+
+    @rule(key=KEYS)
+    def unpin(self, key: str) -> None:
+        if self.state.pins.get(key, 0) > 0:
+            self.state = self.state.unpin(key, now=self.tick())
+
+    @rule(key=KEYS)
+    def hold(self, key: str) -> None:
+        self.state = self.state.hold(key)
+
+    @rule(key=KEYS)
+    def release(self, key: str) -> None:
+        self.state = self.state.release(key)
+
+    @rule(key=st.sampled_from(["baked0", "baked1"]), size=st.integers(0, 5000))
+    def preload(self, key: str, size: int) -> None:
+        if key not in self.state.entries:
+            free_before = self.state.free_bytes
+            self.state = self.state.add_preloaded(key, size, now=self.tick())
+            assert self.state.free_bytes == free_before
+
+    @rule(budget=st.integers(0, 1500))
+    def change_budget(self, budget: int) -> None:
+        before = self.state
+        try:
+            after, victims = before.with_budget(budget)
+        except InsufficientCache:
+            assert before.used_bytes + before.reserved_bytes - sum(
+                i.size_bytes for i in before.items() if not i.pinned
+            ) > budget
+            return
+        assert not any(before.is_pinned(v) for v in victims)
+        self.state = after
+
+    @invariant()
+    def budget_is_never_exceeded(self) -> None:
+        assert self.state.used_bytes + self.state.reserved_bytes <= self.state.budget_bytes
+        assert self.state.free_bytes >= 0
+
+    @invariant()
+    def preloaded_models_stay(self) -> None:
+        snap = self.state.snapshot()
+        assert all(e.held for e in snap.entries if e.preloaded)
+
+    @invariant()
+    def a_key_is_never_both_cached_and_downloading(self) -> None:
+        assert not set(self.state.entries) & set(self.state.reservations)
+
+
+TestDiskCacheMachine = DiskCacheMachine.TestCase
+TestDiskCacheMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
