@@ -1,0 +1,234 @@
+"""Failure handling: agent liveness, requeues, deadlines, TTL, unavailable models (shell).
+
+Each `reconcile_once()` looks at every observed job and agent and, through the job
+state machine (`jobstate`), decides what the operator must write:
+
+- an agent whose Lease has not been renewed within the grace is NotReady (condition
+  Ready=False on its CacheAgent); its jobs go back to Pending with attempt + 1;
+- an attempt failure reported by the agent (status.attemptFailure) requeues the job
+  elsewhere or fails it (AttemptsExhausted, or the agent's reason if not retryable);
+- timeoutSeconds after creation the job fails with DeadlineExceeded;
+- a pending job whose model (or LoRA, or VAE) an agent reported as permanently
+  unfetchable fails with ModelUnavailable;
+- a finished job loses its binding label (so its agent's watch drops it), gets its
+  last attempt recorded in history, and is deleted after ttlSecondsAfterFinished;
+- half-done writes from a crashed operator (label without status, or status without
+  label) are completed.
+
+Unbinding writes the label removal first (preconditioned on the observed version) and
+the status second: an agent stops as soon as the label no longer names it, and the
+scheduler never binds a job whose phase is not Pending. Deleting a GenerationJob
+cancels it: the label disappears with the object and the agent's watch sees it go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from stoker.api import Condition, ConditionStatus
+from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.kube import now_rfc3339
+from stoker.operator import jobstate, metrics
+from stoker.operator.scheduler import Writer
+from stoker.operator.state import ObservedAgent, ObservedJob, State, job_state, model_failures, status_patch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Transition:
+    before: jobstate.JobState
+    after: jobstate.JobState
+    event: str
+    message: str
+    warning: bool = False
+
+
+class Reconciler:
+    def __init__(self, state: State, writer: Writer, *, lease_grace_s: float | None) -> None:
+        self.state = state
+        self.writer = writer
+        self.lease_grace_s = lease_grace_s
+
+    def reconcile_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
+        """Start the writes this pass calls for; returns how many were started."""
+        now = time.time() if now is None else now
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        st = self.state
+        with st.lock:
+            jobs = list(st.jobs.values())
+            agents = list(st.agents.values())
+            inflight = set(st.inflight)
+        ready = {a.key: st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s) for a in agents}
+        metrics.READY_AGENTS.set(sum(ready.values()))
+        started = 0
+        for a in agents:
+            started += self._agent_condition(a, ready[a.key])
+        failed_models = model_failures(agents)
+        for job in jobs:
+            if job.key in inflight or not self.writer.may_act(job.key, job.resource_version):
+                continue
+            started += self._job(job, ready, failed_models, now)
+        return started
+
+    # -- agents
+
+    def _agent_condition(self, agent: ObservedAgent, ready: bool) -> int:
+        status = agent.resource.status
+        current = next((c for c in (status.conditions if status else []) if c.type == "Ready"), None)
+        want = ConditionStatus.TRUE if ready else ConditionStatus.FALSE
+        if current is not None and current.status == want:
+            return 0
+        key = f"ca:{agent.key}"
+        if not self.writer.may_act(key, agent.resource_version):
+            return 0
+        reason = "LeaseRenewed" if ready else ("LeaseExpired" if current is not None else "NoLease")
+        message = ("the agent renews its Lease" if ready else
+                   "the agent's Lease was not renewed within its grace period; its jobs are requeued")
+        others = [c.wire() for c in (status.conditions if status else []) if c.type != "Ready"]
+        cond = Condition(type="Ready", status=want, reason=reason, message=message,
+                         last_transition_time=now_rfc3339()).wire()
+
+        def write() -> None:
+            body = self.writer.objects(agent.namespace).patch_status(
+                "CacheAgent", agent.name, {"conditions": [cond, *others]}, resource_version=agent.resource_version)
+            self.state.upsert_agent(body)
+            if current is not None or not ready:
+                log.info("agent %s is %s", agent.key, "Ready" if ready else "NotReady")
+                self.writer.event(agent.ref(), reason="AgentReady" if ready else "AgentNotReady", message=message,
+                                  warning=not ready)
+
+        return int(self.writer.submit(key, agent.resource_version, write))
+
+    # -- jobs
+
+    def _job(self, job: ObservedJob, ready: dict[str, bool], failed_models: dict[str, tuple[str, str]], now: float) -> int:
+        if job.terminal:
+            if job.bound_agent is not None or self._missing_last_record(job):
+                return self._submit(job, self._finish(job, now))
+            if job.ttl_s is not None and jobstate.is_expired(job_state(job), ttl_s=job.ttl_s, now=now):
+                return self._submit(job, lambda: self._delete(job))
+            return 0
+        before = job_state(job)
+        tr = self._decide(job, before, ready, failed_models, now)
+        if tr is not None:
+            return self._submit(job, lambda: self._apply(job, tr))
+        if job.bound_agent is not None and (job.status_agent != job.bound_agent or job.status_attempt != before.attempt
+                                            or job.phase is jobstate.JobPhase.PENDING):
+            return self._submit(job, lambda: self._complete_binding(job, before.attempt))
+        return 0
+
+    def _decide(self, job: ObservedJob, st: jobstate.JobState, ready: dict[str, bool],
+                failed_models: dict[str, tuple[str, str]], now: float) -> _Transition | None:
+        after = jobstate.check_deadline(st, now=now)
+        if after is not st:
+            return _Transition(st, after, "Failed", after.message or "deadline exceeded", warning=True)
+        active = job.phase in (jobstate.JobPhase.SCHEDULED, jobstate.JobPhase.RUNNING)
+        bound = job.bound_agent
+        f = job.attempt_failure
+        if active and f is not None and f.attempt == st.attempt and f.agent == st.agent:
+            try:
+                after = jobstate.fail(st, agent=f.agent, attempt=f.attempt, reason=f.reason, message=f.message,
+                                      retryable=f.retryable, now=now)
+            except jobstate.InvalidTransition as exc:
+                log.debug("%s: ignoring attempt failure: %s", job.key, exc)
+            else:
+                return self._outcome(st, after, f"attempt {f.attempt} failed on {f.agent}: {f.reason} {f.message}".strip())
+        if bound is not None and active and not ready.get(f"{job.namespace}/{bound}", False):
+            after = jobstate.agent_lost(st, now=now, agent=bound)
+            return self._outcome(st, after, f"agent {bound} stopped renewing its Lease")
+        if bound is None and active:
+            # A previous unbind wrote the label removal but not the status: finish it.
+            after = jobstate.agent_lost(st, now=now)
+            return self._outcome(st, after, f"attempt {st.attempt} lost its binding to {st.agent}")
+        if job.pending:
+            for art in job.artifacts:
+                failure = failed_models.get(f"{job.namespace}/{art}")
+                if failure is not None:
+                    after = jobstate.model_unavailable(
+                        st, message=f"model {art} cannot be fetched ({failure[0]}: {failure[1]}); fix or replace the "
+                                    "ModelCache and submit the job again", now=now)
+                    return _Transition(st, after, "Failed", after.message or "", warning=True)
+        return None
+
+    @staticmethod
+    def _outcome(before: jobstate.JobState, after: jobstate.JobState, why: str) -> _Transition:
+        if after.phase is jobstate.JobPhase.PENDING:
+            return _Transition(before, after, "Requeued", f"{why}; attempt {after.attempt} of {after.max_attempts} is pending")
+        return _Transition(before, after, "Failed", f"{after.reason}: {after.message}", warning=True)
+
+    def _submit(self, job: ObservedJob, fn: Any) -> int:
+        return int(self.writer.submit(job.key, job.resource_version, fn))
+
+    def _unlabel(self, job: ObservedJob) -> str:
+        """Remove the binding label and annotation; returns the new resourceVersion."""
+        body = self.writer.objects(job.namespace).patch("GenerationJob", job.name, {"metadata": {
+            "labels": {AGENT_LABEL: None}, "annotations": {ATTEMPT_ANNOTATION: None}}},
+            resource_version=job.resource_version)
+        self.state.upsert_job(body)
+        return str(body["metadata"]["resourceVersion"])
+
+    def _apply(self, job: ObservedJob, tr: _Transition) -> None:
+        rv = self._unlabel(job) if job.bound_agent is not None else job.resource_version
+        patch = status_patch(tr.before, tr.after)
+        if patch:
+            body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch, resource_version=rv)
+            self.state.upsert_job(body)
+        reason = str(tr.after.reason or tr.event)
+        if tr.event == "Requeued":
+            metrics.REQUEUES.labels(reason=str(tr.after.reason or "Unknown")).inc()
+        elif tr.after.phase is jobstate.JobPhase.FAILED:
+            metrics.JOB_FAILURES.labels(reason=reason).inc()
+        log.info("%s: %s (%s)", job.key, tr.event, tr.message)
+        self.writer.event(job.ref(), reason=tr.event, message=tr.message, warning=tr.warning)
+
+    def _complete_binding(self, job: ObservedJob, attempt: int) -> None:
+        """The label names an agent but the status does not say so yet (the Scheduled write was
+        overtaken by the agent, or the operator stopped in between): fill in the operator's fields."""
+        patch: dict[str, Any] = {"agent": job.bound_agent, "attempt": attempt}
+        if job.scheduled_at is None:
+            patch["scheduledAt"] = now_rfc3339()
+        if job.phase is jobstate.JobPhase.PENDING:
+            patch["phase"] = "Scheduled"
+        body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch,
+                                                               resource_version=job.resource_version)
+        self.state.upsert_job(body)
+
+    @staticmethod
+    def _missing_last_record(job: ObservedJob) -> bool:
+        attempt = max(1, job.status_attempt, job.bound_attempt or 0)
+        agent = job.status_agent or job.bound_agent
+        return agent is not None and not any(h.attempt == attempt for h in job.history)
+
+    def _finish(self, job: ObservedJob, now: float) -> Any:
+        def run() -> None:
+            missing = self._missing_last_record(job)
+            rv = self._unlabel(job) if job.bound_agent is not None else job.resource_version
+            if not missing:
+                return
+            st = job_state(job)
+            agent = job.status_agent or job.bound_agent or ""
+            # Replay the agent's final report through the state machine to get the history record.
+            running = dataclasses.replace(st, phase=jobstate.JobPhase.RUNNING, agent=agent, finished_at=None)
+            if job.phase is jobstate.JobPhase.SUCCEEDED:
+                after = jobstate.succeed(running, agent=agent, attempt=st.attempt, now=job.finished_at or now)
+            else:
+                after = jobstate.fail(running, agent=agent, attempt=st.attempt, reason=job.reason or "Failed",
+                                      message="", retryable=False, now=job.finished_at or now)
+            patch = status_patch(running, after)
+            for field in ("phase", "agent", "reason", "message"):
+                patch.pop(field, None)  # the agent's final word stands
+            if job.finished_at is not None:
+                patch.pop("finishedAt", None)
+            if job.status_agent != agent or job.status_attempt != st.attempt:
+                patch.update(agent=agent, attempt=st.attempt)  # the agent finished before the Scheduled write landed
+            body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch, resource_version=rv)
+            self.state.upsert_job(body)
+        return run
+
+    def _delete(self, job: ObservedJob) -> None:
+        self.writer.objects(job.namespace).delete("GenerationJob", job.name)
+        log.info("%s: deleted %.0fs after it finished (ttlSecondsAfterFinished)", job.key, job.ttl_s or 0)

@@ -1,0 +1,262 @@
+"""The `stoker-operator` command: watches through kopf, control loops in a thread (shell).
+
+kopf's `on.event` watchers (no per-object handlers, so nothing is written back to
+the objects) keep the in-memory `State` current. One control thread, active only
+while this process holds the leader Lease, runs the scheduling pass, the failure
+reconciler and the replica planner; their writes go through a thread pool. A standby
+keeps its watches warm and takes over when the leader stops renewing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from stoker import __version__
+
+log = logging.getLogger("stoker.operator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stoker-operator",
+        description="Stoker operator: binds GenerationJobs to CacheAgents, keeps warm replicas of ModelCaches, "
+                    "and recovers from lost agents.")
+    p.add_argument("--version", action="version", version=f"stoker-operator {__version__}")
+    p.add_argument("--namespace", default=os.environ.get("STOKER_WATCH_NAMESPACE") or None,
+                   help="watch only this namespace (default: all namespaces; env STOKER_WATCH_NAMESPACE)")
+    p.add_argument("--kubeconfig", default=None,
+                   help="kubeconfig file (default: $KUBECONFIG, then the in-cluster service account)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="serve Prometheus metrics on this port; 0 disables")
+    p.add_argument("--health-port", type=int, default=0, help="serve kopf's liveness probe on this port; 0 disables")
+    p.add_argument("--lease-grace-s", type=float, default=None,
+                   help="an agent whose Lease was not renewed for this long is NotReady and loses its jobs "
+                        "(default: the Lease's own leaseDurationSeconds)")
+    p.add_argument("--identity", default=None,
+                   help="this operator's name in the leader Lease (default: $POD_NAME, else host name and a random suffix)")
+    p.add_argument("--leader-namespace", default=None,
+                   help="namespace of the leader Lease (default: --namespace, else $POD_NAMESPACE, else default)")
+    p.add_argument("--leader-lease-duration-s", type=float, default=15.0,
+                   help="a standby takes over after seeing no leader renewal for this long")
+    p.add_argument("--write-threads", type=int, default=16, help="concurrent API writes")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    return p
+
+
+def make_api_client(kubeconfig: str | None, *, pool_size: int) -> Any:
+    """A kubernetes ApiClient with a connection pool large enough for the write threads."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    if path:
+        config.load_kube_config(config_file=path, client_configuration=cfg)
+    else:
+        config.load_incluster_config(client_configuration=cfg)
+    cfg.connection_pool_maxsize = pool_size
+    return client.ApiClient(cfg)
+
+
+class Operator:
+    """The state, the loops and the leader election of one operator process."""
+
+    def __init__(self, args: argparse.Namespace, api: Any) -> None:
+        from stoker.operator import failure, leader, replica_shell, scheduler, state
+
+        self.args = args
+        self.api = api
+        self.state = state.State()
+        self.stop = threading.Event()
+        self.lost = threading.Event()
+        identity = args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        lease_ns = args.leader_namespace or args.namespace or os.environ.get("POD_NAMESPACE") or "default"
+        self.leader = leader.LeaderElector(
+            api, leader.LeaderSettings(namespace=lease_ns, identity=identity,
+                                       lease_duration_s=args.leader_lease_duration_s),
+            on_lost=self._on_lost)
+        self.writer = scheduler.Writer(api, threads=args.write_threads, is_leader=self.leader.is_leader)
+        self.writer.objects("default")  # import the client's API modules now, not in the first pass
+        grace = args.lease_grace_s
+        self.scheduler = scheduler.Scheduler(self.state, self.writer, lease_grace_s=grace)
+        self.reconciler = failure.Reconciler(self.state, self.writer, lease_grace_s=grace)
+        self.replicas = replica_shell.ReplicaShell(self.state, self.writer, lease_grace_s=grace)
+        self.on_lost_callbacks: list[Any] = []
+        self._synced = False
+
+    def _on_lost(self) -> None:
+        self.lost.set()
+        for cb in self.on_lost_callbacks:
+            cb()
+
+    def sync(self) -> None:
+        """List everything once, so that the first passes of a new leader see complete state
+        (kopf's watches deliver the same objects too; older versions are ignored)."""
+        from kubernetes import client
+
+        from stoker.api import GROUP, VERSION
+
+        custom = client.CustomObjectsApi(self.api)
+        ns = self.args.namespace
+
+        def items(group: str, version: str, plural: str) -> list[dict[str, Any]]:
+            if ns:
+                return custom.list_namespaced_custom_object(group, version, ns, plural)["items"]
+            return custom.list_cluster_custom_object(group, version, plural)["items"]
+
+        now_mono = time.monotonic()
+        for body in items("coordination.k8s.io", "v1", "leases"):
+            self.state.upsert_lease(body, now_mono=now_mono)
+        for body in items(GROUP, VERSION, "cacheagents"):
+            self.state.upsert_agent(body)
+        for body in items(GROUP, VERSION, "modelcaches"):
+            self.state.upsert_model(body)
+        for body in items(GROUP, VERSION, "generationjobs"):
+            self.state.upsert_job(body)
+        with self.state.lock:
+            log.info("state synced: %d jobs (%d pending), %d agents, %d models, %d leases", len(self.state.jobs),
+                     len(self.state.pending), len(self.state.agents), len(self.state.models), len(self.state.leases))
+
+    def control_loop(self) -> None:
+        last_reconcile = last_replicas = last_summary = 0.0
+        last_fleet = -1
+        while not self.stop.is_set():
+            self.state.changed.wait(0.25)
+            self.state.changed.clear()
+            if self.stop.is_set() or not self.leader.is_leader():
+                continue
+            try:
+                if not self._synced:
+                    self.sync()
+                    self._synced = True
+                t0 = time.perf_counter()
+                self.scheduler.schedule_once()
+                t1 = time.perf_counter()
+                mono = time.monotonic()
+                if mono - last_reconcile >= 0.5:
+                    last_reconcile = mono
+                    self.reconciler.reconcile_once()
+                t2 = time.perf_counter()
+                # The replica plan covers every model and agent: rerun it when they changed (at most
+                # every 2 s), and every 10 s for demand decay and Lease expiry.
+                fleet = self.state.fleet_version
+                if (mono - last_replicas >= 2.0 and fleet != last_fleet) or mono - last_replicas >= 10.0:
+                    last_replicas, last_fleet = mono, fleet
+                    self.replicas.apply_once()
+                t3 = time.perf_counter()
+                if mono - last_summary >= 10.0:
+                    last_summary = mono
+                    with self.state.lock:
+                        counts = (len(self.state.jobs), len(self.state.pending), len(self.state.inflight))
+                    log.info("jobs %d, pending %d, bindings in flight %d, writes in flight %d, last plan "
+                             "(jobs, bound, waiting, unplaceable) %s", *counts, self.writer.busy_count(),
+                             self.scheduler.last_plan)
+                if t3 - t0 > 0.5:
+                    log.info("slow control pass: schedule %.3fs, reconcile %.3fs, replicas %.3fs", t1 - t0, t2 - t1, t3 - t2)
+            except Exception:  # keep the loop alive; the next pass starts from observed state again
+                log.exception("control pass failed")
+                self.stop.wait(1.0)
+
+
+def register_watches(registry: Any, state: Any) -> None:
+    """kopf event watchers feeding `state`: no per-object handlers, so kopf writes nothing."""
+    import kopf
+
+    from stoker.api import GROUP, VERSION
+
+    def feed(upsert: Any, delete: Any) -> Any:
+        async def handler(event: dict[str, Any], **_: Any) -> None:
+            obj = event.get("object")
+            if not obj:
+                return
+            if log.isEnabledFor(logging.DEBUG):
+                meta = obj.get("metadata", {})
+                log.debug("watch %s %s %s/%s rv=%s", event.get("type"), obj.get("kind"), meta.get("namespace"),
+                          meta.get("name"), meta.get("resourceVersion"))
+            if event.get("type") == "DELETED":
+                delete(obj)
+            else:
+                upsert(obj)
+        return handler
+
+    kopf.on.event(GROUP, VERSION, "generationjobs", registry=registry, id="jobs")(feed(state.upsert_job, state.delete_job))
+    kopf.on.event(GROUP, VERSION, "cacheagents", registry=registry, id="agents")(feed(state.upsert_agent, state.delete_agent))
+    kopf.on.event(GROUP, VERSION, "modelcaches", registry=registry, id="models")(feed(state.upsert_model, state.delete_model))
+    kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry, id="leases")(
+        feed(lambda obj: state.upsert_lease(obj, now_mono=time.monotonic()), state.delete_lease))
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+
+def register_cleanup(registry: Any, op: Operator) -> None:
+    import kopf
+
+    def cleanup(**_: Any) -> None:
+        # Stop acting at once: while kopf winds down, the watches go quiet and leases look stale.
+        op.stop.set()
+        op.state.changed.set()
+
+    kopf.on.cleanup(registry=registry)(cleanup)
+
+
+async def _run(op: Operator) -> None:
+    import kopf
+
+    registry = kopf.OperatorRegistry()
+    register_watches(registry, op.state)
+    register_cleanup(registry, op)
+    settings = kopf.OperatorSettings()
+    settings.posting.enabled = False
+    settings.scanning.disabled = True
+    settings.watching.server_timeout = 300
+    stop_flag = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    op.on_lost_callbacks.append(lambda: loop.call_soon_threadsafe(stop_flag.set))
+    threads = [threading.Thread(target=op.leader.run, args=(op.stop,), name="leader", daemon=True),
+               threading.Thread(target=op.control_loop, name="control", daemon=True)]
+    for t in threads:
+        t.start()
+    kwargs: dict[str, Any] = {"namespaces": [op.args.namespace]} if op.args.namespace else {"clusterwide": True}
+    if op.args.health_port:
+        kwargs["liveness_endpoint"] = f"http://0.0.0.0:{op.args.health_port}/healthz"
+    try:
+        await kopf.operator(registry=registry, settings=settings, standalone=True, stop_flag=stop_flag, **kwargs)
+    finally:
+        op.stop.set()
+        op.state.changed.set()
+        for t in threads:
+            await asyncio.to_thread(t.join, 10)
+        op.writer.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's login through the kubernetes client
+    from stoker.operator import metrics
+
+    api = make_api_client(args.kubeconfig, pool_size=max(8, args.write_threads + 4))
+    op = Operator(args, api)
+    metrics.serve(args.metrics_port)
+    log.info("stoker-operator %s starting as %s (namespace: %s)", __version__, op.leader.settings.identity,
+             args.namespace or "all")
+    asyncio.run(_run(op))
+    if op.lost.is_set():
+        log.error("exiting: leadership lost")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

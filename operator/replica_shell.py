@@ -1,0 +1,191 @@
+"""Warm replicas, applied: CacheAgent spec.holds and ModelCache status (shell).
+
+`apply_once()` builds the replica planner's inputs from observed state, calls
+`replicas.plan_replicas`, and writes only what changed: an agent's holds when its
+order list differs, a ModelCache's status when its content differs (demand alone is
+refreshed at most every `demand_refresh_s`, so a decaying rate does not turn into a
+write per pass). Events ReplicaAdded / ReplicaRemoved go on the ModelCache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from stoker.api import Condition, ConditionStatus
+from stoker.api.modelcache import ModelCacheStatus, ModelCopy
+from stoker.operator import metrics, replicas
+from stoker.operator.scheduler import Writer
+from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_view, format_time, model_failures,
+                                  model_size_bytes)
+
+log = logging.getLogger(__name__)
+
+
+def _round_rate(value: float) -> float:
+    """Two significant digits: enough for people and autoscale, few rewrites as it decays."""
+    if value <= 0:
+        return 0.0
+    digits = 1 - int(math.floor(math.log10(value)))
+    return round(value, max(0, digits))
+
+
+def _conditions_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    def strip(cs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted((c.get("type"), c.get("status"), c.get("reason", ""), c.get("message", "")) for c in cs)
+    return strip(a) == strip(b)
+
+
+class ReplicaShell:
+    def __init__(self, state: State, writer: Writer, *, lease_grace_s: float | None,
+                 settings: replicas.ReplicaSettings = replicas.ReplicaSettings(), demand_refresh_s: float = 30.0) -> None:
+        self.state = state
+        self.writer = writer
+        self.lease_grace_s = lease_grace_s
+        self.settings = settings
+        self.demand_refresh_s = demand_refresh_s
+        self._status_written: dict[str, float] = {}
+
+    def apply_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
+        now = time.time() if now is None else now
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        st = self.state
+        with st.lock:
+            models = list(st.models.values())
+            agents = list(st.agents.values())
+        failed = model_failures(agents)
+        started = 0
+        shortfall = hot_shortfall = 0
+        for ns in sorted({m.namespace for m in models} | {a.namespace for a in agents}):
+            ns_models = [m for m in models if m.namespace == ns]
+            ns_agents = [a for a in agents if a.namespace == ns]
+            views = [agent_view(a, ready=st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s),
+                                bound=0, in_use=()) for a in ns_agents]
+            targets = []
+            for m in ns_models:
+                spec = m.resource.spec
+                auto = None if spec.autoscale is None else replicas.Autoscale(
+                    max_replicas=spec.autoscale.max_replicas, target_jobs_per_minute=spec.autoscale.target_jobs_per_minute)
+                targets.append(replicas.ModelTarget(
+                    key=m.name, size_bytes=model_size_bytes(m, ns_agents), replicas=spec.replicas,
+                    hot_replicas=spec.hot_replicas, autoscale=auto,
+                    demand_per_minute=st.demand_per_minute(m.key, now=now), failed=m.key in failed))
+            plan = replicas.plan_replicas(targets, views, now=now, settings=self.settings)
+            by_name = {a.name: a for a in ns_agents}
+            model_by_name = {m.name: m for m in ns_models}
+            for orders in plan.orders:
+                started += self._apply_orders(by_name[orders.agent], orders, model_by_name)
+            for ms in plan.models:
+                shortfall += ms.shortfall
+                hot_shortfall += ms.hot_shortfall
+                started += self._apply_status(model_by_name[ms.key], ms, ns_agents, failed.get(m_key(ns, ms.key)), now)
+        metrics.REPLICA_SHORTFALL.set(shortfall)
+        metrics.HOT_REPLICA_SHORTFALL.set(hot_shortfall)
+        return started
+
+    def _apply_orders(self, agent: ObservedAgent, orders: replicas.AgentOrders,
+                      models: dict[str, ObservedModel]) -> int:
+        want = [{"model": k, "tier": t.value} for k, t in orders.holds]
+        have = [h.wire() for h in agent.resource.spec.holds]
+        if want == have:
+            return 0
+        key = f"ca:{agent.key}:holds"
+        if not self.writer.may_act(key, agent.resource_version):
+            return 0
+
+        def write() -> None:
+            # spec.holds is the operator's alone; spec.cordon (people's) is left out of the merge patch.
+            body = self.writer.objects(agent.namespace).patch("CacheAgent", agent.name, {"spec": {"holds": want}})
+            self.state.upsert_agent(body)
+            for k in (*orders.prefetch, *orders.hold):
+                if k in models:
+                    how = "prefetching it" if k in orders.prefetch else "already on its disk"
+                    self.writer.event(models[k].ref(), reason="ReplicaAdded", message=f"agent {agent.name} holds a copy ({how})")
+            for k in orders.load_hot:
+                if k in models:
+                    self.writer.event(models[k].ref(), reason="HotReplicaAdded", message=f"agent {agent.name} keeps it loaded")
+            for k in orders.release:
+                if k in models:
+                    self.writer.event(models[k].ref(), reason="ReplicaRemoved",
+                                      message=f"agent {agent.name} no longer holds a copy (it may evict it)")
+            for k in orders.unload_hot:
+                if k in models:
+                    self.writer.event(models[k].ref(), reason="HotReplicaRemoved",
+                                      message=f"agent {agent.name} no longer keeps it loaded")
+            log.info("agent %s holds %s", agent.key, ", ".join(f"{h['model']}:{h['tier']}" for h in want) or "nothing")
+
+        return int(self.writer.submit(key, agent.resource_version, write))
+
+    def _apply_status(self, model: ObservedModel, ms: replicas.ModelReplicaStatus, agents: list[ObservedAgent],
+                      failure: tuple[str, str] | None, now: float) -> int:
+        copies: list[dict[str, Any]] = []
+        for a in sorted(agents, key=lambda a: a.name):
+            status = a.resource.status
+            if status is None:
+                continue
+            held = any(h.model == model.name for h in a.resource.spec.holds)
+            entry = next((c for c in status.models if c.name == model.name), None)
+            if entry is not None:
+                copies.append(ModelCopy(agent=a.name, tier=entry.tier, held=held).wire())
+            elif any(d.name == model.name for d in status.downloads):
+                copies.append(ModelCopy(agent=a.name, tier="downloading", held=held).wire())
+        last_used = self.state.last_used.get(model.key)
+        old = model.resource.status or ModelCacheStatus()
+        old_conds = {c.type: c for c in old.conditions}
+
+        def cond(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+            status = ConditionStatus.TRUE if ok else ConditionStatus.FALSE
+            prev = old_conds.get(type_)
+            ts = prev.last_transition_time if prev is not None and prev.status == status else format_time(now)
+            return Condition(type=type_, status=status, reason=reason, message=message, last_transition_time=ts,
+                             observed_generation=model.generation).wire()
+
+        conditions = [
+            cond("Ready", ms.ready, "TargetMet" if ms.ready else "TargetNotMet",
+                 f"{max(0, ms.desired - ms.shortfall)} of {ms.desired} held copies on disk, "
+                 f"{ms.desired_hot - ms.hot_shortfall} of {ms.desired_hot} loaded"),
+            cond("Available", ms.available, "CopiesExist" if ms.available else "NoCopies",
+                 f"{ms.on_disk} agents have it on disk"),
+            cond("Failed", failure is not None, failure[0] if failure else "SourceOK",
+                 failure[1] if failure else "no agent reports a permanent failure for the source"),
+        ]
+        new = {
+            "observedGeneration": model.generation,
+            "sizeBytes": model_size_bytes(model, agents),
+            "desiredReplicas": ms.desired,
+            "desiredHotReplicas": ms.desired_hot,
+            "copies": {"disk": ms.on_disk, "ram": ms.in_ram, "vram": ms.in_vram},
+            "agents": copies,
+            "demandJobsPerMinute": _round_rate(ms.demand_per_minute),
+            "lastUsed": format_time(last_used) if last_used else None,
+            "conditions": conditions,
+        }
+        current = old.wire()
+        same = all(current.get(k) == v for k, v in new.items() if k not in ("conditions", "demandJobsPerMinute"))
+        same = same and _conditions_equal(current.get("conditions", []), conditions)
+        demand_same = current.get("demandJobsPerMinute", 0.0) == new["demandJobsPerMinute"]
+        if same and (demand_same or now - self._status_written.get(model.key, 0.0) < self.demand_refresh_s):
+            return 0
+        if new["lastUsed"] is None:
+            del new["lastUsed"]
+        key = f"mc:{model.key}"
+        if not self.writer.may_act(key, model.resource_version):
+            return 0
+        was_failed = old_conds.get("Failed")
+
+        def write() -> None:
+            body = self.writer.objects(model.namespace).patch_status("ModelCache", model.name, new,
+                                                                     resource_version=model.resource_version)
+            self.state.upsert_model(body)
+            self._status_written[model.key] = now
+            if failure is not None and (was_failed is None or was_failed.status != ConditionStatus.TRUE):
+                log.warning("model %s failed: %s: %s", model.key, *failure)
+                self.writer.event(model.ref(), reason="Failed", message=f"{failure[0]}: {failure[1]}", warning=True)
+
+        return int(self.writer.submit(key, model.resource_version, write))
+
+
+def m_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"

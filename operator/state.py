@@ -1,0 +1,514 @@
+"""The operator's in-memory picture of the cluster, built from watch events (shell).
+
+kopf's `on.event` watchers feed every GenerationJob, CacheAgent, ModelCache and
+Lease event into one `State`; nothing here writes to the API server. Objects are
+validated with the stoker.api models at this boundary and kept as small frozen
+records. The conversions from those records to the pure cores' inputs
+(`placement.AgentView`/`JobView`, `jobstate.JobState`, `replicas.ModelTarget`) and
+back (status patches) live here too, so the cores never see a raw dict.
+
+Agent liveness follows the node-lifecycle controller: the operator notes, on its
+own monotonic clock, when it last saw each Lease's renewTime change, so clock skew
+between agent and operator hosts cannot make an agent look alive or dead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pydantic
+
+from stoker.api import CacheAgent, GenerationJob, ModelCache
+from stoker.api.generationjob import Attempt, AttemptFailure
+from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.operator import jobstate, placement, replicas
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_SIZE_BYTES = 4 << 30
+
+
+class StateError(RuntimeError):
+    """Root of the operator shell's errors about observed objects."""
+
+
+def parse_time(value: str | None) -> float | None:
+    """RFC 3339 -> seconds since the epoch (None stays None; unparsable is None)."""
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def format_time(epoch_s: float) -> str:
+    return dt.datetime.fromtimestamp(epoch_s, dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# --- records ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObservedJob:
+    """One GenerationJob as last seen on the watch."""
+
+    key: str
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    created_at: float
+    model: str
+    loras: tuple[str, ...]
+    vae: str | None
+    priority: int
+    max_attempts: int
+    timeout_s: float
+    ttl_s: float | None
+    bound_agent: str | None
+    """The agent label: set exactly while the job is bound."""
+    bound_attempt: int | None
+    """The attempt annotation."""
+    phase: jobstate.JobPhase
+    status_agent: str | None
+    status_attempt: int
+    history: tuple[Attempt, ...]
+    attempt_failure: AttemptFailure | None
+    reason: str | None
+    finished_at: float | None
+    scheduled_at: float | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase.terminal
+
+    @property
+    def pending(self) -> bool:
+        """Waiting for a binding: unbound, not finished, and not mid-unbind (phase Pending)."""
+        return self.bound_agent is None and self.phase is jobstate.JobPhase.PENDING
+
+    @property
+    def artifacts(self) -> tuple[str, ...]:
+        keys = [self.model, *self.loras]
+        if self.vae is not None:
+            keys.append(self.vae)
+        return tuple(dict.fromkeys(keys))
+
+    def ref(self) -> dict[str, Any]:
+        """Enough of the object for Events."""
+        return {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob",
+                "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid,
+                             "resourceVersion": self.resource_version}}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObservedAgent:
+    key: str
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    resource: CacheAgent
+
+    def ref(self) -> dict[str, Any]:
+        return {"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+                "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObservedModel:
+    key: str
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    generation: int
+    resource: ModelCache
+
+    def ref(self) -> dict[str, Any]:
+        return {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
+                "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
+
+
+@dataclasses.dataclass(slots=True)
+class LeaseRecord:
+    resource_version: str
+    renew_time: str | None
+    duration_s: float
+    observed_at: float
+    """Operator monotonic time when renew_time last changed."""
+
+
+def is_older(new_rv: str, old_rv: str) -> bool:
+    """True when `new_rv` is an older resourceVersion than `old_rv` (a late event or a stale list).
+
+    resourceVersions are opaque to clients; the API server's are etcd revisions, and an
+    unparsable one is never treated as older."""
+    try:
+        return int(new_rv) < int(old_rv)
+    except ValueError:
+        return False
+
+
+def job_from_body(body: Mapping[str, Any]) -> ObservedJob:
+    """Validate a GenerationJob dict into a record (raises StateError when it is not one)."""
+    try:
+        job = GenerationJob.model_validate(body)
+    except pydantic.ValidationError as exc:
+        meta = body.get("metadata", {})
+        raise StateError(f"GenerationJob {meta.get('namespace')}/{meta.get('name')} does not validate: {exc}") from exc
+    meta = job.metadata
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    try:
+        bound_attempt = int(annotations[ATTEMPT_ANNOTATION]) if ATTEMPT_ANNOTATION in annotations else None
+    except ValueError:
+        bound_attempt = None
+    status = job.status
+    spec = job.spec
+    ns, name = job.namespace, job.name
+    return ObservedJob(
+        key=f"{ns}/{name}", namespace=ns, name=name, uid=str(meta.get("uid", "")),
+        resource_version=str(meta.get("resourceVersion", "")),
+        created_at=parse_time(meta.get("creationTimestamp")) or 0.0,
+        model=spec.model, loras=tuple(lr.name for lr in spec.loras), vae=spec.vae,
+        priority=spec.priority, max_attempts=spec.max_attempts, timeout_s=float(spec.timeout_seconds),
+        ttl_s=None if spec.ttl_seconds_after_finished is None else float(spec.ttl_seconds_after_finished),
+        bound_agent=labels.get(AGENT_LABEL) or None, bound_attempt=bound_attempt,
+        phase=jobstate.JobPhase(status.phase.value) if status else jobstate.JobPhase.PENDING,
+        status_agent=status.agent if status else None,
+        status_attempt=status.attempt if status else 0,
+        history=tuple(status.history) if status else (),
+        attempt_failure=status.attempt_failure if status else None,
+        reason=status.reason if status else None,
+        finished_at=parse_time(status.finished_at) if status else None,
+        scheduled_at=parse_time(status.scheduled_at) if status else None,
+    )
+
+
+def agent_from_body(body: Mapping[str, Any]) -> ObservedAgent:
+    try:
+        agent = CacheAgent.model_validate(body)
+    except pydantic.ValidationError as exc:
+        meta = body.get("metadata", {})
+        raise StateError(f"CacheAgent {meta.get('namespace')}/{meta.get('name')} does not validate: {exc}") from exc
+    meta = agent.metadata
+    return ObservedAgent(key=f"{agent.namespace}/{agent.name}", namespace=agent.namespace, name=agent.name,
+                         uid=str(meta.get("uid", "")), resource_version=str(meta.get("resourceVersion", "")),
+                         resource=agent)
+
+
+def model_from_body(body: Mapping[str, Any]) -> ObservedModel:
+    try:
+        model = ModelCache.model_validate(body)
+    except pydantic.ValidationError as exc:
+        meta = body.get("metadata", {})
+        raise StateError(f"ModelCache {meta.get('namespace')}/{meta.get('name')} does not validate: {exc}") from exc
+    meta = model.metadata
+    return ObservedModel(key=f"{model.namespace}/{model.name}", namespace=model.namespace, name=model.name,
+                         uid=str(meta.get("uid", "")), resource_version=str(meta.get("resourceVersion", "")),
+                         generation=int(meta.get("generation") or 0), resource=model)
+
+
+# --- conversions to the pure cores -------------------------------------------------
+
+
+def job_state(job: ObservedJob) -> jobstate.JobState:
+    """The state machine's view of an observed job (the agent is the label while bound)."""
+    history = tuple(
+        jobstate.AttemptRecord(a.attempt, a.agent, jobstate.Outcome(a.outcome), a.reason, a.message,
+                               parse_time(a.finished_at) or 0.0)
+        for a in job.history)
+    active = job.phase in (jobstate.JobPhase.SCHEDULED, jobstate.JobPhase.RUNNING)
+    agent = (job.bound_agent or job.status_agent or "") if active else None
+    attempt = max(1, job.bound_attempt or 0, job.status_attempt)
+    return jobstate.JobState(
+        phase=job.phase, agent=agent,
+        attempt=attempt, max_attempts=max(job.max_attempts, 1), history=history, reason=job.reason,
+        created_at=job.created_at, deadline=job.created_at + job.timeout_s,
+        bound_at=job.scheduled_at, finished_at=job.finished_at,
+    )
+
+
+def status_patch(before: jobstate.JobState, after: jobstate.JobState) -> dict[str, Any]:
+    """The merge patch that moves a job's status from `before` to `after` (operator fields only)."""
+    patch: dict[str, Any] = {}
+    if after.phase != before.phase:
+        patch["phase"] = after.phase.value
+    if after.attempt != before.attempt:
+        patch["attempt"] = after.attempt
+    if after.agent != before.agent:
+        patch["agent"] = after.agent
+    if after.history != before.history:
+        patch["history"] = [
+            Attempt(attempt=r.attempt, agent=r.agent, outcome=r.outcome.value, reason=str(r.reason),
+                    message=r.message[:2000], finished_at=format_time(r.at) if r.at else None).wire()
+            for r in after.history][-100:]
+    if after.reason != before.reason:
+        patch["reason"] = None if after.reason is None else str(after.reason)
+    if after.message != before.message:
+        patch["message"] = after.message
+    if after.finished_at != before.finished_at and after.finished_at is not None:
+        patch["finishedAt"] = format_time(after.finished_at)
+    if after.phase is jobstate.JobPhase.PENDING and before.phase is not jobstate.JobPhase.PENDING:
+        # The next attempt starts clean; the old one's report lives in history.
+        patch.update({"attemptFailure": None, "scheduledAt": None, "startedAt": None, "progress": None})
+    return patch
+
+
+def job_view(job: ObservedJob) -> placement.JobView:
+    state = job_state(job)
+    return placement.JobView(
+        key=job.key, model=job.model, loras=job.loras, vae=job.vae, priority=float(job.priority),
+        created_at=job.created_at, failed_agents=jobstate.failed_agents(state), attempt=state.attempt)
+
+
+def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterable[str]) -> placement.AgentView:
+    """Placement's view of an agent. Free slots come from the operator's own count of bound
+    jobs (`bound`, including writes in flight) rather than the agent's debounced report."""
+    res = agent.resource
+    st = res.status
+    holds = res.spec.holds
+    held = frozenset(h.model for h in holds)
+    held_hot = frozenset(h.model for h in holds if h.tier == "vram")
+    if st is None:
+        return placement.AgentView(name=agent.name, ready=False, cordoned=res.spec.cordon, slots=0, free_slots=0,
+                                   held=held, held_hot=held_hot)
+    vram, ram, disk, preloaded = set(), set(), set(), set()
+    for m in st.models:
+        disk.add(m.name)
+        if m.tier == "vram":
+            vram.add(m.name)
+        elif m.tier == "ram":
+            ram.add(m.name)
+        if m.preloaded:
+            preloaded.add(m.name)
+
+    def cap(t: Any) -> int | None:
+        return t.budget_bytes if t.budget_bytes > 0 else None
+
+    def free(t: Any) -> int:
+        return max(0, t.budget_bytes - t.used_bytes - t.reserved_bytes)
+
+    return placement.AgentView(
+        name=agent.name, node=st.node, zone=st.zone, ready=ready, cordoned=res.spec.cordon,
+        slots=st.slots, free_slots=max(0, st.slots - bound),
+        running_remaining_s=tuple(r.expected_remaining_seconds for r in st.running if r.expected_remaining_seconds > 0),
+        vram_capacity_bytes=cap(st.vram), vram_free_bytes=free(st.vram),
+        ram_capacity_bytes=cap(st.ram), ram_free_bytes=free(st.ram),
+        disk_capacity_bytes=cap(st.disk), disk_free_bytes=free(st.disk),
+        vram=frozenset(vram), ram=frozenset(ram), disk=frozenset(disk),
+        downloading={d.name: d.bytes_done for d in st.downloads},
+        preloaded=frozenset(preloaded), held=held, held_hot=held_hot, in_use=frozenset(in_use),
+        download_bps=st.bandwidth.download_bps or None, disk_to_gpu_bps=st.bandwidth.disk_to_gpu_bps or None,
+        ram_to_gpu_bps=st.bandwidth.ram_to_gpu_bps or None,
+    )
+
+
+def model_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> int:
+    """Measured size (from an agent's report) over the spec's hint over a default."""
+    for a in agents:
+        if a.resource.status is not None:
+            for m in a.resource.status.models:
+                if m.name == model.name and m.size_bytes > 0:
+                    return m.size_bytes
+    return model.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES
+
+
+def model_failures(agents: list[ObservedAgent]) -> dict[str, tuple[str, str]]:
+    """"namespace/model" -> (reason, message) for models some agent reports as permanently failing."""
+    out: dict[str, tuple[str, str]] = {}
+    for a in sorted(agents, key=lambda a: a.key):
+        st = a.resource.status
+        if st is None:
+            continue
+        for f in st.model_failures:
+            if not f.retryable:
+                out.setdefault(f"{a.namespace}/{f.name}", (f.reason, f.message or f"agent {a.name} reported {f.reason}"))
+    return out
+
+
+# --- the state -------------------------------------------------------------------
+
+
+class State:
+    """Everything the operator knows, updated by watch events from kopf's event loop and read
+    by the control loops in other threads; one lock guards it."""
+
+    def __init__(self, *, half_life_s: float = 300.0) -> None:
+        self.lock = threading.RLock()
+        self.changed = threading.Event()
+        self.jobs: dict[str, ObservedJob] = {}
+        self.agents: dict[str, ObservedAgent] = {}
+        self.models: dict[str, ObservedModel] = {}
+        self.leases: dict[str, LeaseRecord] = {}
+        self.pending: set[str] = set()
+        self.bound: dict[str, set[str]] = {}
+        """agent key -> keys of non-terminal jobs labelled for it."""
+        self.inflight: dict[str, str] = {}
+        """job key -> agent key of bindings written (or being written) but not seen on the watch yet."""
+        self.demand: dict[str, replicas.DemandCounter] = {}
+        self.last_used: dict[str, float] = {}
+        self.half_life_s = half_life_s
+        self._seen_uids: set[str] = set()
+        self.last_lease_event = -1e18
+        """Monotonic time of the last Lease event: the leader's own renewals arrive every few
+        seconds, so a long silence means the watch is stuck, not that every agent died."""
+        self.synced = threading.Event()
+        self.fleet_version = 0
+        """Bumped on every CacheAgent or ModelCache change: the replica planner reruns when it moves."""
+
+    # -- watch input
+
+    def upsert_job(self, body: Mapping[str, Any]) -> None:
+        try:
+            job = job_from_body(body)
+        except StateError as exc:
+            log.warning("ignoring %s", exc)
+            return
+        with self.lock:
+            old = self.jobs.get(job.key)
+            if old is not None and is_older(job.resource_version, old.resource_version):
+                return
+            if old is not None and old.uid != job.uid:
+                self._forget_job(old)
+                old = None
+            if old is not None:
+                self._unindex(old)
+            self.jobs[job.key] = job
+            self._index(job)
+            if job.uid not in self._seen_uids:
+                self._seen_uids.add(job.uid)
+                for art in job.artifacts:
+                    mk = f"{job.namespace}/{art}"
+                    counter = self.demand.get(mk, replicas.DemandCounter())
+                    self.demand[mk] = counter.observe(now=job.created_at, half_life_s=self.half_life_s)
+                    self.last_used[mk] = max(self.last_used.get(mk, 0.0), job.created_at)
+        self.changed.set()
+
+    def delete_job(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        with self.lock:
+            old = self.jobs.get(key)
+            if old is not None and old.uid == meta.get("uid", old.uid):
+                self._forget_job(old)
+        self.changed.set()
+
+    def _forget_job(self, job: ObservedJob) -> None:
+        self._unindex(job)
+        self.jobs.pop(job.key, None)
+        self.inflight.pop(job.key, None)
+        self._seen_uids.discard(job.uid)
+
+    def _index(self, job: ObservedJob) -> None:
+        if job.pending:
+            self.pending.add(job.key)
+        if job.bound_agent is not None and not job.terminal:
+            self.bound.setdefault(f"{job.namespace}/{job.bound_agent}", set()).add(job.key)
+        if job.bound_agent is not None or job.terminal:
+            # The watch now shows the binding (or the job is over): the write is no longer in flight.
+            self.inflight.pop(job.key, None)
+
+    def _unindex(self, job: ObservedJob) -> None:
+        self.pending.discard(job.key)
+        if job.bound_agent is not None:
+            keys = self.bound.get(f"{job.namespace}/{job.bound_agent}")
+            if keys is not None:
+                keys.discard(job.key)
+
+    def upsert_agent(self, body: Mapping[str, Any]) -> None:
+        try:
+            agent = agent_from_body(body)
+        except StateError as exc:
+            log.warning("ignoring %s", exc)
+            return
+        with self.lock:
+            old = self.agents.get(agent.key)
+            if old is not None and is_older(agent.resource_version, old.resource_version):
+                return
+            self.agents[agent.key] = agent
+            self.fleet_version += 1
+        self.changed.set()
+
+    def delete_agent(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        with self.lock:
+            self.agents.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
+            self.fleet_version += 1
+        self.changed.set()
+
+    def upsert_model(self, body: Mapping[str, Any]) -> None:
+        try:
+            model = model_from_body(body)
+        except StateError as exc:
+            log.warning("ignoring %s", exc)
+            return
+        with self.lock:
+            old = self.models.get(model.key)
+            if old is not None and is_older(model.resource_version, old.resource_version):
+                return
+            self.models[model.key] = model
+            self.fleet_version += 1
+        self.changed.set()
+
+    def delete_model(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        with self.lock:
+            self.models.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
+            self.fleet_version += 1
+        self.changed.set()
+
+    def upsert_lease(self, body: Mapping[str, Any], *, now_mono: float) -> None:
+        meta = body.get("metadata", {})
+        spec = body.get("spec") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        renew = spec.get("renewTime")
+        duration = float(spec.get("leaseDurationSeconds") or 0)
+        rv = str(meta.get("resourceVersion", ""))
+        with self.lock:
+            self.last_lease_event = now_mono
+            rec = self.leases.get(key)
+            if rec is not None and is_older(rv, rec.resource_version):
+                return
+            if rec is None or rec.renew_time != renew:
+                self.leases[key] = LeaseRecord(rv, renew, duration, now_mono)
+            else:
+                rec.resource_version, rec.duration_s = rv, duration
+        self.changed.set()
+
+    def delete_lease(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        with self.lock:
+            self.leases.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
+        self.changed.set()
+
+    # -- queries (callers hold no lock; each takes it briefly)
+
+    def agent_ready(self, agent_key: str, *, now_mono: float, grace_s: float | None) -> bool:
+        """True while the agent's Lease keeps being renewed (a renewal seen within the grace)."""
+        with self.lock:
+            rec = self.leases.get(agent_key)
+            if rec is None or rec.renew_time is None:
+                return False
+            limit = grace_s if grace_s is not None else (rec.duration_s or 15.0)
+            if now_mono - rec.observed_at <= limit:
+                return True
+            # No news from the Lease watch at all: do not declare agents dead on a stuck stream.
+            return now_mono - self.last_lease_event > limit
+
+    def demand_per_minute(self, model_key: str, *, now: float) -> float:
+        with self.lock:
+            counter = self.demand.get(model_key)
+        return 0.0 if counter is None else counter.rate_per_minute(now=now, half_life_s=self.half_life_s)
+
+    def namespaces(self) -> set[str]:
+        with self.lock:
+            return {a.namespace for a in self.agents.values()} | {j.namespace for j in self.jobs.values()} | {
+                m.namespace for m in self.models.values()}

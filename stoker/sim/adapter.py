@@ -1,0 +1,154 @@
+"""The one place where the simulator meets the real decision code.
+
+The engine and policies call the agent's eviction and cache accounting and the
+operator's placement (and replica planning, when present) only through the names
+imported here, which are the originals (never copies), so a test can check
+identity. The view builders translate simulator state into the operator's input
+types, the way the operator's shell translates CacheAgent status and pending
+GenerationJobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from stoker.agent.disk_cache import CachedItem, DiskCacheState, InsufficientCache, plan_eviction
+from stoker.operator.placement import (
+    AgentView,
+    ArtifactInfo,
+    Binding,
+    JobView,
+    PlacementSettings,
+    plan_bindings,
+)
+
+if TYPE_CHECKING:
+    from stoker.sim.engine import AgentState, JobRecord, Simulator
+
+__all__ = [
+    "AgentView",
+    "ArtifactInfo",
+    "Binding",
+    "CachedItem",
+    "DiskCacheState",
+    "InsufficientCache",
+    "JobView",
+    "PlacementSettings",
+    "agent_view",
+    "artifact_map",
+    "job_view",
+    "new_disk_cache",
+    "plan_bindings",
+    "plan_eviction",
+    "refresh_agent_view",
+]
+
+
+def new_disk_cache(budget_bytes: int, *, baked: dict[str, int] | None = None, now: float = 0.0) -> DiskCacheState:
+    """An empty agent disk cache with the image's baked-in models registered as preloaded."""
+    state = DiskCacheState(budget_bytes=budget_bytes)
+    for key, size_bytes in sorted((baked or {}).items()):
+        state = state.add_preloaded(key, size_bytes, now=now)
+    return state
+
+
+def job_view(sim: Simulator, job: JobRecord) -> JobView:
+    return JobView(
+        key=str(job.job_id),
+        model=job.request.model,
+        loras=job.request.loras,
+        created_at=job.request.submit_s,
+        failed_agents=frozenset(job.failed_agents),
+        attempt=job.attempt + 1,
+        expected_run_s=sim.inference_s(job),
+    )
+
+
+def _remaining_s(sim: Simulator, agent: AgentState, now: float) -> tuple[float, ...]:
+    """Expected remaining seconds of each bound job: the running one, then the rest in
+    queue order (one GPU runs them one at a time; a download counts in full)."""
+    out: list[float] = []
+    fleet = sim.fleet
+    t = agent.gpu_free_s if agent.gpu_job is not None else now
+    if agent.gpu_job is not None:
+        out.append(max(1e-3, t - now))
+    for job in agent.jobs:
+        if job is agent.gpu_job:
+            continue
+        load_s = 0.0
+        for key in job.request.artifacts:
+            size = sim.size[key]
+            if key in agent.vram:
+                continue
+            if key in agent.ram:
+                load_s += size / fleet.ram_to_gpu_bytes_per_s
+                continue
+            if not agent.on_disk(key):
+                load_s += size / fleet.download_bytes_per_s
+            load_s += size / fleet.disk_to_gpu_bytes_per_s
+        t += load_s + sim.inference_s(job)
+        out.append(max(1e-3, t - now))
+    return tuple(out)
+
+
+def agent_view(sim: Simulator, agent: AgentState, now: float) -> AgentView:
+    """What the operator would read from this agent's CacheAgent status (assumed fresh)."""
+    fleet = sim.fleet
+    disk = agent.disk
+    downloading = _downloading(sim, agent, now)
+    in_use: set[str] = set()
+    for job in agent.jobs:
+        if job.active:
+            in_use.update(job.request.artifacts)
+    return AgentView(
+        name=agent.name,
+        node=agent.name,
+        zone=agent.zone,
+        ready=agent.visible,
+        slots=fleet.slots,
+        free_slots=max(0, fleet.slots - len(agent.jobs)),
+        running_remaining_s=_remaining_s(sim, agent, now),
+        vram_capacity_bytes=fleet.vram_weights_bytes,
+        vram_free_bytes=fleet.vram_weights_bytes - agent.vram_used,
+        ram_capacity_bytes=fleet.ram_bytes,
+        ram_free_bytes=fleet.ram_bytes - agent.ram_used,
+        disk_capacity_bytes=disk.budget_bytes,
+        disk_free_bytes=disk.free_bytes,
+        vram=frozenset(agent.vram),
+        ram=frozenset(agent.ram),
+        disk=frozenset(disk.entries),
+        downloading=downloading,
+        preloaded=agent.baked,
+        held=agent.held,
+        in_use=frozenset(in_use),
+        download_bps=fleet.download_bytes_per_s,
+        disk_to_gpu_bps=fleet.disk_to_gpu_bytes_per_s,
+        ram_to_gpu_bps=fleet.ram_to_gpu_bytes_per_s,
+    )
+
+
+def artifact_map(sizes: Mapping[str, int]) -> dict[str, ArtifactInfo]:
+    """Every artifact's info, built once per run as the operator keeps it from ModelCache watches."""
+    return {k: ArtifactInfo(k, size) for k, size in sizes.items()}
+
+
+def _downloading(sim: Simulator, agent: AgentState, now: float) -> dict[str, int]:
+    downloading: dict[str, int] = {}
+    if agent.downloading is not None:
+        size = sim.size[agent.downloading]
+        left_s = max(0.0, agent.download_done_s - now)
+        downloading[agent.downloading] = max(0, int(size - left_s * sim.fleet.download_bytes_per_s))
+    for key in agent.download_queue:
+        downloading.setdefault(key, 0)
+    return downloading
+
+
+def refresh_agent_view(sim: Simulator, agent: AgentState, view: AgentView, now: float) -> AgentView:
+    """`view` of an agent whose state has not changed since, with its time-dependent fields updated."""
+    if not agent.jobs and agent.downloading is None:
+        return view
+    return dataclasses.replace(
+        view, running_remaining_s=_remaining_s(sim, agent, now), downloading=_downloading(sim, agent, now)
+    )

@@ -1,0 +1,338 @@
+"""`stoker sim`: run the fleet simulation and the scheduling-time scaling benchmark.
+
+Prints one table per run (whole run, and a measurement window that skips the
+cold start), writes PNG plots into `--out` and, unless `--no-record`, the "fleet"
+section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from stoker.sim import bounds as bounds_mod
+from stoker.sim import engine, report, workload
+from stoker.sim.adapter import AgentView, ArtifactInfo, JobView, PlacementSettings, plan_bindings
+from stoker.sim.policies import POLICIES, make_policy
+
+__all__ = ["build", "main", "parse_args", "run_fleet", "run_scaling"]
+
+GB = 10**9
+REFERENCE = "least-conn+LRU"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stoker sim", description=__doc__.splitlines()[0])
+    p.add_argument("--duration-s", type=float, default=7200.0, help="simulated submit window (default 2 h)")
+    p.add_argument("--warmup-s", type=float, default=1800.0, help="jobs submitted earlier are left out of the window table")
+    p.add_argument("--load", type=float, default=0.7, help="inference work offered / GPU capacity (default 0.7)")
+    p.add_argument("--models", type=int, default=1000)
+    p.add_argument("--loras", type=int, default=2000)
+    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--agents", type=int, default=20)
+    p.add_argument("--disk-gb", type=float, default=50.0)
+    p.add_argument("--ram-gb", type=float, default=32.0)
+    p.add_argument("--vram-gb", type=float, default=24.0)
+    p.add_argument("--download-mbps", type=float, default=400.0, help="MB/s per agent")
+    p.add_argument(
+        "--slots", type=int, default=3,
+        help="jobs an agent accepts at once under late binding (one on the GPU, the rest staging)",
+    )
+    p.add_argument(
+        "--max-hot-wait-s", type=float, default=None,
+        help="override PlacementSettings.max_hot_wait_age_s for the Stoker policies (default: the operator's)",
+    )
+    p.add_argument("--interruptions", type=float, default=1.0, help="per agent-hour")
+    p.add_argument("--baked", type=int, default=1, help="most popular checkpoints baked into the image")
+    p.add_argument("--no-burst", action="store_true", help="no burst (by default a rank-300 model takes 30%% of traffic for 10 min mid-run)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {','.join(POLICIES)}")
+    p.add_argument("--trace", type=pathlib.Path, help="replay a CSV trace (time_s,model,loras) over the synthetic catalog")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/plots"))
+    p.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
+    p.add_argument("--scaling", action="store_true", help="only measure decision time as agents and pending jobs grow")
+    p.add_argument("--scaling-budget-s", type=float, default=120.0, help="stop the scaling grid after this long")
+    return p
+
+
+def build(args: argparse.Namespace) -> tuple[workload.Trace, engine.FleetConfig]:
+    bursts = () if args.no_burst else (workload.Burst(start_s=args.duration_s * 0.6, duration_s=600.0, rank=300, share=0.3),)
+    config = workload.WorkloadConfig(
+        n_models=args.models, n_loras=args.loras, zipf_exponent=args.zipf, duration_s=args.duration_s,
+        bursts=bursts, seed=args.seed,
+    )
+    catalog = workload.build_catalog(config)
+    defaults = engine.FleetConfig()
+    rate = workload.arrival_rate_for_load(
+        config, catalog, load=args.load, gpus=args.agents, inference_s=dict(defaults.inference_s),
+        lora_apply_s=defaults.lora_apply_s,
+    )
+    config = dataclasses.replace(config, rate_per_s=rate)
+    if args.trace:
+        with args.trace.open() as fh:
+            trace = workload.read_trace_csv(fh, catalog=catalog)
+    else:
+        trace = workload.generate_trace(config, catalog)
+    # Bake the most requested checkpoints of the first minutes into the image, as an
+    # operator would bake the base model everyone uses.
+    counts: dict[str, int] = {}
+    for job in trace.jobs[: max(1, len(trace.jobs) // 20)]:
+        counts[job.model] = counts.get(job.model, 0) + 1
+    baked = tuple(k for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: args.baked])
+    fleet = engine.FleetConfig(
+        n_agents=args.agents,
+        disk_bytes=int(args.disk_gb * GB),
+        ram_bytes=int(args.ram_gb * GB),
+        vram_bytes=int(args.vram_gb * GB),
+        download_bytes_per_s=args.download_mbps * 1e6,
+        slots=args.slots,
+        prefetch_depth=max(2, args.slots),
+        interruptions_per_agent_hour=args.interruptions,
+        baked=baked,
+        seed=args.seed,
+    )
+    return trace, fleet
+
+
+def argv_text(args: argparse.Namespace) -> list[str]:
+    """The options that differ from the defaults, to print the command that reproduces a run."""
+    defaults = vars(_parser().parse_args([]))
+    out: list[str] = []
+    for key, value in vars(args).items():
+        if value != defaults.get(key) and key not in {"out"}:
+            flag = "--" + key.replace("_", "-")
+            out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+def targets_lines(summaries: Sequence[report.Summary], pooled_bytes: int) -> list[str]:
+    """Issue targets against least-connection + LRU, for each Stoker variant (whole run)."""
+    ref = next((s for s in summaries if s.policy == REFERENCE), None)
+    if ref is None:
+        return []
+    lines = ["Against the targets (whole run; target in brackets):", ""]
+    for s in summaries:
+        if not s.policy.startswith("stoker"):
+            continue
+        lines.append(
+            f"- `{s.policy}`: {ref.bytes_downloaded / max(1, s.bytes_downloaded):.2f}x fewer bytes (>= 3x), "
+            f"{ref.start_p95_s / max(1e-9, s.start_p95_s):.1f}x lower p95 submit->start (>= 3x), "
+            f"{s.bytes_downloaded / max(1, pooled_bytes):.2f}x the pooled-cache bound (<= 1.5x), "
+            f"{s.jobs_lost} jobs lost (0)."
+        )
+    return lines
+
+
+def _settings(args: argparse.Namespace) -> PlacementSettings | None:
+    if args.max_hot_wait_s is None:
+        return None
+    return PlacementSettings(max_hot_wait_age_s=args.max_hot_wait_s)
+
+
+def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
+    trace, fleet = build(args)
+    sizes = {a.name: a.size_bytes for a in trace.catalog.artifacts}
+    window_from = next((i for i, j in enumerate(trace.jobs) if j.submit_s >= args.warmup_s), len(trace.jobs))
+    bnds = bounds_mod.compute_bounds(
+        [j.artifacts for j in trace.jobs], sizes,
+        capacity_bytes=fleet.disk_bytes * fleet.n_agents, baked=fleet.baked, window_from_job=window_from,
+    )
+    setup = (
+        f"{len(trace.jobs)} jobs over {trace.duration_s / 60:.0f} simulated min "
+        f"({len(trace.jobs) / max(1, trace.duration_s):.2f}/s, {args.load:.0%} inference load), "
+        f"{args.models} checkpoints + {args.loras} LoRAs, Zipf {args.zipf}, {fleet.n_agents} agents x "
+        f"{fleet.disk_bytes / GB:.0f} GB disk / {fleet.ram_bytes / GB:.0f} GB RAM / {fleet.vram_bytes / GB:.0f} GB VRAM, "
+        f"download {fleet.download_bytes_per_s / 1e6:.0f} MB/s, disk->GPU {fleet.disk_to_gpu_bytes_per_s / 1e9:.0f} GB/s, "
+        f"RAM->GPU {fleet.ram_to_gpu_bytes_per_s / 1e9:.0f} GB/s, generation {fleet.inference_s[workload.Family.SD15]:g} s "
+        f"(SD 1.5) / {fleet.inference_s[workload.Family.SDXL]:g} s (SDXL), {fleet.slots} job slots per agent "
+        f"under late binding, {fleet.interruptions_per_agent_hour:g} interruption "
+        f"per agent-hour (lease grace {fleet.detect_s:.0f} s, replacement after {fleet.replace_delay_s:.0f} s), "
+        f"baked-in {', '.join(fleet.baked) or 'none'}, seed {args.seed}"
+    )
+    print(setup, file=out, flush=True)
+    results: list[engine.SimResult] = []
+    run_started = time.perf_counter()
+    for key in [k.strip() for k in args.policies.split(",") if k.strip()]:
+        started = time.perf_counter()
+        result = engine.simulate(trace, fleet, lambda: make_policy(key, seed=args.seed, settings=_settings(args)))
+        results.append(result)
+        print(f"  {result.policy}: simulated in {time.perf_counter() - started:.1f} s", file=out, flush=True)
+    wall_s = time.perf_counter() - run_started
+    whole = [report.summarize(r) for r in results]
+    window = [report.summarize(r, window_start_s=args.warmup_s) for r in results]
+    text_whole = report.format_table(whole, bound_bytes=bnds.pooled_bytes, reference=REFERENCE)
+    text_window = report.format_table(window, bound_bytes=bnds.window_pooled_bytes, reference=REFERENCE)
+    print("\nWhole run (cold start included)", file=out)
+    print(report.bounds_line(bnds, window=False), file=out)
+    print(text_whole, file=out)
+    print(f"\nWindow: jobs submitted after {args.warmup_s / 60:.0f} min", file=out)
+    print(report.bounds_line(bnds, window=True), file=out)
+    print(text_window, file=out)
+    print("\nTB downloaded by cause (whole run): first request, another agent had it, every copy evicted, last copy lost to an interruption", file=out)
+    print(report.causes_table(results), file=out, flush=True)
+    paths = report.write_plots(results, bounds=bnds, out_dir=args.out, bursts=trace.bursts)
+    print("\nplots: " + ", ".join(str(p) for p in paths), file=out)
+    md = [
+        "## Fleet simulation (`stoker sim`)",
+        "",
+        "Simulated fleet driven by the real `stoker.operator.placement.plan_bindings`, "
+        "`stoker.operator.replicas.plan_replicas` and the agent's `DiskCacheState` / `plan_eviction`. "
+        "`x pooled`: bytes / pooled-cache lower bound; `x fewer` and `p95 x`: least-connection+LRU / policy. "
+        "Latencies of jobs not started by the end count as their wait so far.",
+        "",
+        f"Command: `{' '.join(['stoker sim', *argv_text(args)])}` ({wall_s / 60:.1f} min wall for all policies).",
+        "",
+        f"Machine: {_machine()}.",
+        "",
+        f"Setup: {setup}.",
+        "",
+        *targets_lines(whole, bnds.pooled_bytes),
+        "",
+        "Whole run (cold start included); " + report.bounds_line(bnds, window=False) + ":",
+        "",
+        report.markdown(whole, bound_bytes=bnds.pooled_bytes, reference=REFERENCE),
+        "",
+        f"Window (jobs submitted after {args.warmup_s / 60:.0f} min); " + report.bounds_line(bnds, window=True) + ":",
+        "",
+        report.markdown(window, bound_bytes=bnds.window_pooled_bytes, reference=REFERENCE),
+        "",
+        "TB downloaded by cause (whole run): `first` request for the file, `duplicate` (another live agent had it "
+        "or was fetching it), `evicted` (every copy had been evicted), `interrupted` (the last copy vanished with "
+        "an interrupted agent):",
+        "",
+        report.causes_table(results, markdown_table=True),
+        "",
+        "Plots: " + ", ".join(f"`{p.name}`" for p in paths) + f" in `{args.out}`.",
+    ]
+    return "\n".join(md)
+
+
+def _scaling_inputs(
+    n_agents: int, n_jobs: int, *, seed: int
+) -> tuple[list[JobView], list[AgentView], dict[str, ArtifactInfo]]:
+    rng = random.Random(f"scaling-{seed}-{n_agents}-{n_jobs}")
+    config = workload.WorkloadConfig(n_models=1000, n_loras=2000, seed=seed)
+    catalog = workload.build_catalog(config)
+    ckpts = catalog.checkpoints
+    zipf = workload.ZipfSampler(len(ckpts), 1.0)
+    loras = catalog.loras
+    agents = []
+    for i in range(n_agents):
+        disk = frozenset(ckpts[zipf.sample(rng)].name for _ in range(12))
+        on_disk = sorted(disk)
+        vram = frozenset(on_disk[:2])
+        ram = frozenset(on_disk[:4])
+        busy = rng.random() < 0.5
+        agents.append(
+            AgentView(
+                name=f"agent-{i:05d}", node=f"node-{i:05d}", zone=f"zone-{i % 3}", slots=2,
+                free_slots=1 if busy else 2, running_remaining_s=(rng.uniform(1, 10),) if busy else (),
+                vram_capacity_bytes=20 * GB, vram_free_bytes=6 * GB, ram_capacity_bytes=32 * GB,
+                ram_free_bytes=8 * GB, disk_capacity_bytes=50 * GB, disk_free_bytes=5 * GB,
+                vram=vram, ram=ram, disk=disk, download_bps=400e6, disk_to_gpu_bps=2e9, ram_to_gpu_bps=20e9,
+            )
+        )
+    jobs = []
+    for j in range(n_jobs):
+        model = ckpts[zipf.sample(rng)].name
+        picked = tuple({loras[rng.randrange(len(loras))].name for _ in range(rng.choice((0, 0, 1, 2)))})
+        jobs.append(JobView(key=f"ns/job-{j:06d}", model=model, loras=picked, created_at=rng.uniform(0, 60), expected_run_s=6.0))
+    artifacts = {a.name: ArtifactInfo(a.name, a.size_bytes) for a in catalog.artifacts}
+    return jobs, agents, artifacts
+
+
+SCALING_GRID = tuple((a, 1000) for a in (10, 100, 1000, 10000)) + tuple((1000, p) for p in (10, 100, 10000, 100000))
+
+
+def run_scaling(
+    *, budget_s: float = 120.0, seed: int = 1, grid: Sequence[tuple[int, int]] = SCALING_GRID, out: TextIO = sys.stdout
+) -> str:
+    """Time one placement pass as agents grow (1,000 pending) and as pending jobs grow (1,000 agents)."""
+    rows: list[tuple[int, int, int, float, float]] = []
+    deadline = time.perf_counter() + budget_s
+    print(f"{'agents':>7} {'pending':>8} {'bound':>6} {'ms/pass':>9} {'us/binding':>11}", file=out)
+    for n_agents, n_jobs in grid:
+        if time.perf_counter() > deadline:
+            print(f"{n_agents:>7} {n_jobs:>8}  skipped (scaling budget used)", file=out)
+            continue
+        jobs, agents, artifacts = _scaling_inputs(n_agents, n_jobs, seed=seed)
+        times = []
+        bound = 0
+        for _ in range(3):
+            started = time.thread_time()
+            bindings = plan_bindings(jobs, agents, artifacts, now=60.0)
+            times.append(time.thread_time() - started)
+            bound = len(bindings)
+            if time.perf_counter() > deadline:
+                break
+        per_pass = statistics.median(times)
+        rows.append((n_agents, n_jobs, bound, per_pass * 1e3, per_pass / max(1, bound) * 1e6))
+        print(f"{n_agents:>7} {n_jobs:>8} {bound:>6} {per_pass * 1e3:>9.1f} {per_pass / max(1, bound) * 1e6:>11.1f}", file=out, flush=True)
+    md = [
+        "### Placement pass time (`stoker sim --scaling`)",
+        "",
+        f"Machine: {_machine()}.",
+        "",
+        "One `plan_bindings` call (median of 3, CPU time, one thread) on synthetic views: each agent has 2 slots "
+        "(half of them busy), 12 checkpoints on disk, 4 in RAM, 2 in VRAM; jobs follow Zipf 1.0 over 1,000 "
+        "checkpoints with 0-2 LoRAs; the artifact map holds all 3,000 artifacts.",
+        "",
+        "| agents | pending jobs | bindings | ms per pass | µs per binding |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    md += [f"| {a} | {p} | {b} | {ms:.1f} | {us:.1f} |" for a, p, b, ms, us in rows]
+    return "\n".join(md)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]  # `stoker sim -- --option ...` passes the separator through
+    return _parser().parse_args(args)
+
+
+def _machine() -> str:
+    writer = _section_writer()
+    if writer is None:
+        return "unknown"
+    from bench.report import describe_machine
+
+    return describe_machine()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sections: list[str] = []
+    if args.scaling:
+        sections.append(run_scaling(budget_s=args.scaling_budget_s, seed=args.seed))
+    else:
+        sections.append(run_fleet(args))
+    if not args.no_record:
+        write_section = _section_writer()
+        if write_section is None:
+            print("BENCHMARKS.md not written: run from a source checkout (bench/ not found)", file=sys.stderr)
+        else:
+            write_section("fleet-scaling" if args.scaling else "fleet", "\n".join(sections))
+    return 0
+
+
+def _section_writer() -> Callable[[str, str], None] | None:
+    """bench.report.write_section from the source checkout this package lives in, if any."""
+    try:
+        from bench.report import write_section
+    except ImportError:
+        root = pathlib.Path(__file__).resolve().parents[2]
+        if not (root / "bench" / "report.py").is_file():
+            return None
+        # Appended, not prepended: the checkout's operator/ folder must not shadow the
+        # standard library's operator module (already imported by now anyway).
+        sys.path.append(str(root))
+        from bench.report import write_section
+    return write_section

@@ -1,0 +1,237 @@
+"""Routing policies compared on the same traces and fleets.
+
+Baselines push every job to an agent as soon as it arrives (the agent queues it
+locally and caches with plain LRU): least-connection (what a load balancer gives),
+random, and route-to-holder-else-least-loaded (ModelMesh-like). Stoker binds late:
+jobs stay pending until an agent has a free slot, and the operator's real
+`plan_bindings` chooses; optionally the operator's real replica planner keeps warm
+copies (static targets, or autoscaled by demand).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from stoker.sim import adapter, replica_driver
+from stoker.sim.adapter import PlacementSettings, plan_bindings
+from stoker.sim.engine import AgentState, JobRecord, Policy, Simulator
+
+__all__ = [
+    "HolderElseLeastLoaded",
+    "LeastConnection",
+    "POLICIES",
+    "RandomChoice",
+    "StokerPolicy",
+    "make_policy",
+    "plan_bindings",
+]
+
+
+class _PushPolicy:
+    """Binds every pending job at once into agents' local queues (no slot limit)."""
+
+    name = "push"
+    tick_s = math.inf
+
+    def __init__(self, *, seed: int = 1) -> None:
+        self.rng = random.Random(f"{self.name}-{seed}")
+        self.rotation = 0
+        self.core_cpu_s = 0.0
+
+    def tick(self, sim: Simulator, now: float) -> None:
+        return None
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def assign(self, sim: Simulator, pending: Sequence[JobRecord], now: float) -> list[tuple[JobRecord, AgentState]]:
+        agents = sim.visible_agents
+        if not agents:
+            return []
+        load = {a.name: a.outstanding for a in agents}
+        out: list[tuple[JobRecord, AgentState]] = []
+        for job in sorted(pending, key=lambda j: (j.request.submit_s, j.job_id)):
+            choices = [a for a in agents if a.name not in job.failed_agents] or agents
+            agent = self.choose(sim, job, choices, load)
+            load[agent.name] += 1
+            out.append((job, agent))
+        return out
+
+    def least_loaded(self, agents: Sequence[AgentState], load: dict[str, int]) -> AgentState:
+        # Ties rotate, as a load balancer's round-robin among equals does.
+        low = min(load[a.name] for a in agents)
+        tied = [a for a in agents if load[a.name] == low]
+        self.rotation += 1
+        return tied[self.rotation % len(tied)]
+
+    def choose(self, sim: Simulator, job: JobRecord, agents: Sequence[AgentState], load: dict[str, int]) -> AgentState:
+        raise NotImplementedError
+
+
+class LeastConnection(_PushPolicy):
+    """Least outstanding jobs, blind to caches: a plain load balancer."""
+
+    name = "least-conn+LRU"
+
+    def choose(self, sim: Simulator, job: JobRecord, agents: Sequence[AgentState], load: dict[str, int]) -> AgentState:
+        return self.least_loaded(agents, load)
+
+
+class RandomChoice(_PushPolicy):
+    name = "random+LRU"
+
+    def choose(self, sim: Simulator, job: JobRecord, agents: Sequence[AgentState], load: dict[str, int]) -> AgentState:
+        return agents[self.rng.randrange(len(agents))]
+
+
+class HolderElseLeastLoaded(_PushPolicy):
+    """Route to the least loaded agent holding the checkpoint (any tier, or downloading),
+    unless every holder has `max_extra` or more jobs beyond the least loaded agent; then
+    to the least loaded agent, which loads it (so hot models spread as load requires)."""
+
+    name = "holder-else-least-loaded"
+
+    def __init__(self, *, seed: int = 1, max_extra: int = 2) -> None:
+        super().__init__(seed=seed)
+        self.max_extra = max_extra
+
+    def choose(self, sim: Simulator, job: JobRecord, agents: Sequence[AgentState], load: dict[str, int]) -> AgentState:
+        model = job.request.model
+        floor = min(load[a.name] for a in agents)
+        holders = [
+            a
+            for a in agents
+            if (model in a.vram or model in a.ram or a.on_disk(model) or a.is_fetching(model))
+            and load[a.name] - floor < self.max_extra
+        ]
+        return self.least_loaded(holders or agents, load)
+
+
+@dataclass(frozen=True)
+class ReplicaMode:
+    """How the Stoker policy drives the replica planner."""
+
+    enabled: bool = False
+    autoscale: bool = False
+    static_fraction_of_disk: float = 0.25
+    """Static mode: replica targets of 1 for the models a user would mark as main ones,
+    taken by expected popularity until they fill this share of the fleet's disk."""
+    max_replicas: int = 4
+    target_jobs_per_minute: float = 6.0
+    """Autoscale: demand one copy serves."""
+
+
+class StokerPolicy:
+    """Late binding through the operator's real placement core."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "stoker",
+        settings: PlacementSettings | None = None,
+        replicas: ReplicaMode = ReplicaMode(),
+        tick_s: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.settings = settings or PlacementSettings()
+        self.replicas = replicas
+        self.tick_s = tick_s if replicas.enabled else math.inf
+        self.core_cpu_s = 0.0
+        self.core_calls = 0
+        self.replica_cpu_s = 0.0
+        self.replica_calls = 0
+        self._sim: Simulator | None = None
+        self._artifacts: dict[str, adapter.ArtifactInfo] | None = None
+        self._job_views: dict[int, tuple[int, adapter.JobView]] = {}
+        self._agent_views: dict[str, tuple[int, adapter.AgentView]] = {}
+        self._planner = replica_driver.ReplicaDriver(replicas) if replicas.enabled else None
+
+    def assign(self, sim: Simulator, pending: Sequence[JobRecord], now: float) -> list[tuple[JobRecord, AgentState]]:
+        agents = sim.visible_agents
+        if not agents:
+            return []
+        if not any(len(a.jobs) < sim.fleet.slots for a in agents):
+            return []  # no free slot anywhere: the operator's loop would not run a pass
+        by_name = {a.name: a for a in agents}
+        if self._artifacts is None or self._sim is not sim:
+            # The operator keeps these between passes (from its watches); so does the shell here.
+            self._sim = sim
+            self._artifacts = adapter.artifact_map(sim.size)
+            self._job_views = {}
+            self._agent_views = {}
+        jobs = [self._job_view(sim, j) for j in pending]
+        views = [self._agent_view(sim, a, now) for a in agents]
+        artifacts = self._artifacts
+        started = time.thread_time()
+        bindings = plan_bindings(jobs, views, artifacts, now=now, settings=self.settings)
+        self.core_cpu_s += time.thread_time() - started
+        self.core_calls += 1
+        by_id = {str(j.job_id): j for j in pending}
+        return [(by_id[b.job_key], by_name[b.agent]) for b in bindings]
+
+    def _job_view(self, sim: Simulator, job: JobRecord) -> adapter.JobView:
+        cached = self._job_views.get(job.job_id)
+        if cached is None or cached[0] != job.attempt:
+            cached = (job.attempt, adapter.job_view(sim, job))
+            self._job_views[job.job_id] = cached
+        return cached[1]
+
+    def _agent_view(self, sim: Simulator, agent: AgentState, now: float) -> adapter.AgentView:
+        cached = self._agent_views.get(agent.name)
+        if cached is None or cached[0] != agent.version:
+            view = adapter.agent_view(sim, agent, now)
+            self._agent_views[agent.name] = (agent.version, view)
+            return view
+        return adapter.refresh_agent_view(sim, agent, cached[1], now)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "core_cpu_s": self.core_cpu_s,
+            "core_calls": self.core_calls,
+            "replica_cpu_s": self.replica_cpu_s,
+            "replica_calls": self.replica_calls,
+        }
+
+    def tick(self, sim: Simulator, now: float) -> None:
+        if self._planner is None:
+            return
+        started = time.thread_time()
+        self._planner.tick(sim, now)
+        self.replica_cpu_s += time.thread_time() - started
+        self.replica_calls += 1
+
+
+POLICIES = (
+    "least-conn",
+    "random",
+    "holder",
+    "stoker",
+    "stoker+replicas",
+    "stoker+autoscale",
+)
+
+
+def make_policy(key: str, *, seed: int = 1, settings: PlacementSettings | None = None) -> Policy:
+    """A fresh policy object for one run, by short name (see `POLICIES`).
+
+    `settings` (placement knobs) apply to the Stoker policies only."""
+    if key == "least-conn":
+        return LeastConnection(seed=seed)
+    if key == "random":
+        return RandomChoice(seed=seed)
+    if key == "holder":
+        return HolderElseLeastLoaded(seed=seed)
+    if key == "stoker":
+        return StokerPolicy(name="stoker", settings=settings)
+    if key == "stoker+replicas":
+        return StokerPolicy(name="stoker+replicas", settings=settings, replicas=ReplicaMode(enabled=True))
+    if key == "stoker+autoscale":
+        return StokerPolicy(
+            name="stoker+autoscale", settings=settings, replicas=ReplicaMode(enabled=True, autoscale=True)
+        )
+
+    raise ValueError(f"unknown policy {key!r}; choose one of {', '.join(POLICIES)}")

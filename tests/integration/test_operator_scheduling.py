@@ -1,0 +1,281 @@
+"""The operator against a real API server: placement, failure handling, TTL, replicas, events.
+
+Each test runs the `stoker-operator` entry point as a process watching the test's
+namespace, with fake agents that speak the agent protocol through the API server.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from stoker.kube import Objects
+from stoker.testing.fake_agent import FakeAgent, FakeAgentConfig
+from stoker.testing.operator_harness import Process, fake_agent_process, operator_process, wait_for
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def objects(api_client: client.ApiClient, namespace: str) -> Objects:
+    return Objects(api_client, namespace)
+
+
+@pytest.fixture
+def operator(control_plane, namespace: str, tmp_path: pathlib.Path) -> Iterator[Process]:
+    proc = operator_process(control_plane.kubeconfig, namespace, tmp_path / "operator.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def agents(api_client: client.ApiClient, namespace: str) -> Iterator[Any]:
+    started: list[FakeAgent] = []
+
+    def start(name: str, **kwargs: Any) -> FakeAgent:
+        agent = FakeAgent(api_client, FakeAgentConfig(name=name, namespace=namespace, **kwargs)).start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+@pytest.fixture(autouse=True)
+def show_logs_on_failure(tmp_path: pathlib.Path) -> Iterator[None]:
+    """Print the operator's and agents' log tails; pytest shows them only when the test failed."""
+    yield
+    for log in sorted(tmp_path.glob("*.log")):
+        print(f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-80:]))
+
+
+def model(objects: Objects, name: str, *, size_bytes: int = GIB, replicas: int = 0, hot: int = 0) -> None:
+    objects.create("ModelCache", {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache", "metadata": {"name": name},
+                                  "spec": {"source": {"url": f"https://models.example.com/{name}.safetensors",
+                                                      "sizeBytes": size_bytes},
+                                           "replicas": replicas, "hotReplicas": hot}})
+
+
+def job(objects: Objects, name: str, model_name: str, **spec: Any) -> None:
+    objects.create("GenerationJob", {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob",
+                                     "metadata": {"name": name},
+                                     "spec": {"model": model_name, "params": {"prompt": "a red fox", "steps": 4}, **spec}})
+
+
+def status(objects: Objects, name: str) -> dict[str, Any]:
+    return objects.get("GenerationJob", name).get("status") or {}
+
+
+def finished(objects: Objects, name: str) -> dict[str, Any] | None:
+    """The status once the job is over and the operator has recorded how its last attempt ended."""
+    st = status(objects, name)
+    if st.get("phase") not in ("Succeeded", "Failed"):
+        return None
+    if st.get("agent") and not any(h["attempt"] == st.get("attempt") for h in st.get("history", [])):
+        return None
+    if st.get("phase") == "Succeeded" and not st.get("history"):
+        return None
+    return st
+
+
+def events_for(objects: Objects, name: str) -> list[str]:
+    evs = objects.core.list_namespaced_event(objects.namespace, field_selector=f"involvedObject.name={name}")
+    return [e.reason for e in evs.items]
+
+
+def test_jobs_go_to_the_agent_holding_their_model_in_the_fastest_tier(operator, agents, objects) -> None:
+    for name in ("sd-hot", "sd-warm", "sd-cold"):
+        model(objects, name, size_bytes=4 * GIB)
+    agents("agent-a", models={"sd-hot": ("vram", 4 * GIB)}, job_seconds=0.1)
+    agents("agent-b", models={"sd-warm": ("disk", 4 * GIB)}, job_seconds=0.1)
+    agents("agent-c", job_seconds=0.1)
+    job(objects, "hot-job", "sd-hot")
+    job(objects, "warm-job", "sd-warm")
+    results = {n: wait_for(lambda n=n: finished(objects, n), timeout_s=30, message=f"{n} to finish", interval_s=0.2)
+               for n in ("hot-job", "warm-job")}
+    assert results["hot-job"]["phase"] == "Succeeded"
+    assert results["hot-job"]["agent"] == "agent-a"
+    assert results["hot-job"]["cacheHit"] == "vram"
+    assert results["warm-job"]["agent"] == "agent-b"
+    assert results["warm-job"]["cacheHit"] == "disk"
+    job(objects, "cold-job", "sd-cold")
+    cold = wait_for(lambda: finished(objects, "cold-job"), timeout_s=30, message="cold-job to finish")
+    assert cold["phase"] == "Succeeded"
+    assert cold["cacheHit"] == "miss"
+    assert cold["attempt"] == 1
+    history = wait_for(lambda: status(objects, "cold-job").get("history"), timeout_s=10, message="history")
+    assert [(h["attempt"], h["agent"], h["outcome"]) for h in history] == [(1, cold["agent"], "Succeeded")]
+    # Finished jobs lose their binding label, so agents' watches let go of them.
+    labels = wait_for(lambda: objects.get("GenerationJob", "cold-job")["metadata"].get("labels") is None
+                      or "stoker.dev/agent" not in objects.get("GenerationJob", "cold-job")["metadata"]["labels"],
+                      timeout_s=10, message="the binding label to go")
+    assert labels
+    assert wait_for(lambda: "Scheduled" in events_for(objects, "hot-job"), timeout_s=10, message="a Scheduled event")
+
+
+def test_a_killed_agent_loses_its_job_to_another_after_the_lease_grace(
+        operator, objects, control_plane, namespace, tmp_path, agents) -> None:
+    model(objects, "sd-a")
+    doomed = fake_agent_process(control_plane.kubeconfig, namespace, "doomed", tmp_path / "doomed.log",
+                                "--model", f"sd-a:vram:{GIB}", "--job-seconds", "120").start()
+    try:
+        wait_for(lambda: objects.get("CacheAgent", "doomed").get("status", {}).get("slots"), timeout_s=30,
+                 message="the doomed agent to register")
+        job(objects, "survivor", "sd-a")
+        running = wait_for(lambda: status(objects, "survivor").get("phase") == "Running"
+                           and status(objects, "survivor").get("agent"), timeout_s=30,
+                           message="the job to run on the doomed agent")
+        assert running == "doomed"
+        agents("rescuer", job_seconds=0.1)
+        doomed.kill()
+        done = wait_for(lambda: finished(objects, "survivor"), timeout_s=40, message="the job to finish elsewhere")
+    finally:
+        doomed.kill()
+    assert done["phase"] == "Succeeded"
+    assert done["agent"] == "rescuer"
+    assert done["attempt"] == 2
+    history = wait_for(lambda: len(status(objects, "survivor").get("history", [])) == 2
+                       and status(objects, "survivor")["history"], timeout_s=10, message="history")
+    assert [(h["agent"], h["outcome"], h["reason"]) for h in history] == [
+        ("doomed", "Requeued", "AgentLost"), ("rescuer", "Succeeded", "")]
+    ready = wait_for(lambda: next(c for c in objects.get("CacheAgent", "doomed")["status"]["conditions"]
+                                  if c["type"] == "Ready" and c["status"] == "False"), timeout_s=10,
+                     message="the doomed agent to be NotReady")
+    assert ready["reason"] == "LeaseExpired"
+    reasons = wait_for(lambda: (r := events_for(objects, "survivor")).count("Scheduled") == 2 and "Requeued" in r and r,
+                       timeout_s=10, message="Scheduled, Requeued, Scheduled events")
+    assert reasons.count("Scheduled") == 2
+
+
+def test_a_job_failing_on_every_agent_ends_with_attempts_exhausted(operator, agents, objects) -> None:
+    model(objects, "sd-flaky")
+    for name in ("agent-a", "agent-b", "agent-c"):
+        agents(name, failing_models={"sd-flaky": "InsufficientVRAM"}, job_seconds=0.05)
+    job(objects, "unlucky", "sd-flaky", maxAttempts=2)
+    done = wait_for(lambda: finished(objects, "unlucky"), timeout_s=30, message="the job to fail")
+    assert done["phase"] == "Failed"
+    assert done["reason"] == "AttemptsExhausted"
+    history = done["history"]
+    assert [h["outcome"] for h in history] == ["Failed", "Failed"]
+    assert len({h["agent"] for h in history}) == 2, "a failed agent is never chosen again for the same job"
+    assert wait_for(lambda: "Failed" in events_for(objects, "unlucky"), timeout_s=10, message="a Failed event")
+
+
+def test_a_job_that_cannot_start_in_time_fails_with_deadline_exceeded(operator, objects) -> None:
+    model(objects, "sd-a")
+    job(objects, "too-late", "sd-a", timeoutSeconds=2)
+    done = wait_for(lambda: finished(objects, "too-late"), timeout_s=20, message="the deadline to pass")
+    assert done["phase"] == "Failed"
+    assert done["reason"] == "DeadlineExceeded"
+
+
+def test_a_finished_job_is_deleted_after_its_ttl(operator, agents, objects) -> None:
+    model(objects, "sd-a")
+    agents("agent-a", job_seconds=0.05)
+    job(objects, "ephemeral", "sd-a", ttlSecondsAfterFinished=1)
+    wait_for(lambda: finished(objects, "ephemeral"), timeout_s=30, message="the job to finish")
+
+    def gone() -> bool:
+        try:
+            objects.get("GenerationJob", "ephemeral")
+        except client.exceptions.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    assert wait_for(gone, timeout_s=20, message="the TTL to delete the job")
+
+
+def test_a_model_whose_source_keeps_failing_is_marked_failed_and_its_jobs_fail(operator, agents, objects) -> None:
+    model(objects, "sd-broken", replicas=1)
+    agents("agent-a", bad_sources={"sd-broken": "ChecksumMismatch"})
+
+    def failed_condition() -> dict[str, Any] | None:
+        conds = (objects.get("ModelCache", "sd-broken").get("status") or {}).get("conditions", [])
+        return next((c for c in conds if c["type"] == "Failed" and c["status"] == "True"), None)
+
+    cond = wait_for(failed_condition, timeout_s=30, message="the ModelCache to be Failed")
+    assert cond["reason"] == "ChecksumMismatch"
+    job(objects, "doomed-job", "sd-broken")
+    done = wait_for(lambda: finished(objects, "doomed-job"), timeout_s=20, message="the job to fail")
+    assert done["phase"] == "Failed"
+    assert done["reason"] == "ModelUnavailable"
+    assert "ChecksumMismatch" in done["message"]
+
+
+def test_raising_the_replica_target_adds_copies_and_lowering_it_releases_them(operator, agents, objects) -> None:
+    model(objects, "sd-pop", replicas=2)
+    for name, zone in (("agent-a", "z1"), ("agent-b", "z2"), ("agent-c", "z1")):
+        agents(name, zone=zone, node=f"node-{name}")
+
+    def holders() -> set[str]:
+        return {a["metadata"]["name"] for a in objects.list("CacheAgent")["items"]
+                if any(h["model"] == "sd-pop" for h in (a.get("spec") or {}).get("holds") or [])}
+
+    def mc_status() -> dict[str, Any]:
+        return objects.get("ModelCache", "sd-pop").get("status") or {}
+
+    def ready(want_disk: int) -> bool:
+        st = mc_status()
+        cond = {c["type"]: c["status"] for c in st.get("conditions", [])}
+        return st.get("copies", {}).get("disk") == want_disk and cond.get("Ready") == "True"
+
+    wait_for(lambda: len(holders()) == 2 and ready(2), timeout_s=30, message=lambda: f"2 copies ({holders()}, {mc_status()})")
+    zones = {"agent-a": "z1", "agent-b": "z2", "agent-c": "z1"}
+    assert {zones[a] for a in holders()} == {"z1", "z2"}, "copies are spread across zones"
+    assert mc_status()["desiredReplicas"] == 2
+
+    objects.patch("ModelCache", "sd-pop", {"spec": {"replicas": 3}})
+    wait_for(lambda: len(holders()) == 3 and ready(3), timeout_s=30, message=lambda: f"3 copies ({holders()})")
+
+    objects.patch("ModelCache", "sd-pop", {"spec": {"replicas": 1}})
+    wait_for(lambda: len(holders()) == 1, timeout_s=30, message=lambda: f"1 held copy ({holders()})")
+    assert mc_status()["desiredReplicas"] == 1
+    assert wait_for(lambda: {"ReplicaAdded", "ReplicaRemoved"} <= set(events_for(objects, "sd-pop")), timeout_s=10,
+                    message="ReplicaAdded and ReplicaRemoved events")
+
+
+def test_metrics_count_bindings_by_tier_and_their_latency(control_plane, namespace, agents, objects, tmp_path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = operator_process(control_plane.kubeconfig, namespace, tmp_path / "operator.log",
+                            extra=["--metrics-port", str(port)]).start()
+    try:
+        model(objects, "sd-a")
+        agents("agent-a", models={"sd-a": ("vram", GIB)}, job_seconds=0.05)
+        job(objects, "counted", "sd-a")
+        wait_for(lambda: finished(objects, "counted"), timeout_s=30, message="the job to finish")
+
+        def scrape() -> dict[str, float]:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines() if line.startswith("stoker_")}
+
+        metrics = wait_for(lambda: (m := scrape()).get('stoker_bindings_total{tier="vram"}') == 1.0 and m,
+                           timeout_s=10, message="the binding to be counted")
+        assert metrics["stoker_bind_latency_seconds_count"] == 1.0
+        assert metrics["stoker_leader"] == 1.0
+        assert "stoker_pending_jobs" in metrics and "stoker_replica_shortfall" in metrics
+    finally:
+        proc.stop()
+
+
+def test_deleting_a_bound_job_cancels_it_and_frees_its_slot(operator, agents, objects) -> None:
+    model(objects, "sd-a")
+    agent = agents("agent-a", models={"sd-a": ("vram", GIB)}, job_seconds=300)
+    job(objects, "unwanted", "sd-a")
+    wait_for(lambda: status(objects, "unwanted").get("phase") == "Running", timeout_s=30, message="the job to run")
+    job(objects, "next", "sd-a")
+    objects.delete("GenerationJob", "unwanted")
+    bound = wait_for(lambda: objects.get("GenerationJob", "next")["metadata"].get("labels", {}).get("stoker.dev/agent"),
+                     timeout_s=30, message="the freed slot to take the next job")
+    assert bound == "agent-a"
+    assert ("unwanted", 1) in agent.started and ("unwanted", 1) not in agent.completed

@@ -1,0 +1,45 @@
+"""`stoker sim` end to end on a tiny fleet: tables, plots, benchmark section."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+
+from stoker.sim import cli
+
+
+TINY = ["--models", "40", "--loras", "20", "--agents", "3", "--duration-s", "600", "--warmup-s", "120",
+        "--disk-gb", "15", "--vram-gb", "16", "--ram-gb", "10"]
+
+
+def test_the_fleet_run_prints_every_policy_and_writes_small_plots(tmp_path: pathlib.Path) -> None:
+    out = io.StringIO()
+    args = cli.parse_args([*TINY, "--out", str(tmp_path), "--policies", "least-conn,stoker"])
+    md = cli.run_fleet(args, out=out)
+    text = out.getvalue()
+    for name in ("least-conn+LRU", "stoker", "lower bounds", "p50/p95/p99", "duplicate"):
+        assert name in text
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["fleet_bytes.png", "fleet_hit_rate.png", "fleet_latency_cdf.png"]
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size < 200_000
+    assert md.startswith("## Fleet simulation")
+    assert "| least-conn+LRU |" in md
+
+
+def test_main_replays_a_csv_trace(tmp_path: pathlib.Path) -> None:
+    trace_file = tmp_path / "trace.csv"
+    trace_file.write_text("time_s,model,loras\n1.0,m0001,\n2.5,m0002,\n3.0,m0001,\n")
+    rc = cli.main([*TINY, "--trace", str(trace_file), "--out", str(tmp_path / "plots"), "--no-record",
+                   "--policies", "least-conn,stoker"])
+    assert rc == 0
+    assert (tmp_path / "plots" / "fleet_bytes.png").exists()
+
+
+def test_the_scaling_mode_reports_a_row_per_grid_point() -> None:
+    out = io.StringIO()
+    md = cli.run_scaling(budget_s=30.0, grid=((10, 10), (20, 50)), out=out)
+    lines = [line for line in md.splitlines() if line.startswith("| 10 |") or line.startswith("| 20 |")]
+    assert len(lines) == 2
+    assert "us/binding" in out.getvalue()

@@ -1,0 +1,117 @@
+"""Synthetic workloads and trace replay for the fleet simulator."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stoker.sim import workload
+
+
+def small_config(**changes: object) -> workload.WorkloadConfig:
+    base = dict(n_models=50, n_loras=40, duration_s=600.0, rate_per_s=2.0, seed=3)
+    base.update(changes)
+    return workload.WorkloadConfig(**base)  # type: ignore[arg-type]
+
+
+def test_zipf_sampler_draws_ranks_in_proportion_to_inverse_rank() -> None:
+    sampler = workload.ZipfSampler(100, 1.0)
+    rng = random.Random(7)
+    counts = Counter(sampler.sample(rng) for _ in range(100_000))
+    for rank in (0, 1, 4, 9):
+        expected = sampler.probabilities[rank] * 100_000
+        assert abs(counts[rank] - expected) < 0.06 * expected + 30
+    assert counts[0] > counts[1] > counts[9]
+    assert set(counts) <= set(range(100))
+
+
+@given(n=st.integers(min_value=1, max_value=500), exponent=st.floats(min_value=0.0, max_value=2.0))
+@settings(max_examples=50, deadline=None)
+def test_zipf_probabilities_sum_to_one_and_never_increase_with_rank(n: int, exponent: float) -> None:
+    probs = workload.ZipfSampler(n, exponent).probabilities
+    assert abs(sum(probs) - 1.0) < 1e-9
+    assert all(a >= b - 1e-15 for a, b in zip(probs, probs[1:]))
+
+
+def test_the_same_seed_gives_the_same_trace_and_another_seed_a_different_one() -> None:
+    first = workload.generate_trace(small_config())
+    again = workload.generate_trace(small_config())
+    other = workload.generate_trace(small_config(seed=4))
+    assert first.jobs == again.jobs
+    assert first.catalog == again.catalog
+    assert first.jobs != other.jobs
+
+
+def test_catalog_sizes_follow_the_public_model_files() -> None:
+    catalog = workload.build_catalog(small_config(n_models=400, n_loras=400))
+    for artifact in catalog.artifacts:
+        if artifact.kind is workload.ArtifactKind.LORA:
+            assert 10 * workload.MB <= artifact.size_bytes <= 400 * workload.MB
+        elif artifact.family is workload.Family.SDXL:
+            assert 6 * workload.GB <= artifact.size_bytes <= 7 * workload.GB
+        else:
+            assert 2 * workload.GB <= artifact.size_bytes <= 4.3 * workload.GB
+
+
+def test_loras_in_a_job_belong_to_the_checkpoints_family() -> None:
+    trace = workload.generate_trace(small_config())
+    with_loras = [j for j in trace.jobs if j.loras]
+    assert with_loras
+    for job in with_loras:
+        family = trace.catalog[job.model].family
+        assert all(trace.catalog[name].family is family for name in job.loras)
+        assert len(set(job.loras)) == len(job.loras)
+
+
+def test_a_burst_gives_its_model_a_large_share_while_it_lasts() -> None:
+    burst = workload.Burst(start_s=200.0, duration_s=200.0, rank=40, share=0.5)
+    trace = workload.generate_trace(small_config(bursts=(burst,), rate_per_s=5.0))
+    (start, end, model), = trace.bursts
+    inside = [j for j in trace.jobs if start <= j.submit_s < end]
+    outside = [j for j in trace.jobs if not start <= j.submit_s < end]
+    share_in = sum(j.model == model for j in inside) / len(inside)
+    share_out = sum(j.model == model for j in outside) / len(outside)
+    assert share_in > 0.4
+    assert share_out < 0.1
+
+
+def test_arrivals_are_sorted_and_inside_the_duration() -> None:
+    trace = workload.generate_trace(small_config())
+    times = [j.submit_s for j in trace.jobs]
+    assert times == sorted(times)
+    assert 0 < times[0] and times[-1] < 600.0
+    assert 900 < len(times) < 1500  # Poisson at 2/s over 600 s
+
+
+def test_a_trace_written_as_csv_replays_to_the_same_jobs() -> None:
+    trace = workload.generate_trace(small_config())
+    text = workload.write_trace_csv(trace.jobs)
+    replayed = workload.read_trace_csv(text.splitlines(), catalog=trace.catalog)
+    assert [(j.model, j.loras) for j in replayed.jobs] == [(j.model, j.loras) for j in trace.jobs]
+    assert all(abs(a.submit_s - b.submit_s) < 1e-3 for a, b in zip(replayed.jobs, trace.jobs))
+
+
+def test_replay_sorts_rows_by_time_and_accepts_no_header() -> None:
+    catalog = workload.build_catalog(small_config())
+    lora = catalog.loras[0].name
+    ckpt = next(c for c in catalog.checkpoints if c.family is catalog[lora].family).name
+    trace = workload.read_trace_csv([f"5.0,{ckpt},{lora}", f"1.5,{ckpt},"], catalog=catalog)
+    assert [j.submit_s for j in trace.jobs] == [1.5, 5.0]
+    assert trace.jobs[1].loras == (lora,)
+    assert [j.job_id for j in trace.jobs] == [0, 1]
+
+
+def test_replay_refuses_a_model_missing_from_the_catalog() -> None:
+    catalog = workload.build_catalog(small_config())
+    with pytest.raises(workload.WorkloadError, match="not in the catalog"):
+        workload.read_trace_csv(["time_s,model,loras", "1.0,no-such-model,"], catalog=catalog)
+
+
+def test_replay_refuses_a_lora_given_as_the_model() -> None:
+    catalog = workload.build_catalog(small_config())
+    with pytest.raises(workload.WorkloadError, match="not a checkpoint"):
+        workload.read_trace_csv([f"1.0,{catalog.loras[0].name},"], catalog=catalog)
