@@ -75,6 +75,11 @@ def test_operator_and_agent_work_with_only_the_chart_roles(
         wait_for(lambda: (admin.get("ModelCache", "sd").get("status") or {}).get("copies", {}).get("disk") == 1,
                  timeout_s=20, message="ModelCache status")
         assert "Forbidden" not in op.log_path.read_text() and "403" not in op.log_path.read_text()
+        operator_api = Objects(config.new_client_from_config(
+            config_file=str(control_plane.kubeconfig_for("stoker-operator"))), namespace)
+        with pytest.raises(ApiException) as info:
+            operator_api.patch("ModelCache", "sd", {"spec": {"replicas": 5}})
+        assert info.value.status == 403, "the operator identity could change a ModelCache's spec"
     finally:
         agent.stop()
         op.stop()

@@ -43,3 +43,17 @@ def test_the_scaling_mode_reports_a_row_per_grid_point() -> None:
     lines = [line for line in md.splitlines() if line.startswith("| 10 |") or line.startswith("| 20 |")]
     assert len(lines) == 2
     assert "us/binding" in out.getvalue()
+
+
+def test_the_top_level_command_hands_every_flag_to_the_simulator(capsys) -> None:
+    from stoker import cli as top
+
+    try:
+        top.main(["sim", "--scaling", "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    else:
+        raise AssertionError("--help should exit")
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: stoker sim")
+    assert "--scaling-budget-s" in usage
