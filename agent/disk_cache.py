@@ -3,8 +3,16 @@
 The byte budget covers committed files plus reservations for downloads in flight,
 so the budget holds even while several downloads run at once. Models in use by a
 job (pins), models held by operator orders (holds) and baked-in models
-(preloaded: read-only, free of budget) are never evicted. Eviction is least
-recently used first, and happens only when it actually makes enough room.
+(preloaded: read-only, free of budget) are never evicted. Eviction happens only
+when it actually makes enough room.
+
+The disk tier evicts by LRU-2 with a probation window: an entry ranks by the time
+of its second most recent use, and one used only once ranks as if that earlier use
+came `probation_s` before its only one. A model fetched for one job (the long tail
+of a Zipf catalog) so goes before a model in steady use, instead of pushing it out
+as plain LRU does, while a model that stopped being used still ages out. Recently
+evicted keys keep their last use (bounded history), so a model that comes back is
+not treated as new. With every entry used once this is plain LRU.
 
 `plan_eviction` is the shared policy; the RAM/VRAM tiers and the fleet simulator
 call it with their own items. `DiskCacheState` is an immutable value: every
@@ -28,8 +36,12 @@ __all__ = [
     "KeyConflict",
     "NotCached",
     "Reservation",
+    "eviction_rank",
     "plan_eviction",
 ]
+
+DEFAULT_PROBATION_S = 3600.0
+EVICTION_HISTORY = 4096
 
 
 class DiskCacheError(Exception):
@@ -102,23 +114,35 @@ class CachedItem:
     size_bytes: int
     last_used: float
     pinned: bool
+    previous_use: float | None = None
+    """Time of the use before the latest one; None when used once (or never)."""
 
 
-def plan_eviction(items: Iterable[CachedItem], *, need_bytes: int, free_bytes: int) -> tuple[str, ...]:
-    """Keys to evict, least recently used first, so that `need_bytes` fit.
+def eviction_rank(item: CachedItem, *, probation_s: float | None) -> tuple[float, float, str]:
+    """Sort key of eviction, first evicted first. `probation_s=None`: plain LRU."""
+    if probation_s is None:
+        return (item.last_used, item.last_used, item.key)
+    second = item.previous_use if item.previous_use is not None else item.last_used - probation_s
+    return (second, item.last_used, item.key)
 
-    Returns () when `free_bytes >= need_bytes`. Stops at the first prefix of the
-    LRU order that makes room, so nothing is evicted without need. Raises
-    `InsufficientCache` (and plans nothing) when evicting every unpinned item
-    would still not make room. Ties in `last_used` break by key, so the plan is
-    deterministic.
+
+def plan_eviction(
+    items: Iterable[CachedItem], *, need_bytes: int, free_bytes: int, probation_s: float | None = None
+) -> tuple[str, ...]:
+    """Keys to evict, lowest `eviction_rank` first, so that `need_bytes` fit.
+
+    Without `probation_s` the order is least recently used first. Returns () when
+    `free_bytes >= need_bytes`. Stops at the first prefix of that order that makes
+    room, so nothing is evicted without need. Raises `InsufficientCache` (and plans
+    nothing) when evicting every unpinned item would still not make room. Ties break
+    by key, so the plan is deterministic.
     """
     if need_bytes < 0:
         raise ValueError(f"need_bytes must be >= 0, got {need_bytes}")
     if free_bytes >= need_bytes:
         return ()
     materialized = list(items)
-    candidates = sorted((i for i in materialized if not i.pinned), key=lambda i: (i.last_used, i.key))
+    candidates = sorted((i for i in materialized if not i.pinned), key=lambda i: eviction_rank(i, probation_s=probation_s))
     victims: list[str] = []
     freed = free_bytes
     for item in candidates:
@@ -144,6 +168,15 @@ class CacheEntry:
     size_bytes: int
     last_used: float
     preloaded: bool = False
+    previous_use: float | None = None
+    """Time of the use before the latest one (see the module docstring)."""
+    used: bool = False
+    """A job has used it (a prefetched file has not yet)."""
+
+    def with_use(self, now: float) -> CacheEntry:
+        if not self.used:
+            return dataclasses.replace(self, used=True, last_used=max(self.last_used, now))
+        return dataclasses.replace(self, previous_use=self.last_used, last_used=max(self.last_used, now))
 
 
 @dataclass(frozen=True)
@@ -192,7 +225,7 @@ def _frozen(mapping: Mapping[str, object]) -> Mapping[str, object]:
 
 @dataclass(frozen=True)
 class DiskCacheState:
-    """Immutable accounting of a byte-budgeted LRU cache.
+    """Immutable accounting of a byte-budgeted cache with LRU-2 eviction.
 
     Invariant: `used_bytes + reserved_bytes <= budget_bytes`. Preloaded entries
     cost no budget. Holds and pins may name keys that are not cached yet (an
@@ -205,10 +238,16 @@ class DiskCacheState:
     reservations: Mapping[str, Reservation] = field(default_factory=lambda: MappingProxyType({}))
     pins: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     held: frozenset[str] = frozenset()
+    probation_s: float | None = DEFAULT_PROBATION_S
+    """LRU-2 probation window (module docstring); None for plain LRU."""
+    evicted: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """Last use of recently evicted keys, at most `EVICTION_HISTORY` of them."""
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {self.budget_bytes}")
+        if self.probation_s is not None and not self.probation_s >= 0:
+            raise ValueError(f"probation_s must be >= 0 or None, got {self.probation_s}")
 
     # ---- derived figures -------------------------------------------------
 
@@ -231,7 +270,8 @@ class DiskCacheState:
     def items(self) -> tuple[CachedItem, ...]:
         """Budgeted entries as `plan_eviction` input (preloaded ones cost nothing to keep)."""
         return tuple(
-            CachedItem(key=e.key, size_bytes=e.size_bytes, last_used=e.last_used, pinned=self.is_pinned(e.key))
+            CachedItem(key=e.key, size_bytes=e.size_bytes, last_used=e.last_used, pinned=self.is_pinned(e.key),
+                       previous_use=e.previous_use)
             for e in self.entries.values()
             if not e.preloaded
         )
@@ -242,14 +282,14 @@ class DiskCacheState:
     # ---- operations ------------------------------------------------------
 
     def _replace(self, **changes: object) -> DiskCacheState:
-        for name in ("entries", "reservations", "pins"):
+        for name in ("entries", "reservations", "pins", "evicted"):
             if name in changes:
                 changes[name] = _frozen(changes[name])  # type: ignore[arg-type]
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def _make_room(self, *, key: str, need_bytes: int, free_bytes: int) -> tuple[str, ...]:
         try:
-            return plan_eviction(self.items(), need_bytes=need_bytes, free_bytes=free_bytes)
+            return plan_eviction(self.items(), need_bytes=need_bytes, free_bytes=free_bytes, probation_s=self.probation_s)
         except InsufficientCache as exc:
             raise InsufficientCache(
                 needed_bytes=exc.needed_bytes,
@@ -262,6 +302,17 @@ class DiskCacheState:
                 tier="disk cache",
             ) from None
 
+    def _without(self, victims: tuple[str, ...]) -> dict[str, object]:
+        """`entries` minus the victims, and the history that remembers their last use."""
+        if not victims:
+            return {"entries": self.entries}
+        history = dict(self.evicted)
+        for key in victims:
+            history[key] = self.entries[key].last_used
+        if len(history) > EVICTION_HISTORY:
+            history = dict(sorted(history.items(), key=lambda kv: (kv[1], kv[0]))[-EVICTION_HISTORY:])
+        return {"entries": {k: v for k, v in self.entries.items() if k not in victims}, "evicted": history}
+
     def add_preloaded(self, key: str, size_bytes: int, *, now: float) -> DiskCacheState:
         """Register a baked-in model: held, free of budget, never evicted."""
         _check_size(size_bytes)
@@ -272,7 +323,7 @@ class DiskCacheState:
         return self._replace(entries=entries)
 
     def reserve(self, key: str, size_bytes: int, *, now: float) -> tuple[DiskCacheState, Reservation, tuple[str, ...]]:
-        """Set budget aside for downloading `key`, evicting LRU entries if needed.
+        """Set budget aside for downloading `key`, evicting entries if needed.
 
         Returns the new state, the reservation and the evicted keys (the caller
         deletes their files). Raises `InsufficientCache` with nothing changed.
@@ -281,11 +332,10 @@ class DiskCacheState:
         if key in self.entries or key in self.reservations:
             raise KeyConflict(f"cannot reserve space for {key!r}: it is already cached or downloading")
         victims = self._make_room(key=key, need_bytes=size_bytes, free_bytes=self.free_bytes)
-        entries = {k: v for k, v in self.entries.items() if k not in victims}
         reservations = dict(self.reservations)
         reservation = Reservation(key=key, size_bytes=size_bytes, created_at=now)
         reservations[key] = reservation
-        return self._replace(entries=entries, reservations=reservations), reservation, victims
+        return self._replace(reservations=reservations, **self._without(victims)), reservation, victims
 
     def resize_reservation(self, key: str, size_bytes: int, *, now: float) -> tuple[DiskCacheState, tuple[str, ...]]:
         """Change a reservation's size (the server's size differs from the hint)."""
@@ -293,10 +343,9 @@ class DiskCacheState:
         current = self._reservation(key)
         growth = size_bytes - current.size_bytes
         victims = self._make_room(key=key, need_bytes=max(growth, 0), free_bytes=self.free_bytes) if growth > 0 else ()
-        entries = {k: v for k, v in self.entries.items() if k not in victims}
         reservations = dict(self.reservations)
         reservations[key] = dataclasses.replace(current, size_bytes=size_bytes)
-        return self._replace(entries=entries, reservations=reservations), victims
+        return self._replace(reservations=reservations, **self._without(victims)), victims
 
     def commit(self, key: str, *, now: float, size_bytes: int | None = None) -> DiskCacheState:
         """Turn a finished download's reservation into a cached entry.
@@ -314,8 +363,21 @@ class DiskCacheState:
             )
         reservations = {k: v for k, v in self.reservations.items() if k != key}
         entries = dict(self.entries)
-        entries[key] = CacheEntry(key=key, size_bytes=final, last_used=now)
-        return self._replace(entries=entries, reservations=reservations)
+        # A job already waiting on the download makes this its first use; a key seen
+        # before it was evicted comes back with that earlier use.
+        entries[key] = CacheEntry(key=key, size_bytes=final, last_used=now, previous_use=self.evicted.get(key),
+                                  used=self.pins.get(key, 0) > 0)
+        evicted = {k: v for k, v in self.evicted.items() if k != key}
+        return self._replace(entries=entries, reservations=reservations, evicted=evicted)
+
+    def with_history(self, key: str, *, previous_use: float | None, used: bool) -> DiskCacheState:
+        """Restore an entry's use history (read back from the agent's index after a restart)."""
+        entry = self._entry(key)
+        if previous_use is not None:
+            previous_use = min(previous_use, entry.last_used)
+        entries = dict(self.entries)
+        entries[key] = dataclasses.replace(entry, previous_use=previous_use, used=used or previous_use is not None)
+        return self._replace(entries=entries)
 
     def abort(self, key: str) -> DiskCacheState:
         """Drop a reservation (the download failed or was cancelled)."""
@@ -323,7 +385,7 @@ class DiskCacheState:
         return self._replace(reservations={k: v for k, v in self.reservations.items() if k != key})
 
     def touch(self, key: str, *, now: float) -> DiskCacheState:
-        """Record a use of `key` (moves it to the most recently used end)."""
+        """Refresh `key`'s last use (a lookup, or the end of a job's use), not a new use."""
         entry = self._entry(key)
         entries = dict(self.entries)
         entries[key] = dataclasses.replace(entry, last_used=max(entry.last_used, now))
@@ -333,8 +395,11 @@ class DiskCacheState:
         """A job starts using `key`: never evict it until the matching `unpin`."""
         pins = dict(self.pins)
         pins[key] = pins.get(key, 0) + 1
-        state = self._replace(pins=pins)
-        return state.touch(key, now=now) if key in self.entries else state
+        if key not in self.entries:
+            return self._replace(pins=pins)
+        entries = dict(self.entries)
+        entries[key] = entries[key].with_use(now)  # each job counts once, here
+        return self._replace(pins=pins, entries=entries)
 
     def unpin(self, key: str, *, now: float) -> DiskCacheState:
         """A job stopped using `key`; counts as a use."""
@@ -369,13 +434,12 @@ class DiskCacheState:
         return self._replace(entries={k: v for k, v in self.entries.items() if k != key})
 
     def with_budget(self, budget_bytes: int) -> tuple[DiskCacheState, tuple[str, ...]]:
-        """Change the budget, evicting LRU entries to fit under a smaller one."""
+        """Change the budget, evicting entries to fit under a smaller one."""
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         shrunk = dataclasses.replace(self, budget_bytes=budget_bytes)
         victims = shrunk._make_room(key="(budget change)", need_bytes=0, free_bytes=shrunk.free_bytes)
-        entries = {k: v for k, v in self.entries.items() if k not in victims}
-        return shrunk._replace(entries=entries), victims
+        return shrunk._replace(**shrunk._without(victims)), victims
 
     def snapshot(self) -> CacheSnapshot:
         views = tuple(

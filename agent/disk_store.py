@@ -11,7 +11,7 @@ Layout under the cache directory (names never come from user input)::
     models/<id>.<format>.part        download in progress (see `download.partial_paths`)
     models/<id>.<format>.part.json   the downloader's resume sidecar
     models/<id>.<format>.pending.json which model the partial file belongs to
-    index.json                       last use per model, so LRU order survives restarts
+    index.json                       last two uses per model, so eviction order survives restarts
 
 `<id>` is a hash of the model key ("namespace/name") and its source (URL without
 query, expected sha256), so a changed source gets a fresh file.
@@ -838,9 +838,15 @@ class DiskStore:
         self._metrics.budget_bytes.labels(TIER).set(self._state.budget_bytes)
 
     def _save_index(self) -> None:
-        last_used = {e.key: e.last_used for e in self._state.entries.values() if not e.preloaded}
+        entries = [e for e in self._state.entries.values() if not e.preloaded]
+        index = {
+            "version": 1,
+            "last_used": {e.key: e.last_used for e in entries},
+            "previous_use": {e.key: e.previous_use for e in entries if e.previous_use is not None},
+            "used": sorted(e.key for e in entries if e.used),
+        }
         with contextlib.suppress(OSError):
-            self._write_json(self.cache_dir / _INDEX, {"version": 1, "last_used": last_used})
+            self._write_json(self.cache_dir / _INDEX, index)
 
     @staticmethod
     def _write_json(path: pathlib.Path, data: dict[str, Any], *, fsync: bool = False) -> None:
@@ -857,10 +863,20 @@ class DiskStore:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         result = _ScanResult()
         try:
-            index = json.loads((self.cache_dir / _INDEX).read_text()).get("last_used", {})
-        except (OSError, ValueError, AttributeError):
+            index = json.loads((self.cache_dir / _INDEX).read_text())
+            if not isinstance(index, dict):
+                index = {}
+        except (OSError, ValueError):
             index = {}
-        result.last_used = {k: float(v) for k, v in index.items() if isinstance(v, (int, float))}
+
+        def times(name: str) -> dict[str, float]:
+            raw = index.get(name)
+            return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
+
+        result.last_used = times("last_used")
+        result.previous_use = times("previous_use")
+        used = index.get("used")
+        result.used = {k for k in used if isinstance(k, str)} if isinstance(used, list) else set()
         names = {p.name for p in self.models_dir.iterdir()}
         claimed: set[str] = set()
         for name in sorted(names):
@@ -974,6 +990,8 @@ class DiskStore:
             else:
                 state, _, _ = state.reserve(info.key, info.size_bytes, now=now)
                 state = state.commit(info.key, now=found.last_used.get(info.key, 0.0))
+                state = state.with_history(info.key, previous_use=found.previous_use.get(info.key),
+                                           used=info.key in found.used)
         self._files = dict(found.files)
         # a smaller budget than last time evicts the least recently used files
         state, victims = state.with_budget(budget)
@@ -995,6 +1013,8 @@ class _ScanResult:
     files: dict[str, _FileInfo] = field(default_factory=dict)
     partials: list[tuple[str, str, pathlib.Path, int]] = field(default_factory=list)
     last_used: dict[str, float] = field(default_factory=dict)
+    previous_use: dict[str, float] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
     preloaded_count: int = 0
 
 

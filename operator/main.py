@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="namespace of the leader Lease (default: --namespace, else $POD_NAMESPACE, else default)")
     p.add_argument("--leader-lease-duration-s", type=float, default=15.0,
                    help="a standby takes over after seeing no leader renewal for this long")
+    p.add_argument("--download-weight", type=float,
+                   default=os.environ.get("STOKER_DOWNLOAD_WEIGHT") or "3.0",
+                   help="placement cost of a second of downloading relative to a second of waiting; higher trades "
+                        "start latency for fewer bytes pulled from model sources (>= 1; env STOKER_DOWNLOAD_WEIGHT)")
     p.add_argument("--write-threads", type=int, default=16, help="concurrent API writes")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return p
@@ -70,7 +74,7 @@ class Operator:
     """The state, the loops and the leader election of one operator process."""
 
     def __init__(self, args: argparse.Namespace, api: Any) -> None:
-        from stoker.operator import failure, leader, replica_shell, scheduler, state
+        from stoker.operator import failure, leader, placement, replica_shell, scheduler, state
 
         self.args = args
         self.api = api
@@ -86,7 +90,9 @@ class Operator:
         self.writer = scheduler.Writer(api, threads=args.write_threads, is_leader=self.leader.is_leader)
         self.writer.objects("default")  # import the client's API modules now, not in the first pass
         grace = args.lease_grace_s
-        self.scheduler = scheduler.Scheduler(self.state, self.writer, lease_grace_s=grace)
+        self.scheduler = scheduler.Scheduler(
+            self.state, self.writer, lease_grace_s=grace,
+            settings=placement.PlacementSettings(download_weight=args.download_weight))
         self.reconciler = failure.Reconciler(self.state, self.writer, lease_grace_s=grace)
         self.replicas = replica_shell.ReplicaShell(self.state, self.writer, lease_grace_s=grace)
         self.on_lost_callbacks: list[Any] = []
@@ -237,7 +243,10 @@ async def _run(op: Operator) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.download_weight >= 1.0:
+        parser.error(f"--download-weight must be >= 1 (1 = a download costs only its time), got {args.download_weight}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):

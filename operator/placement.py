@@ -177,6 +177,11 @@ class PlacementSettings:
     max_hot_wait_age_s: float = 300.0
     """A job pending longer than this no longer waits for a busy agent: it takes the
     best free one. Together with aging this bounds how long any job can wait."""
+    download_weight: float = 3.0
+    """Cost charged per second of downloading, relative to a second of waiting. Above 1,
+    bytes from the model source count for more than their transfer time (egress, and the
+    copy they push off the disk), so jobs queue behind an agent that holds their model
+    instead of pulling one more copy; start latency is traded for fewer downloads."""
     evict_cold_weight: float = 0.1
     """Share of a victim's re-fetch time charged when nothing suggests it is needed."""
     evict_hot_target_weight: float = 1.0
@@ -202,6 +207,8 @@ class PlacementSettings:
                 raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
         if self.cold_candidates < 1 or self.holder_candidates < 1:
             raise PlacementError("PlacementSettings.cold_candidates and holder_candidates must be >= 1")
+        if not self.download_weight >= 1.0:
+            raise PlacementError(f"PlacementSettings.download_weight must be >= 1, got {self.download_weight!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +436,8 @@ class _Option:
     evicted_disk_bytes: int = 0
     loaded: tuple[str, ...] = field(default=())
     downloaded: tuple[str, ...] = field(default=())
+    fetch_penalty_s: float = 0.0
+    """Cost of new downloads beyond their time (see PlacementSettings.download_weight)."""
 
     @property
     def evicts(self) -> tuple[str, ...]:
@@ -436,7 +445,7 @@ class _Option:
 
     @property
     def cost_s(self) -> float:
-        return self.wait_s + self.load_s + self.evict_s
+        return self.wait_s + self.load_s + self.evict_s + self.fetch_penalty_s
 
 
 class FleetIndex:
@@ -727,6 +736,7 @@ class _Fleet:
         load = 0.0
         vram_need = 0
         disk_need = 0
+        penalty = 0.0
         loaded: list[str] = []
         downloaded: list[str] = []
         tier = Tier.VRAM
@@ -749,6 +759,7 @@ class _Fleet:
                 load += max(0, size - done) / st.dl + size / st.d2g
             else:
                 load += size / st.dl + size / st.d2g
+                penalty += (self.settings.download_weight - 1.0) * size / st.dl
                 disk_need += size
                 downloaded.append(key)
         evict_s = 0.0
@@ -772,7 +783,7 @@ class _Fleet:
             st, wait, load, evict_s, tier, tuple(evict_vram), tuple(evict_disk),
             vram_add=vram_need, disk_add=disk_need,
             evicted_vram_bytes=ev_vram, evicted_disk_bytes=ev_disk,
-            loaded=tuple(loaded), downloaded=tuple(downloaded),
+            loaded=tuple(loaded), downloaded=tuple(downloaded), fetch_penalty_s=penalty,
         )
 
     def _victims(self, st: _Agent, *, vram: bool) -> tuple[tuple[float, str, int, float], ...]:

@@ -18,7 +18,7 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pydantic
@@ -424,44 +424,37 @@ class State:
                 keys.discard(job.key)
 
     def upsert_agent(self, body: Mapping[str, Any]) -> None:
-        try:
-            agent = agent_from_body(body)
-        except StateError as exc:
-            log.warning("ignoring %s", exc)
-            return
-        with self.lock:
-            old = self.agents.get(agent.key)
-            if old is not None and is_older(agent.resource_version, old.resource_version):
-                return
-            self.agents[agent.key] = agent
-            self.fleet_version += 1
-        self.changed.set()
+        self._upsert_fleet(self.agents, agent_from_body, body)
 
     def delete_agent(self, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata", {})
-        with self.lock:
-            self.agents.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
-            self.fleet_version += 1
-        self.changed.set()
+        self._delete_fleet(self.agents, body)
 
     def upsert_model(self, body: Mapping[str, Any]) -> None:
+        self._upsert_fleet(self.models, model_from_body, body)
+
+    def delete_model(self, body: Mapping[str, Any]) -> None:
+        self._delete_fleet(self.models, body)
+
+    def _upsert_fleet(self, table: dict[str, Any], parse: Callable[[Mapping[str, Any]], Any],
+                      body: Mapping[str, Any]) -> None:
+        """Agents and models: keep the newest version seen; every change bumps the fleet version."""
         try:
-            model = model_from_body(body)
+            item = parse(body)
         except StateError as exc:
             log.warning("ignoring %s", exc)
             return
         with self.lock:
-            old = self.models.get(model.key)
-            if old is not None and is_older(model.resource_version, old.resource_version):
+            old = table.get(item.key)
+            if old is not None and is_older(item.resource_version, old.resource_version):
                 return
-            self.models[model.key] = model
+            table[item.key] = item
             self.fleet_version += 1
         self.changed.set()
 
-    def delete_model(self, body: Mapping[str, Any]) -> None:
+    def _delete_fleet(self, table: dict[str, Any], body: Mapping[str, Any]) -> None:
         meta = body.get("metadata", {})
         with self.lock:
-            self.models.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
+            table.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
             self.fleet_version += 1
         self.changed.set()
 

@@ -14,7 +14,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from stoker.agent.disk_cache import CachedItem, DiskCacheState, InsufficientCache, plan_eviction
+from stoker.agent.disk_cache import (
+    DEFAULT_PROBATION_S,
+    CachedItem,
+    DiskCacheState,
+    InsufficientCache,
+    plan_eviction,
+)
 from stoker.operator.placement import (
     AgentView,
     ArtifactInfo,
@@ -37,6 +43,7 @@ __all__ = [
     "JobView",
     "PlacementSettings",
     "agent_view",
+    "DEFAULT_PROBATION_S",
     "artifact_map",
     "job_view",
     "new_disk_cache",
@@ -46,9 +53,14 @@ __all__ = [
 ]
 
 
-def new_disk_cache(budget_bytes: int, *, baked: dict[str, int] | None = None, now: float = 0.0) -> DiskCacheState:
-    """An empty agent disk cache with the image's baked-in models registered as preloaded."""
-    state = DiskCacheState(budget_bytes=budget_bytes)
+def new_disk_cache(
+    budget_bytes: int, *, baked: dict[str, int] | None = None, now: float = 0.0,
+    probation_s: float | None = DEFAULT_PROBATION_S,
+) -> DiskCacheState:
+    """An empty agent disk cache with the image's baked-in models registered as preloaded.
+
+    `probation_s=None` gives plain LRU (the baselines); the default is the agent's own."""
+    state = DiskCacheState(budget_bytes=budget_bytes, probation_s=probation_s)
     for key, size_bytes in sorted((baked or {}).items()):
         state = state.add_preloaded(key, size_bytes, now=now)
     return state

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         "--max-hot-wait-s", type=float, default=None,
         help="override PlacementSettings.max_hot_wait_age_s for the Stoker policies (default: the operator's)",
     )
+    p.add_argument(
+        "--download-weight", type=float, default=None,
+        help="override PlacementSettings.download_weight for the Stoker policies (default: the operator's)",
+    )
     p.add_argument("--interruptions", type=float, default=1.0, help="per agent-hour")
     p.add_argument("--baked", type=int, default=1, help="most popular checkpoints baked into the image")
     p.add_argument("--no-burst", action="store_true", help="no burst (by default a rank-300 model takes 30%% of traffic for 10 min mid-run)")
@@ -131,9 +135,9 @@ def targets_lines(summaries: Sequence[report.Summary], pooled_bytes: int) -> lis
 
 
 def _settings(args: argparse.Namespace) -> PlacementSettings | None:
-    if args.max_hot_wait_s is None:
-        return None
-    return PlacementSettings(max_hot_wait_age_s=args.max_hot_wait_s)
+    overrides = {name: value for name, value in (("max_hot_wait_age_s", args.max_hot_wait_s),
+                                                 ("download_weight", args.download_weight)) if value is not None}
+    return PlacementSettings(**overrides) if overrides else None
 
 
 def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
@@ -184,6 +188,10 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
         "",
         "Simulated fleet driven by the real `stoker.operator.placement.plan_bindings`, "
         "`stoker.operator.replicas.plan_replicas` and the agent's `DiskCacheState` / `plan_eviction`. "
+        "The Stoker policies' agents evict disk by the agent's LRU-2 (a model used by one job goes first); "
+        "the baselines' nodes by plain LRU. Stoker's placement download weight is "
+        f"{(_settings(args) or PlacementSettings()).download_weight:g} (a second of downloading costs as much "
+        "as that many seconds of waiting). "
         "`x pooled`: bytes / pooled-cache lower bound; `x fewer` and `p95 x`: least-connection+LRU / policy. "
         "Latencies of jobs not started by the end count as their wait so far.",
         "",

@@ -214,6 +214,8 @@ class Policy(Protocol):
     name: str
     tick_s: float
     """Interval of `tick` calls (replica planning); math.inf for none."""
+    disk_probation_s: float | None
+    """Disk eviction of the policy's agents: the agent's LRU-2 window, or None for plain LRU."""
 
     def assign(self, sim: Simulator, pending: Sequence[JobRecord], now: float) -> list[tuple[JobRecord, AgentState]]: ...
 
@@ -411,7 +413,8 @@ class Simulator:
         inc = self._incarnation[slot]
         name = f"agent-{slot:03d}" if inc == 1 else f"agent-{slot:03d}-r{inc - 1}"
         disk = adapter.new_disk_cache(
-            self.fleet.disk_bytes, baked={k: self.size[k] for k in self.fleet.baked}, now=self.now
+            self.fleet.disk_bytes, baked={k: self.size[k] for k in self.fleet.baked}, now=self.now,
+            probation_s=self.policy.disk_probation_s,
         )
         agent = AgentState(
             slot=slot,

@@ -36,6 +36,7 @@ class _PushPolicy:
 
     name = "push"
     tick_s = math.inf
+    disk_probation_s = None  # the plain per-node LRU a load balancer's nodes have
 
     def __init__(self, *, seed: int = 1) -> None:
         self.rng = random.Random(f"{self.name}-{seed}")
@@ -137,6 +138,7 @@ class StokerPolicy:
         tick_s: float = 30.0,
     ) -> None:
         self.name = name
+        self.disk_probation_s: float | None = adapter.DEFAULT_PROBATION_S
         self.settings = settings or PlacementSettings()
         self.replicas = replicas
         self.tick_s = tick_s if replicas.enabled else math.inf

@@ -1,6 +1,8 @@
-"""Disk cache accounting: LRU eviction plans, budget, pins, holds, preloaded models."""
+"""Disk cache accounting: LRU and LRU-2 eviction plans, budget, pins, holds, preloaded models."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -8,11 +10,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from stoker.agent.disk_cache import (
+    EVICTION_HISTORY,
     CachedItem,
     DiskCacheState,
     InsufficientCache,
     KeyConflict,
     NotCached,
+    eviction_rank,
     plan_eviction,
 )
 
@@ -63,20 +67,24 @@ class TestPlanEviction:
 
     @given(
         st.lists(
-            st.tuples(st.integers(0, 100), st.floats(0, 1000, allow_nan=False), st.booleans()),
+            st.tuples(st.integers(0, 100), st.floats(0, 1000, allow_nan=False), st.booleans(),
+                      st.one_of(st.none(), st.floats(0, 1000, allow_nan=False))),
             max_size=12,
         ),
         st.integers(0, 600),
         st.integers(-50, 200),
+        st.one_of(st.none(), st.floats(0, 2000, allow_nan=False)),
     )
-    def test_a_plan_is_the_shortest_lru_prefix_that_makes_room(
-        self, raw: list[tuple[int, float, bool]], need: int, free: int
+    def test_a_plan_is_the_shortest_prefix_of_the_eviction_order_that_makes_room(
+        self, raw: list[tuple[int, float, bool, float | None]], need: int, free: int, probation: float | None
     ) -> None:
-        items = [item(f"k{i}", size, used, pinned) for i, (size, used, pinned) in enumerate(raw)]
+        items = [CachedItem(key=f"k{i}", size_bytes=size, last_used=used, pinned=pinned,
+                            previous_use=None if prev is None else min(prev, used))
+                 for i, (size, used, pinned, prev) in enumerate(raw)]
         by_key = {i.key: i for i in items}
         evictable = sum(i.size_bytes for i in items if not i.pinned)
         try:
-            victims = plan_eviction(items, need_bytes=need, free_bytes=free)
+            victims = plan_eviction(items, need_bytes=need, free_bytes=free, probation_s=probation)
         except InsufficientCache:
             assert free + evictable < need
             return
@@ -86,10 +94,81 @@ class TestPlanEviction:
             # minimal: without the last victim there would not have been room
             assert free + sum(by_key[v].size_bytes for v in victims[:-1]) < need
             survivors = [i for i in items if not i.pinned and i.key not in victims]
-            newest_victim = max((by_key[v].last_used, v) for v in victims)
-            assert all((s.last_used, s.key) > newest_victim for s in survivors)
+            last_victim = max(eviction_rank(by_key[v], probation_s=probation) for v in victims)
+            assert all(eviction_rank(s, probation_s=probation) > last_victim for s in survivors)
         else:
             assert free >= need
+
+
+def cached(state: DiskCacheState, key: str, size: int, now: float) -> DiskCacheState:
+    state, _, _ = state.reserve(key, size, now=now)
+    return state.commit(key, now=now)
+
+
+def used_by_a_job(state: DiskCacheState, key: str, now: float) -> DiskCacheState:
+    return state.pin(key, now=now).unpin(key, now=now)
+
+
+class TestLru2:
+    def test_a_model_fetched_for_one_job_goes_before_one_in_steady_use(self) -> None:
+        state = DiskCacheState(budget_bytes=30, probation_s=600.0)
+        state = used_by_a_job(cached(state, "steady", 10, 0.0), "steady", 0.0)
+        state = used_by_a_job(state, "steady", 100.0)
+        state = used_by_a_job(cached(state, "one-off", 10, 200.0), "one-off", 200.0)
+        state = cached(state, "c", 10, 210.0)
+        # plain LRU would evict "steady" (last used at 100 s)
+        _, _, victims = state.reserve("d", 10, now=300.0)
+        assert victims == ("one-off",)
+        _, _, lru_victims = dataclasses.replace(state, probation_s=None).reserve("d", 10, now=300.0)
+        assert lru_victims == ("steady",)
+
+    def test_a_model_that_stopped_being_used_still_ages_out(self) -> None:
+        state = DiskCacheState(budget_bytes=20, probation_s=600.0)
+        state = used_by_a_job(cached(state, "old", 10, 0.0), "old", 0.0)
+        state = used_by_a_job(state, "old", 10.0)  # second most recent use: 0 s
+        state = used_by_a_job(cached(state, "new", 10, 5000.0), "new", 5000.0)  # ranks as used at 4400 s
+        _, _, victims = state.reserve("x", 10, now=5001.0)
+        assert victims == ("old",)
+
+    def test_a_job_waiting_on_the_download_is_the_first_use_and_the_next_job_the_second(self) -> None:
+        state = DiskCacheState(budget_bytes=100)
+        state, _, _ = state.pin("m", now=0.0).reserve("m", 10, now=0.0)
+        state = state.commit("m", now=5.0)
+        assert (state.entries["m"].used, state.entries["m"].previous_use) == (True, None)
+        state = used_by_a_job(state.unpin("m", now=8.0), "m", 20.0)
+        assert state.entries["m"].previous_use == 8.0 and state.entries["m"].last_used == 20.0
+
+    def test_a_prefetched_model_is_unused_until_its_first_job(self) -> None:
+        state = cached(DiskCacheState(budget_bytes=100), "m", 10, 0.0)
+        assert not state.entries["m"].used
+        state = used_by_a_job(state, "m", 30.0)
+        assert (state.entries["m"].used, state.entries["m"].previous_use, state.entries["m"].last_used) == (True, None, 30.0)
+
+    def test_a_lookup_refreshes_the_last_use_without_counting_a_new_use(self) -> None:
+        state = used_by_a_job(cached(DiskCacheState(budget_bytes=100), "m", 10, 0.0), "m", 0.0)
+        state = state.touch("m", now=50.0)
+        assert (state.entries["m"].previous_use, state.entries["m"].last_used) == (None, 50.0)
+
+    def test_an_evicted_model_that_comes_back_keeps_its_earlier_use(self) -> None:
+        state = used_by_a_job(cached(DiskCacheState(budget_bytes=10), "m", 10, 0.0), "m", 40.0)
+        state, _, victims = state.reserve("other", 10, now=50.0)
+        assert victims == ("m",) and state.evicted == {"m": 40.0}
+        state = state.commit("other", now=50.0)
+        state, _, _ = state.reserve("m", 10, now=90.0)
+        state = state.commit("m", now=95.0)
+        assert state.entries["m"].previous_use == 40.0
+        assert "m" not in state.evicted and "other" in state.evicted
+
+    def test_the_eviction_history_is_bounded(self) -> None:
+        state = DiskCacheState(budget_bytes=1)
+        for i in range(EVICTION_HISTORY + 10):
+            state = cached(state, f"k{i}", 1, float(i))
+        assert len(state.evicted) == EVICTION_HISTORY
+        assert "k0" not in state.evicted and f"k{EVICTION_HISTORY + 8}" in state.evicted
+
+    def test_a_negative_probation_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="probation_s"):
+            DiskCacheState(budget_bytes=1, probation_s=-1.0)
 
 
 class TestDiskCacheState:
@@ -238,11 +317,12 @@ class DiskCacheMachine(RuleBasedStateMachine):
             assert before.free_bytes < size
             freed = sum(before.entries[v].size_bytes for v in victims[:-1])
             assert before.free_bytes + freed < size
-            # LRU: every evicted entry is older than every surviving unpinned entry
-            newest_victim = max((before.entries[v].last_used, v) for v in victims)
+            # every evicted entry ranks before every surviving unpinned entry
+            ranks = {i.key: eviction_rank(i, probation_s=before.probation_s) for i in before.items()}
+            last_victim = max(ranks[v] for v in victims)
             for survivor in after.items():
                 if not survivor.pinned:
-                    assert (survivor.last_used, survivor.key) > newest_victim
+                    assert ranks[survivor.key] > last_victim
         self.state = after
 
     @precondition(lambda self: bool(self.state.reservations))

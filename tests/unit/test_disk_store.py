@@ -392,6 +392,30 @@ class TestRestart:
         assert before == remembered and [k for k, _ in before] == ["team/m0", "team/m2", "team/m1"]
         assert after == ["team/m3", "team/m0", "team/m2"]  # m1 was the least recently used
 
+    def test_use_history_survives_a_restart_so_a_one_off_model_goes_first(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        clock = Clock()
+
+        async def main() -> list[str]:
+            store = make_store(clock=clock)
+            await store.start()
+            for i in (0, 1, 2):
+                await store.ensure(source(server, i))
+            for key in ("team/m0", "team/m0", "team/m1", "team/m2"):  # m0: two jobs; m1, m2: one each
+                store.pin(key)
+                store.unpin(key)
+            await store.close()
+            again = make_store(clock=clock, budget_bytes=int(3.5 * SIZE))
+            await again.start()
+            await again.ensure(source(server, 3))
+            kept = [m.key for m in again.snapshot().models]
+            await again.close()
+            return kept
+
+        # plain LRU would evict m0 (least recently used); LRU-2 evicts m1, used once
+        assert sorted(run(main())) == ["team/m0", "team/m2", "team/m3"]
+
     def test_a_smaller_budget_after_restart_evicts_the_least_recently_used(
         self, server: ModelServer, make_store: Callable[..., DiskStore]
     ) -> None:

@@ -156,9 +156,21 @@ class TestWaitingForAHotAgent:
     def test_queued_waiters_make_the_hot_agent_less_attractive_to_later_jobs(self) -> None:
         agents = [agent("hot", free_slots=0, vram=frozenset({"sdxl"}), running_remaining_s=(2.0,)), agent("cold", slots=4, free_slots=4)]
         jobs = [job(f"j{i}", created_at=i, expected_run_s=40.0) for i in range(3)]
-        plan = plan_placement(jobs, agents, ARTIFACTS, now=5)
+        plan = plan_placement(jobs, agents, ARTIFACTS, now=5, settings=PlacementSettings(download_weight=1.0))
         assert [w.job_key for w in plan.waiting] == ["j0"]
         assert [b.agent for b in plan.bindings] == ["cold", "cold"]
+
+    def test_a_heavier_download_weight_queues_behind_the_holder_instead_of_fetching(self) -> None:
+        # sdxl: ~33 s to download at the default bandwidth; the holder frees in 50 s.
+        agents = [agent("hot", free_slots=0, vram=frozenset({"sdxl"}), running_remaining_s=(50.0,)), agent("cold")]
+        by_time = plan_placement([job("j")], agents, ARTIFACTS, now=0, settings=PlacementSettings(download_weight=1.0))
+        assert [b.agent for b in by_time.bindings] == ["cold"]
+        by_bytes = plan_placement([job("j")], agents, ARTIFACTS, now=0, settings=PlacementSettings(download_weight=3.0))
+        assert by_bytes.bindings == () and [w.agent for w in by_bytes.waiting] == ["hot"]
+
+    def test_a_download_weight_below_one_is_refused(self) -> None:
+        with pytest.raises(PlacementError, match="download_weight must be >= 1"):
+            PlacementSettings(download_weight=0.5)
 
     def test_a_job_pending_too_long_no_longer_waits(self) -> None:
         agents = [agent("hot", free_slots=0, vram=frozenset({"sdxl"}), running_remaining_s=(2.0,)), agent("cold")]
