@@ -137,10 +137,13 @@ class CacheAgentStatus(StokerModel):
     """Count of models loaded in GPU memory (for kubectl get)."""
     downloads: list[DownloadProgress] = Field(default_factory=list, max_length=1000)
     """Downloads in progress."""
-    slots: int = 1
-    """Jobs the agent runs at once."""
+    slots: int = Field(default=1, ge=0, le=1024)
+    """Generations the agent runs at once."""
+    queue_slots: int = Field(default=0, ge=0, le=1024)
+    """Jobs the agent accepts beyond `slots`: it downloads and loads their models while the
+    running generations finish, so a model swap overlaps the previous job."""
     free_slots: int = 0
-    """Slots not taken by a running or bound job."""
+    """Jobs the operator may still bind: slots + queueSlots minus the jobs bound and not finished."""
     running: list[RunningJob] = Field(default_factory=list, max_length=1000)
     """Jobs bound to the agent and not finished."""
     model_failures: list[ModelFailure] = Field(default_factory=list, max_length=1000)
