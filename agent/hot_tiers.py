@@ -25,7 +25,16 @@ import torch
 
 from stoker.agent import safetensors_header
 from stoker.agent.disk_cache import CachedItem, InsufficientCache, plan_eviction
-from stoker.agent.loader import LoadedModel, Loader, LoadSource, LoadTimings, allocate_host_buffer, build_views
+from stoker.agent.loader import (
+    DeviceOutOfMemory,
+    FileIdentity,
+    LoadedModel,
+    Loader,
+    LoadSource,
+    LoadTimings,
+    allocate_host_buffer,
+    build_views,
+)
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -88,14 +97,30 @@ class TierSnapshot:
 
 @dataclass(eq=False, slots=True)
 class _Entry:
+    key: str
     model: LoadedModel
     size_bytes: int
     last_used: float
     refs: int = 0
 
+    @property
+    def identity(self) -> FileIdentity | None:
+        return self.model.identity
+
+
+def _matches(entry: _Entry, identity: FileIdentity | None) -> bool:
+    """Whether ``entry`` may serve a request for the file with ``identity`` (None: any)."""
+    return identity is None or entry.identity is None or entry.identity == identity
+
 
 class _Tier:
-    """Budgeted LRU map of key -> LoadedModel with reservations and shared in-flight loads."""
+    """Budgeted LRU map of key -> LoadedModel with reservations and shared in-flight loads.
+
+    Requests may name the ``FileIdentity`` of the file they want: an entry read from
+    another file (the source changed and was downloaded again) is stale and never served.
+    A stale entry nobody uses is dropped at once; one still in use is retired: it keeps
+    its bytes counted against the budget, is no longer listed, and goes when released.
+    """
 
     name = "tier"
 
@@ -106,6 +131,7 @@ class _Tier:
         self._clock = clock
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
+        self._retired: list[_Entry] = []  # stale entries still in use
         self._loading: dict[str, int] = {}  # key -> reserved bytes of loads in flight
 
     # -- reporting
@@ -114,12 +140,27 @@ class _Tier:
         with self._cond:
             return key in self._entries
 
+    def holds(self, key: str, identity: FileIdentity | None = None) -> bool:
+        """Whether ``key`` is resident (read from the file with ``identity``, when given)."""
+        with self._cond:
+            entry = self._entries.get(key)
+            return entry is not None and _matches(entry, identity)
+
+    def loading(self, key: str) -> bool:
+        """Whether a load of ``key`` into this tier is in flight."""
+        with self._cond:
+            return key in self._loading
+
+    def _used_locked(self) -> int:
+        return sum(e.size_bytes for e in self._entries.values()) + sum(e.size_bytes for e in self._retired)
+
     @property
     def used_bytes(self) -> int:
         with self._cond:
-            return sum(e.size_bytes for e in self._entries.values())
+            return self._used_locked()
 
     def snapshot(self) -> TierSnapshot:
+        """Occupancy; ``used_bytes`` includes retired (stale, still in use) entries, which are not listed."""
         with self._cond:
             entries = tuple(
                 TierEntry(key=k, size_bytes=e.size_bytes, last_used=e.last_used, in_use=e.refs)
@@ -128,7 +169,7 @@ class _Tier:
             return TierSnapshot(
                 tier=self.name,
                 budget_bytes=self.budget_bytes,
-                used_bytes=sum(e.size_bytes for e in entries),
+                used_bytes=self._used_locked(),
                 reserved_bytes=sum(self._loading.values()),
                 entries=entries,
             )
@@ -151,13 +192,22 @@ class _Tier:
         return True
 
     def _evicted(self, victims: list[tuple[str, _Entry]]) -> None:
-        """Called outside the lock with what eviction removed."""
+        """Called outside the lock with what eviction removed to make room (or ``evict``)."""
         for key, entry in victims:
             log.info("evicted %s (%d bytes) from the %s tier", key, entry.size_bytes, self.name)
 
+    def _went_stale(self, key: str, entry: _Entry) -> None:
+        """Called outside the lock with an entry found to be read from a file since replaced.
+
+        It is already unlisted; its memory goes when the last user releases it.
+        """
+        log.info("dropped %s (%d bytes, %d user(s)) from the %s tier: its file changed",
+                 key, entry.size_bytes, entry.refs, self.name)
+
     def _take_room_locked(self, key: str, need_bytes: int) -> list[tuple[str, _Entry]]:
-        used = sum(e.size_bytes for e in self._entries.values()) + sum(self._loading.values())
+        used = self._used_locked() + sum(self._loading.values())
         items = [CachedItem(key=k, size_bytes=e.size_bytes, last_used=e.last_used, pinned=e.refs > 0) for k, e in self._entries.items()]
+        items += [CachedItem(key=f"{e.key} (previous file)", size_bytes=e.size_bytes, last_used=e.last_used, pinned=True) for e in self._retired]
         try:
             victims = plan_eviction(items, need_bytes=need_bytes, free_bytes=self.budget_bytes - used)
         except InsufficientCache as err:
@@ -173,30 +223,60 @@ class _Tier:
             ) from None
         return [(v, self._entries.pop(v)) for v in victims]
 
+    def _retire_if_stale_locked(self, key: str, identity: FileIdentity | None) -> _Entry | None:
+        """Unlist ``key``'s entry if it was read from another file and return it.
+
+        One still in use is retired: counted until its last user releases it.
+        """
+        entry = self._entries.get(key)
+        if entry is None or _matches(entry, identity):
+            return None
+        del self._entries[key]
+        if entry.refs:
+            self._retired.append(entry)
+        return entry
+
     # -- admission
 
-    def _get_or_admit(self, key: str, *, size_bytes: int | None, produce: Callable[[], LoadedModel] | None, hold: bool) -> LoadedModel:
-        """The model under ``key``, produced (once, even under concurrency) if absent.
+    def _get_or_admit(
+        self,
+        key: str,
+        *,
+        size_bytes: int | None,
+        produce: Callable[[], LoadedModel] | None,
+        hold: bool,
+        identity: FileIdentity | None = None,
+    ) -> _Entry:
+        """The entry under ``key`` (read from ``identity``'s file when given), produced
+        (once, even under concurrency) if absent.
 
-        With ``hold`` the caller must ``_release(key)`` later.
+        With ``hold`` the caller must ``_release(entry)`` later.
         """
-        while True:
-            with self._cond:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    entry.last_used = self._clock()
-                    entry.refs += hold
-                    return entry.model
-                if key in self._loading:
-                    self._cond.wait_for(lambda: key not in self._loading)
-                    continue  # the other load finished (or failed): look again
-                if produce is None:
-                    raise NotResident(f"model {key!r} is not in the {self.name} tier; load it first")
-                if size_bytes is None or size_bytes < 0:
-                    raise ValueError(f"loading {key!r} into the {self.name} tier needs its size_bytes to reserve room")
-                victims = self._take_room_locked(key, size_bytes)
-                self._loading[key] = size_bytes
-            break
+        stale: list[_Entry] = []
+        try:
+            while True:
+                with self._cond:
+                    dropped = self._retire_if_stale_locked(key, identity)
+                    if dropped is not None:
+                        stale.append(dropped)
+                    entry = self._entries.get(key)
+                    if entry is not None:
+                        entry.last_used = self._clock()
+                        entry.refs += hold
+                        return entry
+                    if key in self._loading:
+                        self._cond.wait_for(lambda: key not in self._loading)
+                        continue  # the other load finished (or failed): look again
+                    if produce is None:
+                        raise NotResident(f"model {key!r} is not in the {self.name} tier; load it first")
+                    if size_bytes is None or size_bytes < 0:
+                        raise ValueError(f"loading {key!r} into the {self.name} tier needs its size_bytes to reserve room")
+                    victims = self._take_room_locked(key, size_bytes)
+                    self._loading[key] = size_bytes
+                break
+        finally:
+            for entry in stale:
+                self._went_stale(key, entry)
         self._evicted(victims)
         try:
             model = produce()
@@ -210,49 +290,69 @@ class _Tier:
             if model.size_bytes > size_bytes:
                 log.warning("%s: loaded %d bytes but reserved %d; the budget may be exceeded until the next eviction",
                             key, model.size_bytes, size_bytes)
-            self._entries[key] = _Entry(model=model, size_bytes=model.size_bytes, last_used=self._clock(), refs=int(hold))
+            entry = _Entry(key=key, model=model, size_bytes=model.size_bytes, last_used=self._clock(), refs=int(hold))
+            self._entries[key] = entry
             self._cond.notify_all()
-        return model
+        return entry
 
-    def _release(self, key: str) -> None:
+    def _release(self, entry: _Entry) -> None:
         with self._cond:
-            entry = self._entries[key]
             entry.refs -= 1
             entry.last_used = self._clock()
+            if entry.refs == 0 and entry in self._retired:
+                self._retired.remove(entry)  # its memory goes with the last reference
 
 
 class VramTier(_Tier):
     """Loaded models on one GPU under a VRAM byte budget, LRU, never evicting one in use.
 
-    ``on_evict(key, model)`` runs (outside the tier's lock) for every model evicted, e.g. to
-    demote it into the RAM tier. Device memory returns to torch's allocator once nobody
-    references the evicted tensors any more.
+    ``on_evict(key, model)`` runs (outside the tier's lock) for every model evicted to
+    make room or by ``evict``, e.g. to demote it into the RAM tier; ``on_stale(key, model)``
+    for every model dropped because its file changed (not worth keeping anywhere; a job
+    still using it keeps it until the job ends).
+    Device memory returns to torch's allocator once nobody references the tensors any more.
     """
 
     name = "VRAM"
 
-    def __init__(self, budget_bytes: int, *, clock: Clock = time.time, on_evict: Callable[[str, LoadedModel], None] | None = None) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        clock: Clock = time.time,
+        on_evict: Callable[[str, LoadedModel], None] | None = None,
+        on_stale: Callable[[str, LoadedModel], None] | None = None,
+    ) -> None:
         super().__init__(budget_bytes, clock=clock)
         self._on_evict = on_evict
+        self._on_stale = on_stale
 
     @contextmanager
-    def acquire(self, key: str, *, load: Callable[[], LoadedModel] | None = None, size_bytes: int | None = None) -> Iterator[LoadedModel]:
+    def acquire(
+        self,
+        key: str,
+        *,
+        load: Callable[[], LoadedModel] | None = None,
+        size_bytes: int | None = None,
+        identity: FileIdentity | None = None,
+    ) -> Iterator[LoadedModel]:
         """Use the model under ``key`` for the duration of the ``with`` block.
 
-        When it is not resident and ``load`` is given, room for ``size_bytes`` (the
-        header's data size) is made first, then ``load()`` runs once even if several
-        callers ask at the same time. Raises NotResident without ``load``, and
-        InsufficientCache when models in use leave too little room.
+        When it is not resident (or was read from a file other than ``identity``) and
+        ``load`` is given, room for ``size_bytes`` (the header's data size) is made first,
+        then ``load()`` runs once even if several callers ask at the same time. Raises
+        NotResident without ``load``, and InsufficientCache when models in use leave too
+        little room.
         """
-        model = self._get_or_admit(key, size_bytes=size_bytes, produce=load, hold=True)
+        entry = self._get_or_admit(key, size_bytes=size_bytes, produce=load, hold=True, identity=identity)
         try:
-            yield model
+            yield entry.model
         finally:
-            self._release(key)
+            self._release(entry)
 
     def put(self, key: str, model: LoadedModel) -> None:
         """Admit a model loaded elsewhere, evicting least recently used ones to fit."""
-        self._get_or_admit(key, size_bytes=model.size_bytes, produce=lambda: model, hold=False)
+        self._get_or_admit(key, size_bytes=model.size_bytes, produce=lambda: model, hold=False, identity=model.identity)
 
     def _evicted(self, victims: list[tuple[str, _Entry]]) -> None:
         super()._evicted(victims)
@@ -262,6 +362,14 @@ class VramTier(_Tier):
                     self._on_evict(key, entry.model)
                 except Exception as err:  # demotion is best effort: the disk copy remains
                     log.warning("could not hand evicted %s on (%s); it is dropped from memory", key, err)
+
+    def _went_stale(self, key: str, entry: _Entry) -> None:
+        super()._went_stale(key, entry)
+        if self._on_stale is not None:
+            try:
+                self._on_stale(key, entry.model)
+            except Exception as err:  # noqa: BLE001 - a callback failure must not fail the load
+                log.warning("on_stale callback for %s failed: %s", key, err)
 
 
 class RamTier(_Tier):
@@ -278,29 +386,46 @@ class RamTier(_Tier):
 
     def put(self, key: str, model: LoadedModel) -> None:
         """Keep a host copy of ``model`` (adopted as is when it is already a pinned host buffer)."""
-        self._get_or_admit(key, size_bytes=model.size_bytes, produce=lambda: _host_copy(model), hold=False)
+        self._get_or_admit(key, size_bytes=model.size_bytes, produce=lambda: _host_copy(model), hold=False, identity=model.identity)
 
-    def put_file(self, key: str, path: str | PathLike[str], *, loader: Loader) -> None:
-        """Read a safetensors file straight into pinned host memory and keep it."""
+    def put_file(
+        self, key: str, path: str | PathLike[str], *, loader: Loader, identity: FileIdentity | None = None
+    ) -> None:
+        """Read a safetensors file straight into pinned host memory and keep it.
+
+        A copy already held from the same file is kept; one from another file is replaced.
+        """
+        identity = identity or FileIdentity.of(path)
         size = safetensors_header.read_header(path).data_size_bytes
-        self._get_or_admit(key, size_bytes=size, produce=lambda: loader.load(path, device="cpu", pin_memory=True), hold=False)
+        self._get_or_admit(
+            key, size_bytes=size, produce=lambda: loader.load(path, device="cpu", pin_memory=True), hold=False, identity=identity
+        )
 
-    def to_device(self, key: str, device: str | torch.device) -> LoadedModel:
+    def to_device(self, key: str, device: str | torch.device, *, identity: FileIdentity | None = None) -> LoadedModel:
         """The model under ``key`` on ``device``: one async host-to-device copy, then views.
 
-        The host copy stays in the tier. Raises NotResident when it is not held.
+        The host copy stays in the tier. Raises NotResident when it is not held (or was
+        read from a file other than ``identity``), DeviceOutOfMemory when the GPU is full.
         """
         target = torch.device(device)
-        host = self._get_or_admit(key, size_bytes=None, produce=None, hold=True)
+        entry = self._get_or_admit(key, size_bytes=None, produce=None, hold=True, identity=identity)
+        host = entry.model
         try:
             t0 = time.perf_counter()
             if target.type == "cpu":
                 tensors, cloned = dict(host.tensors), host.cloned
                 dest, method, t1 = host.buffer, "ram-view", t0
+                keepalive: tuple[object, ...] = (host,)  # the views share the host copy (and its pin)
             else:
                 if target.index is None:
                     target = torch.device("cuda", torch.cuda.current_device())
-                dest = torch.empty(host.size_bytes, dtype=torch.uint8, device=target)
+                try:
+                    dest = torch.empty(host.size_bytes, dtype=torch.uint8, device=target)
+                except torch.OutOfMemoryError as err:
+                    raise DeviceOutOfMemory(
+                        f"out of memory on {target}: copying {key!r} from the RAM tier needs {host.size_bytes} bytes "
+                        f"({err}); lower the VRAM budget or free the GPU"
+                    ) from err
                 t1 = time.perf_counter()
                 stream = self._stream(target)
                 stream.wait_stream(torch.cuda.current_stream(target))  # dest's allocation is ordered first
@@ -308,10 +433,10 @@ class RamTier(_Tier):
                     dest.copy_(host.buffer, non_blocking=host.pinned)
                 stream.synchronize()
                 tensors, cloned = build_views(dest, host.header)
-                method = "ram-copy"
+                method, keepalive = "ram-copy", ()
             t2 = time.perf_counter()
         finally:
-            self._release(key)
+            self._release(entry)
         return LoadedModel(
             tensors=tensors,
             header=host.header,
@@ -323,6 +448,8 @@ class RamTier(_Tier):
             path=host.path,
             pinned=host.pinned and target.type == "cpu",
             cloned=cloned,
+            identity=host.identity,
+            _keepalive=keepalive,
         )
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -352,5 +479,6 @@ def _host_copy(model: LoadedModel) -> LoadedModel:
         path=model.path,
         pinned=pin is not None,
         cloned=cloned,
+        identity=model.identity,
         _keepalive=(pin,) if pin else (),
     )

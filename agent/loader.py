@@ -48,6 +48,8 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CPU_STRATEGY",
     "CpuStrategy",
+    "DeviceOutOfMemory",
+    "FileIdentity",
     "LoadOptions",
     "LoadSource",
     "LoadTimings",
@@ -95,6 +97,37 @@ class LoaderError(Exception):
     """Loading a model failed for a reason other than a malformed header (see HeaderError)."""
 
 
+class DeviceOutOfMemory(LoaderError, RuntimeError):
+    """The device (or pinned host memory) has no room for the model's data.
+
+    A RuntimeError whose message contains "out of memory", like torch's own
+    OutOfMemoryError, so callers that map that to a retryable capacity failure still do.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """Which file on disk a model was read from.
+
+    A re-download is written to a new file and renamed over the old one, and an in-place
+    rewrite changes the modification time, so a changed source never has the identity
+    of the file it replaced. Hot tiers compare it to serve only current weights.
+    """
+
+    device: int
+    inode: int
+    size_bytes: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | PathLike[str]) -> FileIdentity:
+        return cls.from_stat(os.stat(path))
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> FileIdentity:
+        return cls(device=st.st_dev, inode=st.st_ino, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
 class LoadSource(enum.StrEnum):
     """The tier a load read its bytes from."""
 
@@ -113,11 +146,13 @@ class LoadOptions:
     ring_buffers: int = 6
     """Pinned host buffers of ``chunk_bytes`` each in the GPU path's ring (allocated once)."""
     direct_io: bool = False
-    """Read with O_DIRECT, bypassing the page cache (cold loads of files read once), in the
-    CUDA path and the READ strategy; falls back to buffered reads where the filesystem
-    refuses it. ``LoadedModel.method`` says which was used."""
+    """Read with O_DIRECT, bypassing the page cache (cold loads of files read once); falls
+    back to buffered reads where the filesystem refuses it. A mapping cannot bypass the
+    page cache, so on a CPU target this implies the READ strategy. ``LoadedModel.method``
+    says what was used (``+direct``, or ``+direct+buffered`` when a load had to finish
+    with buffered reads)."""
     cpu_strategy: CpuStrategy = DEFAULT_CPU_STRATEGY
-    """How CPU loads fill memory (ignored for CUDA devices and for pinned loads)."""
+    """How CPU loads fill memory (ignored for CUDA devices, pinned loads and ``direct_io``)."""
 
     def __post_init__(self) -> None:
         if self.chunk_bytes <= 0 or self.chunk_bytes % DIRECT_IO_ALIGN_BYTES:
@@ -157,6 +192,8 @@ class LoadedModel:
     pinned: bool = False
     cloned: tuple[str, ...] = ()
     """Tensors copied out of ``buffer`` because their offset was misaligned for their dtype."""
+    identity: FileIdentity | None = None
+    """The file the bytes came from (None for models built in memory)."""
     _keepalive: tuple[Any, ...] = field(default=(), repr=False)
 
     @property
@@ -215,6 +252,9 @@ def build_views(buffer: torch.Tensor, header: Header) -> tuple[dict[str, torch.T
     tensors: dict[str, torch.Tensor] = {}
     cloned: list[str] = []
     for spec in header.tensors:
+        if spec.end == spec.begin:  # no bytes to share, and torch refuses views at unaligned offsets
+            tensors[spec.name] = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype), device=buffer.device)
+            continue
         raw = buffer[spec.begin : spec.end]
         if (base + spec.begin) % spec.item_bytes:
             raw = raw.clone()
@@ -303,16 +343,59 @@ def _plan_windows(*, begin: int, end: int, chunk_bytes: int, align_bytes: int) -
     return windows
 
 
-def _pread_full(fd: int, view: memoryview, offset: int, *, need_bytes: int) -> None:
-    got = 0
-    while got < need_bytes:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise LoaderError(
-                f"file ended at byte {offset + got}, expected data up to {offset + need_bytes}; "
-                "it was truncated or replaced while loading, fetch it again"
-            )
-        got += n
+class _Reader:
+    """Fills windows of one open file, with O_DIRECT for as long as it works.
+
+    O_DIRECT needs every offset, length and buffer address aligned. A short read in the
+    middle of the file (network and FUSE filesystems return them) leaves the next offset
+    unaligned, and a late EINVAL shows the filesystem refusing; either way the fd is
+    switched to buffered reads for the rest of the load. Aligned reads that other threads
+    have in flight are valid in both modes, so the switch needs no coordination beyond
+    flipping the flag after the fd.
+    """
+
+    def __init__(self, fd: int, *, direct: bool) -> None:
+        self.fd = fd
+        self.direct = direct
+        self.fell_back = False
+        self._lock = threading.Lock()
+
+    def _to_buffered(self, why: str) -> None:
+        with self._lock:
+            if self.direct:
+                _set_direct(self.fd, False)
+                self.direct, self.fell_back = False, True
+                log.info("O_DIRECT read %s; finishing this load with buffered reads", why)
+
+    def read(self, view: memoryview, offset: int, *, need_bytes: int) -> None:
+        """File bytes ``[offset, offset + need_bytes)`` into the start of ``view``.
+
+        Direct reads ask for all of ``view`` (the aligned window, which may run past the
+        end of the file); buffered reads stop at ``need_bytes``.
+        """
+        got = 0
+        while got < need_bytes:
+            direct = self.direct and got % DIRECT_IO_ALIGN_BYTES == 0
+            if self.direct and not direct:
+                self._to_buffered(f"stopped short at byte {offset + got}, not a multiple of {DIRECT_IO_ALIGN_BYTES}")
+            try:
+                n = os.preadv(self.fd, [view[got:] if direct else view[got:need_bytes]], offset + got)
+            except OSError as err:
+                if not direct or err.errno != errno.EINVAL:
+                    raise
+                self._to_buffered(f"at byte {offset + got} was refused (EINVAL)")
+                continue
+            if n == 0:
+                raise LoaderError(
+                    f"file ended at byte {offset + got}, expected data up to {offset + need_bytes}; "
+                    "it was truncated or replaced while loading, fetch it again"
+                )
+            got += n
+
+    def method(self, base: str) -> str:
+        if self.fell_back:
+            return f"{base}+direct+buffered"
+        return f"{base}+direct" if self.direct else base
 
 
 def _read_header_fd(fd: int) -> Header:
@@ -407,6 +490,16 @@ class Loader:
                 self._ring_pin.release()
                 self._ring_pin = None
 
+    def prepare(self, device: str | torch.device) -> None:
+        """Allocate the pinned ring and the copy stream for ``device`` now (CUDA only), so
+        the first load does not pay for page-locking the ring."""
+        target = torch.device(device)
+        if target.type != "cuda":
+            return
+        with self._lock:
+            self._ensure_ring()
+            self.copy_stream(target)
+
     @property
     def ring_bytes(self) -> int:
         """Pinned host memory held by the ring (0 until the first CUDA load)."""
@@ -416,7 +509,9 @@ class Loader:
         """Load the file at ``path`` onto ``device``.
 
         ``pin_memory`` (CPU only) reads into page-locked memory, ready for fast copies to
-        a GPU. Raises ``HeaderError`` for a malformed file, ``LoaderError`` otherwise.
+        a GPU. Raises ``HeaderError`` for a malformed file, ``DeviceOutOfMemory`` when
+        the device has no room for it, OSError when it cannot be opened, and
+        ``LoaderError`` for every other failure (reads included).
         """
         target = torch.device(device)
         path = os.fspath(path)
@@ -427,12 +522,14 @@ class Loader:
         # (a re-download) cannot mix one file's header with another's bytes.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
+            identity = FileIdentity.from_stat(os.fstat(fd))
             header = _read_header_fd(fd)
             t_header = time.perf_counter() - t0
             with self._lock:
                 if target.type == "cuda":
                     model = self._load_cuda(fd, path, header, target)
-                elif pin_memory or self.options.cpu_strategy is CpuStrategy.READ:
+                elif pin_memory or self.options.direct_io or self.options.cpu_strategy is CpuStrategy.READ:
+                    # A mapping always reads through the page cache, so direct_io means reads.
                     model = self._load_cpu_read(fd, path, header, pinned=pin_memory)
                 else:
                     model = self._load_cpu_mmap(fd, path, header)
@@ -447,6 +544,7 @@ class Loader:
             total_s=total,
         )
         object.__setattr__(model, "timings", timings)
+        object.__setattr__(model, "identity", identity)
         log.debug("loaded %s (%d bytes) to %s by %s in %.3fs", path, model.size_bytes, target, model.method, total)
         return model
 
@@ -457,7 +555,7 @@ class Loader:
             self._pool = ThreadPoolExecutor(max_workers=self.options.reader_threads, thread_name_prefix="stoker-read")
         return self._pool
 
-    def _run_all(self, windows: list[_Window], work: Callable[[_Window, threading.Event], None]) -> None:
+    def _run_all(self, path: str, windows: list[_Window], work: Callable[[_Window, threading.Event], None]) -> None:
         """Run ``work`` for every window on the reader threads; first failure cancels the rest."""
         cancel = threading.Event()
 
@@ -474,9 +572,9 @@ class Loader:
         errors = [f.exception() for f in futures]
         first = next((e for e in errors if e is not None), None)
         if first is not None:
-            if isinstance(first, (LoaderError, OSError)):
+            if isinstance(first, LoaderError):
                 raise first
-            raise LoaderError(f"reading failed: {first}") from first
+            raise LoaderError(f"reading {path} failed: {type(first).__name__}: {first}; check the disk and retry") from first
 
     # -- CPU: parallel reads into one host buffer
 
@@ -497,13 +595,14 @@ class Loader:
             direct = bool(opts.direct_io and windows) and _enable_direct(fd, target, span_begin)
             if not direct:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            reader = _Reader(fd, direct=direct)
 
             def read(w: _Window, _cancel: threading.Event) -> None:
                 lo = w.file_begin - span_begin
                 hi = (w.file_end if direct else w.need_end) - span_begin
-                _pread_full(fd, target[lo:hi], w.file_begin, need_bytes=w.need_end - w.file_begin)
+                reader.read(target[lo:hi], w.file_begin, need_bytes=w.need_end - w.file_begin)
 
-            self._run_all(windows, read)
+            self._run_all(path, windows, read)
             t2 = time.perf_counter()
         finally:
             if direct:
@@ -516,7 +615,7 @@ class Loader:
             buffer=data,
             device=torch.device("cpu"),
             source=LoadSource.DISK,
-            method="read+direct" if direct else "read",
+            method=reader.method("read"),
             timings=LoadTimings(allocate_s=t1 - t0, data_s=t2 - t1, views_s=t3 - t2),
             path=path,
             pinned=pin is not None,
@@ -541,7 +640,7 @@ class Loader:
             keep = (mapped,)
         t1 = time.perf_counter()
         if header.data_size_bytes:
-            self._populate(data, windows=_plan_windows(
+            self._populate(path, data, windows=_plan_windows(
                 begin=0, end=header.data_size_bytes, chunk_bytes=self.options.chunk_bytes, align_bytes=mmap.PAGESIZE
             ))
         t2 = time.perf_counter()
@@ -560,7 +659,7 @@ class Loader:
             _keepalive=keep,
         )
 
-    def _populate(self, data: torch.Tensor, *, windows: list[_Window]) -> None:
+    def _populate(self, path: str, data: torch.Tensor, *, windows: list[_Window]) -> None:
         """Make sure every page of the mapping is in the page cache, reading in parallel.
 
         When the file looks cached (mincore on two pages per window; a full scan costs
@@ -589,7 +688,7 @@ class Loader:
             chunk = data[max(lo - base, 0) : w.need_end]
             chunk[:: mmap.PAGESIZE].sum()
 
-        self._run_all(windows, populate)
+        self._run_all(path, windows, populate)
 
     # -- CUDA: pinned ring and a copy stream
 
@@ -625,7 +724,13 @@ class Loader:
         t0 = time.perf_counter()
         ring = self._ensure_ring()
         stream = self.copy_stream(device)
-        dest = torch.empty(header.data_size_bytes, dtype=torch.uint8, device=device)
+        try:
+            dest = torch.empty(header.data_size_bytes, dtype=torch.uint8, device=device)
+        except torch.OutOfMemoryError as err:
+            raise DeviceOutOfMemory(
+                f"out of memory on {device}: {path} needs {header.data_size_bytes} bytes in one allocation ({err}); "
+                "lower the VRAM budget, evict models, or free the GPU"
+            ) from err
         # dest may reuse memory that work queued on the current stream still touches.
         stream.wait_stream(torch.cuda.current_stream(device))
         t1 = time.perf_counter()
@@ -639,6 +744,7 @@ class Loader:
             direct = bool(opts.direct_io and windows) and _enable_direct(fd, _as_memoryview(ring[0].host), windows[0].file_begin)
             if not direct:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            reader = _Reader(fd, direct=direct)
 
             def read_and_copy(w: _Window, cancel: threading.Event) -> None:
                 torch.cuda.set_device(device)  # reader threads are the loader's own
@@ -649,7 +755,7 @@ class Loader:
                     if cancel.is_set():
                         return
                     length = (w.file_end if direct else w.need_end) - w.file_begin
-                    _pread_full(fd, _as_memoryview(slot.host[:length]), w.file_begin, need_bytes=w.need_end - w.file_begin)
+                    reader.read(_as_memoryview(slot.host[:length]), w.file_begin, need_bytes=w.need_end - w.file_begin)
                     lo, hi = max(w.file_begin, data_begin), w.need_end
                     with torch.cuda.stream(stream):
                         dest[lo - data_begin : hi - data_begin].copy_(
@@ -658,11 +764,16 @@ class Loader:
                         done = torch.cuda.Event()
                         done.record(stream)
                     slot.done = done
+                except BaseException:
+                    # Before the slot goes back: a copy out of it may be queued without its
+                    # event, so no other reader may refill it (they check cancel first).
+                    cancel.set()
+                    raise
                 finally:
                     free.put(slot)
 
             try:
-                self._run_all(windows, read_and_copy)
+                self._run_all(path, windows, read_and_copy)
             finally:
                 # Whatever happened, no copy may still read the ring when we return.
                 stream.synchronize()
@@ -678,7 +789,7 @@ class Loader:
             buffer=dest,
             device=device,
             source=LoadSource.DISK,
-            method="pinned-ring+direct" if direct else "pinned-ring",
+            method=reader.method("pinned-ring"),
             timings=LoadTimings(allocate_s=t1 - t0, data_s=t2 - t1, views_s=t3 - t2),
             path=path,
             cloned=cloned,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 
 from stoker.agent.disk_cache import InsufficientCache
 from stoker.agent.hot_tiers import ModelInUse, NotResident, RamTier, TierEntry, VramTier
-from stoker.agent.loader import LoadedModel, Loader, LoadOptions, LoadSource, LoadTimings, build_views, load_file
+from stoker.agent.loader import FileIdentity, LoadedModel, Loader, LoadOptions, LoadSource, LoadTimings, build_views, load_file
 from stoker.agent.safetensors_header import Header, TensorSpec
 
 has_cuda = torch.cuda.is_available()
@@ -32,14 +33,19 @@ class FakeClock:
         return self.now
 
 
-def model_of(size_bytes: int, *, fill: int = 7) -> LoadedModel:
+def model_of(size_bytes: int, *, fill: int = 7, version: int | None = None) -> LoadedModel:
+    """An in-memory model; with ``version`` it claims to come from that version of a file."""
     header = Header(data_offset=64, tensors=(TensorSpec(name="w", dtype="U8", shape=(size_bytes,), begin=0, end=size_bytes),))
     buffer = torch.full((size_bytes,), fill, dtype=torch.uint8)
     tensors, cloned = build_views(buffer, header)
     return LoadedModel(
         tensors=tensors, header=header, buffer=buffer, device=buffer.device,
-        source=LoadSource.DISK, method="read", timings=LoadTimings(), cloned=cloned,
+        source=LoadSource.DISK, method="read", timings=LoadTimings(), cloned=cloned, identity=file_version(version),
     )  # fmt: skip
+
+
+def file_version(version: int | None) -> FileIdentity | None:
+    return None if version is None else FileIdentity(device=1, inode=100 + version, size_bytes=1, mtime_ns=version)
 
 
 def keys(tier: VramTier | RamTier) -> list[str]:
@@ -214,6 +220,92 @@ class TestVramTier:
                     assert resident.get(k) == len(cms)
 
 
+class TestFileIdentity:
+    def test_a_model_read_from_another_file_is_not_served_and_is_loaded_again(self):
+        tier = VramTier(100)
+        tier.put("m", model_of(10, fill=1, version=1))
+        loads = []
+        with tier.acquire("m", load=lambda: loads.append(1) or model_of(10, fill=2, version=2), size_bytes=10,
+                          identity=file_version(2)) as model:  # fmt: skip
+            assert int(model.tensors["w"][0]) == 2
+        assert loads == [1] and tier.used_bytes == 10 and tier.holds("m", file_version(2)) and not tier.holds("m", file_version(1))
+
+    def test_a_request_without_an_identity_takes_whatever_is_held(self):
+        tier = VramTier(100)
+        tier.put("m", model_of(10, version=1))
+        with tier.acquire("m") as model:
+            assert model.identity == file_version(1)
+
+    def test_a_stale_model_in_use_stays_counted_until_its_last_user_releases_it(self):
+        stale: list[str] = []
+        tier = VramTier(25, on_stale=lambda key, model: stale.append(key))
+        tier.put("m", model_of(10, fill=1, version=1))
+        with tier.acquire("m", identity=file_version(1)) as old:
+            with tier.acquire("m", load=lambda: model_of(10, fill=2, version=2), size_bytes=10, identity=file_version(2)) as new:
+                assert (int(old.tensors["w"][0]), int(new.tensors["w"][0])) == (1, 2)
+                snap = tier.snapshot()
+                assert snap.used_bytes == 20 and [(e.key, e.in_use) for e in snap.entries] == [("m", 1)]
+                assert stale == ["m"]
+                with pytest.raises(InsufficientCache) as info:  # the retired copy cannot be evicted
+                    tier.put("x", model_of(10))
+                assert info.value.pinned_bytes == 20
+        assert tier.used_bytes == 10
+        tier.put("x", model_of(10))
+        assert set(keys(tier)) == {"m", "x"}
+
+    def test_a_stale_model_nobody_uses_is_dropped_without_being_demoted(self):
+        ram = RamTier(1000)
+        vram = VramTier(100, on_evict=ram.put)
+        vram.put("m", model_of(10, version=1))
+        with pytest.raises(NotResident):
+            with vram.acquire("m", identity=file_version(2)):
+                pass
+        assert "m" not in vram and "m" not in ram and vram.used_bytes == 0
+
+    def test_the_ram_tier_serves_only_the_file_asked_for(self):
+        ram = RamTier(1000)
+        ram.put("m", model_of(10, version=1))
+        assert ram.to_device("m", "cpu", identity=file_version(1)).identity == file_version(1)
+        with pytest.raises(NotResident):
+            ram.to_device("m", "cpu", identity=file_version(2))
+        assert "m" not in ram
+
+    def test_put_replaces_a_copy_of_an_older_file(self):
+        ram = RamTier(1000)
+        ram.put("m", model_of(10, fill=1, version=1))
+        ram.put("m", model_of(10, fill=2, version=2))
+        assert int(ram.to_device("m", "cpu").tensors["w"][0]) == 2 and ram.used_bytes == 10
+
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from(["put", "hold", "unhold"]), st.sampled_from("abc"), st.integers(1, 3), st.integers(1, 60)),
+            max_size=40,
+        )
+    )
+    def test_the_budget_holds_while_files_change_under_models_in_use(self, ops):
+        tier = VramTier(150, clock=FakeClock())
+        held: list = []
+        for op, key, version, size in ops:
+            try:
+                if op == "put":
+                    tier.put(key, model_of(size, version=version))
+                elif op == "hold":
+                    cm = tier.acquire(key, identity=file_version(version))
+                    cm.__enter__()
+                    held.append(cm)
+                elif op == "unhold" and held:
+                    held.pop(0).__exit__(None, None, None)
+            except (InsufficientCache, NotResident):
+                pass
+            assert tier.used_bytes <= tier.budget_bytes
+        for cm in held:
+            cm.__exit__(None, None, None)
+        snap = tier.snapshot()
+        assert snap.used_bytes == sum(e.size_bytes for e in snap.entries) and all(e.in_use == 0 for e in snap.entries)
+
+
 class TestRamTier:
     @pytest.fixture
     def model_file(self, tmp_path: Path) -> Path:
@@ -248,6 +340,27 @@ class TestRamTier:
         tier.put_file("c", model_file, loader=loader)
         assert set(keys(tier)) == {"a", "c"} and tier.used_bytes <= tier.budget_bytes
 
+    def test_host_views_keep_the_copy_they_share_alive(self, model_file):
+        tier = RamTier(1 << 20)
+        tier.put_file("m", model_file, loader=Loader())
+        view = tier.to_device("m", "cpu")
+        tier.evict("m")
+        assert view.pinned is has_cuda and view._keepalive
+        expected = st_load_file(model_file)
+        assert all(torch.equal(view.tensors[k].view(torch.uint8), v.view(torch.uint8)) for k, v in expected.items())
+
+    def test_put_file_records_the_file_and_reads_it_again_once_replaced(self, model_file, tmp_path):
+        tier = RamTier(1 << 20)
+        loader = Loader()
+        tier.put_file("m", model_file, loader=loader)
+        first = FileIdentity.of(model_file)
+        tier.put_file("m", model_file, loader=loader)
+        assert tier.holds("m", first)
+        save_file({"w": torch.zeros(64, 33)}, tmp_path / "new.safetensors")
+        os.replace(tmp_path / "new.safetensors", model_file)
+        tier.put_file("m", model_file, loader=loader)
+        assert tier.holds("m", FileIdentity.of(model_file)) and set(tier.to_device("m", "cpu").tensors) == {"w"}
+
     def test_a_model_larger_than_the_budget_is_refused_with_the_tier_named(self, model_file):
         with pytest.raises(InsufficientCache) as info:
             RamTier(10).put_file("m", model_file, loader=Loader())
@@ -279,3 +392,46 @@ class TestRamTier:
         vram.put("a", loader.load(model_file, device="cuda"))
         vram.put("b", loader.load(model_file, device="cuda"))
         assert "a" in ram and ram.to_device("a", "cpu").pinned
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
+    def test_copying_to_a_full_gpu_is_reported_as_out_of_memory(self, model_file, monkeypatch):
+        from stoker.agent import hot_tiers
+        from stoker.agent.loader import DeviceOutOfMemory
+
+        tier = RamTier(1 << 20)
+        tier.put_file("m", model_file, loader=Loader())
+        real_empty = torch.empty
+
+        def no_room(*args, **kwargs):
+            if torch.device(kwargs.get("device", "cpu")).type == "cuda":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            return real_empty(*args, **kwargs)
+
+        monkeypatch.setattr(hot_tiers.torch, "empty", no_room)
+        with pytest.raises(DeviceOutOfMemory, match="out of memory on cuda"):
+            tier.to_device("m", "cuda")
+        assert tier.snapshot().entries[0].in_use == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda, reason="needs a CUDA device")
+class TestVramTierOnTheGpu:
+    def test_acquire_loads_through_the_loader_once_and_keeps_the_model_on_the_gpu(self, tmp_path):
+        path = tmp_path / "m.safetensors"
+        save_file({"w": torch.randn(257, 129).half(), "b": torch.arange(9, dtype=torch.int64)}, path)
+        size = load_file(path).size_bytes
+        tier = VramTier(2 * size)
+        loads = []
+        with Loader(LoadOptions(chunk_bytes=4096, reader_threads=2, ring_buffers=2)) as loader:
+
+            def load() -> LoadedModel:
+                loads.append(1)
+                return loader.load(path, device="cuda")
+
+            for _ in range(3):
+                with tier.acquire("m", load=load, size_bytes=size, identity=FileIdentity.of(path)) as model:
+                    assert model.device.type == "cuda" and tier.snapshot().entries[0].in_use == 1
+                    for k, v in st_load_file(path).items():
+                        assert torch.equal(model.tensors[k].cpu().view(torch.uint8), v.view(torch.uint8))
+        assert loads == [1] and tier.used_bytes == size

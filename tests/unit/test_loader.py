@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,17 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
 from stoker.agent import loader as loader_mod
-from stoker.agent.loader import CpuStrategy, LoadedModel, Loader, LoaderError, LoadOptions, LoadSource, load_file
+from stoker.agent.loader import (
+    CpuStrategy,
+    DeviceOutOfMemory,
+    FileIdentity,
+    LoadedModel,
+    Loader,
+    LoaderError,
+    LoadOptions,
+    LoadSource,
+    load_file,
+)
 from stoker.agent.safetensors_header import DTYPE_ITEM_BYTES, HeaderError, HeaderProblem
 
 has_cuda = torch.cuda.is_available()
@@ -112,6 +123,54 @@ def load(path: Path, mode: dict, **extra) -> LoadedModel:
     return load_file(path, **{**mode, **extra})
 
 
+@pytest.fixture
+def many_windows_file(tmp_path: Path) -> Path:
+    """About 600 KB: well over a hundred 4 KiB windows, one large tensor and small ones around it."""
+    path = tmp_path / "windows.safetensors"
+    save_file({"big": random_tensor(torch.bfloat16, (613, 487)), "odd": random_tensor(torch.uint8, (5,), seed=4),
+               "bias": random_tensor(torch.float32, (77,), seed=5)}, path)  # fmt: skip
+    return path
+
+
+def is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+class ShortDirectRead:
+    """os.preadv stand-in: the `nth` O_DIRECT read returns an unaligned short count (as some
+    network filesystems do mid-file); every other read is the real one."""
+
+    def __init__(self, path: Path, *, nth: int, short_bytes: int = 1000) -> None:
+        self.plain = os.open(path, os.O_RDONLY)
+        self.nth, self.short_bytes, self.direct_calls, self.fired = nth, short_bytes, 0, False
+        self.real = os.preadv
+        self.lock = threading.Lock()  # reader threads call it concurrently
+
+    def __call__(self, fd, buffers, offset):
+        if is_direct(fd):
+            with self.lock:
+                self.direct_calls += 1
+                fire = self.direct_calls == self.nth
+            if fire:
+                self.fired = True
+                return self.real(self.plain, [memoryview(buffers[0])[: self.short_bytes]], offset)
+        return self.real(fd, buffers, offset)
+
+
+def fail_reads_from(offset_bytes: int, error: Exception | None):
+    """os.preadv stand-in failing every read at or past `offset_bytes` (None: end of file there)."""
+    real = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if offset >= offset_bytes:
+            if error is None:
+                return 0
+            raise error
+        return real(fd, buffers, offset)
+
+    return preadv
+
+
 class TestCpuCorrectness:
     @pytest.mark.parametrize("mode", CPU_MODES)
     def test_every_dtype_scalar_and_empty_tensor_match_safetensors_byte_for_byte(self, every_dtype_file, mode):
@@ -137,6 +196,14 @@ class TestCpuCorrectness:
             assert tensor.data_ptr() % tensor.element_size() == 0, name
             in_buffer = model.buffer.data_ptr() <= tensor.data_ptr() < model.buffer.data_ptr() + model.size_bytes
             assert in_buffer == (name not in model.cloned), name
+
+    @pytest.mark.parametrize("mode", CPU_MODES)
+    def test_an_empty_tensor_at_an_odd_offset_is_not_cloned(self, tmp_path, mode):
+        path = write_raw(tmp_path / "empty-odd.safetensors",
+                         [("odd", "U8", [3], b"abc"), ("empty", "F64", [0, 4], b""), ("tail", "U8", [1], b"z")])  # fmt: skip
+        model = load(path, mode)
+        assert model.cloned == () and model.tensors["empty"].shape == (0, 4)
+        assert_same_as_safetensors(model, path)
 
     @pytest.mark.parametrize("mode", [CPU_MODES[0], CPU_MODES[2]])
     def test_thousands_of_tiny_tensors_load_intact(self, tmp_path, mode):
@@ -202,6 +269,11 @@ class TestCpuBuffers:
         model = load_file(every_dtype_file, pin_memory=True)
         assert model.pinned is has_cuda and model.method == "read"
 
+    def test_preparing_for_the_cpu_allocates_nothing(self):
+        with Loader() as loader:
+            loader.prepare("cpu")
+            assert loader.ring_bytes == 0
+
     def test_one_loader_loads_many_files_and_each_result_stays_valid(self, tmp_path):
         paths = []
         for i in range(3):
@@ -246,6 +318,84 @@ class TestDirectIo:
         model = load_file(every_dtype_file, cpu_strategy="read", direct_io=True)
         assert model.method == "read" and refused
         assert_same_as_safetensors(model, every_dtype_file)
+
+
+    def test_direct_io_under_the_default_mapping_strategy_reads_instead(self, every_dtype_file):
+        model = load_file(every_dtype_file, direct_io=True)  # cpu_strategy defaults to mmap
+        assert model.method in {"read+direct", "read"} and loader_mod.DEFAULT_CPU_STRATEGY is CpuStrategy.MMAP
+        assert_same_as_safetensors(model, every_dtype_file)
+
+    @pytest.mark.parametrize("nth", [2, 5])
+    def test_a_short_direct_read_mid_file_is_finished_with_buffered_reads(self, many_windows_file, monkeypatch, nth):
+        fake = ShortDirectRead(many_windows_file, nth=nth)
+        monkeypatch.setattr(loader_mod.os, "preadv", fake)
+        try:
+            model = load_file(many_windows_file, cpu_strategy="read", direct_io=True, chunk_bytes=4096 * 8, reader_threads=3)
+        finally:
+            os.close(fake.plain)
+        if model.method == "read":
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert fake.fired and model.method == "read+direct+buffered"
+        assert_same_as_safetensors(model, many_windows_file)
+
+    def test_a_direct_read_refused_mid_file_is_finished_with_buffered_reads(self, many_windows_file, monkeypatch):
+        real_preadv = os.preadv
+        direct_calls: list[int] = []
+
+        def refusing_later(fd, buffers, offset):
+            if is_direct(fd):
+                direct_calls.append(offset)
+                if len(direct_calls) > 3:  # the probe and two windows went through
+                    raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(loader_mod.os, "preadv", refusing_later)
+        model = load_file(many_windows_file, cpu_strategy="read", direct_io=True, chunk_bytes=4096, reader_threads=2)
+        if model.method == "read":
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert model.method == "read+direct+buffered" and len(direct_calls) > 3
+        assert_same_as_safetensors(model, many_windows_file)
+
+
+class TestReadFailures:
+    @pytest.mark.parametrize("mode", CPU_MODES)
+    def test_a_read_failing_mid_load_is_a_loader_error_and_the_loader_works_after(self, many_windows_file, monkeypatch, mode):
+        opts = {k: v for k, v in mode.items() if k != "pin_memory"}
+        with Loader(LoadOptions(chunk_bytes=4096, reader_threads=3, **opts)) as loader:
+            with monkeypatch.context() as m:
+                m.setattr(loader_mod.os, "preadv", fail_reads_from(20 * 4096, OSError(errno.EIO, "Input/output error")))
+                if mode.get("cpu_strategy") == "mmap":  # mappings fault pages in; make the populate step fail instead
+                    m.setattr(loader_mod, "_libc", lambda: None)
+                    m.setattr(loader_mod, "_all_resident", lambda *a: False)
+                    m.setattr(torch.Tensor, "sum", lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+                with pytest.raises(LoaderError, match=r"reading .*windows.safetensors failed: OSError.*Input/output error"):
+                    loader.load(many_windows_file, pin_memory=mode.get("pin_memory", False))
+            assert_same_as_safetensors(loader.load(many_windows_file, pin_memory=mode.get("pin_memory", False)), many_windows_file)
+
+    @pytest.mark.parametrize("direct_io", [False, True])
+    def test_a_file_that_ends_early_while_loading_is_reported_as_truncated(self, many_windows_file, monkeypatch, direct_io):
+        monkeypatch.setattr(loader_mod.os, "preadv", fail_reads_from(30 * 4096, None))
+        with pytest.raises(LoaderError, match="truncated or replaced while loading"):
+            load_file(many_windows_file, cpu_strategy="read", direct_io=direct_io, chunk_bytes=4096)
+
+    def test_running_out_of_device_memory_is_a_retryable_capacity_failure_for_jobs(self):
+        from stoker.agent.jobs import _as_job_failure
+
+        err = DeviceOutOfMemory("out of memory on cuda:0: m.safetensors needs 5 bytes")
+        failure = _as_job_failure(err)
+        assert isinstance(err, LoaderError) and failure.reason == "InsufficientVRAM" and failure.retryable
+
+
+class TestIdentity:
+    def test_a_loaded_model_records_the_file_it_came_from(self, every_dtype_file):
+        model = load_file(every_dtype_file)
+        assert model.identity == FileIdentity.of(every_dtype_file)
+
+    def test_a_file_renamed_over_the_old_one_has_another_identity(self, every_dtype_file, tmp_path):
+        before = FileIdentity.of(every_dtype_file)
+        (tmp_path / "new").write_bytes(every_dtype_file.read_bytes())
+        os.replace(tmp_path / "new", every_dtype_file)
+        assert FileIdentity.of(every_dtype_file) != before
 
 
 class TestRejections:
@@ -297,6 +447,14 @@ class TestCuda:
         assert all(t.data_ptr() % t.element_size() == 0 for t in model.tensors.values())
         assert_same_as_safetensors(model, misaligned_file)
 
+    def test_prepare_allocates_the_ring_before_the_first_load(self, every_dtype_file):
+        with Loader(LoadOptions(chunk_bytes=8192, ring_buffers=3)) as loader:
+            loader.prepare("cuda")
+            ring = [slot.host.data_ptr() for slot in loader._ring]
+            assert loader.ring_bytes == 3 * 8192
+            assert_same_as_safetensors(loader.load(every_dtype_file, device="cuda"), every_dtype_file)
+            assert [slot.host.data_ptr() for slot in loader._ring] == ring
+
     def test_the_pinned_ring_is_allocated_once_and_reused(self, tmp_path):
         paths = []
         for i in range(3):
@@ -321,3 +479,64 @@ class TestCuda:
         model = load_file(every_dtype_file, device="cuda")
         storages = {t.untyped_storage().data_ptr() for t in model.tensors.values() if t.numel()}
         assert storages == {model.buffer.untyped_storage().data_ptr()}
+
+    @pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct"])
+    def test_a_large_tensor_streams_through_a_two_slot_ring_in_many_windows(self, many_windows_file, direct_io):
+        with Loader(LoadOptions(chunk_bytes=4096, reader_threads=3, ring_buffers=2, direct_io=direct_io)) as loader:
+            model = loader.load(many_windows_file, device="cuda")
+            windows = -(-(many_windows_file.stat().st_size) // 4096)
+            assert windows > 100 and loader.ring_bytes == 2 * 4096
+        # with direct_io: +direct, or plain where the filesystem refuses O_DIRECT
+        assert model.method in ({"pinned-ring+direct", "pinned-ring"} if direct_io else {"pinned-ring"})
+        assert model.device.type == "cuda"
+        assert_same_as_safetensors(model, many_windows_file)
+
+    @pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct"])
+    def test_thousands_of_tiny_tensors_stream_through_a_two_slot_ring(self, tmp_path, direct_io):
+        tensors = {f"t{i}": random_tensor(torch.float16, (i % 11 + 1,), seed=i) for i in range(3000)}
+        path = tmp_path / "tiny.safetensors"
+        save_file(tensors, path)
+        model = load_file(path, device="cuda", chunk_bytes=4096, reader_threads=3, ring_buffers=2, direct_io=direct_io)
+        assert_same_as_safetensors(model, path)
+
+    @pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), None], ids=["io-error", "truncated"])
+    def test_a_load_failing_mid_file_leaves_the_stream_idle_and_the_ring_reusable(self, many_windows_file, monkeypatch, error):
+        device = torch.device("cuda", torch.cuda.current_device())
+        with Loader(LoadOptions(chunk_bytes=4096, reader_threads=3, ring_buffers=2)) as loader:
+            loader.load(many_windows_file, device=device)
+            ring = [slot.host.data_ptr() for slot in loader._ring]
+            with monkeypatch.context() as m:
+                m.setattr(loader_mod.os, "preadv", fail_reads_from(40 * 4096, error))
+                with pytest.raises(LoaderError, match="Input/output error" if error else "truncated or replaced"):
+                    loader.load(many_windows_file, device=device)
+            assert loader.copy_stream(device).query()  # no copy still reads the ring
+            again = loader.load(many_windows_file, device=device)
+            assert [slot.host.data_ptr() for slot in loader._ring] == ring
+        assert_same_as_safetensors(again, many_windows_file)
+
+    def test_a_short_direct_read_mid_file_is_finished_with_buffered_reads_on_the_gpu(self, many_windows_file, monkeypatch):
+        fake = ShortDirectRead(many_windows_file, nth=4)
+        monkeypatch.setattr(loader_mod.os, "preadv", fake)
+        try:
+            model = load_file(many_windows_file, device="cuda", direct_io=True, chunk_bytes=4096 * 4, reader_threads=3, ring_buffers=2)
+        finally:
+            os.close(fake.plain)
+        if model.method == "pinned-ring":
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert fake.fired and model.method == "pinned-ring+direct+buffered"
+        assert_same_as_safetensors(model, many_windows_file)
+
+    def test_running_out_of_gpu_memory_is_reported_as_out_of_memory(self, many_windows_file, monkeypatch):
+        with Loader(LoadOptions(chunk_bytes=4096, ring_buffers=2)) as loader:
+            loader.load(many_windows_file, device="cuda")  # the ring exists; only the device allocation fails
+            real_empty = torch.empty
+
+            def no_room(*args, **kwargs):
+                if torch.device(kwargs.get("device", "cpu")).type == "cuda":
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+                return real_empty(*args, **kwargs)
+
+            monkeypatch.setattr(loader_mod.torch, "empty", no_room)
+            with pytest.raises(DeviceOutOfMemory, match="out of memory on cuda") as info:
+                loader.load(many_windows_file, device="cuda")
+        assert isinstance(info.value, RuntimeError)
