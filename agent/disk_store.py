@@ -14,10 +14,18 @@ Layout under the cache directory (names never come from user input)::
     index.json                       last two uses per model, so eviction order survives restarts
 
 `<id>` is a hash of the model key ("namespace/name") and its source (URL without
-query, expected sha256), so a changed source gets a fresh file.
+query, expected sha256), so a changed source gets a fresh file. Downloads are shared
+by model key: two ModelCaches with the same URL are two models (two files), which
+keeps one owner per file and lets each carry its own credentials and checks.
 
-On start the index is rebuilt from the disk: a file without its metadata, or with
-a wrong size (or a wrong digest when `verify_on_start`), is deleted; a partial
+A download runs as long as someone wants it: a job, or a prefetch for an order. When
+the order is released and no job waits for the model, `abandon` stops it; the partial
+file is kept for a resume.
+
+On start the index is rebuilt from the disk: a file without its metadata, with
+a wrong size, with a safetensors header that does not validate (cheap: only the
+header is read), or with a wrong digest when `verify_on_start` (slow: every byte
+is re-hashed), is deleted; a partial
 file with intact sidecars is kept as a *parked* download whose bytes stay
 reserved in the budget, and is resumed by the next `ensure` of the same source
 (or dropped when space is needed, or by `drop_parked`). A partial file is never
@@ -268,6 +276,8 @@ class _Flight:
     cancel: threading.Event = field(default_factory=threading.Event)
     running: bool = False
     task: asyncio.Task[pathlib.Path] | None = None
+    job_waiters: int = 0
+    """Jobs waiting for this download (a released prefetch without them is stopped)."""
 
 
 class _PriorityGate:
@@ -434,8 +444,17 @@ class DiskStore:
                 flight.priority = priority
                 await self._gate.reprioritize()
             assert flight.task is not None
-            # shielded: one caller giving up must not cancel the download for the others
-            await asyncio.shield(flight.task)
+            flight.job_waiters += priority == Priority.JOB
+            try:
+                # shielded: one caller giving up must not cancel the download for the others
+                await asyncio.shield(flight.task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if flight.task.cancelled() and current is not None and not current.cancelling():
+                    continue  # the download was abandoned (a released order), not this caller: start again
+                raise
+            finally:
+                flight.job_waiters -= priority == Priority.JOB
             # loop: the file could have been evicted before this waiter resumed
 
     async def prefetch(self, source: ModelSource) -> pathlib.Path:
@@ -471,6 +490,18 @@ class DiskStore:
             yield path
         finally:
             self.unpin(source.key)
+
+    def abandon(self, key: str) -> bool:
+        """Stop the download of `key` unless a job waits for it (its order was released).
+
+        The partial file is kept, reserved, for a resume. True when a download was stopped.
+        """
+        flight = self._flights.get(key)
+        if flight is None or flight.job_waiters > 0 or flight.task is None or flight.task.done():
+            return False
+        log.info("stopping the download of %s: its order was released and no job waits for it", key)
+        flight.task.cancel()
+        return True
 
     def lookup(self, source: ModelSource) -> pathlib.Path | None:
         """Path of the cached file for `source` without downloading (counts as a use)."""
@@ -721,14 +752,17 @@ class DiskStore:
                     before_rename=before_rename,
                 )
             )
+            finished_after_cancel = False
             try:
                 result = await asyncio.shield(worker)
             except asyncio.CancelledError:
                 # the thread cannot be interrupted; stop it and wait, so the budget stays true
                 flight.cancel.set()
-                with contextlib.suppress(BaseException):
-                    await worker
-                raise
+                try:
+                    result = await worker
+                except BaseException:
+                    raise asyncio.CancelledError() from None
+                finished_after_cancel = True  # too late to stop: keep the verified file, then report the cancel
         except asyncio.CancelledError:
             self._park_or_abort(key, dest, source, keep=True)
             raise
@@ -770,6 +804,8 @@ class DiskStore:
             self._metrics.download_bandwidth.set(self._bandwidth_bytes_per_s)
         self._save_index()
         log.info("cached %s: %d bytes at %s", key, result.size_bytes, dest.name)
+        if finished_after_cancel:
+            raise asyncio.CancelledError()
         return dest
 
     def _reserve(self, key: str, size_bytes: int) -> None:
@@ -784,10 +820,15 @@ class DiskStore:
                 else:
                     self._state, _, victims = self._state.reserve(key, size_bytes, now=now)
                 break
-            except InsufficientCache:
-                # interrupted downloads of other models are the cheapest bytes to give up
-                others = [k for k in self._parked if k != key and k not in self._flights]
-                if not others:
+            except InsufficientCache as exc:
+                # interrupted downloads of other models are the cheapest bytes to give up, but only
+                # when giving them up (with the evictable files) actually makes enough room
+                others = sorted(
+                    (k for k in self._parked if k != key and k not in self._flights and k in self._state.reservations),
+                    key=lambda k: self._state.reservations[k].created_at,
+                )
+                droppable = sum(self._state.reservations[k].size_bytes for k in others)
+                if not others or exc.free_bytes + exc.evictable_bytes + droppable < exc.needed_bytes:
                     raise
                 self._drop_parked(others[0])
         self._evict_files(victims)
@@ -942,6 +983,12 @@ class DiskStore:
         if stat.st_size != size or not digest:
             log.warning("removing %s (%s): size %d, expected %d", data.name, key, stat.st_size, size)
             return None
+        if meta.get("format", "safetensors") == "safetensors":
+            try:
+                self._validate_header(data)
+            except (safetensors_header.HeaderError, OSError) as exc:
+                log.warning("removing %s (%s): its safetensors header does not validate (%s)", data.name, key, exc)
+                return None
         if self._verify_on_start and _sha256_file(data) != digest:
             log.warning("removing %s (%s): sha256 does not match what was downloaded", data.name, key)
             return None

@@ -44,6 +44,7 @@ from typing import Any, BinaryIO
 import httpx
 
 __all__ = [
+    "CredentialError",
     "Credentials",
     "DownloadError",
     "DownloadFailure",
@@ -54,12 +55,14 @@ __all__ = [
     "Downloader",
     "check_url",
     "partial_paths",
+    "quiet_http_client_logs",
     "redact_url",
 ]
 
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _HASH_READ_BYTES = 8 << 20
 _WRITE_BYTES = 1 << 20
 _FLUSH_INTERVAL_S = 0.05
@@ -83,6 +86,7 @@ class DownloadFailure(enum.StrEnum):
     TOO_MANY_REDIRECTS = "TooManyRedirects"
     CANCELLED = "Cancelled"
     IO_ERROR = "IOError"
+    INVALID_REQUEST = "InvalidRequest"
 
 
 _RETRYABLE = frozenset(
@@ -93,6 +97,10 @@ _RETRYABLE = frozenset(
         DownloadFailure.TIMEOUT,
     }
 )
+
+
+class CredentialError(ValueError):
+    """A credential cannot be sent; the message names the header, never the value."""
 
 
 class DownloadError(Exception):
@@ -140,15 +148,32 @@ class Credentials:
     def __repr__(self) -> str:
         return f"Credentials(header_name={self.header_name!r}, header_value=<redacted>)"
 
+    def __post_init__(self) -> None:
+        if not _HEADER_NAME.match(self.header_name):
+            raise CredentialError(f"{self.header_name!r} is not a valid HTTP header name for a credential")
+        bad = next((i for i, c in enumerate(self.header_value) if not (" " <= c <= "~" or c == "\t")), None)
+        if bad is not None:
+            # never echo the value: the position is enough to find the stray newline or character
+            raise CredentialError(
+                f"the credential for header {self.header_name} has a control or non-ASCII character at position "
+                f"{bad} (a line break inside the Secret value?); store the value on a single line of printable ASCII"
+            )
+        if not self.header_value.strip():
+            raise CredentialError(f"the credential for header {self.header_name} is empty; put the value into the Secret")
+
     @classmethod
     def bearer(cls, token: str) -> Credentials:
         return cls("Authorization", f"Bearer {token.strip()}")
 
     @classmethod
     def for_header(cls, header_name: str, secret_value: str) -> Credentials:
-        """As ModelCache's secretRef means it: Authorization gets `Bearer` unless a scheme is given."""
+        """As ModelCache's secretRef means it: Authorization gets `Bearer` unless a scheme is given.
+
+        Raises `CredentialError` (without the value in its message) when the value is empty or
+        holds characters that cannot go into an HTTP header.
+        """
         value = secret_value.strip()
-        if header_name.lower() == "authorization" and " " not in value:
+        if header_name.lower() == "authorization" and value and " " not in value:
             value = f"Bearer {value}"
         return cls(header_name, value)
 
@@ -185,6 +210,13 @@ class DownloadPolicy:
     trust_env: bool = True
     """Honour HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE from the environment."""
     user_agent: str = "stoker-agent"
+
+
+def quiet_http_client_logs() -> None:
+    """Keep the HTTP client libraries' own logs at WARNING: httpx logs every full URL (a
+    presigned URL's signature) at INFO, and httpcore a refused header's value at DEBUG."""
+    for name in ("httpx", "httpcore", "h11"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def check_url(url: str, policy: DownloadPolicy) -> httpx.URL:
@@ -509,10 +541,20 @@ class Downloader:
                 hop_headers[creds.header_name] = creds.header_value
             try:
                 response = self._client.send(self._client.build_request("GET", parsed, headers=hop_headers), stream=True)
+            except (httpx.LocalProtocolError, UnicodeError):
+                # h11 quotes the offending header, which may be the credential: never pass its text on
+                raise DownloadError(
+                    DownloadFailure.INVALID_REQUEST,
+                    f"could not send the request for {job.shown_url}: a request header (the credential?) is not valid "
+                    f"HTTP; check the Secret named by spec.source.secretRef",
+                    url=job.shown_url,
+                ) from None
             except httpx.TimeoutException as exc:
                 raise _Retry(DownloadFailure.TIMEOUT, f"timed out connecting or waiting for headers ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
-                raise _Retry(DownloadFailure.CONNECTION_FAILED, f"connection failed ({type(exc).__name__}: {_safe(exc)})") from None
+                raise _Retry(
+                    DownloadFailure.CONNECTION_FAILED, f"connection failed ({type(exc).__name__}: {_safe(exc, creds)})"
+                ) from None
             if response.is_redirect and "location" in response.headers:
                 location = response.headers["location"]
                 response.close()
@@ -623,7 +665,7 @@ class Downloader:
         except httpx.TransportError as exc:
             raise _Retry(
                 DownloadFailure.CONNECTION_FAILED,
-                f"connection dropped at byte {job.offset} ({type(exc).__name__}: {_safe(exc)})",
+                f"connection dropped at byte {job.offset} ({type(exc).__name__}: {_safe(exc, job.request.credentials)})",
             ) from None
         finally:
             if buffer:
@@ -839,6 +881,10 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
-def _safe(exc: Exception) -> str:
-    """Exception text without anything URL-like (it could carry a query signature)."""
-    return re.sub(r"https?://\S+", "<url>", str(exc))[:200]
+def _safe(exc: Exception, credentials: Credentials | None = None) -> str:
+    """Exception text without anything URL-like (it could carry a query signature) or the credential."""
+    text = str(exc)
+    if credentials is not None:
+        for secret in {credentials.header_value, credentials.header_value.partition(" ")[2]} - {""}:
+            text = text.replace(secret, "<redacted>")
+    return re.sub(r"https?://\S+", "<url>", text)[:200]

@@ -2,14 +2,22 @@
 
 spec.holds is the full desired set: listed models are downloaded in the background
 (behind job downloads) and never evicted; models no longer listed are released, which
-makes them evictable again, not deleted.
+makes them evictable again (not deleted) and stops their download unless a job waits
+for it (the partial file is kept for a resume).
+
+A held model that is not on disk is fetched again until it is: a failed prefetch is
+retried with exponential backoff and jitter (bounded by `retry_max_s`), so a source
+that was down, or a Secret created late, heals without a new order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,15 +29,39 @@ from stoker.api.modelcache import ModelCache
 log = logging.getLogger(__name__)
 
 
+def retry_delay_s(failures: int, *, initial_s: float, max_s: float, jitter: float) -> float:
+    """Wait before the next try after `failures` failures in a row (pure).
+
+    Doubles from `initial_s` up to `max_s`; `jitter` in [0, 1) spreads agents that failed
+    together over the upper half of the interval, so they do not retry in lockstep.
+    """
+    base = min(max_s, initial_s * 2.0 ** min(max(0, failures - 1), 60))
+    return base * (0.5 + 0.5 * jitter)
+
+
+@dataclasses.dataclass
+class _Backoff:
+    failures: int = 0
+    not_before: float = 0.0
+
+
 class OrderFollower:
     def __init__(self, *, objects: kube.Objects, name: str, store: DiskStore,
                  resolve: Callable[[ModelCache], Any], failures: dict[str, ModelFailure],
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], retry_initial_s: float = 5.0, retry_max_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic, jitter: Callable[[], float] = random.random,
+                 watch_timeout_s: int = 30) -> None:
         self.objects, self.name, self.store = objects, name, store
         self.resolve, self.failures, self.on_change = resolve, failures, on_change
+        self.retry_initial_s, self.retry_max_s = retry_initial_s, retry_max_s
+        self._clock, self._jitter = clock, jitter
+        self.watch_timeout_s = watch_timeout_s
+        """Server-side timeout of one watch request; stopping waits for the current one to end."""
         self.held: set[str] = set()
         self.observed_generation: int | None = None
         self._fetching: dict[str, asyncio.Task[None]] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -39,12 +71,22 @@ class OrderFollower:
             kube.stream_events, self.objects.custom.list_namespaced_custom_object, stop=thread_stop,
             on_event=lambda kind, obj: self._loop.call_soon_threadsafe(self._on_event, kind, obj),  # type: ignore[union-attr]
             group="stoker.dev", version="v1alpha1", namespace=self.objects.namespace, plural="cacheagents",
-            field_selector=f"metadata.name={self.name}"))
-        await stop.wait()
-        thread_stop.set()
-        for task in self._fetching.values():
-            task.cancel()
-        watcher.cancel()
+            field_selector=f"metadata.name={self.name}", timeout_s=self.watch_timeout_s))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                self.reconcile()
+                self._wake.clear()
+                woken = asyncio.create_task(self._wake.wait())
+                await asyncio.wait({stopping, woken}, timeout=self._next_retry_in_s(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+        finally:
+            thread_stop.set()
+            stopping.cancel()
+            for task in self._fetching.values():
+                task.cancel()
+            watcher.cancel()
 
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "DELETED":
@@ -53,6 +95,7 @@ class OrderFollower:
         self.apply(spec, generation=obj["metadata"].get("generation"))
 
     def apply(self, spec: CacheAgentSpec, *, generation: int | None) -> None:
+        """Take in the orders of `spec` (the full desired set of holds)."""
         wanted = {f"{self.objects.namespace}/{h.model}" for h in spec.holds}
         for key in sorted(self.held - wanted):
             log.info("order: release %s", key)
@@ -60,34 +103,68 @@ class OrderFollower:
             task = self._fetching.pop(key, None)
             if task is not None:
                 task.cancel()
+            self.store.abandon(key)
+            self._backoff.pop(key, None)
         for key in sorted(wanted - self.held):
             log.info("order: hold %s", key)
             self.store.hold(key)
-            if key not in self._fetching:
-                self._fetching[key] = asyncio.create_task(self._prefetch(key))
         self.held = wanted
         self.observed_generation = generation
+        self.reconcile()
         self.on_change()
+
+    def reconcile(self) -> None:
+        """Start a prefetch for every held model that is neither on disk, nor coming, nor backing off."""
+        now = self._clock()
+        for key in sorted(self.held):
+            if key in self._fetching or self.store.is_cached(key):
+                continue
+            backoff = self._backoff.get(key)
+            if backoff is not None and now < backoff.not_before:
+                continue
+            self._fetching[key] = asyncio.get_running_loop().create_task(self._prefetch(key), name=f"order {key}")
+
+    def _next_retry_in_s(self) -> float | None:
+        waiting = [b.not_before for k, b in self._backoff.items() if k in self.held and k not in self._fetching]
+        return max(0.0, min(waiting) - self._clock()) if waiting else None
 
     async def _prefetch(self, key: str) -> None:
         name = key.rsplit("/", 1)[-1]
+        failure: ModelFailure | None = None
         try:
             obj = await asyncio.to_thread(self.objects.get, "ModelCache", name)
             source = await asyncio.to_thread(self.resolve, ModelCache.model_validate(obj))
             await self.store.prefetch(source)
-            self.failures.pop(key, None)
             log.info("order: %s is on disk", key)
         except asyncio.CancelledError:
             raise
         except DiskStoreError as exc:
-            log.warning("prefetch of %s failed: %s", key, exc.message)
-            self.failures[key] = ModelFailure(name=name, reason=exc.reason, message=exc.message,
-                                              retryable=exc.retryable, at=kube.now_rfc3339())
+            failure = ModelFailure(name=name, reason=exc.reason, message=exc.message, retryable=exc.retryable,
+                                   at=kube.now_rfc3339())
         except Exception as exc:
-            reason = getattr(exc, "reason", None)
-            log.warning("prefetch of %s failed: %s", key, exc)
-            self.failures[key] = ModelFailure(name=name, reason=reason if isinstance(reason, str) and reason.isalpha() else "PrefetchFailed",
-                                              message=str(exc)[:1000], retryable=True, at=kube.now_rfc3339())
+            retryable = True
+            if kube.is_not_found(exc):
+                reason, message = "ModelNotFound", f"ModelCache {key} does not exist"
+            else:  # e.g. a credential that cannot be found (JobFailed from the source lookup)
+                given = getattr(exc, "reason", None)
+                reason = given if isinstance(given, str) and given.isalnum() else "PrefetchFailed"
+                message = str(getattr(exc, "message", None) or exc)
+                retryable = bool(getattr(exc, "retryable", True))
+            failure = ModelFailure(name=name, reason=reason, message=message, retryable=retryable,
+                                   at=kube.now_rfc3339())
         finally:
-            self._fetching.pop(key, None)
-            self.on_change()
+            if self._fetching.get(key) is asyncio.current_task():  # a re-hold may have started a newer one
+                del self._fetching[key]
+        if failure is None:
+            self._backoff.pop(key, None)
+            self.failures.pop(key, None)
+        elif key in self.held:
+            backoff = self._backoff.setdefault(key, _Backoff())
+            backoff.failures += 1
+            delay_s = retry_delay_s(backoff.failures, initial_s=self.retry_initial_s, max_s=self.retry_max_s,
+                                    jitter=self._jitter())
+            backoff.not_before = self._clock() + delay_s
+            log.warning("prefetch of %s failed (%s: %s); retrying in %.1f s", key, failure.reason, failure.message, delay_s)
+            self.failures[key] = failure
+        self._wake.set()
+        self.on_change()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -22,7 +23,10 @@ log = logging.getLogger(__name__)
 def register(objects: kube.Objects, *, name: str, pod_name: str) -> dict[str, Any]:
     """Create this agent's CacheAgent, or adopt the one a previous run left.
 
-    The CacheAgent is owned by the agent's Pod, so it goes away with the Pod.
+    The CacheAgent is owned by the agent's Pod, so it goes away with the Pod. The agent
+    only creates it and writes its status (it has no right to patch the object itself):
+    one left by an earlier Pod of the same name is adopted as it is, and when the garbage
+    collector removes it with that Pod, `StatusWriter` registers again.
     """
     owner: list[dict[str, Any]] = []
     try:
@@ -45,8 +49,10 @@ def register(objects: kube.Objects, *, name: str, pod_name: str) -> dict[str, An
             raise
         obj = objects.get("CacheAgent", name)
         if owner and obj["metadata"].get("ownerReferences") != owner:
-            obj = objects.patch("CacheAgent", name, {"metadata": {"ownerReferences": owner}})
-        log.info("adopted existing CacheAgent %s/%s", objects.namespace, name)
+            log.info("CacheAgent %s/%s belongs to an earlier pod of the same name; adopting it until the garbage "
+                     "collector removes it, then registering again", objects.namespace, name)
+        else:
+            log.info("adopted existing CacheAgent %s/%s", objects.namespace, name)
     return obj
 
 
@@ -85,14 +91,24 @@ class LeaseKeeper:
                 pass
 
 
+# Status fields the operator writes (one writer per field, stoker.api.protocol): never sent by
+# the agent, or each of its merge patches would reset them.
+OPERATOR_FIELDS = frozenset({"conditions"})
+
+
 class StatusWriter:
-    """Writes the CacheAgent status when it changes: at most once per `min_interval_s`,
-    at once when `kick()` says something significant happened."""
+    """Writes the CacheAgent status when it changes, debounced: at most one write per
+    `min_interval_s`, at once when `kick()` says something significant happened and the
+    last write is older than that; and at least every `max_interval_s`, so a status changed
+    by someone else is put right. The Lease, not the status, is the heartbeat."""
 
     def __init__(self, objects: kube.Objects, *, name: str, build: Callable[[], CacheAgentStatus],
-                 min_interval_s: float = 1.0, max_interval_s: float = 30.0) -> None:
+                 min_interval_s: float = 1.0, max_interval_s: float = 60.0,
+                 on_missing: Callable[[], object] | None = None) -> None:
         self.objects, self.name, self.build = objects, name, build
         self.min_interval_s, self.max_interval_s = min_interval_s, max_interval_s
+        self.on_missing = on_missing
+        """Called (in a worker thread) when the CacheAgent is gone, to register it again."""
         self._kicked = asyncio.Event()
         self._last: dict[str, Any] | None = None
         self.writes = 0
@@ -100,19 +116,26 @@ class StatusWriter:
     def kick(self) -> None:
         self._kicked.set()
 
-    async def write_if_changed(self) -> bool:
-        status = self.build().wire()
-        # Lists replace wholesale under a merge patch; send every field so stale ones clear.
-        if status == self._last:
+    async def write_if_changed(self, *, force: bool = False) -> bool:
+        status = {k: v for k, v in self.build().wire().items() if k not in OPERATOR_FIELDS}
+        if status == self._last and not force:
             return False
-        await asyncio.to_thread(self.objects.patch_status, "CacheAgent", self.name, _with_nulls(status, self._last))
+        # Lists replace wholesale under a merge patch; fields that disappeared are sent as null.
+        try:
+            await asyncio.to_thread(self.objects.patch_status, "CacheAgent", self.name, _with_nulls(status, self._last))
+        except ApiException as exc:
+            if exc.status != 404 or self.on_missing is None:
+                raise
+            log.warning("CacheAgent %s/%s is gone; registering it again", self.objects.namespace, self.name)
+            await asyncio.to_thread(self.on_missing)
+            await asyncio.to_thread(self.objects.patch_status, "CacheAgent", self.name, status)
         self._last = status
         self.writes += 1
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        last_write = 0.0
+        last_write = loop.time()  # the caller wrote the first status before starting the loop
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self._kicked.wait(), timeout=self.min_interval_s)
@@ -121,9 +144,12 @@ class StatusWriter:
             self._kicked.clear()
             wait = self.min_interval_s - (loop.time() - last_write)
             if wait > 0:
-                await asyncio.sleep(wait)  # debounce: coalesce bursts of changes
+                with contextlib.suppress(TimeoutError):  # debounce: coalesce bursts of changes
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
+                if stop.is_set():
+                    break
             try:
-                if await self.write_if_changed() or loop.time() - last_write > self.max_interval_s:
+                if await self.write_if_changed(force=loop.time() - last_write >= self.max_interval_s):
                     last_write = loop.time()
             except Exception as exc:
                 log.warning("status write for CacheAgent %s failed: %s", self.name, exc)

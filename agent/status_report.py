@@ -75,8 +75,10 @@ def _time(ts: float) -> str | None:
 
 def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
-                 observed_generation: int | None) -> CacheAgentStatus:
-    """The agent's report: each model once, at its fastest tier, LRU timestamps merged."""
+                 observed_generation: int | None, queue_slots: int = 0) -> CacheAgentStatus:
+    """The agent's report: each model once, at its fastest tier, LRU timestamps merged.
+
+    `queue_slots` jobs may be bound beyond the `slots` that generate at once."""
     models: dict[str, CachedModel] = {}
     last_used: dict[str, float] = {}
     for e in disk.entries:
@@ -102,7 +104,8 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         downloads=[DownloadProgress(name=_name(d.key), bytes_done=d.bytes_done, bytes_total=d.total_bytes)
                    for d in disk.downloads],
         slots=slots,
-        free_slots=max(0, slots - len(running)),
+        queue_slots=queue_slots,
+        free_slots=max(0, slots + queue_slots - len(running)),
         running=list(running),
         model_failures=list(failures),
         bandwidth=bandwidth,

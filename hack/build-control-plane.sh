@@ -4,8 +4,13 @@
 #
 #   hack/build-control-plane.sh            # build (or reuse) the pinned versions
 #   STOKER_CACHE=/some/dir hack/...        # choose the cache root
+#   STOKER_CONTROL_PLANE_BIN=/dir hack/... # use binaries built elsewhere (skips the build)
 set -euo pipefail
 
+if [ -n "${STOKER_CONTROL_PLANE_BIN:-}" ] && [ -x "$STOKER_CONTROL_PLANE_BIN/etcd" ] && [ -x "$STOKER_CONTROL_PLANE_BIN/kube-apiserver" ]; then
+  echo "$STOKER_CONTROL_PLANE_BIN"  # binaries provided from elsewhere
+  exit 0
+fi
 K8S_VERSION="${K8S_VERSION:-1.36.3}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.16}"
 STAGING_VERSION="0.${K8S_VERSION#1.}"
@@ -14,6 +19,11 @@ BIN="$CACHE/control-plane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
 mkdir -p "$BIN"
 
 log() { printf '[control-plane] %s\n' "$*" >&2; }
+if { [ ! -x "$BIN/etcd" ] || [ ! -x "$BIN/kube-apiserver" ]; } && ! command -v go >/dev/null 2>&1; then
+  log "error: go is not on the PATH; building kube-apiserver and etcd needs Go 1.26+ (https://go.dev/dl/),"
+  log "       or set STOKER_CONTROL_PLANE_BIN to a folder that holds both binaries"
+  exit 1
+fi
 export GOFLAGS="${GOFLAGS:--buildvcs=false}" CGO_ENABLED=0
 
 if [ ! -x "$BIN/etcd" ]; then

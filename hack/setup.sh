@@ -10,6 +10,14 @@ cd "$(dirname "$0")/.."
 export PYTHONSAFEPATH=1
 PYTHON_BIN="${PYTHON_BIN:-python3}"
 log() { printf '[setup] %s\n' "$*" >&2; }
+need() {  # need TOOL WHY: stop early, saying what is missing and why it is needed
+  command -v "$1" >/dev/null 2>&1 || { log "error: $1 is not on the PATH; $2"; exit 1; }
+}
+need "$PYTHON_BIN" "Python 3.11+ runs Stoker and its tests (set PYTHON_BIN to choose another interpreter)"
+"$PYTHON_BIN" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { log "error: $("$PYTHON_BIN" --version 2>&1) is too old; Stoker needs Python 3.11+ (set PYTHON_BIN)"; exit 1; }
+need kubectl "the tests and the demo drive the local API server with it (install kubectl 1.30+)"
+need openssl "the local API server's service-account key is generated with it"
 
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv with $($PYTHON_BIN --version)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 GROUP = "stoker.dev"
@@ -19,6 +19,18 @@ AGENT_LABEL = f"{GROUP}/agent"
 # A Kubernetes object name (DNS-1123 subdomain).
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
+
+
+def truncated_text(max_length: int) -> Any:
+    """A string bounded by `max_length` in the schema, cut to fit (with "...") when a writer
+    sends more: reports such as error messages should shrink, not fail validation."""
+
+    def cut(value: object) -> object:
+        if isinstance(value, str) and len(value) > max_length:
+            return value[: max_length - 3] + "..."
+        return value
+
+    return Annotated[str, BeforeValidator(cut), Field(max_length=max_length)]
 
 
 class StokerModel(BaseModel):
@@ -54,7 +66,7 @@ class Condition(StokerModel):
     """One CamelCase word saying why the condition is in this status."""
     message: str = Field(default="", max_length=2048)
     """Human-readable detail: what happened and what to do."""
-    last_transition_time: str | None = None
+    last_transition_time: str | None = Field(default=None, max_length=64)
     """When the status last changed (RFC 3339)."""
     observed_generation: int | None = None
     """The metadata.generation this condition was computed from."""

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from stoker.api.base import Condition, ObjectName, Resource, StokerModel
+from stoker.api.base import Condition, ObjectName, Resource, StokerModel, truncated_text
+
+# Names in the report are ModelCache and GenerationJob names, or the names of baked-in files.
+ReportedName = Annotated[str, Field(min_length=1, max_length=253)]
+ShortText = truncated_text(128)
+LongText = truncated_text(1024)
 
 
 class HoldOrder(StokerModel):
@@ -30,7 +35,7 @@ class CacheAgentSpec(StokerModel):
 class GpuInfo(StokerModel):
     """The agent's accelerator."""
 
-    model: str = ""
+    model: ShortText = ""
     """GPU product name, or cpu."""
     vram_bytes: int = 0
     """Total device memory."""
@@ -50,13 +55,13 @@ class TierUsage(StokerModel):
 class CachedModel(StokerModel):
     """A model the agent holds."""
 
-    name: str
+    name: ReportedName
     """ModelCache name."""
     tier: Literal["disk", "ram", "vram"]
     """Fastest tier the model is in."""
     size_bytes: int
     """Size of the file."""
-    last_used: str | None = None
+    last_used: str | None = Field(default=None, max_length=64)
     """When a job last used it (RFC 3339)."""
     preloaded: bool = False
     """Baked into the container image: free, never evicted."""
@@ -67,7 +72,7 @@ class CachedModel(StokerModel):
 class DownloadProgress(StokerModel):
     """A download in progress."""
 
-    name: str
+    name: ReportedName
     """ModelCache name."""
     bytes_done: int = 0
     """Bytes received so far."""
@@ -89,7 +94,7 @@ class Bandwidths(StokerModel):
 class RunningJob(StokerModel):
     """A job the agent is working on."""
 
-    name: str
+    name: ReportedName
     """GenerationJob name."""
     attempt: int
     """Attempt number."""
@@ -100,26 +105,26 @@ class RunningJob(StokerModel):
 class ModelFailure(StokerModel):
     """A model the agent could not fetch or verify."""
 
-    name: str
+    name: ReportedName
     """ModelCache name."""
-    reason: str
+    reason: ShortText
     """One CamelCase word, for example ChecksumMismatch, HTTPNotFound, InvalidHeader."""
-    message: str = ""
+    message: LongText = ""
     """Detail (never contains credentials)."""
     retryable: bool = False
     """Whether trying again later may succeed."""
-    at: str | None = None
+    at: str | None = Field(default=None, max_length=64)
     """When it failed (RFC 3339)."""
 
 
 class CacheAgentStatus(StokerModel):
     """Report written by the agent, except conditions, which the operator writes from the agent's Lease."""
 
-    pod: str = ""
+    pod: str = Field(default="", max_length=253)
     """Pod the agent runs in."""
-    node: str = ""
+    node: str = Field(default="", max_length=253)
     """Node of the pod."""
-    zone: str = ""
+    zone: str = Field(default="", max_length=63)
     """Topology zone of the node."""
     gpu: GpuInfo = Field(default_factory=GpuInfo)
     """The accelerator."""

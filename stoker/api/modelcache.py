@@ -9,10 +9,16 @@ from pydantic import Field, model_validator
 
 from stoker.api.base import Condition, ObjectName, Resource, StokerModel
 
-IMMUTABLE = {"x-kubernetes-validations": [{
-    "rule": "self == oldSelf",
-    "message": "source is immutable: a different source is a different model; create a new ModelCache",
-}]}
+# Transition rules (they see oldSelf, so they run on updates only). What the bytes are is fixed
+# for a ModelCache's life: a different url or sha256 is a different model. Credentials
+# (secretRef) rotate and a sizeBytes hint may be corrected, so those stay mutable.
+SOURCE_RULES = (
+    {"rule": "self.url == oldSelf.url", "fieldPath": ".url", "reason": "FieldValueForbidden",
+     "message": "url is immutable: a different source is a different model; create a new ModelCache"},
+    {"rule": "has(self.sha256) == has(oldSelf.sha256) && (!has(self.sha256) || self.sha256 == oldSelf.sha256)",
+     "fieldPath": ".sha256", "reason": "FieldValueForbidden",
+     "message": "sha256 is immutable: different bytes are a different model; create a new ModelCache"},
+)
 
 PICKLE_FORMATS = frozenset({"ckpt", "pt", "bin"})
 
@@ -69,14 +75,14 @@ class Autoscale(StokerModel):
 class ModelCacheSpec(StokerModel):
     """Desired state of a ModelCache."""
 
-    source: ModelSource = Field(json_schema_extra=IMMUTABLE)
-    """Where the weights come from (immutable)."""
+    source: ModelSource = Field(json_schema_extra={"x-kubernetes-validations": list(SOURCE_RULES)})
+    """Where the weights come from. url and sha256 are immutable; secretRef and sizeBytes may change."""
     kind: ArtifactKind = ArtifactKind.CHECKPOINT
-    """What the artifact is: checkpoint, lora, vae, upscaler, controlnet or embedding."""
+    """What the artifact is: checkpoint, lora, vae, upscaler, controlnet or embedding (immutable)."""
     format: WeightFormat = WeightFormat.SAFETENSORS
-    """File format. Pickle-based formats (ckpt, pt, bin) can run code when loaded and are refused unless allowPickle is true."""
+    """File format (immutable). Pickle-based formats (ckpt, pt, bin) can run code when loaded and are refused unless allowPickle is true."""
     allow_pickle: bool = False
-    """Accept a pickle-based format. Only for sources you trust completely."""
+    """Accept a pickle-based format (immutable). Only for sources you trust completely."""
     replicas: int = Field(default=1, ge=0, le=1000)
     """Keep at least this many copies on agents' disks; those copies are never evicted."""
     hot_replicas: int = Field(default=0, ge=0, le=1000)
@@ -157,12 +163,21 @@ class ModelCache(Resource):
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )
     spec_rules: ClassVar[tuple[dict[str, str], ...]] = (
-        {"rule": "self.format == 'safetensors' || self.allowPickle",
+        {"rule": "self.format == 'safetensors' || self.allowPickle", "fieldPath": ".format", "reason": "FieldValueForbidden",
          "message": "format is pickle-based (ckpt, pt, bin), which can run code when loaded: convert the file to safetensors, or set allowPickle: true if you trust the source completely"},
-        {"rule": "self.hotReplicas <= self.replicas || has(self.autoscale)",
+        {"rule": "self.hotReplicas <= self.replicas || has(self.autoscale)", "fieldPath": ".hotReplicas",
+         "reason": "FieldValueInvalid",
          "message": "hotReplicas must not exceed replicas: every loaded copy is also a disk copy"},
         {"rule": "!has(self.autoscale) || self.autoscale.maxReplicas >= self.replicas",
+         "fieldPath": ".autoscale.maxReplicas", "reason": "FieldValueInvalid",
          "message": "autoscale.maxReplicas must be at least replicas"},
+        # Transition rules: what the file is and how it may be loaded are fixed, like its source.
+        {"rule": "self.kind == oldSelf.kind", "fieldPath": ".kind", "reason": "FieldValueForbidden",
+         "message": "kind is immutable: create a new ModelCache for a different artifact"},
+        {"rule": "self.format == oldSelf.format", "fieldPath": ".format", "reason": "FieldValueForbidden",
+         "message": "format is immutable: create a new ModelCache for a file in another format"},
+        {"rule": "self.allowPickle == oldSelf.allowPickle", "fieldPath": ".allowPickle", "reason": "FieldValueForbidden",
+         "message": "allowPickle is immutable: create a new ModelCache to change how the file may be loaded"},
     )
 
     kind: Literal["ModelCache"] = "ModelCache"

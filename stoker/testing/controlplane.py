@@ -153,11 +153,13 @@ def install_crds(cp: ControlPlane, crd_dir: pathlib.Path, *, timeout_s: float = 
 
 @contextlib.contextmanager
 def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.Path | None = None,
-                      users: Sequence[str] = (), startup_timeout_s: float = 90) -> Iterator[ControlPlane]:
+                      users: Sequence[str] = (), startup_timeout_s: float = 90,
+                      extra_apiserver_args: Sequence[str] = ()) -> Iterator[ControlPlane]:
     """Start etcd and kube-apiserver, yield the ControlPlane, stop both on exit.
 
     `users` are extra identities without any permissions (RBAC is enforced);
-    `nobody` always exists. The admin is in group system:masters.
+    `nobody` always exists. The admin is in group system:masters. When either server
+    fails to start, `ControlPlaneError` carries the tail of its log.
     """
     bin_dir = find_binaries()
     owned = workdir is None
@@ -202,7 +204,7 @@ def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.P
             "--service-cluster-ip-range", "10.0.0.0/24",
             "--disable-admission-plugins", "ServiceAccount",
             "--max-requests-inflight", "1000", "--max-mutating-requests-inflight", "500",
-            "--v", "1",
+            "--v", "1", *extra_apiserver_args,
         ], api_log), api_log))
         server = f"https://127.0.0.1:{api_port}"
         ca_file = certs / "apiserver.crt"

@@ -7,8 +7,9 @@ import hashlib
 import os
 import pathlib
 import sys
+import threading
 
-from kubernetes import client
+from kubernetes import client, watch
 
 from stoker import kube
 from stoker.testing.model_server import ModelServer
@@ -25,8 +26,50 @@ def agent_process(cp, ns: str, work: pathlib.Path, log_name: str) -> Process:
                     "--status-min-interval-s", "0.2", "--device", "cpu"], work / log_name).start()
 
 
+class ReportWatch:
+    """Sees every CacheAgent status the API server stores, and notes whether, when each
+    arrived, the agent's cache held a complete (renamed, verified) model file."""
+
+    def __init__(self, objects: kube.Objects, cache_dir: pathlib.Path) -> None:
+        self.objects, self.cache_dir = objects, cache_dir
+        self.reports: list[tuple[list[str], bool]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _complete_file_on_disk(self) -> bool:
+        return any(self.cache_dir.glob("models/*.safetensors"))  # partial files end in .part
+
+    def _run(self) -> None:
+        custom = self.objects.custom
+        args = ("stoker.dev", "v1alpha1", self.objects.namespace, "cacheagents")
+        version = custom.list_namespaced_custom_object(*args)["metadata"]["resourceVersion"]
+        while not self._stop.is_set():
+            for event in watch.Watch().stream(custom.list_namespaced_custom_object, *args, resource_version=version,
+                                              timeout_seconds=2):
+                version = event["object"]["metadata"]["resourceVersion"]
+                models = [m["name"] for m in (event["object"].get("status") or {}).get("models", [])]
+                self.reports.append((models, self._complete_file_on_disk()))
+
+    def __enter__(self) -> ReportWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 def test_a_killed_download_resumes_after_restart_and_is_never_reported_half_done(control_plane, api_client, namespace, tmp_path) -> None:
     objects = kube.Objects(api_client, namespace)
+    with ReportWatch(objects, tmp_path / "cache") as reports:
+        run_kill_and_restart(control_plane, objects, namespace, tmp_path)
+    listing = [complete for models, complete in reports.reports if "slow" in models]
+    assert listing, "no report ever listed the model"
+    assert all(listing), "a report listed the model while only a partial file was on disk"
+    assert len(reports.reports) > len(listing), "no report was seen during the download"
+
+
+def run_kill_and_restart(control_plane, objects: kube.Objects, namespace: str, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
     model = tiny_models.write_tiny_sd15(tmp_path / "m.safetensors", seed=5)
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     size = model.stat().st_size

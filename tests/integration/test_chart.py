@@ -35,16 +35,28 @@ def test_chart_crds_are_the_generated_ones() -> None:
 def test_helm_install_creates_the_operator_agents_and_least_privilege_rbac(helm, control_plane, namespace, kubectl) -> None:
     proc = subprocess.run(
         [helm, "install", "stoker", str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig),
-         "--set", "agent.replicas=3", "--set", "agent.credentialSecrets={hub-token}"],
+         "--set", "agent.replicas=3", "--set", "agent.credentialSecrets={hub-token}",
+         "--set", "agent.apiReadableSecrets={late-token}"],
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     deployments = json.loads(kubectl("get", "deploy", "-o", "json").stdout)["items"]
     by_name = {d["metadata"]["name"]: d for d in deployments}
     assert by_name["stoker-agent"]["spec"]["replicas"] == 3
     assert by_name["stoker-operator"]["spec"]["template"]["spec"]["serviceAccountName"] == "stoker-operator"
+    # Mounted credentials need no RBAC; only the API-readable Secret is granted, by name.
+    pod = by_name["stoker-agent"]["spec"]["template"]["spec"]
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"].startswith("/var/run/stoker/secrets/")]
+    assert mount["mountPath"] == "/var/run/stoker/secrets/hub-token" and mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "hub-token"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["STOKER_API_SECRETS"] == "late-token"
     agent_role = json.loads(kubectl("get", "role", "stoker-agent", "-o", "json").stdout)
     secret_rules = [r for r in agent_role["rules"] if "secrets" in r["resources"]]
-    assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["hub-token"], "verbs": ["get"]}]
+    assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["late-token"], "verbs": ["get"]}]
+    # The agent creates its CacheAgent and writes its status, but may not change any spec.
+    [ca_rule] = [r for r in agent_role["rules"] if r["resources"] == ["cacheagents"]]
+    assert "patch" not in ca_rule["verbs"] and "update" not in ca_rule["verbs"]
     # No wildcard anywhere in either role.
     for role in ("stoker-agent", "stoker-operator"):
         rules = json.loads(kubectl("get", "role", role, "-o", "json").stdout)["rules"]

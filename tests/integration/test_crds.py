@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+from stoker.testing import controlplane
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 VALID = sorted((REPO / "examples").glob("*.yaml"))
 INVALID = sorted((REPO / "examples" / "invalid").glob("*.yaml"))
@@ -74,6 +76,18 @@ spec: {}
     assert "modelcache.stoker.dev/sd15-base" in everything
     assert "generationjob.stoker.dev/lighthouse-watercolor" in everything
     assert "cacheagent.stoker.dev/agent-a" in everything
+    # The category lists each kind with its own printer columns.
+    tables = kubectl("get", "stoker").stdout.split("\n\n")
+    by_kind: dict[str, str] = {}  # kind -> header line of its table
+    for table in tables:
+        lines = table.strip().splitlines()
+        if len(lines) >= 2:
+            by_kind[lines[1].split()[0].split("/")[0]] = lines[0]
+    assert {"modelcache.stoker.dev", "generationjob.stoker.dev", "cacheagent.stoker.dev"} <= set(by_kind), by_kind
+    for kind, columns in {"modelcache.stoker.dev": ("KIND", "DESIRED", "WARM", "DEMAND"),
+                          "generationjob.stoker.dev": ("MODEL", "PHASE", "AGENT", "HIT"),
+                          "cacheagent.stoker.dev": ("NODE", "GPU", "DISK USED", "FREE SLOTS")}.items():
+        assert all(c in by_kind[kind] for c in columns), f"{kind}: {by_kind[kind]}"
 
 
 def test_explain_shows_the_field_docs(control_plane) -> None:
@@ -103,20 +117,45 @@ def test_status_values_are_validated_too(kubectl, repo) -> None:
     assert "status.phase" in proc.stderr
 
 
-def test_job_spec_and_model_source_are_immutable(kubectl, repo) -> None:
+def test_a_job_spec_is_immutable(kubectl, repo) -> None:
     kubectl("apply", "-f", str(repo / "examples" / "generationjob.yaml"))
     proc = kubectl("patch", "gj", "lighthouse-watercolor", "--type=merge",
                    "-p", '{"spec": {"priority": 99}}', check=False)
     assert proc.returncode != 0
     assert "immutable" in proc.stderr
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"source": {"url": "https://elsewhere.example.com/x.safetensors"}}, "spec.source.url"),
+    ({"source": {"sha256": "0" * 64}}, "spec.source.sha256"),
+    ({"source": {"sha256": None}}, "spec.source.sha256"),
+    ({"kind": "lora"}, "spec.kind"),
+    ({"format": "ckpt", "allowPickle": True}, "spec.format"),
+    ({"allowPickle": True}, "spec.allowPickle"),
+], ids=["url", "sha256", "sha256-removed", "kind", "format", "allowPickle"])
+def test_what_a_model_is_cannot_change_and_the_error_names_the_field(kubectl, repo, patch, field) -> None:
     kubectl("apply", "-f", str(repo / "examples" / "modelcache.yaml"))
-    proc = kubectl("patch", "mc", "sd15-base", "--type=merge",
-                   "-p", '{"spec": {"source": {"url": "https://elsewhere.example.com/x.safetensors"}}}', check=False)
-    assert proc.returncode != 0
-    assert "source is immutable" in proc.stderr
-    # replicas is the knob users turn: it stays mutable.
-    kubectl("patch", "mc", "sd15-base", "--type=merge", "-p", '{"spec": {"replicas": 5}}')
-    assert json.loads(kubectl("get", "mc", "sd15-base", "-o", "json").stdout)["spec"]["replicas"] == 5
+    proc = kubectl("patch", "mc", "sd15-base", "--type=merge", "-p", json.dumps({"spec": patch}), check=False)
+    assert proc.returncode != 0, f"{patch} was accepted"
+    assert f"{field}: Forbidden" in proc.stderr and "immutable" in proc.stderr, proc.stderr
+
+
+def test_credentials_size_hints_and_replicas_stay_changeable(kubectl, repo) -> None:
+    kubectl("apply", "-f", str(repo / "examples" / "modelcache.yaml"))
+    kubectl("patch", "mc", "sd15-base", "--type=merge", "-p", json.dumps({"spec": {
+        "replicas": 5, "source": {"sizeBytes": 4265146305, "secretRef": {"name": "hub-token-2"}}}}))
+    spec = json.loads(kubectl("get", "mc", "sd15-base", "-o", "json").stdout)["spec"]
+    assert spec["replicas"] == 5
+    assert spec["source"]["sizeBytes"] == 4265146305 and spec["source"]["secretRef"]["name"] == "hub-token-2"
+
+
+def test_a_control_plane_that_cannot_start_reports_the_server_log_tail(tmp_path) -> None:
+    with pytest.raises(controlplane.ControlPlaneError) as info:
+        with controlplane.run_control_plane(workdir=tmp_path, extra_apiserver_args=["--no-such-flag"],
+                                            startup_timeout_s=60):
+            pass
+    assert "kube-apiserver exited" in str(info.value)
+    assert "unknown flag: --no-such-flag" in str(info.value)
 
 
 def test_a_user_without_permissions_is_refused(control_plane, namespace) -> None:

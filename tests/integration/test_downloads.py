@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 import threading
@@ -20,6 +21,7 @@ from stoker.agent.download import (
     DownloadRequest,
     Downloader,
     partial_paths,
+    quiet_http_client_logs,
 )
 from stoker.testing.model_server import ModelServer
 
@@ -294,6 +296,22 @@ class TestSecurity:
         creds = Credentials.for_header("Authorization", token + "\n")
         assert token not in repr(creds) and token not in repr(request(server, tmp_path, credentials=creds))
         assert downloader.download(request(server, tmp_path, credentials=creds)).sha256 == SHA
+
+    def test_a_header_value_http_refuses_fails_at_once_without_quoting_the_credential(
+        self, server: ModelServer, downloader: Downloader, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Credentials refuse such values; this is the last line of defence if one gets through.
+        quiet_http_client_logs()  # as the agent does at start
+        caplog.set_level(logging.DEBUG)
+        creds = object.__new__(Credentials)
+        object.__setattr__(creds, "header_name", "Authorization")
+        object.__setattr__(creds, "header_value", "Bearer SECRET-VALUE\nline2")
+        with pytest.raises(DownloadError) as info:
+            downloader.download(request(server, tmp_path, credentials=creds))
+        assert info.value.reason == DownloadFailure.INVALID_REQUEST and not info.value.retryable
+        assert "SECRET-VALUE" not in str(info.value) and "secretRef" in str(info.value)
+        assert not any("SECRET-VALUE" in r.getMessage() for r in caplog.records)
+        assert server.request_count() == 0
 
     def test_query_strings_are_removed_from_error_messages(
         self, server: ModelServer, downloader: Downloader, tmp_path: pathlib.Path

@@ -12,6 +12,8 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from stoker.agent import credentials
+from stoker.api.modelcache import SecretRef
 from stoker.kube import Objects
 from stoker.testing.fake_agent import FakeAgent, FakeAgentConfig
 from stoker.testing.operator_harness import operator_process, wait_for
@@ -29,10 +31,10 @@ def helm() -> str:
     return out.strip().splitlines()[-1]
 
 
-@pytest.fixture
-def chart_rbac(helm: str, control_plane, namespace: str, kubectl) -> None:
-    """Apply the chart's Roles and bind them to the test users of the same names."""
-    rendered = subprocess.run([helm, "template", "stoker", str(CHART), "--namespace", namespace,
+def apply_chart_rbac(helm: str, namespace: str, kubectl, *values: str) -> None:  # type: ignore[no-untyped-def]
+    """Apply the chart's Roles (rendered with `--set` `values`) and bind them to the test users of the same names."""
+    sets = [arg for value in values for arg in ("--set", value)]
+    rendered = subprocess.run([helm, "template", "stoker", str(CHART), "--namespace", namespace, *sets,
                                "--show-only", "templates/rbac.yaml"], check=True, capture_output=True, text=True).stdout
     kubectl("apply", "-f", "-", input_text=rendered)
     for role in ("stoker-operator", "stoker-agent"):
@@ -41,6 +43,11 @@ def chart_rbac(helm: str, control_plane, namespace: str, kubectl) -> None:
             "metadata": {"name": f"{role}-user", "namespace": namespace},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": role}]}))
+
+
+@pytest.fixture
+def chart_rbac(helm: str, control_plane, namespace: str, kubectl) -> None:
+    apply_chart_rbac(helm, namespace, kubectl)
 
 
 @pytest.fixture
@@ -92,6 +99,10 @@ def test_the_agent_identity_cannot_do_the_operators_writes(namespace, api_client
     admin.create("GenerationJob", {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob",
                                    "metadata": {"name": "job"}, "spec": {"model": "sd", "params": {"prompt": "a fox"}}})
     agent = Objects(agent_api, namespace)
+    # The agent registers its own CacheAgent and reports through the status subresource.
+    agent.create("CacheAgent", {"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+                                "metadata": {"name": "agent-a"}, "spec": {}})
+    agent.patch_status("CacheAgent", "agent-a", {"slots": 1})
     forbidden = [
         ("bind a job", lambda: agent.patch("GenerationJob", "job", {"metadata": {"labels": {"stoker.dev/agent": "x"}}})),
         ("write ModelCache status", lambda: agent.patch_status("ModelCache", "sd", {"desiredReplicas": 9})),
@@ -101,6 +112,8 @@ def test_the_agent_identity_cannot_do_the_operators_writes(namespace, api_client
             "apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob", "metadata": {"name": "sneaky"},
             "spec": {"model": "sd", "params": {"prompt": "x"}}})),
         ("read Secrets", lambda: agent.core.list_namespaced_secret(namespace)),
+        ("give itself orders", lambda: agent.patch("CacheAgent", "agent-a", {"spec": {"cordon": True}})),
+        ("relabel its CacheAgent", lambda: agent.patch("CacheAgent", "agent-a", {"metadata": {"labels": {"x": "y"}}})),
     ]
     for what, attempt in forbidden:
         with pytest.raises(ApiException) as info:
@@ -109,3 +122,24 @@ def test_the_agent_identity_cannot_do_the_operators_writes(namespace, api_client
     # What it does need is allowed: reading jobs and writing their status.
     assert agent.get("GenerationJob", "job")["metadata"]["name"] == "job"
     agent.patch_status("GenerationJob", "job", {"progress": {"step": 1, "steps": 20}})
+
+
+def test_the_agent_reads_through_the_api_only_the_secrets_the_chart_lists(helm, namespace, kubectl, control_plane) -> None:
+    apply_chart_rbac(helm, namespace, kubectl, "agent.apiReadableSecrets={late-token}")
+    for name in ("late-token", "other-token"):
+        kubectl("create", "secret", "generic", name, f"--from-literal=token={name}-value")
+    agent = Objects(config.new_client_from_config(config_file=str(control_plane.kubeconfig_for("stoker-agent"))),
+                    namespace)
+    ref = SecretRef(name="late-token")
+    allowed = credentials.CredentialResolver(secrets_dir=None, api_secrets=frozenset({"late-token"}))
+    assert allowed.lookup(agent, "sd", ref).header_value == "Bearer late-token-value"
+    # Listed in the agent's settings but not granted by the chart: the API server refuses.
+    too_wide = credentials.CredentialResolver(secrets_dir=None, api_secrets=frozenset({"other-token"}))
+    with pytest.raises(credentials.CredentialLookupError) as info:
+        too_wide.lookup(agent, "sd", SecretRef(name="other-token"))
+    assert info.value.reason == "SecretForbidden" and "agent.apiReadableSecrets" in info.value.message
+    # Not listed at all: the agent does not even ask, and says how to provide it.
+    with pytest.raises(credentials.CredentialLookupError) as info:
+        credentials.CredentialResolver(secrets_dir=None).lookup(agent, "sd", ref)
+    assert info.value.reason == "SecretNotFound" and "agent.credentialSecrets" in info.value.message
+    assert "late-token-value" not in info.value.message

@@ -64,3 +64,21 @@ def test_wire_form_uses_camel_case_and_drops_unset_fields() -> None:
     assert wire["params"]["cfgScale"] == 5
     assert "vae" not in wire
     assert wire["maxAttempts"] == 3
+
+
+def test_every_string_and_list_the_agent_reports_has_a_maximum_length() -> None:
+    status = crdgen.build_crd(api.CacheAgent)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    unbounded: list[str] = []
+
+    def walk(node: dict, where: str) -> None:
+        if node.get("type") == "string" and "enum" not in node and "maxLength" not in node:
+            unbounded.append(where)
+        if node.get("type") == "array":
+            if "maxItems" not in node:
+                unbounded.append(where)
+            walk(node["items"], where + "[]")
+        for name, prop in node.get("properties", {}).items():
+            walk(prop, f"{where}.{name}")
+
+    walk(status, "status")
+    assert unbounded == []

@@ -413,7 +413,7 @@ class TestRestart:
             await again.close()
             return kept
 
-        # plain LRU would evict m0 (least recently used); LRU-2 evicts m1, used once
+        # plain LRU would evict m0 (least recently used); ranking by use frequency evicts m1, used once
         assert sorted(run(main())) == ["team/m0", "team/m2", "team/m3"]
 
     def test_a_smaller_budget_after_restart_evicts_the_least_recently_used(
@@ -627,6 +627,14 @@ class TestConfiguration:
         policy = settings.download_policy()
         assert policy.allow_http and policy.allowed_hosts == frozenset({"models.example.com", ".mirror.internal"})
 
+    def test_credential_settings_name_a_secrets_folder_and_the_secrets_readable_through_the_api(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        settings = AgentSettings.from_args(["--cache-dir", str(tmp_path), "--api-secrets", "hub-token, late",
+                                            "--secrets-dir", str(tmp_path / "secrets")])
+        assert settings.api_secrets == ["hub-token", "late"] and settings.secrets_dir == tmp_path / "secrets"
+        assert AgentSettings.load(cache_dir=tmp_path).secrets_dir == pathlib.Path("/var/run/stoker/secrets")
+
     def test_the_default_budget_is_50_gib(self, tmp_path: pathlib.Path) -> None:
         assert AgentSettings.load(cache_dir=tmp_path).disk_budget_bytes == 50 * 2**30
 
@@ -637,6 +645,7 @@ class TestConfiguration:
             (["--disk-budget-bytes", "lots"], "is not a size"),
             (["--max-downloads", "0"], "--max-downloads"),
             (["--preload-dir", "/nonexistent/preload"], "preload_dir"),
+            (["--max-downloads", "2", "--max-prefetches", "2"], "must be less than max_downloads"),
         ],
     )
     def test_invalid_settings_are_explained(self, tmp_path: pathlib.Path, flags: list[str], expected: str) -> None:
@@ -733,3 +742,102 @@ class TestReporting:
             await store.close()
 
         run(main())
+
+
+class TestStartupChecks:
+    def test_a_file_whose_safetensors_header_was_damaged_is_dropped_on_restart_by_default(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        async def main() -> None:
+            store = make_store()
+            await store.start()
+            good = await store.ensure(source(server, 0))
+            damaged = await store.ensure(source(server, 1))
+            await store.close()
+            data = bytearray(damaged.read_bytes())
+            data[8:10] = b"[["  # the JSON header no longer parses; the size stays the same
+            damaged.write_bytes(bytes(data))
+
+            again = make_store()  # verify_on_start is off: no re-hash, but the header is checked
+            await again.start()
+            assert [m.key for m in again.snapshot().models] == ["team/m0"]
+            assert files_in(again) == sorted([good.name, good.name + ".meta.json"])
+            await again.close()
+
+        run(main())
+
+
+class TestAbandon:
+    def test_a_released_prefetch_stops_downloading_and_keeps_its_partial_file_for_a_resume(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        big = make_model(11, size_bytes=2 * 2**20)
+        server.add("big.safetensors", big)
+        server.faults.rate_bytes_per_s = 2 * 2**20
+        big_source = ModelSource(key="team/big", url=server.url("big.safetensors"), sha256=sha(big))
+
+        async def main() -> None:
+            store = make_store(budget_bytes=4 * len(big))
+            await store.start()
+            store.hold("team/big")
+            prefetch = asyncio.create_task(store.prefetch(big_source))
+            await until(lambda: any(d.bytes_done > 200_000 for d in store.snapshot().downloads))
+            prefetch.cancel()
+            store.release("team/big")
+            assert store.abandon("team/big")
+            await until(lambda: store.snapshot().downloads == ())
+            snap = store.snapshot()
+            assert snap.models == () and snap.parked_partial_bytes == len(big)
+            server.faults.rate_bytes_per_s = None
+            assert (await store.ensure(big_source)).read_bytes() == big
+            await store.close()
+
+        run(main())
+        (resumed,) = server.range_requests("big.safetensors")
+        assert int(resumed.removeprefix("bytes=").rstrip("-")) > 200_000
+
+    def test_a_download_a_job_waits_for_is_not_abandoned(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        server.faults.rate_bytes_per_s = 2 * SIZE
+
+        async def main() -> None:
+            store = make_store()
+            await store.start()
+            prefetch = asyncio.create_task(store.prefetch(source(server, 0)))
+            job = asyncio.create_task(store.ensure(source(server, 0), priority=Priority.JOB))
+            await until(lambda: any(d.bytes_done > 0 for d in store.snapshot().downloads))
+            prefetch.cancel()
+            assert not store.abandon("team/m0")
+            assert (await job).read_bytes() == MODELS["m0.safetensors"]
+            await store.close()
+
+        run(main())
+        assert server.request_count("m0.safetensors") == 1
+
+
+class TestReservingRoom:
+    def test_kept_partial_downloads_are_not_thrown_away_when_that_would_not_make_room(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        async def main() -> None:
+            store = make_store(budget_bytes=int(1.5 * SIZE))
+            await store.start()
+            dest = store.models_dir / source(server, 0).file_name
+            part, sidecar = partial_paths(dest)
+            part.write_bytes(MODELS["m0.safetensors"][:1000])
+            sidecar.write_text(json.dumps({"resume_key": source(server, 0).digest, "sha256": sha(MODELS["m0.safetensors"]),
+                                           "validator": None, "total_bytes": SIZE}))
+            dest.with_name(dest.name + ".pending.json").write_text(json.dumps({"key": "team/m0", "source": source(server, 0).digest}))
+            await store.close()
+            again = make_store(budget_bytes=int(1.5 * SIZE))
+            await again.start()
+            too_big = source(server, 1, size_bytes=2 * SIZE, sha256=None)
+            with pytest.raises(DiskStoreError) as info:
+                await again.ensure(too_big)
+            assert info.value.reason == "InsufficientCache"
+            assert again.snapshot().parked_partial_bytes == SIZE and part.exists()
+            await again.close()
+
+        run(main())
+        assert server.request_count() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import pathlib
 import subprocess
 import sys
@@ -27,6 +28,14 @@ def source_packages() -> set[str]:
 def test_every_source_package_is_listed_in_pyproject() -> None:
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     assert listed == source_packages()
+
+
+def test_the_build_backend_the_wheel_test_uses_is_pinned_in_the_lock_file() -> None:
+    # The wheel is built without build isolation, so the backend comes from the environment.
+    pins = dict(line.split("==", 1) for line in (REPO / "requirements.lock").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert "setuptools" in pins, "requirements.lock does not pin setuptools"
+    assert pins["setuptools"] == importlib.metadata.version("setuptools"), "the environment is not the locked one"
 
 
 @pytest.fixture(scope="module")

@@ -50,3 +50,14 @@ def test_downloads_failures_and_generation_are_carried_through() -> None:
     assert wire["modelFailures"][0]["reason"] == "ChecksumMismatch"
     assert wire["observedGeneration"] == 3
     assert wire["gpu"] == {"model": "H100", "vramBytes": 80 * 2**30}
+
+
+def test_measured_bandwidths_are_reported_as_given() -> None:
+    wire = build(bandwidth=Bandwidths(download_bps=5e8, disk_to_gpu_bps=2e9, ram_to_gpu_bps=2.5e10)).wire()
+    assert wire["bandwidth"] == {"downloadBps": 5e8, "diskToGpuBps": 2e9, "ramToGpuBps": 2.5e10}
+
+
+def test_a_failure_message_longer_than_the_crd_allows_is_cut_to_fit_not_refused() -> None:
+    failure = ModelFailure(name="c", reason="HTTPServerError", message="x" * 5000)
+    assert len(failure.message) == 1024 and failure.message.endswith("...")
+    assert len(build(failures=[failure]).wire()["modelFailures"][0]["message"]) == 1024
