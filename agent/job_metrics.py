@@ -9,12 +9,13 @@ SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 class JobMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.jobs = Counter("stoker_agent_jobs", "Jobs finished by this agent, by outcome.", ["outcome"], registry=registry)
-        self.queue_wait = Histogram("stoker_agent_job_queue_wait_seconds", "Creation to start of the attempt.",
+        self.jobs = Counter("stoker_agent_jobs", "Attempts ended by this agent, by outcome (succeeded, failed, cancelled).", ["outcome"], registry=registry)
+        self.queue_wait = Histogram("stoker_agent_job_queue_wait_seconds",
+                                    "Creation of the job until it got a generation slot on this agent.",
                                     buckets=SECONDS_BUCKETS, registry=registry)
-        self.load_seconds = Histogram("stoker_agent_job_load_seconds", "Loading weights for a job.",
+        self.load_seconds = Histogram("stoker_agent_job_load_seconds", "Loading a job's weights into VRAM (or host memory), staging ahead of the slot included.",
                                       buckets=SECONDS_BUCKETS, registry=registry)
-        self.inference_seconds = Histogram("stoker_agent_job_inference_seconds", "Running the pipeline.",
+        self.inference_seconds = Histogram("stoker_agent_job_inference_seconds", "Running the diffusion pipeline (or the inference server) for a job.",
                                            buckets=SECONDS_BUCKETS, registry=registry)
-        self.tier_hits = Counter("stoker_agent_job_cache_tier", "Tier the job's checkpoint came from.", ["tier"],
+        self.tier_hits = Counter("stoker_agent_job_cache_tier", "Jobs by the tier their checkpoint was in when the job started (vram, ram, disk, miss).", ["tier"],
                                  registry=registry)

@@ -3,26 +3,42 @@
 Every status write is guarded: it carries the resourceVersion it was computed from and
 happens only while the job's label and attempt annotation still name this agent and
 attempt (stoker.api.protocol.bound_attempt). A job that is deleted or rebound is
-cancelled between denoising steps and its result is never written.
+cancelled between denoising steps and its result is never written, nor its image
+delivered.
+
+Concurrency: `slots` generations run at once; up to `queue_slots` more jobs may be bound
+to the agent, and while they wait for a generation slot their files are downloaded (and
+pinned on disk at once) and their weights staged (into VRAM when they fit without touching
+a model in use, else into the RAM tier), so that a model swap overlaps the running
+generation.
+
+A live agent never leaves a job Running: a failed attempt is reported with its reason,
+status writes are retried with backoff through API server outages (a finished result is
+kept until it is written or the attempt is no longer current), and a periodic relist
+picks up anything a watch missed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import pathlib
-import secrets
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pydantic
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
 
 from stoker import kube
-from stoker.agent import output
+from stoker.agent import output, safetensors_header
 from stoker.agent.disk_store import DiskStore, DiskStoreError, ModelSource, Priority
-from stoker.agent.download import Credentials
 from stoker.agent.job_metrics import JobMetrics
 from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact, Runner, RunnerError
 from stoker.agent.weights import Weights
@@ -34,6 +50,10 @@ from stoker.api.protocol import bound_attempt
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+Sleep = Callable[[float], Awaitable[None]]
+
 
 class JobFailed(Exception):
     """The attempt failed. Not retryable: the job fails. Retryable: the operator decides."""
@@ -44,7 +64,7 @@ class JobFailed(Exception):
 
 
 class Cancelled(Exception):
-    """The job was deleted or is no longer bound to this attempt."""
+    """The job was deleted or is no longer bound to this attempt, or the agent is stopping."""
 
 
 @dataclasses.dataclass
@@ -52,9 +72,22 @@ class _Work:
     name: str
     attempt: int
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    stage: str = "queued"  # queued (downloading, staging, waiting for a slot) | running | reporting
+    model: str = ""  # cache key of the checkpoint, for time estimates
     step: int = 0
     steps: int = 0
-    expected_s: float = 10.0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    written: dict[str, Any] | None = None  # the job as the last status write left it
+
+
+@dataclasses.dataclass(frozen=True)
+class _Final:
+    """What an attempt ended with: the status patch to write, and how to record it."""
+
+    patch: dict[str, Any]
+    outcome: str  # succeeded | failed
+    event: tuple[str, str] | None = None
+    warning: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,53 +95,117 @@ class JobSettings:
     agent: str
     namespace: str
     slots: int = 1
+    """Generations run at once."""
+    queue_slots: int = 1
+    """Jobs accepted beyond `slots`; their downloads and loads overlap the running generations."""
     results_dir: pathlib.Path = pathlib.Path("results")
     model_not_found_grace_s: float = 10.0
     progress_interval_s: float = 1.0
+    resync_interval_s: float = 30.0
+    """How often the bound jobs are relisted, in case a watch event was missed."""
+    write_backoff_s: float = 0.5
+    """First pause after a failed status write; it doubles up to `write_max_backoff_s`."""
+    write_max_backoff_s: float = 30.0
+    api_timeout_s: float = 60.0
+    """A single API request that takes longer counts as failed (and is retried)."""
+    shutdown_grace_s: float = 10.0
+    """On stop, how long running attempts get to report before they are abandoned."""
+
+
+class Estimates:
+    """Moving averages of load seconds and seconds per denoising step, per checkpoint and overall."""
+
+    def __init__(self, *, load_s: float = 2.0, step_s: float = 0.5, weight: float = 0.3) -> None:
+        self._default = (load_s, step_s)
+        self._weight = weight
+        self._by_model: dict[str, tuple[float, float]] = {}
+        self._overall: tuple[float, float] | None = None
+
+    def observe(self, model: str, *, load_s: float, inference_s: float, steps: int) -> None:
+        step_s = inference_s / max(1, steps)
+        for key in (model, None):
+            old = self._overall if key is None else self._by_model.get(key)
+            new = (load_s, step_s) if old is None else (
+                (1 - self._weight) * old[0] + self._weight * load_s, (1 - self._weight) * old[1] + self._weight * step_s)
+            if key is None:
+                self._overall = new
+            else:
+                self._by_model[key] = new
+
+    def _get(self, model: str) -> tuple[float, float]:
+        return self._by_model.get(model) or self._overall or self._default
+
+    def job_s(self, model: str, steps: int) -> float:
+        load_s, step_s = self._get(model)
+        return load_s + step_s * steps
+
+    def remaining_s(self, model: str, steps: int, done: int) -> float:
+        return self._get(model)[1] * max(0, steps - done)
 
 
 class JobWorker:
     """Watches this agent's jobs (server-side label selector) and runs each bound attempt."""
 
     def __init__(self, *, objects: kube.Objects, settings: JobSettings, store: DiskStore, weights: Weights,
-                 runner: Runner, metrics: JobMetrics, on_change: Callable[[], None]) -> None:
+                 runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep) -> None:
         self.objects, self.settings = objects, settings
         self.store, self.weights, self.runner, self.metrics = store, weights, runner, metrics
         self.on_change = on_change
+        self._sleep = sleep
         self.work: dict[str, _Work] = {}
         self.model_failures: dict[str, ModelFailure] = {}
         self.artifact_sha: dict[str, str] = {}
         """Cache key -> content identity the runner keys its built modules by."""
-        self._slots = asyncio.Semaphore(settings.slots)
+        self.estimates = Estimates()
+        self._latest: dict[str, dict[str, Any]] = {}  # newest object seen per bound job
+        self._ended: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._generation = asyncio.Semaphore(settings.slots)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     # ---- what the status report needs
 
     def running(self) -> list[RunningJob]:
-        return [RunningJob(name=w.name, attempt=w.attempt,
-                           expected_remaining_seconds=round(w.expected_s * (1 - w.step / w.steps), 2) if w.steps else w.expected_s)
-                for w in sorted(self.work.values(), key=lambda w: w.name)]
+        """Jobs bound here and not finished, with the seconds each still needs (placement's queue wait)."""
+        jobs = []
+        for w in sorted(self.work.values(), key=lambda w: w.name):
+            if w.stage == "running":
+                remaining = self.estimates.remaining_s(w.model, w.steps, w.step)
+            elif w.stage == "queued":
+                remaining = self.estimates.job_s(w.model, w.steps)
+            else:
+                remaining = 0.0
+            jobs.append(RunningJob(name=w.name, attempt=w.attempt, expected_remaining_seconds=round(remaining, 2)))
+        return jobs
 
     # ---- watching
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         thread_stop = threading.Event()
-        selector = f"{AGENT_LABEL}={self.settings.agent}"
         watcher = asyncio.create_task(asyncio.to_thread(
             kube.stream_events, self.objects.custom.list_namespaced_custom_object, stop=thread_stop,
             on_event=self._on_event_threadsafe, group="stoker.dev", version="v1alpha1",
-            namespace=self.settings.namespace, plural="generationjobs", label_selector=selector))
+            namespace=self.settings.namespace, plural="generationjobs", label_selector=self._selector))
+        resync = asyncio.create_task(self._resync_forever(stop))
         await stop.wait()
+        self._stopping = True
         thread_stop.set()
+        resync.cancel()
         for w in self.work.values():
             w.cancel.set()
+        if self._tasks:  # let attempts stop between steps and say so
+            await asyncio.wait(set(self._tasks), timeout=self.settings.shutdown_grace_s)
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(resync, *self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(watcher, timeout=35)
+
+    @property
+    def _selector(self) -> str:
+        return f"{AGENT_LABEL}={self.settings.agent}"
 
     def _on_event_threadsafe(self, kind: str, obj: dict[str, Any]) -> None:
         assert self._loop is not None
@@ -116,146 +213,272 @@ class JobWorker:
 
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
-        current = self.work.get(name)
-        if kind != "DELETED" and obj.get("status", {}).get("phase") in ("Succeeded", "Failed"):
-            # Our own final write coming back, or the operator ended the job (deadline).
+        if kind == "DELETED":  # deleted, or no longer matching the selector (bound elsewhere)
+            self._latest.pop(name, None)
+            current = self.work.get(name)
             if current is not None:
+                log.info("job %s attempt %d is no longer ours; cancelling", name, current.attempt)
                 current.cancel.set()
             return
-        attempt = None if kind == "DELETED" else bound_attempt(obj, self.settings.agent)
-        if current is not None and current.attempt != attempt:
-            log.info("job %s attempt %d is no longer ours; cancelling", name, current.attempt)
-            current.cancel.set()
+        if bound_attempt(obj, self.settings.agent) is None and name not in self.work:
+            self._latest.pop(name, None)  # finished or not (yet) ours: nothing to run or cancel
             return
-        if attempt is None or current is not None:
+        self._latest[name] = obj
+        self._dispatch(name)
+
+    def _dispatch(self, name: str) -> None:
+        """Start, or cancel, the attempt the newest object of `name` asks for."""
+        obj = self._latest.get(name)
+        attempt = bound_attempt(obj, self.settings.agent) if obj is not None else None
+        current = self.work.get(name)
+        if current is not None:
+            if current.attempt != attempt:
+                if current.stage != "reporting":  # (a reporting attempt sees its own final write come back)
+                    log.info("job %s attempt %d is no longer current; cancelling", name, current.attempt)
+                current.cancel.set()  # its task re-dispatches the newest object when it ends
+            return
+        if attempt is None or obj is None or self._stopping or self._has_ended(name, attempt, obj):
             return
         work = _Work(name=name, attempt=attempt)
         self.work[name] = work
-        task = asyncio.create_task(self._run(work, obj))
+        task = asyncio.create_task(self._run(work, obj), name=f"job {name} attempt {attempt}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.on_change()
 
+    def _has_ended(self, name: str, attempt: int, obj: dict[str, Any]) -> bool:
+        """Whether this agent already ended `attempt` (so it must never run it again)."""
+        if (name, attempt) in self._ended:
+            return True
+        failure = (obj.get("status") or {}).get("attemptFailure") or {}
+        return failure.get("attempt") == attempt and failure.get("agent") == self.settings.agent
+
+    def _mark_ended(self, work: _Work) -> None:
+        self._ended[(work.name, work.attempt)] = None
+        while len(self._ended) > 10_000:
+            self._ended.popitem(last=False)
+
+    async def _resync_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._sleep(self.settings.resync_interval_s)
+            try:
+                await self.resync()
+            except Exception as exc:  # the watch still runs; try again next round
+                log.warning("relisting the jobs bound to %s failed: %s", self.settings.agent, _describe(exc))
+
+    async def resync(self) -> None:
+        """Relist the bound jobs: start what a missed event left waiting, cancel what is gone."""
+        before = dict(self._latest)  # what was known before the listing was taken
+        listing = await self._api(self.objects.list, "GenerationJob", label_selector=self._selector)
+        seen = set()
+        for item in listing.get("items", []):
+            name = item["metadata"]["name"]
+            seen.add(name)
+            if self._latest.get(name) is before.get(name):  # else a watch event newer than the listing came in
+                self._on_event("MODIFIED", item)
+        for name, obj in before.items():
+            # Gone from the listing and no newer event since: unbound or deleted while a watch event was lost.
+            if name not in seen and self._latest.get(name) is obj:
+                self._on_event("DELETED", obj)
+
     # ---- one attempt
 
     async def _run(self, work: _Work, obj: dict[str, Any]) -> None:
-        t_start = time.time()
-        timings: dict[str, float] = {}
+        final: _Final | None
         try:
-            job = GenerationJob.model_validate(obj)
-            created = kube.parse_rfc3339(obj["metadata"]["creationTimestamp"]).timestamp()
-            timings["queuedSeconds"] = round(max(0.0, t_start - created), 3)
-            self.metrics.queue_wait.observe(timings["queuedSeconds"])
-            if not await self._write(work, {"phase": "Running", "agent": self.settings.agent, "attempt": work.attempt,
-                                            "startedAt": kube.now_rfc3339(), "progress": {"step": 0, "steps": job.spec.params.steps},
-                                            "attemptFailure": None}):
-                return
-            result, hit = await self._execute(work, job, timings)
-            timings["totalSeconds"] = round(time.time() - created, 3)
-            await self._write(work, {
-                "phase": "Succeeded", "cacheHit": hit, "timings": timings, "finishedAt": kube.now_rfc3339(),
-                "result": result, "progress": {"step": work.steps, "steps": work.steps},
-            }, final=True, event=("Succeeded", f"image at {result['location']} ({result['bytes']} bytes, checkpoint from {hit})"))
-            self.metrics.jobs.labels("succeeded").inc()
-        except Cancelled:
-            log.info("job %s attempt %d cancelled", work.name, work.attempt)
-            self.metrics.jobs.labels("cancelled").inc()
-        except JobFailed as exc:
-            log.warning("job %s attempt %d failed: %s: %s", work.name, work.attempt, exc.reason, exc.message)
-            self.metrics.jobs.labels("failed").inc()
-            if exc.retryable or exc.reason in _MODEL_REASONS:
-                patch = {"attemptFailure": {"attempt": work.attempt, "agent": self.settings.agent, "reason": exc.reason,
-                                            "message": exc.message, "retryable": exc.retryable}, "timings": timings}
-            else:
-                patch = {"phase": "Failed", "reason": exc.reason, "message": exc.message, "timings": timings,
-                         "finishedAt": kube.now_rfc3339()}
-            await self._write(work, patch, final=True, event=(exc.reason, exc.message), warning=True)
-        except Exception as exc:  # never leave a job stuck Running on a live agent
-            log.exception("job %s attempt %d crashed", work.name, work.attempt)
-            self.metrics.jobs.labels("failed").inc()
-            await self._write(work, {"attemptFailure": {
-                "attempt": work.attempt, "agent": self.settings.agent, "reason": "AgentError",
-                "message": f"{type(exc).__name__}: {exc}"[:2000], "retryable": True}}, final=True)
+            try:
+                final = await self._attempt(work, obj)
+            except Cancelled:
+                if self._stopping:
+                    log.info("job %s attempt %d stopped: the agent is shutting down", work.name, work.attempt)
+                    final = self._failure(work, JobFailed(
+                        "AgentStopping", f"agent {self.settings.agent} shut down during the attempt", retryable=True))
+                else:
+                    log.info("job %s attempt %d cancelled", work.name, work.attempt)
+                    self.metrics.jobs.labels("cancelled").inc()
+                    final = None
+            except Exception as exc:  # a bug or the unexpected: report it, never leave the job Running
+                log.exception("job %s attempt %d crashed", work.name, work.attempt)
+                final = self._failure(work, JobFailed("AgentError", f"{type(exc).__name__}: {exc}"[:2000], retryable=True))
+            if final is not None:
+                work.stage = "reporting"
+                self.on_change()
+                if await self._write_final(work, final):
+                    self.metrics.jobs.labels(final.outcome).inc()
+                else:
+                    self.metrics.jobs.labels("cancelled").inc()
         finally:
+            self._mark_ended(work)
             self.work.pop(work.name, None)
             self.on_change()
+            if not self._stopping:
+                self._dispatch(work.name)  # a newer attempt may have arrived meanwhile
 
-    async def _execute(self, work: _Work, job: GenerationJob, timings: dict[str, float]) -> tuple[dict[str, Any], str]:
+    async def _attempt(self, work: _Work, obj: dict[str, Any]) -> _Final:
+        try:
+            job = GenerationJob.model_validate(obj)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+            return self._failure(work, JobFailed(
+                "InvalidSpec", f"GenerationJob {self.settings.namespace}/{work.name} cannot be read by this agent "
+                f"({problems}); the CRD and the agent may be of different versions: upgrade the agent or recreate "
+                "the job", retryable=False))
+        work.steps = job.spec.params.steps
+        created = kube.parse_rfc3339(obj["metadata"]["creationTimestamp"]).timestamp()
+        work.timings["queuedSeconds"] = round(max(0.0, time.time() - created), 3)
+        written = await self._write(work, {
+            "phase": "Running", "agent": self.settings.agent, "attempt": work.attempt, "startedAt": kube.now_rfc3339(),
+            "progress": {"step": 0, "steps": work.steps}, "timings": dict(work.timings), "attemptFailure": None})
+        if written is False:
+            raise Cancelled()
+        await self._event(work, "Running", f"attempt {work.attempt} started on {self.settings.agent}")
+        done = asyncio.Event()
+        progress = asyncio.create_task(self._report_progress(work, done))
+        try:
+            result, hit = await self._execute(work, job, created)
+        except JobFailed as exc:
+            return self._failure(work, exc)
+        finally:
+            done.set()
+            progress.cancel()
+            await asyncio.gather(progress, return_exceptions=True)
+        work.timings["totalSeconds"] = round(time.time() - created, 3)
+        return _Final(patch={
+            "phase": "Succeeded", "cacheHit": hit, "timings": dict(work.timings), "finishedAt": kube.now_rfc3339(),
+            "result": result, "progress": {"step": work.steps, "steps": work.steps}, "attemptFailure": None,
+        }, outcome="succeeded", event=("Succeeded", f"image at {result['location']} ({result['bytes']} bytes, "
+                                                    f"checkpoint from {hit})"))
+
+    def _failure(self, work: _Work, exc: JobFailed) -> _Final:
+        log.warning("job %s attempt %d failed: %s: %s", work.name, work.attempt, exc.reason, exc.message)
+        if exc.retryable or exc.reason in _MODEL_REASONS:  # the operator decides: retry elsewhere, or fail
+            patch: dict[str, Any] = {"attemptFailure": {
+                "attempt": work.attempt, "agent": self.settings.agent, "reason": exc.reason, "message": exc.message,
+                "retryable": exc.retryable}, "timings": dict(work.timings)}
+        else:
+            patch = {"phase": "Failed", "reason": exc.reason, "message": exc.message, "timings": dict(work.timings),
+                     "finishedAt": kube.now_rfc3339()}
+        return _Final(patch=patch, outcome="failed", event=(exc.reason, exc.message), warning=True)
+
+    async def _execute(self, work: _Work, job: GenerationJob, created: float) -> tuple[dict[str, Any], str]:
         spec = job.spec
         refs = [(spec.model, ArtifactKind.CHECKPOINT, 1.0)] + [(l.name, ArtifactKind.LORA, l.weight) for l in spec.loras]
         if spec.vae:
             refs.append((spec.vae, ArtifactKind.VAE, 1.0))
         sources = [await self._resolve(name, kind) for name, kind, _ in refs]
+        work.model = sources[0].key
+        uses_weights = getattr(self.runner, "uses_loaded_weights", True)
         was_cached = self.store.is_cached(sources[0].key)
-        t0 = time.perf_counter()
-        paths = await asyncio.gather(*(self._fetch(s) for s in sources))
-        timings["downloadSeconds"] = round(time.perf_counter() - t0, 3)
-        self._check(work)
-        params = spec.params
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-        request = GenerationRequest(
-            prompt=params.prompt, negative_prompt=params.negative_prompt, steps=params.steps, cfg_scale=params.cfg_scale,
-            width=params.width, height=params.height, seed=seed, sampler=str(params.sampler),
-            scheduler=str(params.scheduler), batch_size=params.batch_size)
-        work.steps = params.steps
-        async with self._slots:
+        held = contextlib.ExitStack()  # VRAM holds; entered in worker threads, released here
+        pins: list[str] = []
+        try:
+            t0 = time.perf_counter()
+            paths = await self._fetch_all(sources, pins)
+            work.timings["downloadSeconds"] = round(time.perf_counter() - t0, 3)
+            hit = self.weights.tier_of(sources[0].key, paths[0]) if was_cached and uses_weights else (
+                "disk" if was_cached else "miss")
             self._check(work)
-            for s in sources:
-                self.store.pin(s.key)
-            try:
-                progress = asyncio.create_task(self._report_progress(work))
-                try:
-                    image, hit, load_s, infer_s = await asyncio.to_thread(
-                        self._load_and_generate, work, sources, paths, refs, request)
-                finally:
-                    progress.cancel()
-            finally:
-                for s in sources:
-                    self.store.unpin(s.key)
-        hit = hit if hit != "disk" or was_cached else "miss"
+            request = _request(job, work)
+            loaded: list[LoadedArtifact | None] = [None] * len(sources)
+            load_s = 0.0
+            if uses_weights and self._generation.locked():
+                # Every slot is busy: load now, so the swap overlaps the running generation.
+                load_s += await asyncio.to_thread(self._stage, work, sources, paths, refs, loaded, held)
+            t_wait = time.perf_counter()
+            async with self._generation:
+                work.timings["slotWaitSeconds"] = round(time.perf_counter() - t_wait, 3)
+                self.metrics.queue_wait.observe(max(0.0, time.time() - created))
+                self._check(work)
+                work.stage = "running"
+                self.on_change()
+                image, more_load_s, infer_s = await asyncio.to_thread(
+                    self._load_and_generate, work, sources, paths, refs, loaded, held, request, uses_weights)
+                load_s += more_load_s
+        finally:
+            held.close()
+            for key in pins:
+                self.store.unpin(key)
         self.metrics.tier_hits.labels(hit).inc()
         self.metrics.load_seconds.observe(load_s)
         self.metrics.inference_seconds.observe(infer_s)
-        timings["loadSeconds"], timings["inferenceSeconds"] = round(load_s, 3), round(infer_s, 3)
+        self.estimates.observe(work.model, load_s=load_s, inference_s=infer_s, steps=request.steps)
+        work.timings["loadSeconds"], work.timings["inferenceSeconds"] = round(load_s, 3), round(infer_s, 3)
         self._check(work)
+        if await self._current(work) is None:  # never deliver a stale attempt's image
+            raise Cancelled()
         t1 = time.perf_counter()
         delivered = await asyncio.to_thread(self._deliver, job, work, image.png)
-        timings["uploadSeconds"] = round(time.perf_counter() - t1, 3)
+        work.timings["uploadSeconds"] = round(time.perf_counter() - t1, 3)
         return {"location": delivered.location, "sha256": delivered.sha256, "bytes": delivered.size_bytes,
-                "contentType": delivered.content_type, "seed": seed}, hit
+                "contentType": delivered.content_type, "seed": request.seed}, hit
+
+    def _stage(self, work: _Work, sources: list[ModelSource], paths: list[pathlib.Path],
+               refs: list[tuple[str, ArtifactKind, float]], loaded: list[LoadedArtifact | None],
+               held: contextlib.ExitStack) -> float:
+        """While waiting for a slot: into VRAM what fits without evicting a model in use, the rest
+        into the RAM tier. Best effort (the slot loads whatever is missing); returns the seconds spent."""
+        t0 = time.perf_counter()
+        for i, (source, path, (name, kind, weight)) in enumerate(zip(sources, paths, refs, strict=True)):
+            if work.cancel.is_set():
+                break
+            try:
+                if self.weights.tier_of(source.key, path) != "vram" and not self._fits_in_vram(path):
+                    self.weights.stage(source.key, path)
+                    log.info("staged %s off the GPU for job %s while it waits for a slot", source.key, work.name)
+                    continue
+                model, tier = held.enter_context(self.weights.use(source.key, path))
+            except Exception as exc:  # noqa: BLE001 - staging is an optimisation; the slot reports errors
+                log.info("could not stage %s for job %s ahead of its slot: %s", source.key, work.name, exc)
+                continue
+            if tier != "vram":
+                log.info("loaded %s into VRAM for job %s while it waits for a slot", source.key, work.name)
+            loaded[i] = self._artifact(source, path, name, kind, weight, model.tensors)
+        return time.perf_counter() - t0
+
+    def _fits_in_vram(self, path: pathlib.Path) -> bool:
+        snap = self.weights.vram.snapshot()
+        idle = sum(e.size_bytes for e in snap.entries if e.in_use == 0)
+        return safetensors_header.read_header(path).data_size_bytes <= snap.free_bytes + idle
+
+    def _artifact(self, source: ModelSource, path: pathlib.Path, name: str, kind: ArtifactKind, weight: float,
+                  tensors: Any) -> LoadedArtifact:
+        sha = source.sha256 or source.digest
+        self.artifact_sha[source.key] = sha
+        return LoadedArtifact(name=name, kind=kind, tensors=tensors, sha256=sha, weight=weight, path=path)
 
     def _load_and_generate(self, work: _Work, sources: list[ModelSource], paths: list[pathlib.Path],
-                           refs: list[tuple[str, ArtifactKind, float]], request: GenerationRequest) -> tuple[Any, str, float, float]:
-        with contextlib.ExitStack() as stack:
-            t0 = time.perf_counter()
-            loaded = []
-            hit = "disk"
-            for i, (source, path, (name, kind, weight)) in enumerate(zip(sources, paths, refs)):
+                           refs: list[tuple[str, ArtifactKind, float]], loaded: list[LoadedArtifact | None],
+                           held: contextlib.ExitStack, request: GenerationRequest,
+                           uses_weights: bool) -> tuple[Any, float, float]:
+        t0 = time.perf_counter()
+        for i, (source, path, (name, kind, weight)) in enumerate(zip(sources, paths, refs, strict=True)):
+            if loaded[i] is not None:
+                continue
+            self._check(work)
+            tensors: Any = {}
+            if uses_weights:
                 try:
-                    model, tier = stack.enter_context(self.weights.use(source.key, path))
+                    model, _tier = held.enter_context(self.weights.use(source.key, path))
                 except Exception as exc:
                     raise _as_job_failure(exc) from exc
-                if i == 0:
-                    hit = tier
-                self.artifact_sha[source.key] = source.sha256 or source.digest
-                loaded.append(LoadedArtifact(name=name, kind=kind, tensors=model.tensors,
-                                             sha256=source.sha256 or source.digest, weight=weight, path=path))
-            load_s = time.perf_counter() - t0
-            self._check(work)
-            ckpt, rest = loaded[0], loaded[1:]
-            t1 = time.perf_counter()
-            try:
-                image = self.runner.generate(
-                    checkpoint=ckpt, loras=[a for a in rest if a.kind == ArtifactKind.LORA],
-                    vae=next((a for a in rest if a.kind == ArtifactKind.VAE), None), request=request,
-                    on_step=lambda i, n: _set_progress(work, i, n), should_cancel=work.cancel.is_set)
-            except RunnerError as exc:
-                if str(exc.reason) == "Cancelled":
-                    raise Cancelled() from exc
-                raise JobFailed(str(exc.reason), str(exc), retryable=str(exc.reason) == "InsufficientVRAM") from exc
-            infer_s = time.perf_counter() - t1
-            work.expected_s = 0.8 * work.expected_s + 0.2 * (load_s + infer_s)
-            return image, hit, load_s, infer_s
+                tensors = model.tensors
+            loaded[i] = self._artifact(source, path, name, kind, weight, tensors)
+        load_s = time.perf_counter() - t0
+        work.timings["loadSeconds"] = round(load_s, 3)
+        self._check(work)
+        ckpt, rest = loaded[0], [a for a in loaded[1:] if a is not None]
+        assert ckpt is not None
+        t1 = time.perf_counter()
+        try:
+            image = self.runner.generate(
+                checkpoint=ckpt, loras=[a for a in rest if a.kind == ArtifactKind.LORA],
+                vae=next((a for a in rest if a.kind == ArtifactKind.VAE), None), request=request,
+                on_step=lambda i, n: _set_progress(work, i, n), should_cancel=work.cancel.is_set)
+        except RunnerError as exc:
+            if str(exc.reason) == "Cancelled":
+                raise Cancelled() from exc
+            raise JobFailed(str(exc.reason), exc.message, retryable=exc.retryable) from exc
+        return image, load_s, time.perf_counter() - t1
 
     def _deliver(self, job: GenerationJob, work: _Work, png: bytes) -> output.OutputResult:
         try:
@@ -271,24 +494,39 @@ class JobWorker:
     async def _resolve(self, name: str, kind: ArtifactKind) -> ModelSource:
         """The ModelCache `name` as a download source; waits a short grace for it to appear."""
         deadline = time.monotonic() + self.settings.model_not_found_grace_s
+        waiting_logged = False
         while True:
             try:
-                obj = await asyncio.to_thread(self.objects.get, "ModelCache", name)
+                obj = await self._api_retrying(self.objects.get, "ModelCache", name, what=f"reading ModelCache {name}")
                 break
-            except Exception as exc:
+            except ApiException as exc:
                 if not kube.is_not_found(exc):
                     raise
                 if time.monotonic() >= deadline:
                     raise JobFailed("ModelNotFound", f"ModelCache {self.settings.namespace}/{name} does not exist: "
                                     f"create it (kubectl apply) or fix the job's model name", retryable=False) from None
-                await asyncio.sleep(1.0)
+                if not waiting_logged:
+                    log.info("waiting up to %.0fs for ModelCache %s/%s to appear", self.settings.model_not_found_grace_s,
+                             self.settings.namespace, name)
+                    waiting_logged = True
+                await self._sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         mc = ModelCache.model_validate(obj)
         if str(mc.spec.kind) != str(kind):
             raise JobFailed("InvalidModelKind", f"ModelCache {name} is a {mc.spec.kind}, but the job uses it as a {kind}",
                             retryable=False)
         return await asyncio.to_thread(model_source, self.objects, mc)
 
-    async def _fetch(self, source: ModelSource) -> pathlib.Path:
+    async def _fetch_all(self, sources: list[ModelSource], pins: list[str]) -> list[pathlib.Path]:
+        """Every file on disk, each pinned the moment its fetch returns (a later download cannot evict it)."""
+        tasks = [asyncio.create_task(self._fetch(s, pins)) for s in sources]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fetch(self, source: ModelSource, pins: list[str]) -> pathlib.Path:
         try:
             path = await self.store.ensure(source, priority=Priority.JOB)
         except DiskStoreError as exc:
@@ -298,7 +536,10 @@ class JobWorker:
                     at=kube.now_rfc3339())
                 self.on_change()
             raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from exc
-        self.model_failures.pop(source.key, None)
+        self.store.pin(source.key)  # no await since ensure returned: nothing evicted it in between
+        pins.append(source.key)
+        if self.model_failures.pop(source.key, None) is not None:
+            self.on_change()
         return path
 
     # ---- status writes
@@ -307,46 +548,175 @@ class JobWorker:
         if work.cancel.is_set():
             raise Cancelled()
 
-    async def _report_progress(self, work: _Work) -> None:
-        last = -1
-        while True:
-            await asyncio.sleep(self.settings.progress_interval_s)
-            if work.step != last:
-                last = work.step
-                await self._write(work, {"progress": {"step": work.step, "steps": work.steps}})
-
-    async def _write(self, work: _Work, status: dict[str, Any], *, final: bool = False,
-                     event: tuple[str, str] | None = None, warning: bool = False) -> bool:
-        """Patch the job's status if it is still bound to this attempt; False otherwise."""
-        for _ in range(8):
+    async def _report_progress(self, work: _Work, done: asyncio.Event) -> None:
+        """Publish progress and the timings known so far until `done`; never raises."""
+        last: tuple[Any, ...] = ()
+        while not done.is_set():
+            await self._sleep(self.settings.progress_interval_s)
+            if done.is_set():
+                return
+            now = (work.step, work.steps, tuple(sorted(work.timings.items())))
+            if now == last:
+                continue
             try:
-                obj = await asyncio.to_thread(self.objects.get, "GenerationJob", work.name)
+                if await self._write(work, {"progress": {"step": work.step, "steps": work.steps},
+                                            "timings": dict(work.timings)}, attempts=1) is not None:
+                    last = now
+            except Exception as exc:  # progress is best effort; the final write is not
+                log.debug("progress of job %s not written: %s", work.name, _describe(exc))
+
+    async def _current(self, work: _Work) -> dict[str, Any] | None:
+        """The job while it is still bound to this attempt, else None (and the attempt is cancelled).
+        Retries through API server outages."""
+        delay = self.settings.write_backoff_s
+        while True:
+            try:
+                obj = await self._api(self.objects.get, "GenerationJob", work.name)
+            except Exception as exc:
+                if kube.is_not_found(exc):
+                    work.cancel.set()
+                    return None
+                log.warning("cannot read job %s to check its binding (%s); retrying in %.1fs", work.name,
+                            _describe(exc), delay)
+                await self._sleep(delay)
+                delay = min(self.settings.write_max_backoff_s, delay * 2)
+                continue
+            if bound_attempt(obj, self.settings.agent) != work.attempt:
+                work.cancel.set()
+                return None
+            return obj
+
+    async def _write(self, work: _Work, status: dict[str, Any], *, attempts: int | None = 3) -> bool | None:
+        """Patch the job's status if it is still bound to this attempt.
+
+        True: written. False: the job is gone or bound to another attempt (the attempt is
+        cancelled). None: the API server failed `attempts` times (transient errors are
+        retried with backoff; `attempts=None` retries until it answers). Raises
+        ApiException when the server refuses the patch itself (400, 422).
+        """
+        failures = conflicts = 0
+        delay = self.settings.write_backoff_s
+        while True:
+            try:
+                obj = await self._api(self.objects.get, "GenerationJob", work.name)
+                if bound_attempt(obj, self.settings.agent) != work.attempt:
+                    work.cancel.set()
+                    log.info("job %s attempt %d no longer current; not writing %s", work.name, work.attempt,
+                             sorted(status))
+                    return False
+                work.written = await self._api(self.objects.patch_status, "GenerationJob", work.name, status,
+                                               resource_version=obj["metadata"]["resourceVersion"])
+                return True
             except Exception as exc:
                 if kube.is_not_found(exc):
                     work.cancel.set()
                     return False
-                raise
-            if bound_attempt(obj, self.settings.agent) != work.attempt:
-                work.cancel.set()
-                log.info("job %s attempt %d no longer current; not writing %s", work.name, work.attempt, sorted(status))
-                return False
-            try:
-                await asyncio.to_thread(self.objects.patch_status, "GenerationJob", work.name, status,
-                                        resource_version=obj["metadata"]["resourceVersion"])
-            except Exception as exc:
-                if kube.is_conflict(exc):
+                if isinstance(exc, ApiException) and exc.status in (400, 422):
+                    raise
+                if kube.is_conflict(exc) and conflicts < 5:
+                    conflicts += 1  # someone wrote in between: read again at once
                     continue
-                raise
-            if event is not None:
-                await asyncio.to_thread(self.objects.event, obj, reason=event[0], message=event[1], warning=warning,
-                                        component=f"stoker-agent/{self.settings.agent}")
-            return True
-        if final:
-            log.warning("gave up writing status of job %s after repeated conflicts", work.name)
-        return False
+                conflicts = 0
+                failures += 1
+                if attempts is not None and failures >= attempts:
+                    return None
+                log.warning("status write of job %s attempt %d failed (%s); retrying in %.1fs", work.name,
+                            work.attempt, _describe(exc), delay)
+                await self._sleep(delay)
+                delay = min(self.settings.write_max_backoff_s, delay * 2)
+
+    async def _write_final(self, work: _Work, final: _Final) -> bool:
+        """Write how the attempt ended, retrying until written or no longer current; True when written."""
+        patch = final.patch
+        try:
+            written = await self._write(work, patch, attempts=None)
+        except ApiException as exc:  # the patch itself is refused: report that instead, so nothing hangs
+            log.error("the API server refused the final status of job %s (%s); reporting the refusal", work.name,
+                      _describe(exc))
+            patch = {"attemptFailure": {"attempt": work.attempt, "agent": self.settings.agent, "reason": "StatusRejected",
+                                        "message": f"the API server refused this attempt's status: {_describe(exc)}"[:1000],
+                                        "retryable": True}}
+            try:
+                written = await self._write(work, patch, attempts=None)
+            except ApiException as again:
+                log.error("the API server refused even the failure report of job %s (%s)", work.name, _describe(again))
+                return False
+        if written and final.event is not None:
+            await self._event(work, *final.event, warning=final.warning)
+        return bool(written)
+
+    async def _event(self, work: _Work, reason: str, message: str, *, warning: bool = False) -> None:
+        """An Event on the job as last written (best effort: a lost event never fails the attempt)."""
+        if work.written is None:
+            return
+        try:
+            await self._api(self.objects.event, work.written, reason=reason, message=message,
+                            warning=warning, component=f"stoker-agent/{self.settings.agent}")
+        except Exception as exc:
+            log.info("event for job %s not recorded: %s", work.name, _describe(exc))
+
+    # ---- API calls
+
+    async def _api(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn` in a worker thread, bounded by the API timeout (a hung connection counts as failed)."""
+        # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that races completion.
+        call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self.settings.api_timeout_s)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if not done:
+            call.cancel()
+            raise TimeoutError(f"no answer from the API server within {self.settings.api_timeout_s:.0f}s")
+        return call.result()
+
+    async def _api_retrying(self, fn: Callable[..., T], *args: Any, what: str, attempts: int = 5, **kwargs: Any) -> T:
+        """`_api`, retrying transient failures a few times; then a retryable JobFailed."""
+        delay = self.settings.write_backoff_s
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._api(fn, *args, **kwargs)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == attempts:
+                    raise JobFailed("APIUnavailable", f"{what} failed {attempts} times ({_describe(exc)}); the API "
+                                    "server may be overloaded", retryable=True) from None
+                log.warning("%s failed (%s); retrying in %.1fs", what, _describe(exc), delay)
+                await self._sleep(delay)
+                delay = min(self.settings.write_max_backoff_s, delay * 2)
+        raise AssertionError("unreachable")
 
 
 _MODEL_REASONS = {"ChecksumMismatch", "HTTPNotFound", "HTTPForbidden", "InvalidHeader", "PickleRefused", "SizeMismatch"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether repeating the API call may succeed: overload, server errors, timeouts, dropped connections."""
+    if isinstance(exc, ApiException):
+        return exc.status in (None, 0, 408, 429, 500, 502, 503, 504)
+    return isinstance(exc, (urllib3.exceptions.HTTPError, OSError, TimeoutError))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _request(job: GenerationJob, work: _Work) -> GenerationRequest:
+    params = job.spec.params
+    seed = params.seed if params.seed is not None else seed_for(str(job.metadata.get("uid") or work.name))
+    return GenerationRequest(
+        prompt=params.prompt, negative_prompt=params.negative_prompt, steps=params.steps, cfg_scale=params.cfg_scale,
+        width=params.width, height=params.height, seed=seed, sampler=str(params.sampler),
+        scheduler=str(params.scheduler), batch_size=params.batch_size)
+
+
+def seed_for(uid: str) -> int:
+    """The seed of a job without one: from its uid, so every attempt makes the same image. Pure."""
+    return int.from_bytes(hashlib.sha256(uid.encode()).digest()[:4], "big")
 
 
 def _set_progress(work: _Work, step: int, steps: int) -> None:
@@ -355,32 +725,26 @@ def _set_progress(work: _Work, step: int, steps: int) -> None:
 
 def _as_job_failure(exc: Exception) -> Exception:
     kind = type(exc).__name__
-    if kind == "InsufficientCache":
+    if kind in ("InsufficientCache", "DeviceOutOfMemory", "OutOfMemoryError"):
         return JobFailed("InsufficientVRAM", str(exc), retryable=True)
     if kind == "HeaderError":
         return JobFailed("InvalidHeader", str(exc), retryable=False)
-    if isinstance(exc, (RuntimeError,)) and "out of memory" in str(exc).lower():
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
         return JobFailed("InsufficientVRAM", str(exc), retryable=True)
     return exc
 
 
-def model_source(objects: kube.Objects, mc: ModelCache) -> ModelSource:
-    """Map a ModelCache onto the disk tier's source, reading its credential Secret."""
+def model_source(objects: kube.Objects, mc: ModelCache, *, resolver: Any = None) -> ModelSource:
+    """Map a ModelCache onto the disk tier's source, with the credential its secretRef names
+    (looked up by `stoker.agent.credentials`: mounted file, environment, or an allowed API read)."""
+    from stoker.agent import credentials as model_credentials
+
     src = mc.spec.source
     credentials = None
     if src.secret_ref is not None:
-        ref = src.secret_ref
         try:
-            secret = objects.core.read_namespaced_secret(ref.name, objects.namespace)
-        except Exception as exc:
-            raise JobFailed("SecretNotFound", f"cannot read Secret {objects.namespace}/{ref.name} named by ModelCache "
-                            f"{mc.name}: create it, and list it in the chart's agent.credentialSecrets", retryable=False) from exc
-        import base64
-
-        raw = (secret.data or {}).get(ref.key)
-        if raw is None:
-            raise JobFailed("SecretKeyMissing", f"Secret {objects.namespace}/{ref.name} has no key {ref.key!r} "
-                            f"(named by ModelCache {mc.name})", retryable=False)
-        credentials = Credentials.for_header(ref.header, base64.b64decode(raw).decode())
+            credentials = (resolver or model_credentials.default_resolver()).lookup(objects, mc.name, src.secret_ref)
+        except model_credentials.CredentialLookupError as exc:
+            raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from None
     return ModelSource(key=f"{objects.namespace}/{mc.name}", url=src.url, sha256=src.sha256, size_bytes=src.size_bytes,
                        format=str(mc.spec.format), allow_pickle=mc.spec.allow_pickle, credentials=credentials)

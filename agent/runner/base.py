@@ -4,8 +4,8 @@ A runner turns weights that Stoker has already loaded (checkpoint, LoRAs, VAE) p
 job's generation parameters into one PNG. The job loop depends only on this module;
 the built-in diffusers runner and the HTTP (ComfyUI) runner implement `Runner`.
 
-Samplers and schedulers use the names that model sites and ComfyUI use, so a job spec
-written for one runner works with the other:
+Samplers and schedulers are the API's (`stoker.api.generationjob`): one list, admitted by
+the API server, that every runner honours. Model sites and ComfyUI use the same names:
 
 =============  ==================================  ================================
 sampler        diffusers scheduler                 ComfyUI ``sampler_name``
@@ -17,72 +17,37 @@ dpm_2          KDPM2DiscreteScheduler              dpm_2
 dpm_2_a        KDPM2AncestralDiscreteScheduler     dpm_2_ancestral
 dpmpp_2m       DPMSolverMultistepScheduler         dpmpp_2m
 dpmpp_2m_sde   DPMSolverMultistepScheduler (SDE)   dpmpp_2m_sde
-dpmpp_sde      DPMSolverSinglestepScheduler        dpmpp_sde
 lms            LMSDiscreteScheduler                lms
 ddim           DDIMScheduler                       ddim
-pndm           PNDMScheduler                       (none: euler)
 unipc          UniPCMultistepScheduler             uni_pc
 deis           DEISMultistepScheduler              deis
 lcm            LCMScheduler                        lcm
 =============  ==================================  ================================
 
-Schedulers (the sigma/timestep spacing): ``normal`` (the model's default), ``karras``,
-``exponential``, ``sgm_uniform`` (trailing timesteps). A name outside these lists is
-refused with reason ``InvalidParameters`` before any work starts.
+Schedulers (the noise level/timestep spacing): ``normal`` (the model's default), ``karras``,
+``exponential``, ``sgm_uniform`` (trailing timesteps); euler_a, ddim and lcm take only
+``normal`` and ``sgm_uniform`` (`SCHEDULES_BY_SAMPLER`). Anything else is refused with
+reason ``InvalidParameters`` before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from stoker.api import generationjob
 
 if TYPE_CHECKING:
     import torch
 
-
-class Sampler(enum.StrEnum):
-    """Sampler names accepted in `GenerationRequest.sampler` (see the module table)."""
-
-    EULER = "euler"
-    EULER_A = "euler_a"
-    HEUN = "heun"
-    DPM_2 = "dpm_2"
-    DPM_2_A = "dpm_2_a"
-    DPMPP_2M = "dpmpp_2m"
-    DPMPP_2M_SDE = "dpmpp_2m_sde"
-    DPMPP_SDE = "dpmpp_sde"
-    LMS = "lms"
-    DDIM = "ddim"
-    PNDM = "pndm"
-    UNIPC = "unipc"
-    DEIS = "deis"
-    LCM = "lcm"
-
-
-class Schedule(enum.StrEnum):
-    """Noise schedule names accepted in `GenerationRequest.scheduler`."""
-
-    NORMAL = "normal"
-    KARRAS = "karras"
-    EXPONENTIAL = "exponential"
-    SGM_UNIFORM = "sgm_uniform"
-
-
-# Common spellings from other tools, folded onto the canonical names.
-SAMPLER_ALIASES: Mapping[str, Sampler] = {
-    "euler_ancestral": Sampler.EULER_A,
-    "dpm_2_ancestral": Sampler.DPM_2_A,
-    "dpmpp_2m_karras": Sampler.DPMPP_2M,
-    "uni_pc": Sampler.UNIPC,
-    "k_euler": Sampler.EULER,
-    "k_euler_a": Sampler.EULER_A,
-    "k_lms": Sampler.LMS,
-    "k_heun": Sampler.HEUN,
-}
-SCHEDULE_ALIASES: Mapping[str, Schedule] = {"default": Schedule.NORMAL, "simple": Schedule.NORMAL}
+# The API's lists, so a runner can never accept what the API refuses or the other way round.
+Sampler = generationjob.Sampler
+Schedule = generationjob.NoiseSchedule
+SCHEDULES_BY_SAMPLER = generationjob.SCHEDULES_BY_SAMPLER
 
 MAX_SIDE_PX = 4096
 MAX_STEPS = 500
@@ -176,10 +141,17 @@ class GeneratedImage:
 class Runner(Protocol):
     """Turns loaded weights plus parameters into an image.
 
-    `on_step(i, n)` is called after denoising step i of n (1-based). `should_cancel()` is
-    polled between steps; when it returns true the runner stops and raises
+    `on_step(i, n)` is called after denoising step i of n (1-based, n = `request.steps`,
+    whatever number of model evaluations the sampler makes). `should_cancel()` is polled
+    between steps; when it returns true the runner stops and raises
     `RunnerError(Reason.CANCELLED, ...)`. All failures are `RunnerError`.
+
+    `uses_loaded_weights` is false for a runner that reads the model files itself (a
+    separate inference server): the job loop then hands it pinned file paths with empty
+    `tensors` and loads nothing into the agent's memory tiers.
     """
+
+    uses_loaded_weights: bool
 
     def generate(
         self,
@@ -194,12 +166,9 @@ class Runner(Protocol):
 
 
 def parse_sampler(name: str) -> Sampler:
-    """The canonical sampler for `name`, or `RunnerError(InvalidParameters)` naming the choices."""
-    key = name.strip().lower()
-    if key in SAMPLER_ALIASES:
-        return SAMPLER_ALIASES[key]
+    """The sampler named `name`, or `RunnerError(InvalidParameters)` naming the choices."""
     try:
-        return Sampler(key)
+        return Sampler(name.strip().lower())
     except ValueError:
         choices = ", ".join(s.value for s in Sampler)
         raise RunnerError(
@@ -208,12 +177,9 @@ def parse_sampler(name: str) -> Sampler:
 
 
 def parse_schedule(name: str) -> Schedule:
-    """The canonical schedule for `name`, or `RunnerError(InvalidParameters)` naming the choices."""
-    key = name.strip().lower()
-    if key in SCHEDULE_ALIASES:
-        return SCHEDULE_ALIASES[key]
+    """The schedule named `name`, or `RunnerError(InvalidParameters)` naming the choices."""
     try:
-        return Schedule(key)
+        return Schedule(name.strip().lower())
     except ValueError:
         choices = ", ".join(s.value for s in Schedule)
         raise RunnerError(
@@ -254,6 +220,9 @@ def check_request(request: GenerationRequest) -> tuple[Sampler, Schedule]:
             sampler = parsed
         else:
             schedule = parsed
+    if sampler is not None and schedule is not None and schedule not in SCHEDULES_BY_SAMPLER[sampler]:
+        allowed = " or ".join(sorted(SCHEDULES_BY_SAMPLER[sampler]))
+        problems.append(f"sampler {sampler} runs only with the {allowed} scheduler, not {schedule}")
     if problems or sampler is None or schedule is None:
         raise RunnerError(Reason.INVALID_PARAMETERS, "; ".join(problems))
     return sampler, schedule
@@ -262,13 +231,14 @@ def check_request(request: GenerationRequest) -> tuple[Sampler, Schedule]:
 def format_parameters(request: GenerationRequest, *, model: str, loras: Sequence[LoadedArtifact] = (),
                       vae: str | None = None, model_hash: str = "") -> str:
     """The `parameters` text chunk in the layout model sites parse (prompt, negative, settings)."""
+    sampler, schedule = check_request(request)
     prompt = request.prompt
     for lora in loras:
         prompt += f" <lora:{lora.name}:{lora.weight:g}>"
     settings = [
         f"Steps: {request.steps}",
-        f"Sampler: {request.sampler}",
-        f"Schedule type: {request.scheduler}",
+        f"Sampler: {sampler}",
+        f"Schedule type: {schedule}",
         f"CFG scale: {request.cfg_scale:g}",
         f"Seed: {request.seed}",
         f"Size: {request.width}x{request.height}",
@@ -287,3 +257,24 @@ def format_parameters(request: GenerationRequest, *, model: str, loras: Sequence
         lines.append(f"Negative prompt: {request.negative_prompt}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
+
+
+def encode_png(images: Sequence[Any], *, parameters: str) -> GeneratedImage:
+    """One PNG of PIL `images` (side by side when a batch has several) with a `parameters` text chunk."""
+    from PIL import Image, PngImagePlugin
+
+    width, height = images[0].width, images[0].height
+    if len(images) == 1:
+        canvas = images[0]
+    else:
+        canvas = Image.new("RGB", (sum(image.width for image in images), max(image.height for image in images)))
+        left = 0
+        for image in images:
+            canvas.paste(image, (left, 0))
+            left += image.width
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG", pnginfo=info)
+    return GeneratedImage(png=buffer.getvalue(), width=canvas.width, height=canvas.height,
+                          metadata={"parameters": parameters})

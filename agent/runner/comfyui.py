@@ -8,30 +8,36 @@ optional VAE, CLIP text encode, KSampler, VAE decode, SaveImage), polls
 it. The agent owns the model folders: ComfyUI only ever sees files the agent's disk
 cache has verified, under names derived from the model name and content hash.
 
-Example configuration (agent settings)::
+The agent runs this runner with ``--runner comfyui`` (env ``STOKER_RUNNER=comfyui``, chart
+``agent.runner.kind: comfyui``); its settings are ``comfyui_url``, ``comfyui_models_dir``,
+``comfyui_link`` (``symlink`` or ``copy``), ``comfyui_poll_interval_s`` and
+``comfyui_timeout_s`` (flags ``--comfyui-url`` and so on, env ``STOKER_COMFYUI_URL`` and so
+on). Symlinks point into the agent's disk cache, so the ComfyUI container must mount the
+cache volume at the same path as the agent (the chart's sidecar does); ``copy`` needs no
+shared path but doubles the disk used. The agent loads nothing into its own memory tiers for
+this runner (`uses_loaded_weights` is false): ComfyUI loads the weights on the same GPU.
 
-    runner:
-      kind: comfyui
-      comfyui:
-        url: http://127.0.0.1:8188       # the server in the same pod
-        modelsDir: /comfyui/models       # ComfyUI's models/ folder, on a shared volume
-        link: symlink                    # or copy, when the server cannot follow links
-        pollIntervalSeconds: 0.2
-        timeoutSeconds: 600
+Files the runner placed are pruned when the runner starts and after every job: a link whose
+target the disk cache evicted, or a copy of an evicted file, is removed unless a running job
+uses it.
 
 ComfyUI reports progress only over its websocket; this runner polls, so it reports
-the last step when the prompt finishes.
+the last step when the prompt finishes. A batch comes back as one PNG with the images side
+by side, as from the built-in runner.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import io
 import logging
 import os
 import pathlib
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -57,7 +63,7 @@ MODEL_SUBDIRS: Mapping[ArtifactKind, str] = {
     ArtifactKind.VAE: "vae",
 }
 
-# Stoker's sampler names → ComfyUI's KSampler `sampler_name`; PNDM has no ComfyUI counterpart.
+# Stoker's sampler names → ComfyUI's KSampler `sampler_name` (every API sampler has one).
 COMFY_SAMPLERS: Mapping[base.Sampler, str] = {
     base.Sampler.EULER: "euler",
     base.Sampler.EULER_A: "euler_ancestral",
@@ -66,7 +72,6 @@ COMFY_SAMPLERS: Mapping[base.Sampler, str] = {
     base.Sampler.DPM_2_A: "dpm_2_ancestral",
     base.Sampler.DPMPP_2M: "dpmpp_2m",
     base.Sampler.DPMPP_2M_SDE: "dpmpp_2m_sde",
-    base.Sampler.DPMPP_SDE: "dpmpp_sde",
     base.Sampler.LMS: "lms",
     base.Sampler.DDIM: "ddim",
     base.Sampler.UNIPC: "uni_pc",
@@ -75,13 +80,15 @@ COMFY_SAMPLERS: Mapping[base.Sampler, str] = {
 }
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_HEX12 = re.compile(r"^[0-9a-fA-F]{12}")
+_PLACED = re.compile(r".+-[0-9a-f]{12}\.safetensors")  # what model_filename makes; other files are the user's
 
 
 def model_filename(artifact: LoadedArtifact) -> str:
     """The file name ComfyUI sees for `artifact`: the sanitised model name plus a content-hash tag. Pure."""
     stem = _UNSAFE.sub("_", artifact.name).strip("._")[:80] or "model"
-    tag = _UNSAFE.sub("", artifact.sha256)[:12] or "nohash"
-    return f"{stem}-{tag}.safetensors"
+    identity = artifact.sha256 if _HEX12.match(artifact.sha256) else hashlib.sha256(artifact.sha256.encode()).hexdigest()
+    return f"{stem}-{identity[:12].lower()}.safetensors"
 
 
 def sync_model_folder(models_dir: pathlib.Path, artifacts: Iterable[LoadedArtifact], *,
@@ -119,7 +126,7 @@ def sync_model_folder(models_dir: pathlib.Path, artifacts: Iterable[LoadedArtifa
 
 
 def prune_model_folder(models_dir: pathlib.Path, *, keep: Iterable[str]) -> list[pathlib.Path]:
-    """Remove files this runner placed (``*-<hash>.safetensors``) that are not in `keep`; return them."""
+    """Remove files this runner placed (``*-<12 hex digits>.safetensors``) that are not in `keep`; return them."""
     kept = set(keep)
     removed = []
     for subdir in MODEL_SUBDIRS.values():
@@ -127,7 +134,7 @@ def prune_model_folder(models_dir: pathlib.Path, *, keep: Iterable[str]) -> list
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            if re.fullmatch(r".+-[0-9A-Za-z]{1,12}\.safetensors", path.name) and path.name not in kept:
+            if _PLACED.fullmatch(path.name) and path.name not in kept:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
@@ -137,9 +144,6 @@ def build_workflow(request: GenerationRequest, *, checkpoint: str, loras: Sequen
                    vae: str | None, filename_prefix: str) -> dict[str, Any]:
     """The ComfyUI API-format graph for one text-to-image job. Pure."""
     sampler, schedule = base.check_request(request)
-    if sampler not in COMFY_SAMPLERS:
-        raise RunnerError(Reason.INVALID_PARAMETERS,
-                          f"sampler {sampler} is not available in ComfyUI; use one of {', '.join(COMFY_SAMPLERS)}")
     graph: dict[str, Any] = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}}
     model: list[Any] = ["1", 0]
     clip: list[Any] = ["1", 1]
@@ -178,14 +182,19 @@ class ComfyUISettings:
     models_dir: pathlib.Path = pathlib.Path("/comfyui/models")
     """ComfyUI's ``models/`` folder; the agent writes ``checkpoints/``, ``loras/`` and ``vae/`` in it."""
     link: str = "symlink"
-    """``symlink`` or ``copy`` model files into the folders."""
+    """``symlink`` (the server must see the agent's cache at the same path) or ``copy`` model files into the folders."""
     poll_interval_s: float = 0.2
+    """How often to ask ``GET /history`` whether the prompt finished."""
     timeout_s: float = 600.0
+    """A prompt not finished this long after queueing is interrupted and fails (retryable)."""
     request_timeout_s: float = 30.0
+    """Timeout of one HTTP request to the server."""
 
 
 class ComfyUIRunner:
     """A `Runner` backed by a ComfyUI server."""
+
+    uses_loaded_weights = False  # ComfyUI reads the files and loads its own copy on the GPU
 
     def __init__(self, settings: ComfyUISettings, *, client: httpx.Client | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
@@ -193,9 +202,34 @@ class ComfyUIRunner:
         self._client = client or httpx.Client(base_url=settings.url, timeout=settings.request_timeout_s)
         self._sleep = sleep
         self.client_id = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._in_use: collections.Counter[str] = collections.Counter()  # placed file names of running jobs
+        self._sources: dict[str, pathlib.Path] = {}  # placed file name -> the cached file it came from
+        self.prune()
 
     def close(self) -> None:
         self._client.close()
+
+    def prune(self) -> list[pathlib.Path]:
+        """Remove placed files whose cached file is gone (evicted), unless a running job uses them."""
+        with self._lock:
+            keep = set(self._in_use)
+            keep.update(name for name, source in self._sources.items() if source.exists())
+            for subdir in MODEL_SUBDIRS.values():
+                folder = self.settings.models_dir / subdir
+                if folder.is_dir():  # links from an earlier run whose target is still cached
+                    keep.update(p.name for p in folder.iterdir() if p.is_symlink() and p.exists())
+            try:
+                removed = prune_model_folder(self.settings.models_dir, keep=keep)
+            except OSError as error:
+                log.warning("could not prune ComfyUI's model folder %s: %s", self.settings.models_dir, error)
+                return []
+            for path in removed:
+                self._sources.pop(path.name, None)
+        if removed:
+            log.info("removed %d model file(s) from %s that the disk cache no longer holds", len(removed),
+                     self.settings.models_dir)
+        return removed
 
     def generate(
         self,
@@ -207,21 +241,41 @@ class ComfyUIRunner:
         on_step: Callable[[int, int], None],
         should_cancel: Callable[[], bool],
     ) -> GeneratedImage:
+        base.check_request(request)  # refuse bad parameters before touching the model folder
         artifacts = [checkpoint, *loras, *([vae] if vae else [])]
-        names = sync_model_folder(self.settings.models_dir, artifacts, link=self.settings.link)
-        prefix = f"stoker/{uuid.uuid4().hex}"
-        graph = build_workflow(request, checkpoint=names[checkpoint.sha256],
-                               loras=[(names[lora.sha256], lora.weight) for lora in loras],
-                               vae=names[vae.sha256] if vae else None, filename_prefix=prefix)
-        if should_cancel():
-            raise RunnerError(Reason.CANCELLED, "cancelled before the prompt was queued")
-        prompt_id = self._queue(graph)
-        entry = self._wait(prompt_id, should_cancel)
-        image = self._fetch_image(prompt_id, entry)
+        with self._lock:
+            try:
+                names = sync_model_folder(self.settings.models_dir, artifacts, link=self.settings.link)
+            except OSError as error:
+                raise RunnerError(Reason.BACKEND_FAILED,
+                                  f"cannot place model files in ComfyUI's folder {self.settings.models_dir}: "
+                                  f"{error.strerror or error}; mount it writable for the agent") from None
+            placed = [names[a.sha256] for a in artifacts]
+            self._in_use.update(placed)
+            for artifact in artifacts:
+                assert artifact.path is not None  # sync_model_folder refused artifacts without a file
+                self._sources[names[artifact.sha256]] = artifact.path.resolve()
+        try:
+            prefix = f"stoker/{uuid.uuid4().hex}"
+            graph = build_workflow(request, checkpoint=names[checkpoint.sha256],
+                                   loras=[(names[lora.sha256], lora.weight) for lora in loras],
+                                   vae=names[vae.sha256] if vae else None, filename_prefix=prefix)
+            if should_cancel():
+                raise RunnerError(Reason.CANCELLED, "cancelled before the prompt was queued")
+            prompt_id = self._queue(graph)
+            entry = self._wait(prompt_id, should_cancel)
+            images = self._fetch_images(prompt_id, entry)
+        finally:
+            with self._lock:
+                for name in placed:
+                    self._in_use[name] -= 1
+                    if self._in_use[name] <= 0:
+                        del self._in_use[name]
+            self.prune()
         on_step(request.steps, request.steps)
         parameters = base.format_parameters(request, model=checkpoint.name, loras=loras,
                                             vae=vae.name if vae else None, model_hash=checkpoint.sha256)
-        return _with_parameters(image, parameters)
+        return _with_parameters(images, parameters)
 
     # -- HTTP ---------------------------------------------------------------------------
 
@@ -273,18 +327,21 @@ class ComfyUIRunner:
                                   retryable=True)
             self._sleep(self.settings.poll_interval_s)
 
-    def _fetch_image(self, prompt_id: str, entry: Mapping[str, Any]) -> bytes:
+    def _fetch_images(self, prompt_id: str, entry: Mapping[str, Any]) -> list[bytes]:
+        """Every output image of the prompt, in ComfyUI's order (a batch gives several)."""
         images = [image for node in entry.get("outputs", {}).values() for image in node.get("images", [])
                   if image.get("type") == "output"]
         if not images:
             raise RunnerError(Reason.BACKEND_FAILED, f"ComfyUI prompt {prompt_id} finished without an output image")
-        image = images[0]
-        response = self._call("GET", "/view", params={
-            "filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": "output"})
-        if not response.is_success:
-            raise RunnerError(Reason.BACKEND_FAILED,
-                              f"ComfyUI answered GET /view for prompt {prompt_id} with {response.status_code}")
-        return response.content
+        fetched = []
+        for image in images:
+            response = self._call("GET", "/view", params={
+                "filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": "output"})
+            if not response.is_success:
+                raise RunnerError(Reason.BACKEND_FAILED,
+                                  f"ComfyUI answered GET /view for prompt {prompt_id} with {response.status_code}")
+            fetched.append(response.content)
+        return fetched
 
 
 def _describe_refusal(response: httpx.Response) -> str:
@@ -313,18 +370,16 @@ def _execution_error(prompt_id: str, status: Mapping[str, Any]) -> RunnerError:
     return RunnerError(Reason.BACKEND_FAILED, f"ComfyUI failed prompt {prompt_id}: {message}")
 
 
-def _with_parameters(png: bytes, parameters: str) -> GeneratedImage:
-    """Re-save ComfyUI's PNG with our `parameters` chunk (its own chunks name server-side files)."""
-    from PIL import Image, PngImagePlugin
+def _with_parameters(pngs: Sequence[bytes], parameters: str) -> GeneratedImage:
+    """Re-save ComfyUI's PNGs as one, with our `parameters` chunk (its own chunks name server-side files)."""
+    from PIL import Image
 
-    try:
-        image = Image.open(io.BytesIO(png))
-        image.load()
-    except OSError as error:
-        raise RunnerError(Reason.BACKEND_FAILED, f"ComfyUI returned an unreadable image: {error}") from None
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return GeneratedImage(png=buffer.getvalue(), width=image.width, height=image.height,
-                          metadata={"parameters": parameters})
+    opened = []
+    for png in pngs:
+        try:
+            image = Image.open(io.BytesIO(png))
+            image.load()
+        except OSError as error:
+            raise RunnerError(Reason.BACKEND_FAILED, f"ComfyUI returned an unreadable image: {error}") from None
+        opened.append(image.convert("RGB"))
+    return base.encode_png(opened, parameters=parameters)

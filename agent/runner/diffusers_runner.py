@@ -173,7 +173,8 @@ def vae_config(shapes: Shapes, *, prefix: str, family: Family) -> dict[str, Any]
         "block_out_channels": channels, "layers_per_block": layers,
         "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
         "sample_size": defaults["sample_size"], "scaling_factor": defaults["scaling_factor"],
-        # Upcasting would replace the cached module's (loader-owned) weights with copies.
+        # The pipeline's own upcast would replace the loader's tensors in the cached module;
+        # the runner decodes with a separate fp32 copy where fp16 overflows (SDXL).
         "force_upcast": False,
     }
 
@@ -331,11 +332,15 @@ def _lora_hook(patch: LoraPatch, module: torch.nn.Module) -> Callable[..., torch
 # ---------------------------------------------------------------------------------------
 
 def _assign(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, what: str, reason: Reason,
-            device: torch.device) -> torch.nn.Module:
-    """Give meta-built `module` the tensors in `state` (one dtype, on `device`) without copying."""
+            device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Give meta-built `module` the tensors in `state` (one dtype, on `device`) without copying.
+
+    Without `dtype` the dominant dtype of `state` is kept, so nothing is converted; with it,
+    tensors of another dtype are converted (copies)."""
     floats = [t for t in state.values() if t.is_floating_point()]
     counts = collections.Counter(t.dtype for t in floats)
-    dtype = max(counts, key=lambda d: sum(t.numel() for t in floats if t.dtype == d)) if counts else torch.float32
+    if dtype is None:
+        dtype = max(counts, key=lambda d: sum(t.numel() for t in floats if t.dtype == d)) if counts else torch.float32
     # .to() returns the same tensor when nothing changes; only odd-dtype or misplaced tensors are copied.
     placed = {k: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for k, t in state.items()}
     try:
@@ -489,10 +494,8 @@ _SAMPLERS: Mapping[base.Sampler, tuple[str, Mapping[str, Any]]] = {
     base.Sampler.DPMPP_2M: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     base.Sampler.DPMPP_2M_SDE: ("DPMSolverMultistepScheduler",
                                 {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    base.Sampler.DPMPP_SDE: ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++"}),
     base.Sampler.LMS: ("LMSDiscreteScheduler", {}),
     base.Sampler.DDIM: ("DDIMScheduler", {}),
-    base.Sampler.PNDM: ("PNDMScheduler", {}),
     base.Sampler.UNIPC: ("UniPCMultistepScheduler", {}),
     base.Sampler.DEIS: ("DEISMultistepScheduler", {}),
     base.Sampler.LCM: ("LCMScheduler", {}),
@@ -506,15 +509,17 @@ _SCHEDULES: Mapping[base.Schedule, Mapping[str, Any]] = {
 
 
 def build_scheduler(sampler: base.Sampler, schedule: base.Schedule, family: Family):
+    """A fresh diffusers scheduler for one job; every pair in `base.SCHEDULES_BY_SAMPLER` builds."""
     import diffusers
 
     class_name, options = _SAMPLERS[sampler]
     cls = getattr(diffusers, class_name)
     extra = dict(_SCHEDULES[schedule])
     accepted = set(inspect.signature(cls.__init__).parameters)
-    if not set(extra) <= accepted:
+    if schedule not in base.SCHEDULES_BY_SAMPLER[sampler] or not set(extra) <= accepted:
+        allowed = " or ".join(sorted(base.SCHEDULES_BY_SAMPLER[sampler]))
         raise RunnerError(Reason.INVALID_PARAMETERS,
-                          f"sampler {sampler} does not support the {schedule} schedule; use 'normal'")
+                          f"sampler {sampler} does not support the {schedule} scheduler; use {allowed}")
     config = {k: v for k, v in family_defaults(family)["scheduler"].items() if k in accepted}
     try:
         return cls(**{**config, **options, **extra})
@@ -553,12 +558,15 @@ class DiffusersRunner:
         self._models: collections.OrderedDict[str, _Model] = collections.OrderedDict()
         self._vaes: collections.OrderedDict[tuple[str, str], tuple[Mapping[str, torch.Tensor], Any]] = (
             collections.OrderedDict())
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time
+        self._cache_lock = threading.Lock()  # the module caches; forget() never waits for a generation
         self.builds = 0  # modules built since start (cache misses), for metrics and tests
+
+    uses_loaded_weights = True
 
     def forget(self, sha256: str) -> None:
         """Drop cached modules built from the artifact with `sha256` (checkpoint or VAE)."""
-        with self._lock:
+        with self._cache_lock:
             self._models.pop(sha256, None)
             for key in [k for k in self._vaes if k[0] == sha256]:
                 del self._vaes[key]
@@ -591,10 +599,11 @@ class DiffusersRunner:
     # -- internals ----------------------------------------------------------------------
 
     def _model(self, checkpoint: LoadedArtifact) -> _Model:
-        cached = self._models.get(checkpoint.sha256)
-        if cached is not None and cached.tensors is checkpoint.tensors:
-            self._models.move_to_end(checkpoint.sha256)
-            return cached
+        with self._cache_lock:
+            cached = self._models.get(checkpoint.sha256)
+            if cached is not None and cached.tensors is checkpoint.tensors:
+                self._models.move_to_end(checkpoint.sha256)
+                return cached
         family = detect_family(checkpoint.tensors)
         started = time.perf_counter()
         tensors = checkpoint.tensors
@@ -613,10 +622,11 @@ class DiffusersRunner:
             modules["tokenizer_2"] = clip_tokenizer(**defaults["tokenizer_2"])
         modules["tokenizer"] = clip_tokenizer(**defaults["tokenizer"])
         model = _Model(family, tensors, modules, self._lora_targets(modules, tensors))
-        self._models[checkpoint.sha256] = model
-        while len(self._models) > self.max_cached_models:
-            self._models.popitem(last=False)
-        self.builds += 1
+        with self._cache_lock:
+            self._models[checkpoint.sha256] = model
+            while len(self._models) > self.max_cached_models:
+                self._models.popitem(last=False)
+            self.builds += 1
         log.info("built %s pipeline modules for %s in %.2fs", family, checkpoint.name, time.perf_counter() - started)
         return model
 
@@ -648,16 +658,47 @@ class DiffusersRunner:
 
     def _vae(self, vae: LoadedArtifact, family: Family) -> Any:
         key = (vae.sha256, family.value)
-        cached = self._vaes.get(key)
-        if cached is not None and cached[0] is vae.tensors:
-            self._vaes.move_to_end(key)
-            return cached[1]
+        with self._cache_lock:
+            cached = self._vaes.get(key)
+            if cached is not None and cached[0] is vae.tensors:
+                self._vaes.move_to_end(key)
+                return cached[1]
         prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in vae.tensors) else ""
         module = build_vae(vae.tensors, family, self.device, prefix=prefix, reason=Reason.UNSUPPORTED_VAE)
-        self._vaes[key] = (vae.tensors, module)
-        while len(self._vaes) > self.max_cached_models:
-            self._vaes.popitem(last=False)
-        self.builds += 1
+        self._cache_vae(key, vae.tensors, module)
+        return module
+
+    def _cache_vae(self, key: tuple[str, str], tensors: Mapping[str, torch.Tensor], module: Any) -> None:
+        with self._cache_lock:
+            self._vaes[key] = (tensors, module)
+            while len(self._vaes) > 2 * self.max_cached_models:  # room for fp32 decoders beside
+                self._vaes.popitem(last=False)
+            self.builds += 1
+
+    def _decoder(self, family: Family, source: LoadedArtifact, vae_module: Any) -> Any | None:
+        """An fp32 copy of the VAE for decoding, when decoding in fp16 would overflow; else None.
+
+        SDXL's original VAE produces inf/NaN (black images) in fp16. This copy is the one
+        documented exception to using the loader's tensors in place: it is made once per VAE
+        and cached. VAEs named like ``sdxl-vae-fp16-fix`` are made for fp16 and used as is.
+        """
+        if family is not Family.SDXL or vae_module.dtype != torch.float16 or is_fp16_fix(source.name):
+            return None
+        key = (source.sha256, family.value + "/fp32")
+        with self._cache_lock:
+            cached = self._vaes.get(key)
+            if cached is not None and cached[0] is source.tensors:
+                self._vaes.move_to_end(key)
+                return cached[1]
+        from diffusers import AutoencoderKL
+
+        with torch.device("meta"):
+            upcast = AutoencoderKL.from_config(vae_module.config)
+        state = {k: v for k, v in vae_module.state_dict().items()}
+        module = _assign(upcast, state, what="the fp32 VAE", reason=Reason.UNSUPPORTED_VAE, device=self.device,
+                         dtype=torch.float32)
+        log.info("made an fp32 copy of %s's VAE for decoding (SDXL's VAE overflows in fp16)", source.name)
+        self._cache_vae(key, source.tensors, module)
         return module
 
     @contextlib.contextmanager
@@ -708,10 +749,16 @@ class DiffusersRunner:
         else:
             raise RunnerError(Reason.UNSUPPORTED_CHECKPOINT,
                               f"checkpoint {checkpoint.name!r} has no VAE; give the job a VAE")
+        decoder = self._decoder(model.family, vae if vae is not None else checkpoint, vae_module)
         pipe = self._pipeline(model, vae_module, scheduler)
+        reported = [0]
 
         def step_end(pipeline: Any, step: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step + 1, pipeline.num_timesteps)
+            # Report in the job's steps: Heun and DPM2 evaluate the model twice per step.
+            done = min(request.steps, (step + 1) * request.steps // max(1, pipeline.num_timesteps))
+            if done > reported[0]:
+                reported[0] = done
+                on_step(done, request.steps)
             if should_cancel():
                 raise _Cancelled
             return {}
@@ -722,13 +769,14 @@ class DiffusersRunner:
         started = time.perf_counter()
         try:
             with self._loras_applied(model, loras), torch.inference_mode():
-                images = pipe(
+                output = pipe(
                     prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                     num_inference_steps=request.steps, guidance_scale=request.cfg_scale,
                     width=request.width, height=request.height, num_images_per_prompt=request.batch_size,
                     generator=generators, clip_skip=(request.clip_skip - 1) or None,
-                    callback_on_step_end=step_end, output_type="pil",
+                    callback_on_step_end=step_end, output_type="pil" if decoder is None else "latent",
                 ).images
+                images = output if decoder is None else _decode(pipe, decoder, output)
         except _Cancelled:
             raise RunnerError(Reason.CANCELLED, "cancelled between denoising steps") from None
         except RunnerError:
@@ -738,6 +786,8 @@ class DiffusersRunner:
         except (RuntimeError, ValueError) as error:
             raise RunnerError(Reason.GENERATION_FAILED,
                               f"generation with {checkpoint.name!r} failed: {error}") from error
+        if reported[0] < request.steps:
+            on_step(request.steps, request.steps)
         log.info("generated %dx%d x%d with %s in %.2fs", request.width, request.height, request.batch_size,
                  checkpoint.name, time.perf_counter() - started)
         parameters = base.format_parameters(request, model=checkpoint.name, loras=loras,
@@ -745,18 +795,16 @@ class DiffusersRunner:
         return encode_png(images, parameters=parameters)
 
 
-def encode_png(images: Sequence[Any], *, parameters: str) -> GeneratedImage:
-    """One PNG (images side by side when there are several) with a `parameters` text chunk."""
-    from PIL import Image, PngImagePlugin
+def is_fp16_fix(name: str) -> bool:
+    """Whether a VAE's name says it was fixed to decode in fp16 (``sdxl-vae-fp16-fix``). Pure."""
+    return re.search(r"fp16[-_.]?fix", name, re.IGNORECASE) is not None
 
-    width, height = images[0].width, images[0].height
-    canvas = images[0] if len(images) == 1 else Image.new("RGB", (width * len(images), height))
-    if len(images) > 1:
-        for index, image in enumerate(images):
-            canvas.paste(image, (index * width, 0))
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG", pnginfo=info)
-    return GeneratedImage(png=buffer.getvalue(), width=canvas.width, height=canvas.height,
-                          metadata={"parameters": parameters})
+
+def _decode(pipe: Any, decoder: Any, latents: torch.Tensor) -> list[Any]:
+    """Scaled latents to PIL images through `decoder` (the fp32 VAE), as the pipeline would."""
+    latents = latents.to(device=decoder.device, dtype=torch.float32) / decoder.config.scaling_factor
+    image = decoder.decode(latents, return_dict=False)[0]
+    return list(pipe.image_processor.postprocess(image, output_type="pil"))
+
+
+encode_png = base.encode_png

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from stoker.api.base import Condition, ObjectName, Resource, StokerModel
 
@@ -31,19 +32,70 @@ class CacheHit(enum.StrEnum):
 
 
 class Sampler(enum.StrEnum):
+    """The denoising algorithm, by the names model sites and ComfyUI use."""
+
     EULER = "euler"
     EULER_A = "euler_a"
-    DPMPP_2M = "dpmpp_2m"
-    DDIM = "ddim"
-    PNDM = "pndm"
-    LMS = "lms"
     HEUN = "heun"
+    DPM_2 = "dpm_2"
+    DPM_2_A = "dpm_2_a"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP_2M_SDE = "dpmpp_2m_sde"
+    LMS = "lms"
+    DDIM = "ddim"
     UNIPC = "unipc"
+    DEIS = "deis"
+    LCM = "lcm"
 
 
 class NoiseSchedule(enum.StrEnum):
+    """How the noise levels of the steps are spaced."""
+
     NORMAL = "normal"
     KARRAS = "karras"
+    EXPONENTIAL = "exponential"
+    SGM_UNIFORM = "sgm_uniform"
+
+
+_ALL_SCHEDULES = frozenset(NoiseSchedule)
+_SPACING_ONLY = frozenset({NoiseSchedule.NORMAL, NoiseSchedule.SGM_UNIFORM})
+
+SCHEDULES_BY_SAMPLER: dict[Sampler, frozenset[NoiseSchedule]] = {
+    sampler: _SPACING_ONLY if sampler in (Sampler.EULER_A, Sampler.DDIM, Sampler.LCM) else _ALL_SCHEDULES
+    for sampler in Sampler
+}
+"""The schedules each sampler runs with: the one list the API admits and every runner honours.
+euler_a, ddim and lcm space timesteps only; they have no karras or exponential noise levels."""
+
+
+def is_supported(sampler: str, scheduler: str) -> bool:
+    """Whether `sampler` can run with `scheduler` (names as in the API). Pure."""
+    try:
+        return NoiseSchedule(scheduler) in SCHEDULES_BY_SAMPLER[Sampler(sampler)]
+    except ValueError:
+        return False
+
+
+def _pair_rule() -> dict[str, str]:
+    """The CEL rule refusing a sampler/scheduler pair outside the table (built from it)."""
+    groups: dict[frozenset[NoiseSchedule], list[str]] = {}
+    for sampler, allowed in SCHEDULES_BY_SAMPLER.items():
+        if allowed != _ALL_SCHEDULES:
+            groups.setdefault(allowed, []).append(sampler.value)
+    clauses = [f"(!(self.sampler in {_cel_list(samplers)}) || self.scheduler in {_cel_list(allowed)})"
+               for allowed, samplers in groups.items()]
+    messages = [f"{', '.join(sorted(samplers))} run only with {' or '.join(sorted(allowed))}"
+                for allowed, samplers in groups.items()]
+    return {
+        "rule": "!has(self.sampler) || !has(self.scheduler) || " + " && ".join(clauses or ["true"]),
+        "fieldPath": ".scheduler",
+        "reason": "FieldValueInvalid",
+        "message": "this scheduler is not available with this sampler: " + "; ".join(messages),
+    }
+
+
+def _cel_list(values: Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in sorted(values)) + "]"
 
 
 class LoraRef(StokerModel):
@@ -58,6 +110,8 @@ class LoraRef(StokerModel):
 class GenerationParams(StokerModel):
     """What to generate."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_pair_rule()]})
+
     prompt: str = Field(min_length=1, max_length=4000)
     """Text prompt."""
     negative_prompt: str = Field(default="", max_length=4000)
@@ -71,13 +125,20 @@ class GenerationParams(StokerModel):
     height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
     """Image height in pixels, a multiple of 8."""
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    """Random seed. When absent the agent picks one and records it in status.result.seed; the same seed gives the same image on the same hardware."""
+    """Random seed. When absent the agent derives one from the job's uid, so every attempt makes the same image, and records it in status.result.seed; the same seed gives the same image on the same hardware."""
     sampler: Sampler = Sampler.EULER_A
-    """Sampler: euler, euler_a, dpmpp_2m, ddim, pndm, lms, heun or unipc."""
+    """Sampler: euler, euler_a (Euler ancestral), heun, dpm_2, dpm_2_a, dpmpp_2m (DPM++ 2M), dpmpp_2m_sde, lms, ddim, unipc, deis or lcm."""
     scheduler: NoiseSchedule = NoiseSchedule.NORMAL
-    """Noise schedule: normal or karras."""
+    """Noise schedule: normal (the model's own), karras, exponential or sgm_uniform (trailing timesteps). euler_a, ddim and lcm take only normal or sgm_uniform."""
     batch_size: int = Field(default=1, ge=1, le=8)
-    """Images generated in one run."""
+    """Images generated in one run; they come back side by side in one PNG."""
+
+    @model_validator(mode="after")
+    def _supported_pair(self) -> GenerationParams:
+        if not is_supported(self.sampler, self.scheduler):
+            raise ValueError(f"scheduler {self.scheduler} is not available with sampler {self.sampler}: "
+                             f"{_pair_rule()['message'].split(': ', 1)[1]}")
+        return self
 
 
 class OutputSpec(StokerModel):
@@ -134,6 +195,8 @@ class Timings(StokerModel):
     """From creation to the start of the attempt that succeeded."""
     download_seconds: float | None = None
     """Downloading missing artifacts."""
+    slot_wait_seconds: float | None = None
+    """Waiting on the agent for a free generation slot (downloads and loads overlap it)."""
     load_seconds: float | None = None
     """Loading weights to the GPU (or host memory)."""
     inference_seconds: float | None = None

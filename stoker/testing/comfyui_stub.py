@@ -27,6 +27,10 @@ KNOWN_NODES = {
     "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
 }
 _MODEL_INPUTS = {"ckpt_name": "checkpoints", "lora_name": "loras", "vae_name": "vae"}
+# KSampler's sampler_name and scheduler choices in ComfyUI (a subset of its list).
+SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_sde", "dpmpp_2m",
+                 "dpmpp_2m_sde", "ddim", "uni_pc", "deis", "lcm")
+SCHEDULER_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
 
 
 class ComfyUIStub:
@@ -102,6 +106,11 @@ class ComfyUIStub:
                 if value is not None and value not in self._list(folder):
                     errors.append({"type": "value_not_in_list", "message": "Value not in list",
                                    "details": f"{field}: '{value}' not in {self._list(folder)}"})
+            if node.get("class_type") == "KSampler":
+                for field, choices in (("sampler_name", SAMPLER_NAMES), ("scheduler", SCHEDULER_NAMES)):
+                    if node.get("inputs", {}).get(field) not in choices:
+                        errors.append({"type": "value_not_in_list", "message": "Value not in list",
+                                       "details": f"{field}: '{node['inputs'].get(field)}' not in {list(choices)}"})
             if errors:
                 node_errors[node_id] = {"errors": errors, "class_type": node.get("class_type")}
         if node_errors:
@@ -118,9 +127,8 @@ class ComfyUIStub:
             "LoraLoader": {"input": {"required": {"lora_name": [self._list("loras")]}}},
             "VAELoader": {"input": {"required": {"vae_name": [self._list("vae")]}}},
             "KSampler": {"input": {"required": {
-                "sampler_name": [["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
-                                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "uni_pc", "deis", "lcm"]],
-                "scheduler": [["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform"]]}}},
+                "sampler_name": [list(SAMPLER_NAMES)],
+                "scheduler": [list(SCHEDULER_NAMES)]}}},
         }
 
     def interrupt(self, body: Any) -> None:
@@ -160,15 +168,18 @@ class ComfyUIStub:
         latent = next(n["inputs"] for n in graph.values() if n["class_type"] == "EmptyLatentImage")
         sampler = next(n["inputs"] for n in graph.values() if n["class_type"] == "KSampler")
         names = [str(n["inputs"].get(k)) for n in graph.values() for k in _MODEL_INPUTS if k in n["inputs"]]
-        seed_text = json.dumps([sampler["seed"], names, [n["inputs"].get("text") for n in graph.values()]])
-        colour = tuple(hashlib.sha256(seed_text.encode()).digest()[:3])
         save = next((node_id, n["inputs"]) for node_id, n in graph.items() if n["class_type"] == "SaveImage")
         subfolder = str(pathlib.PurePosixPath(save[1]["filename_prefix"]).parent).strip(".")
-        filename = f"{pathlib.PurePosixPath(save[1]['filename_prefix']).name}_00001_.png"
         folder = self.output_dir / subfolder
         folder.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (latent["width"], latent["height"]), colour).save(folder / filename, format="PNG")
-        return {save[0]: {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}}
+        images = []
+        for index in range(int(latent.get("batch_size", 1))):  # ComfyUI saves one file per batch item
+            seed_text = json.dumps([sampler["seed"], index, names, [n["inputs"].get("text") for n in graph.values()]])
+            colour = tuple(hashlib.sha256(seed_text.encode()).digest()[:3])
+            filename = f"{pathlib.PurePosixPath(save[1]['filename_prefix']).name}_{index + 1:05d}_.png"
+            Image.new("RGB", (latent["width"], latent["height"]), colour).save(folder / filename, format="PNG")
+            images.append({"filename": filename, "subfolder": subfolder, "type": "output"})
+        return {save[0]: {"images": images}}
 
     def view(self, query: dict[str, list[str]]) -> bytes | None:
         filename = query.get("filename", [""])[0]

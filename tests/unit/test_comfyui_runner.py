@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from stoker.agent.runner import comfyui
+from stoker.agent.runner import base, comfyui
 from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact, Reason, RunnerError
 from stoker.testing.comfyui_stub import ComfyUIStub
 
 REQUEST = GenerationRequest(prompt="a red fox", negative_prompt="text", steps=4, width=64, height=40, seed=11,
-                            sampler="euler_a", scheduler="karras")
+                            sampler="dpm_2_a", scheduler="karras")
 
 
 def _artifact(folder: pathlib.Path, name: str, kind: ArtifactKind, *, sha: str, weight: float = 1.0) -> LoadedArtifact:
@@ -79,7 +79,7 @@ def test_the_workflow_wires_checkpoint_loras_vae_and_sampler(runner, stub, cache
     assert by_type["VAELoader"] == [{"vae_name": "vae-ft-eeeeeeeeeeee.safetensors"}]
     (sampler,) = by_type["KSampler"]
     assert (sampler["sampler_name"], sampler["scheduler"], sampler["seed"], sampler["steps"]) == (
-        "euler_ancestral", "karras", 11, 4)
+        "dpm_2_ancestral", "karras", 11, 4)
     decode = next(n for n in graph.values() if n["class_type"] == "VAEDecode")
     assert graph[decode["inputs"]["vae"][0]]["class_type"] == "VAELoader"
 
@@ -104,9 +104,68 @@ def test_copy_mode_places_a_real_file_and_prune_removes_what_is_no_longer_held(t
     assert placed.exists()
 
 
-def test_the_same_inputs_give_the_same_bytes(runner, cache) -> None:
+def test_the_same_inputs_queue_the_same_workflow_and_give_the_same_bytes(runner, stub, cache) -> None:
     checkpoint = _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="3" * 64)
-    assert _run(runner, checkpoint).png == _run(runner, checkpoint).png
+    lora = _artifact(cache, "style", ArtifactKind.LORA, sha="c" * 64, weight=0.5)
+    first, second = (_run(runner, checkpoint, loras=[lora]) for _ in range(2))
+    graphs = list(stub.prompts.values())
+
+    def without_prefix(graph: dict) -> dict:  # the output file prefix is unique per prompt on purpose
+        return {k: {**n, "inputs": {**n["inputs"], "filename_prefix": None}} for k, n in graph.items()}
+
+    assert without_prefix(graphs[0]) == without_prefix(graphs[1])
+    assert graphs[0]["9"]["inputs"]["filename_prefix"] != graphs[1]["9"]["inputs"]["filename_prefix"]
+    assert first.png == second.png and first.metadata == second.metadata
+
+
+def test_every_api_sampler_has_a_comfyui_name_the_server_accepts(runner, stub, cache) -> None:
+    checkpoint = _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="3" * 64)
+    assert set(comfyui.COMFY_SAMPLERS) == set(base.Sampler)
+    for sampler in base.Sampler:
+        for schedule in base.SCHEDULES_BY_SAMPLER[sampler]:
+            request = GenerationRequest(prompt="x", width=64, height=64, steps=1, sampler=sampler, scheduler=schedule)
+            assert _run(runner, checkpoint, request=request).width == 64
+
+
+def test_a_batch_comes_back_as_one_strip_like_the_built_in_runner(runner, stub, cache) -> None:
+    checkpoint = _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="3" * 64)
+    request = GenerationRequest(**{**REQUEST.__dict__, "batch_size": 3})
+    image = _run(runner, checkpoint, request=request)
+    png = Image.open(io.BytesIO(image.png))
+    assert png.size == (3 * 64, 40) == (image.width, image.height)
+    colours = {png.getpixel((i * 64 + 10, 10)) for i in range(3)}
+    assert len(colours) == 3
+    assert "Batch size: 3" in png.text["parameters"]
+
+
+def test_a_link_to_an_evicted_file_is_pruned_after_the_next_job_and_user_files_stay(runner, stub, cache) -> None:
+    evicted = _artifact(cache, "old", ArtifactKind.CHECKPOINT, sha="e" * 64)
+    _run(runner, evicted)
+    link = stub.models_dir / "checkpoints" / "old-eeeeeeeeeeee.safetensors"
+    assert link.is_symlink()
+    users_own = stub.models_dir / "checkpoints" / "v1-5-pruned.safetensors"
+    users_own.write_bytes(b"not placed by stoker")
+    evicted.path.unlink()  # the disk cache evicted it
+    _run(runner, _artifact(cache, "new", ArtifactKind.CHECKPOINT, sha="f" * 64))
+    assert not link.is_symlink()
+    assert users_own.exists()
+    assert (stub.models_dir / "checkpoints" / "new-ffffffffffff.safetensors").is_symlink()
+
+
+def test_a_dangling_link_left_by_an_earlier_run_is_pruned_at_start(stub, cache) -> None:
+    gone = cache / "gone.safetensors"
+    dangling = stub.models_dir / "loras" / "gone-0123456789ab.safetensors"
+    dangling.symlink_to(gone)
+    kept = _artifact(cache, "kept", ArtifactKind.LORA, sha="a" * 64)
+    comfyui.sync_model_folder(stub.models_dir, [kept])
+    runner = comfyui.ComfyUIRunner(comfyui.ComfyUISettings(url=stub.url, models_dir=stub.models_dir))
+    runner.close()
+    assert not dangling.is_symlink()
+    assert (stub.models_dir / "loras" / "kept-aaaaaaaaaaaa.safetensors").is_symlink()
+
+
+def test_the_runner_asks_for_file_paths_not_loaded_weights() -> None:
+    assert comfyui.ComfyUIRunner.uses_loaded_weights is False
 
 
 def test_cancelling_a_running_prompt_interrupts_it(runner, stub, cache) -> None:
@@ -172,12 +231,13 @@ def test_an_unreachable_server_is_a_retryable_failure(tmp_path, cache) -> None:
     assert caught.value.reason is Reason.BACKEND_UNAVAILABLE and caught.value.retryable
 
 
-def test_a_sampler_comfyui_lacks_is_refused_before_queueing(runner, stub, cache) -> None:
-    request = GenerationRequest(prompt="x", width=64, height=64, sampler="pndm")
+def test_an_unsupported_sampler_schedule_pair_is_refused_before_anything_is_placed(runner, stub, cache) -> None:
+    request = GenerationRequest(prompt="x", width=64, height=64, sampler="ddim", scheduler="karras")
     with pytest.raises(RunnerError) as caught:
         _run(runner, _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="9" * 64), request=request)
     assert caught.value.reason is Reason.INVALID_PARAMETERS
     assert stub.prompts == {}
+    assert list((stub.models_dir / "checkpoints").iterdir()) == []
 
 
 def test_a_prompt_that_never_finishes_times_out(stub, cache) -> None:
@@ -191,3 +251,29 @@ def test_a_prompt_that_never_finishes_times_out(stub, cache) -> None:
     assert caught.value.reason is Reason.BACKEND_FAILED and caught.value.retryable
     assert "within" in str(caught.value)
     assert len(stub.interrupts) == 1
+
+
+def test_the_agent_settings_configure_the_comfyui_runner(tmp_path) -> None:
+    import torch
+
+    from stoker.agent.main import RunSettings, build_runner
+
+    settings = RunSettings.from_args([
+        "--cache-dir", str(tmp_path / "cache"), "--runner", "comfyui", "--comfyui-url", "http://127.0.0.1:9999",
+        "--comfyui-models-dir", str(tmp_path / "models"), "--comfyui-link", "copy", "--comfyui-timeout-s", "5",
+        "--comfyui-poll-interval-s", "0.5"])
+    runner = build_runner(settings, torch.device("cpu"))
+    try:
+        assert isinstance(runner, comfyui.ComfyUIRunner)
+        assert runner.settings == comfyui.ComfyUISettings(url="http://127.0.0.1:9999", models_dir=tmp_path / "models",
+                                                          link="copy", poll_interval_s=0.5, timeout_s=5.0)
+    finally:
+        runner.close()
+
+
+def test_an_unknown_link_mode_is_refused_naming_the_setting(tmp_path) -> None:
+    from stoker.agent.main import RunSettings
+    from stoker.agent.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="comfyui_link"):
+        RunSettings.from_args(["--cache-dir", str(tmp_path / "cache"), "--comfyui-link", "hardlink"])

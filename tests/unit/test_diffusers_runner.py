@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from stoker.agent.runner import base, diffusers_runner
 from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact, Reason, RunnerError
 from stoker.agent.runner.diffusers_runner import DiffusersRunner, Family
+from stoker.api import generationjob
 from stoker.testing import tiny_models
 
 pytestmark = pytest.mark.timeout(600)
@@ -269,19 +270,64 @@ def test_the_clip_vocabulary_matches_the_published_token_ids() -> None:
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-@given(st.sampled_from(list(base.Sampler) + list(base.SAMPLER_ALIASES)))
-def test_every_documented_sampler_name_is_accepted(name: str) -> None:
-    assert isinstance(base.parse_sampler(name.upper()), base.Sampler)
+@given(st.sampled_from(list(base.Sampler)))
+def test_every_api_sampler_name_is_accepted_in_any_case(name: str) -> None:
+    assert base.parse_sampler(name.upper()) is base.Sampler(name)
 
 
 @given(st.text(min_size=1, max_size=20))
 def test_any_other_sampler_name_is_refused(name: str) -> None:
-    known = {s.value for s in base.Sampler} | set(base.SAMPLER_ALIASES)
-    if name.strip().lower() in known:
+    if name.strip().lower() in {s.value for s in base.Sampler}:
         return
     with pytest.raises(RunnerError) as caught:
         base.parse_sampler(name)
     assert caught.value.reason is Reason.INVALID_PARAMETERS
+
+
+@pytest.mark.parametrize("family", list(Family))
+@pytest.mark.parametrize("sampler", list(base.Sampler))
+def test_the_runner_builds_exactly_the_sampler_schedule_pairs_the_api_admits(family, sampler) -> None:
+    for schedule in base.Schedule:
+        admitted = schedule in base.SCHEDULES_BY_SAMPLER[sampler]
+        assert generationjob.is_supported(sampler, schedule) is admitted
+        request = GenerationRequest(prompt="x", sampler=sampler, scheduler=schedule)
+        if admitted:
+            assert base.check_request(request) == (sampler, schedule)
+            scheduler = diffusers_runner.build_scheduler(sampler, schedule, family)
+            scheduler.set_timesteps(4)
+            continue
+        for refuse in (lambda: base.check_request(request),
+                       lambda: diffusers_runner.build_scheduler(sampler, schedule, family)):
+            with pytest.raises(RunnerError) as caught:
+                refuse()
+            assert caught.value.reason is Reason.INVALID_PARAMETERS
+
+
+def test_the_api_refuses_the_pairs_the_runner_refuses() -> None:
+    with pytest.raises(ValueError, match="scheduler karras is not available with sampler ddim"):
+        generationjob.GenerationParams(prompt="x", sampler="ddim", scheduler="karras")
+    assert generationjob.GenerationParams(prompt="x", sampler="dpmpp_2m", scheduler="karras").scheduler == "karras"
+
+
+def test_the_api_documents_every_sampler_and_schedule() -> None:
+    fields = generationjob.GenerationParams.model_fields
+    for sampler in base.Sampler:
+        assert sampler.value in (fields["sampler"].description or "")
+    for schedule in base.Schedule:
+        assert schedule.value in (fields["scheduler"].description or "")
+
+
+def test_the_png_names_the_canonical_sampler_and_schedule(runner, checkpoint) -> None:
+    request = GenerationRequest(**{**REQUEST.__dict__, "sampler": " DPMPP_2M ", "scheduler": "Karras"})
+    text = _generate(runner, checkpoint, request=request).metadata["parameters"]
+    assert "Sampler: dpmpp_2m, Schedule type: karras" in text
+
+
+def test_progress_counts_the_jobs_steps_for_samplers_that_evaluate_twice_per_step(runner, checkpoint) -> None:
+    steps: list[tuple[int, int]] = []
+    request = GenerationRequest(**{**REQUEST.__dict__, "steps": 3, "sampler": "heun"})
+    _generate(runner, checkpoint, request=request, on_step=lambda i, n: steps.append((i, n)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
 
 
 @settings(max_examples=200)
@@ -290,3 +336,41 @@ def test_requests_are_valid_exactly_when_sizes_and_steps_are_in_range(width: int
     request = GenerationRequest(prompt="x", width=width, height=height, steps=steps)
     expected_ok = all(8 <= v <= base.MAX_SIDE_PX and v % 8 == 0 for v in (width, height)) and 1 <= steps <= 500
     assert (base.validate_request(request) == []) == expected_ok
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def test_an_fp16_sdxl_checkpoint_decodes_with_an_fp32_copy_of_its_vae_and_keeps_the_rest_in_place() -> None:
+    state = tiny_models.tiny_sdxl_state(seed=0, dtype=torch.float16)
+    checkpoint = LoadedArtifact(name="xl-fp16", kind=ArtifactKind.CHECKPOINT, tensors=state, sha256="xl-fp16")
+    runner = DiffusersRunner(device="cpu")
+    image = _generate(runner, checkpoint)
+    assert (image.width, image.height) == (64, 48)
+    loaded = _storages(state.values())
+    model = runner._models["xl-fp16"]
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        assert _storages(model.modules[component].parameters()) <= loaded, component
+    decoder = runner._vaes[("xl-fp16", "sdxl/fp32")][1]
+    assert decoder.dtype == torch.float32
+    assert not _storages(decoder.parameters()) & loaded
+
+
+def test_an_fp16_fix_vae_override_is_used_in_fp16_without_a_copy() -> None:
+    state = tiny_models.tiny_sdxl_state(seed=0, dtype=torch.float16)
+    checkpoint = LoadedArtifact(name="xl-fp16", kind=ArtifactKind.CHECKPOINT, tensors=state, sha256="xl-fp16")
+    vae_state = tiny_models.tiny_vae_state(seed=3, dtype=torch.float16)
+    vae = LoadedArtifact(name="sdxl-vae-fp16-fix", kind=ArtifactKind.VAE, tensors=vae_state, sha256="fix")
+    runner = DiffusersRunner(device="cpu")
+    _generate(runner, checkpoint, vae=vae)
+    assert [key for key in runner._vaes if key[1].endswith("/fp32")] == []
+    assert diffusers_runner.is_fp16_fix("SDXL_VAE_fp16fix") and not diffusers_runner.is_fp16_fix("sdxl-vae")
+
+
+def test_sd15_in_fp16_decodes_with_its_own_vae() -> None:
+    state = tiny_models.tiny_sd15_state(seed=0, dtype=torch.float16)
+    checkpoint = LoadedArtifact(name="sd-fp16", kind=ArtifactKind.CHECKPOINT, tensors=state, sha256="sd-fp16")
+    runner = DiffusersRunner(device="cpu")
+    _generate(runner, checkpoint)
+    assert runner._vaes == {}

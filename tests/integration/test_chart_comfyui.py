@@ -1,0 +1,71 @@
+"""The chart's ComfyUI configuration: the example values render a pod where ComfyUI has the GPU
+and sees the agent's cache and model folder at the agent's paths."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "stoker"
+EXAMPLE = REPO / "examples" / "comfyui" / "values.yaml"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    if env := os.environ.get("STOKER_HELM"):
+        return env
+    out = subprocess.run(["bash", str(REPO / "hack" / "install-helm.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def render(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, "template", "stoker", str(CHART), *args], capture_output=True, text=True)
+
+
+def agent_pod(helm: str, *args: str) -> dict:
+    proc = render(helm, *args)
+    assert proc.returncode == 0, proc.stderr
+    deployment = next(d for d in yaml.safe_load_all(proc.stdout)
+                      if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "stoker-agent")
+    return deployment["spec"]["template"]["spec"]
+
+
+def test_the_comfyui_example_lints_cleanly(helm: str) -> None:
+    proc = subprocess.run([helm, "lint", "--strict", str(CHART), "-f", str(EXAMPLE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_with_the_comfyui_sidecar_comfyui_gets_the_gpu_and_the_agents_paths(helm: str) -> None:
+    pod = agent_pod(helm, "-f", str(EXAMPLE))
+    containers = {c["name"]: c for c in pod["containers"]}
+    agent, comfy = containers["agent"], containers["comfyui"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert (env["STOKER_RUNNER"], env["STOKER_DEVICE"], env["STOKER_COMFYUI_LINK"]) == ("comfyui", "cpu", "symlink")
+    assert env["STOKER_COMFYUI_MODELS_DIR"] == "/comfyui/models" and env["STOKER_QUEUE_SLOTS"] == "1"
+    assert "nvidia.com/gpu" not in agent["resources"]["limits"]
+    assert comfy["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mounts = {c: {m["mountPath"]: m for m in containers[c]["volumeMounts"]} for c in containers}
+    for path in ("/var/cache/stoker", "/comfyui/models"):
+        assert mounts["agent"][path]["name"] == mounts["comfyui"][path]["name"]  # the same volume, the same path
+        assert mounts["comfyui"][path]["readOnly"] is True
+    assert "/comfyui/output" in mounts["comfyui"]
+
+
+def test_the_default_runner_keeps_the_gpu_on_the_agent_and_reports_queue_slots(helm: str) -> None:
+    pod = agent_pod(helm)
+    (agent,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert (env["STOKER_RUNNER"], env["STOKER_JOB_SLOTS"], env["STOKER_QUEUE_SLOTS"]) == ("diffusers", "1", "1")
+    assert agent["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_a_sidecar_without_an_image_is_refused_with_a_message(helm: str) -> None:
+    proc = render(helm, "--set", "agent.runner.kind=comfyui", "--set", "agent.runner.comfyui.sidecar.enabled=true")
+    assert proc.returncode != 0
+    assert "agent.runner.comfyui.sidecar.image" in proc.stderr
