@@ -8,8 +8,10 @@ state machine (`jobstate`), decides what the operator must write:
 - an attempt failure reported by the agent (status.attemptFailure) requeues the job
   elsewhere or fails it (AttemptsExhausted, or the agent's reason if not retryable);
 - timeoutSeconds after creation the job fails with DeadlineExceeded;
-- a pending job whose model (or LoRA, or VAE) an agent reported as permanently
-  unfetchable fails with ModelUnavailable;
+- a job whose model (or LoRA, or VAE) has a source that counts as Failed
+  (`sourcehealth`: a permanent failure, or retryable ones piling up across agents)
+  fails with ModelUnavailable, when pending or when its attempt just failed on
+  fetching, instead of spending its remaining attempts;
 - a finished job loses its binding label (so its agent's watch drops it), gets its
   last attempt recorded in history, and is deleted after ttlSecondsAfterFinished;
 - half-done writes from a crashed operator (label without status, or status without
@@ -19,6 +21,9 @@ Unbinding writes the label removal first (preconditioned on the observed version
 the status second: an agent stops as soon as the label no longer names it, and the
 scheduler never binds a job whose phase is not Pending. Deleting a GenerationJob
 cancels it: the label disappears with the object and the agent's watch sees it go.
+
+Events (see stoker/api/protocol.py for who emits which): Requeued, Failed (the
+operator's own reasons), Expired (TTL deletion), AgentReady / AgentNotReady.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import logging
 import time
 from typing import Any
 
-from stoker.api import Condition, ConditionStatus
+from kubernetes import client
+
+from stoker.api import GROUP, VERSION, Condition, ConditionStatus
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker.kube import now_rfc3339
-from stoker.operator import jobstate, metrics
+from stoker.operator import jobstate, metrics, sourcehealth
 from stoker.operator.scheduler import Writer
-from stoker.operator.state import ObservedAgent, ObservedJob, State, job_state, model_failures, status_patch
+from stoker.operator.state import ObservedAgent, ObservedJob, State, job_state, status_patch
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +74,8 @@ class Reconciler:
         started = 0
         for a in agents:
             started += self._agent_condition(a, ready[a.key])
-        failed_models = model_failures(agents)
+        failed_models = st.update_source_health(now=now, now_mono=now_mono, grace_s=self.lease_grace_s)
+        metrics.SOURCE_FAILED_MODELS.set(len(failed_models))
         for job in jobs:
             if job.key in inflight or not self.writer.may_act(job.key, job.resource_version):
                 continue
@@ -105,7 +113,8 @@ class Reconciler:
 
     # -- jobs
 
-    def _job(self, job: ObservedJob, ready: dict[str, bool], failed_models: dict[str, tuple[str, str]], now: float) -> int:
+    def _job(self, job: ObservedJob, ready: dict[str, bool], failed_models: dict[str, sourcehealth.SourceVerdict],
+             now: float) -> int:
         if job.terminal:
             if job.bound_agent is not None or self._missing_last_record(job):
                 return self._submit(job, self._finish(job, now))
@@ -122,7 +131,7 @@ class Reconciler:
         return 0
 
     def _decide(self, job: ObservedJob, st: jobstate.JobState, ready: dict[str, bool],
-                failed_models: dict[str, tuple[str, str]], now: float) -> _Transition | None:
+                failed_models: dict[str, sourcehealth.SourceVerdict], now: float) -> _Transition | None:
         after = jobstate.check_deadline(st, now=now)
         if after is not st:
             return _Transition(st, after, "Failed", after.message or "deadline exceeded", warning=True)
@@ -130,6 +139,14 @@ class Reconciler:
         bound = job.bound_agent
         f = job.attempt_failure
         if active and f is not None and f.attempt == st.attempt and f.agent == st.agent:
+            unavailable = self._unavailable(job, failed_models) if f.retryable else None
+            if unavailable is not None:
+                # The source is down everywhere: another attempt would only fail the same way.
+                art, verdict = unavailable
+                after = jobstate.model_unavailable(st, now=now, message=(
+                    f"attempt {f.attempt} on {f.agent} failed: {f.reason} {f.message}".strip()
+                    + f"; {self._unavailable_message(art, verdict)}"))
+                return _Transition(st, after, "Failed", after.message or "", warning=True)
             try:
                 after = jobstate.fail(st, agent=f.agent, attempt=f.attempt, reason=f.reason, message=f.message,
                                       retryable=f.retryable, now=now)
@@ -145,14 +162,25 @@ class Reconciler:
             after = jobstate.agent_lost(st, now=now)
             return self._outcome(st, after, f"attempt {st.attempt} lost its binding to {st.agent}")
         if job.pending:
-            for art in job.artifacts:
-                failure = failed_models.get(f"{job.namespace}/{art}")
-                if failure is not None:
-                    after = jobstate.model_unavailable(
-                        st, message=f"model {art} cannot be fetched ({failure[0]}: {failure[1]}); fix or replace the "
-                                    "ModelCache and submit the job again", now=now)
-                    return _Transition(st, after, "Failed", after.message or "", warning=True)
+            unavailable = self._unavailable(job, failed_models)
+            if unavailable is not None:
+                after = jobstate.model_unavailable(st, message=self._unavailable_message(*unavailable), now=now)
+                return _Transition(st, after, "Failed", after.message or "", warning=True)
         return None
+
+    @staticmethod
+    def _unavailable(job: ObservedJob, failed_models: dict[str, sourcehealth.SourceVerdict]
+                     ) -> tuple[str, sourcehealth.SourceVerdict] | None:
+        for art in job.artifacts:
+            verdict = failed_models.get(f"{job.namespace}/{art}")
+            if verdict is not None:
+                return art, verdict
+        return None
+
+    @staticmethod
+    def _unavailable_message(art: str, verdict: sourcehealth.SourceVerdict) -> str:
+        return (f"model {art} cannot be fetched ({verdict.reason}: {verdict.message}); fix or replace the "
+                "ModelCache's source and submit the job again")
 
     @staticmethod
     def _outcome(before: jobstate.JobState, after: jobstate.JobState, why: str) -> _Transition:
@@ -230,5 +258,11 @@ class Reconciler:
         return run
 
     def _delete(self, job: ObservedJob) -> None:
-        self.writer.objects(job.namespace).delete("GenerationJob", job.name)
-        log.info("%s: deleted %.0fs after it finished (ttlSecondsAfterFinished)", job.key, job.ttl_s or 0)
+        # Preconditioned: a job recreated under the same name, or changed since, is left alone.
+        self.writer.objects(job.namespace).custom.delete_namespaced_custom_object(
+            GROUP, VERSION, job.namespace, "generationjobs", job.name,
+            body=client.V1DeleteOptions(preconditions=client.V1Preconditions(
+                uid=job.uid, resource_version=job.resource_version)))
+        message = f"deleted {job.ttl_s or 0:.0f}s after it finished (ttlSecondsAfterFinished)"
+        log.info("%s: %s", job.key, message)
+        self.writer.event(job.ref(), reason="Expired", message=message)

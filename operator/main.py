@@ -78,7 +78,8 @@ class Operator:
 
         self.args = args
         self.api = api
-        self.state = state.State()
+        placement_settings = placement.PlacementSettings(download_weight=args.download_weight)
+        self.state = state.State(placement_settings=placement_settings)
         self.stop = threading.Event()
         self.lost = threading.Event()
         identity = args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
@@ -90,9 +91,7 @@ class Operator:
         self.writer = scheduler.Writer(api, threads=args.write_threads, is_leader=self.leader.is_leader)
         self.writer.objects("default")  # import the client's API modules now, not in the first pass
         grace = args.lease_grace_s
-        self.scheduler = scheduler.Scheduler(
-            self.state, self.writer, lease_grace_s=grace,
-            settings=placement.PlacementSettings(download_weight=args.download_weight))
+        self.scheduler = scheduler.Scheduler(self.state, self.writer, lease_grace_s=grace, settings=placement_settings)
         self.reconciler = failure.Reconciler(self.state, self.writer, lease_grace_s=grace)
         self.replicas = replica_shell.ReplicaShell(self.state, self.writer, lease_grace_s=grace)
         self.on_lost_callbacks: list[Any] = []
@@ -144,12 +143,14 @@ class Operator:
                     self.sync()
                     self._synced = True
                 t0 = time.perf_counter()
-                self.scheduler.schedule_once()
-                t1 = time.perf_counter()
                 mono = time.monotonic()
+                # Reconcile first: it also decides which model sources count as Failed, whose jobs
+                # the scheduler must not bind.
                 if mono - last_reconcile >= 0.5:
                     last_reconcile = mono
                     self.reconciler.reconcile_once()
+                t1 = time.perf_counter()
+                self.scheduler.schedule_once()
                 t2 = time.perf_counter()
                 # The replica plan covers every model and agent: rerun it when they changed (at most
                 # every 2 s), and every 10 s for demand decay and Lease expiry.
@@ -163,10 +164,10 @@ class Operator:
                     with self.state.lock:
                         counts = (len(self.state.jobs), len(self.state.pending), len(self.state.inflight))
                     log.info("jobs %d, pending %d, bindings in flight %d, writes in flight %d, last plan "
-                             "(jobs, bound, waiting, unplaceable) %s", *counts, self.writer.busy_count(),
+                             "(examined, bound, waiting, unplaceable) %s", *counts, self.writer.busy_count(),
                              self.scheduler.last_plan)
                 if t3 - t0 > 0.5:
-                    log.info("slow control pass: schedule %.3fs, reconcile %.3fs, replicas %.3fs", t1 - t0, t2 - t1, t3 - t2)
+                    log.info("slow control pass: reconcile %.3fs, schedule %.3fs, replicas %.3fs", t1 - t0, t2 - t1, t3 - t2)
             except Exception:  # keep the loop alive; the next pass starts from observed state again
                 log.exception("control pass failed")
                 self.stop.wait(1.0)

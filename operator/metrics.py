@@ -41,8 +41,19 @@ READY_AGENTS = prom.Gauge("stoker_ready_agents", "CacheAgents whose Lease is bei
 PASS_SECONDS = prom.Histogram(
     "stoker_scheduling_pass_seconds", "Time to gather state and plan one scheduling pass.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=REGISTRY)
+EVENTS_WRITTEN = prom.Counter(
+    "stoker_events_written_total", "Kubernetes Events created (each may stand for several merged ones).",
+    registry=REGISTRY)
+EVENTS_AGGREGATED = prom.Counter(
+    "stoker_events_aggregated_total", "Events merged into one already waiting to be written (its count grew).",
+    registry=REGISTRY)
 EVENTS_DROPPED = prom.Counter(
-    "stoker_events_dropped_total", "Kubernetes Events not recorded because too many were queued.", registry=REGISTRY)
+    "stoker_events_dropped_total",
+    "Kubernetes Events not recorded: too many distinct ones waiting, or the API server refused the write.",
+    registry=REGISTRY)
+SOURCE_FAILED_MODELS = prom.Gauge(
+    "stoker_source_failed_models", "ModelCaches whose source counts as Failed (their jobs fail with ModelUnavailable).",
+    registry=REGISTRY)
 LEADER = prom.Gauge("stoker_leader", "1 while this operator holds the leader Lease.", registry=REGISTRY)
 
 

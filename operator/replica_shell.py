@@ -4,7 +4,17 @@
 `replicas.plan_replicas`, and writes only what changed: an agent's holds when its
 order list differs, a ModelCache's status when its content differs (demand alone is
 refreshed at most every `demand_refresh_s`, so a decaying rate does not turn into a
-write per pass). Events ReplicaAdded / ReplicaRemoved go on the ModelCache.
+write per pass).
+
+Both writes carry resourceVersion preconditions. spec.holds is a compare-and-swap:
+when the CacheAgent changed since it was observed (usually the agent's own status
+report), the write re-reads it and retries only if spec.holds is still what the plan
+was made from; otherwise the next pass plans again from the newer object.
+
+Events on the ModelCache: ReplicaAdded / ReplicaReleased and HotReplicaAdded /
+HotReplicaReleased for each order, and one per condition change: TargetMet /
+TargetNotMet (Ready), CopiesExist / NoCopies (Available), SourceFailed /
+SourceRecovered (Failed).
 """
 
 from __future__ import annotations
@@ -14,12 +24,21 @@ import math
 import time
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from stoker.api import Condition, ConditionStatus
 from stoker.api.modelcache import ModelCacheStatus, ModelCopy
-from stoker.operator import metrics, replicas
+from stoker.operator import metrics, replicas, sourcehealth
 from stoker.operator.scheduler import Writer
-from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_view, format_time, model_failures,
+from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_from_body, agent_view, format_time,
                                   model_size_bytes)
+
+CONDITION_EVENTS = {
+    ("Ready", True): ("TargetMet", False), ("Ready", False): ("TargetNotMet", False),
+    ("Available", True): ("CopiesExist", False), ("Available", False): ("NoCopies", True),
+    ("Failed", True): ("SourceFailed", True), ("Failed", False): ("SourceRecovered", False),
+}
+"""(condition type, new status) -> (Event reason, is a warning)."""
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +74,14 @@ class ReplicaShell:
         with st.lock:
             models = list(st.models.values())
             agents = list(st.agents.values())
-        failed = model_failures(agents)
+            failed = dict(st.source_failed)
         started = 0
         shortfall = hot_shortfall = 0
         for ns in sorted({m.namespace for m in models} | {a.namespace for a in agents}):
             ns_models = [m for m in models if m.namespace == ns]
             ns_agents = [a for a in agents if a.namespace == ns]
             views = [agent_view(a, ready=st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s),
-                                bound=0, in_use=()) for a in ns_agents]
+                                bound=0, in_use=st.agent_load(a.key)[1]) for a in ns_agents]
             targets = []
             for m in ns_models:
                 spec = m.resource.spec
@@ -97,7 +116,23 @@ class ReplicaShell:
 
         def write() -> None:
             # spec.holds is the operator's alone; spec.cordon (people's) is left out of the merge patch.
-            body = self.writer.objects(agent.namespace).patch("CacheAgent", agent.name, {"spec": {"holds": want}})
+            objs = self.writer.objects(agent.namespace)
+            rv = agent.resource_version
+            for _ in range(5):
+                try:
+                    body = objs.patch("CacheAgent", agent.name, {"spec": {"holds": want}}, resource_version=rv)
+                    break
+                except ApiException as exc:
+                    if exc.status != 409:
+                        raise
+                fresh = objs.get("CacheAgent", agent.name)
+                self.state.upsert_agent(fresh)
+                current = agent_from_body(fresh)
+                if [h.wire() for h in current.resource.spec.holds] != have:
+                    return  # someone else changed the holds: plan again from what is there now
+                rv = current.resource_version
+            else:
+                return
             self.state.upsert_agent(body)
             for k in (*orders.prefetch, *orders.hold):
                 if k in models:
@@ -108,18 +143,18 @@ class ReplicaShell:
                     self.writer.event(models[k].ref(), reason="HotReplicaAdded", message=f"agent {agent.name} keeps it loaded")
             for k in orders.release:
                 if k in models:
-                    self.writer.event(models[k].ref(), reason="ReplicaRemoved",
+                    self.writer.event(models[k].ref(), reason="ReplicaReleased",
                                       message=f"agent {agent.name} no longer holds a copy (it may evict it)")
             for k in orders.unload_hot:
                 if k in models:
-                    self.writer.event(models[k].ref(), reason="HotReplicaRemoved",
+                    self.writer.event(models[k].ref(), reason="HotReplicaReleased",
                                       message=f"agent {agent.name} no longer keeps it loaded")
             log.info("agent %s holds %s", agent.key, ", ".join(f"{h['model']}:{h['tier']}" for h in want) or "nothing")
 
         return int(self.writer.submit(key, agent.resource_version, write))
 
     def _apply_status(self, model: ObservedModel, ms: replicas.ModelReplicaStatus, agents: list[ObservedAgent],
-                      failure: tuple[str, str] | None, now: float) -> int:
+                      failure: sourcehealth.SourceVerdict | None, now: float) -> int:
         copies: list[dict[str, Any]] = []
         for a in sorted(agents, key=lambda a: a.name):
             status = a.resource.status
@@ -148,9 +183,19 @@ class ReplicaShell:
                  f"{ms.desired_hot - ms.hot_shortfall} of {ms.desired_hot} loaded"),
             cond("Available", ms.available, "CopiesExist" if ms.available else "NoCopies",
                  f"{ms.on_disk} agents have it on disk"),
-            cond("Failed", failure is not None, failure[0] if failure else "SourceOK",
-                 failure[1] if failure else "no agent reports a permanent failure for the source"),
+            cond("Failed", failure is not None, failure.reason if failure else "SourceOK",
+                 failure.message if failure else "no persistent failures fetching the source"),
         ]
+        transitions = []
+        for c in conditions:
+            prev = old_conds.get(c["type"])
+            now_true = c["status"] == ConditionStatus.TRUE
+            # A change of status is an Event; so is a first status that reports something (True).
+            changed = now_true if prev is None else (prev.status == ConditionStatus.TRUE) != now_true
+            if changed:
+                reason, warning = CONDITION_EVENTS[(c["type"], now_true)]
+                transitions.append((reason, c["message"] if c["type"] != "Failed" or not now_true
+                                    else f"{c['reason']}: {c['message']}", warning))
         new = {
             "observedGeneration": model.generation,
             "sizeBytes": model_size_bytes(model, agents),
@@ -173,16 +218,15 @@ class ReplicaShell:
         key = f"mc:{model.key}"
         if not self.writer.may_act(key, model.resource_version):
             return 0
-        was_failed = old_conds.get("Failed")
 
         def write() -> None:
             body = self.writer.objects(model.namespace).patch_status("ModelCache", model.name, new,
                                                                      resource_version=model.resource_version)
             self.state.upsert_model(body)
             self._status_written[model.key] = now
-            if failure is not None and (was_failed is None or was_failed.status != ConditionStatus.TRUE):
-                log.warning("model %s failed: %s: %s", model.key, *failure)
-                self.writer.event(model.ref(), reason="Failed", message=f"{failure[0]}: {failure[1]}", warning=True)
+            for reason, message, warning in transitions:
+                (log.warning if warning else log.info)("model %s: %s: %s", model.key, reason, message)
+                self.writer.event(model.ref(), reason=reason, message=message, warning=warning)
 
         return int(self.writer.submit(key, model.resource_version, write))
 

@@ -1,17 +1,29 @@
 """Warm replicas: how many copies of each model to keep, and on which agents (pure, no I/O).
 
 For every ModelCache the plan keeps at least `replicas` Ready agents holding it on
-disk and `hot_replicas` of them holding it loaded. Copies are added where it is
-cheapest (already on disk > download in progress > fastest download), spread so that
-each zone, then each node, has as few copies as possible (one interruption must not
-take them all). Copies above target are released (see `_release_order` for which).
-With autoscale the target follows demand in jobs per minute per copy, measured with
-an exponentially decaying rate (`DemandCounter`), so it rises quickly with a burst
-and decays after it.
+disk and `hot_replicas` of them holding it loaded. Which agents (`_addition_key`):
+
+1. Copies that already exist count first: an agent that has the model on disk (baked
+   in, or cached by LRU) on a node without a copy yet is taken before any download,
+   whatever its zone, because moving bytes is what costs most.
+2. The first min(`replicas`, zones) copies are spread across zones, then every base
+   copy across nodes (one node or zone interruption must not take them all).
+3. Copies beyond `replicas` (added by autoscale for throughput) go where they are
+   cheapest: copy on disk > download in progress > fastest download; spread only
+   breaks ties.
+
+Copies above target are released (see `_release_order` for which). With autoscale
+the target follows demand in jobs per minute per copy, measured with an
+exponentially decaying rate (`DemandCounter`), so it rises quickly with a burst and
+decays after it.
 
 Budgets: the bytes an agent is ordered to hold (baked-in models excluded, they are
 free) never exceed `hold_budget_fraction` of its disk budget, so that held copies
-leave room for the LRU cache that serves everything else.
+leave room for the LRU cache that serves everything else; hot copies never exceed
+`hot_budget_fraction` of its VRAM. This holds for existing holds too: an agent whose
+holds exceed its budget (its disk shrank, sizes were learned late) has holds
+released first, where other copies exist first, and the planner re-places those
+copies on agents with room.
 
 The plan is declarative: for every Ready agent it lists the full set of holds the
 agent should have (what CacheAgent spec.holds carries), plus the differences from
@@ -299,14 +311,18 @@ def plan_replicas(
             gone = {a.name for a in released}
             current[:] = [a for a in current if a.name not in gone]
 
+    # Then budgets: existing holds beyond an agent's budget are released (re-placed below).
+    for a in ordered:
+        _trim_to_budget(a, sizes, holders)
+
     unplaced: list[tuple[str, str]] = []
+    zones_total = len({a.view.zone for a in ordered if not a.view.cordoned})
     for m in model_list:
         desired, hot = targets[m.key]
         current = holders[m.key]
-        # Spread first, then cost: within the least-covered zone and node, a copy that is
-        # already there (baked in, or cached by LRU) costs nothing to hold.
+        base = max(m.replicas, m.hot_replicas)
         while len(current) < desired:
-            choice = _cheapest_addition(m, ordered, current, settings)
+            choice = _cheapest_addition(m, ordered, current, settings, base=base, zones_total=zones_total)
             if choice is None:
                 unplaced.append((m.key, _why_unplaced(m, ordered, current)))
                 break
@@ -318,7 +334,7 @@ def plan_replicas(
             current.append(choice)
         hot_now = [a for a in current if m.key in a.hot]
         while len(hot_now) < hot:
-            pick = _cheapest_hot(m, current, hot_now)
+            pick = _cheapest_hot(m, current, hot_now, zones_total=len({a.view.zone for a in current}))
             if pick is None:
                 unplaced.append((m.key, f"no holder of {m.key} has {m.size_bytes / 1e9:.1f} GB of VRAM budget left for a hot copy"))
                 break
@@ -390,14 +406,46 @@ def _release_order(candidates: Sequence[_Agent], key: str, *, count: int) -> lis
     return order
 
 
+def _trim_to_budget(a: _Agent, sizes: dict[str, int], holders: dict[str, list[_Agent]]) -> None:
+    """Release holds of `a` until they fit its disk budget, and unload hot copies until they
+    fit its VRAM budget. Models with the most other copies go first (losing this copy hurts
+    least), then copies not in use, then the largest (fewest releases), then by key."""
+
+    def order(keys: Iterable[str], *, hot: bool) -> list[str]:
+        def others(k: str) -> int:
+            return sum(1 for h in holders[k] if h is not a and (not hot or k in h.hot))
+        return sorted(keys, key=lambda k: (-others(k), k in a.view.in_use, -sizes[k], k))
+
+    if a.hot_bytes > a.vram_budget:
+        for k in order(a.hot, hot=True):
+            if a.hot_bytes <= a.vram_budget:
+                break
+            a.hot.discard(k)
+            a.hot_bytes -= sizes[k]
+    if a.held_bytes > a.budget:
+        for k in order((k for k in a.holds if k not in a.preloaded), hot=False):
+            if a.held_bytes <= a.budget:
+                break
+            _drop(a, k, sizes[k])
+            holders[k][:] = [h for h in holders[k] if h is not a]
+
+
 def _cheapest_addition(
-    m: ModelTarget, agents: Sequence[_Agent], current: Sequence[_Agent], settings: ReplicaSettings
+    m: ModelTarget, agents: Sequence[_Agent], current: Sequence[_Agent], settings: ReplicaSettings, *,
+    base: int, zones_total: int,
 ) -> _Agent | None:
+    """The agent to add the next copy of `m` on, or None when none can take it.
+
+    See the module docstring for the order: existing copies on new nodes, then zone spread
+    for the first min(base, zones) copies and node spread for base copies, then cost; copies
+    beyond `base` by cost first."""
     zones: dict[str, int] = {}
     nodes: dict[str, int] = {}
     for a in current:
         zones[a.view.zone] = zones.get(a.view.zone, 0) + 1
         nodes[a.view.node] = nodes.get(a.view.node, 0) + 1
+    base_copy = len(current) < base
+    spread_zones = base_copy and len(zones) < min(base, zones_total)
     holding = {a.name for a in current}
     best: tuple[object, ...] | None = None
     pick: _Agent | None = None
@@ -418,16 +466,29 @@ def _cheapest_addition(
         else:
             cost = m.size_bytes / a.dl
         budget_left = a.budget - a.held_bytes
-        key = (zones.get(a.view.zone, 0), nodes.get(a.view.node, 0), cost, -budget_left, a.name)
+        node_n = nodes.get(a.view.node, 0)
+        zone_n = zones.get(a.view.zone, 0)
+        key: tuple[object, ...]
+        if base_copy:
+            key = (not (have and node_n == 0), zone_n if spread_zones else 0, node_n, cost, -budget_left, a.name)
+        else:
+            key = (cost, node_n, zone_n, -budget_left, a.name)
         if best is None or key < best:
             best, pick = key, a
     return pick
 
 
-def _cheapest_hot(m: ModelTarget, current: Sequence[_Agent], hot_now: Sequence[_Agent]) -> _Agent | None:
+def _cheapest_hot(m: ModelTarget, current: Sequence[_Agent], hot_now: Sequence[_Agent], *,
+                  zones_total: int) -> _Agent | None:
+    """Holder to load `m` on next: one that already has it loaded on a node without a hot copy
+    first, then spread across zones (for the first min(hot, zones) copies) and nodes, then
+    the fastest tier to load from, then the least VRAM promised."""
     zones: dict[str, int] = {}
+    nodes: dict[str, int] = {}
     for a in hot_now:
         zones[a.view.zone] = zones.get(a.view.zone, 0) + 1
+        nodes[a.view.node] = nodes.get(a.view.node, 0) + 1
+    spread_zones = len(zones) < min(m.hot_replicas, zones_total)
     hot_names = {a.name for a in hot_now}
     best: tuple[object, ...] | None = None
     pick: _Agent | None = None
@@ -435,7 +496,9 @@ def _cheapest_hot(m: ModelTarget, current: Sequence[_Agent], hot_now: Sequence[_
         if a.name in hot_names or a.hot_bytes + m.size_bytes > a.vram_budget:
             continue
         tier = 0 if m.key in a.view.vram else 1 if m.key in a.view.ram else 2 if a.has_copy(m.key) else 3
-        key = (zones.get(a.view.zone, 0), tier, a.hot_bytes, a.name)
+        node_n = nodes.get(a.view.node, 0)
+        zone_n = zones.get(a.view.zone, 0)
+        key = (not (tier == 0 and node_n == 0), zone_n if spread_zones else 0, node_n, tier, a.hot_bytes, a.name)
         if best is None or key < best:
             best, pick = key, a
     return pick

@@ -10,6 +10,13 @@ already moved the job on, the reconciler fills in the operator's fields instead.
 Writes go through a thread pool (the kubernetes client is synchronous) so that one
 pass can bind many jobs at once; a job whose binding is in flight is left out of
 later passes until the watch shows it bound.
+
+A pass uses placement's fast paths: the pending queue comes already sorted from
+`State` (kept sorted by `placement.job_order_key` as jobs arrive and leave) and is read
+lazily, only as far as free slots last; the pending demand per artifact is kept
+incrementally; each namespace keeps a `placement.FleetIndex`, and an agent's
+`AgentView` object is reused until its CacheAgent version, readiness or bound jobs
+change, so the index re-indexes only agents that changed.
 """
 
 from __future__ import annotations
@@ -26,9 +33,8 @@ from kubernetes.client.exceptions import ApiException
 
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker.kube import Objects
-from stoker.operator import metrics, placement
-from stoker.operator.state import (ObservedJob, State, agent_view, format_time, job_view, model_failures,
-                                  model_size_bytes)
+from stoker.operator import events, metrics, placement
+from stoker.operator.state import UNKNOWN_SIZE_BYTES, ObservedJob, State, agent_view, format_time, measured_sizes
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +48,13 @@ class Writer:
                  is_leader: Callable[[], bool] = lambda: True) -> None:
         self.api = api
         self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="stoker-write")
-        self.event_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="stoker-event")
         self.is_leader = is_leader
         self._objects: dict[str, Objects] = {}
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._acted: dict[str, str] = {}
-        self._queued_events = 0
-        self.max_queued_events = 100
+        # Events wait while every write thread has work: bindings and status come first.
+        self.events = events.EventRecorder(api, busy=lambda: self.busy_count() > threads)
 
     def objects(self, namespace: str) -> Objects:
         objs = self._objects.get(namespace)
@@ -100,25 +105,8 @@ class Writer:
         return True
 
     def event(self, obj: dict[str, Any], *, reason: str, message: str, warning: bool = False) -> None:
-        """Record a Kubernetes Event in the background. Best-effort, like client-go's recorder: when
-        more than `max_queued_events` wait (a burst of bindings), further ones are dropped and counted,
-        so Events never take API capacity from the writes that matter."""
-        with self._lock:
-            if self._queued_events >= self.max_queued_events:
-                metrics.EVENTS_DROPPED.inc()
-                return
-            self._queued_events += 1
-        ns = obj["metadata"]["namespace"]
-
-        def write() -> None:
-            try:
-                self.objects(ns).event(obj, reason=reason, message=message, warning=warning,
-                                       component="stoker-operator")
-            finally:
-                with self._lock:
-                    self._queued_events -= 1
-
-        self.event_pool.submit(write)
+        """Record a Kubernetes Event in the background, aggregated with similar ones (see `events`)."""
+        self.events.record(obj, reason=reason, message=message, warning=warning)
 
     def busy_count(self) -> int:
         with self._lock:
@@ -126,94 +114,124 @@ class Writer:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.event_pool.shutdown(wait=True, cancel_futures=True)
+        self.events.shutdown()
+
+
+class _Fleet:
+    """One namespace's agents as placement saw them last: the reused views and the index."""
+
+    __slots__ = ("index", "views", "sizes", "sizes_version")
+
+    def __init__(self) -> None:
+        self.index = placement.FleetIndex()
+        self.views: dict[str, tuple[tuple[str, bool, int], placement.AgentView]] = {}
+        """agent key -> (CacheAgent resourceVersion, ready, bound-jobs version), view."""
+        self.sizes: dict[str, placement.ArtifactInfo] = {}
+        self.sizes_version = -1
 
 
 class Scheduler:
     """One `schedule_once()` per wake-up: a placement pass per namespace, bindings written in the background."""
 
     def __init__(self, state: State, writer: Writer, *, lease_grace_s: float | None,
-                 settings: placement.PlacementSettings = placement.PlacementSettings()) -> None:
+                 settings: placement.PlacementSettings | None = None) -> None:
         self.state = state
         self.writer = writer
         self.lease_grace_s = lease_grace_s
-        self.settings = settings
-        self._views: dict[str, tuple[str, placement.JobView]] = {}
+        self.settings = settings or state.placement_settings
+        if self.settings != state.placement_settings:
+            raise ValueError("the Scheduler and its State must use the same PlacementSettings (the queue order)")
+        self._fleets: dict[str, _Fleet] = {}
         self.last_plan = (0, 0, 0, 0)
-        """(jobs, bindings, waiting, unplaceable) of the last pass that planned."""
+        """(jobs examined, bindings, waiting, unplaceable) of the last pass that planned."""
 
     def schedule_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
         """Plan and start writing the bindings of one pass; returns how many were started."""
         now = time.time() if now is None else now
         now_mono = time.monotonic() if now_mono is None else now_mono
         started = time.perf_counter()
-        work = self._gather(now_mono)
-        total = 0
-        for namespace, (jobs, agents, artifacts, by_key) in work.items():
-            if not jobs or not any(a.free_slots > 0 and a.ready and not a.cordoned for a in agents):
-                continue
-            plan = placement.plan_placement(jobs, agents, artifacts, now=now, settings=self.settings)
-            for b in plan.bindings:
-                job = by_key[b.job_key]
-                if self._start_binding(job, b):
-                    total += 1
-            self.last_plan = (len(jobs), len(plan.bindings), len(plan.waiting), len(plan.unplaceable))
-            if plan.bindings:
-                log.info("%s: binding %d of %d pending jobs (%d waiting for a busy agent, %d unplaceable)", namespace,
-                         len(plan.bindings), len(jobs), len(plan.waiting), len(plan.unplaceable))
-        metrics.PASS_SECONDS.observe(time.perf_counter() - started)
-        return total
-
-    def _gather(self, now_mono: float) -> dict[str, tuple[list[placement.JobView], list[placement.AgentView],
-                                                        list[placement.ArtifactInfo], dict[str, ObservedJob]]]:
         st = self.state
-        out: dict[str, Any] = {}
         with st.lock:
             metrics.PENDING_JOBS.set(len(st.pending))
             metrics.BOUND_JOBS.set(sum(len(v) for v in st.bound.values()))
-            inflight_per_agent: dict[str, int] = {}
-            for agent_key in st.inflight.values():
-                inflight_per_agent[agent_key] = inflight_per_agent.get(agent_key, 0) + 1
-            failed = model_failures(list(st.agents.values())) if st.pending else {}
-            for key in st.pending:
-                job = st.jobs[key]
-                if key in st.inflight or not self.writer.may_act(key, job.resource_version):
+            namespaces = [ns for ns, q in st.queues.items() if q]
+        total = 0
+        for namespace in namespaces:
+            total += self._schedule_namespace(namespace, now=now, now_mono=now_mono)
+        metrics.PASS_SECONDS.observe(time.perf_counter() - started)
+        return total
+
+    def _schedule_namespace(self, namespace: str, *, now: float, now_mono: float) -> int:
+        st = self.state
+        fleet = self._fleets.setdefault(namespace, _Fleet())
+        views = self._agent_views(namespace, fleet, now_mono)
+        if not any(v.free_slots > 0 and v.ready and not v.cordoned for v in views):
+            return 0
+        with st.lock:
+            queue = list(st.queues.get(namespace, ()))
+            demand = dict(st.pending_demand.get(namespace, {}))
+            failed = {k.split("/", 1)[1] for k in st.source_failed if k.startswith(f"{namespace}/")}
+            if fleet.sizes_version != st.fleet_version:
+                measured = measured_sizes(a for a in st.agents.values() if a.namespace == namespace)
+                fleet.sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
+                    m.key, m.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES))
+                    for m in st.models.values() if m.namespace == namespace}
+                fleet.sizes_version = st.fleet_version
+        by_key: dict[str, ObservedJob] = {}
+        may_act = self.writer.may_act
+
+        def eligible() -> Any:
+            # Read without the lock while planning: single dict/set reads are atomic, and a job
+            # that changed meanwhile is either skipped (no longer pending) or taken at its new version.
+            for _, key in queue:
+                job = st.jobs.get(key)
+                view = st.pending_views.get(key)
+                if job is None or view is None or key in st.inflight or not may_act(key, job.resource_version):
                     continue
-                if failed and any(f"{job.namespace}/{a}" in failed for a in job.artifacts):
+                if failed and any(a in failed for a in job.artifacts):
                     continue  # the reconciler fails it with ModelUnavailable
-                cached = self._views.get(key)
-                if cached is None or cached[0] != job.resource_version:
-                    cached = (job.resource_version, job_view(job))
-                    self._views[key] = cached
-                ns = out.setdefault(job.namespace, ([], [], [], {}))
-                ns[0].append(cached[1])
-                ns[3][key] = job
-            if len(self._views) > 2 * len(st.pending) + 1000:
-                self._views = {k: v for k, v in self._views.items() if k in st.pending}
-            for ns_name, (jobs, agents, artifacts, _) in out.items():
-                ns_agents = [a for a in st.agents.values() if a.namespace == ns_name]
-                for a in ns_agents:
-                    bound_keys = st.bound.get(a.key, set())
-                    in_use: set[str] = set()
-                    for jk in bound_keys:
-                        in_use.update(st.jobs[jk].artifacts)
-                    ready = st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s)
-                    agents.append(agent_view(a, ready=ready, bound=len(bound_keys) + inflight_per_agent.get(a.key, 0),
-                                             in_use=in_use))
-                wanted = {k for j in jobs for k in j.artifact_keys}
-                for m in st.models.values():
-                    if m.namespace == ns_name and m.name in wanted:
-                        artifacts.append(placement.ArtifactInfo(m.name, model_size_bytes(m, ns_agents)))
+                by_key[key] = job
+                yield view
+
+        plan = placement.plan_placement(eligible(), views, fleet.sizes, now=now, settings=self.settings,
+                                        jobs_sorted=True, demand=demand, index=fleet.index)
+        total = 0
+        for b in plan.bindings:
+            if self._start_binding(by_key[b.job_key], b):
+                total += 1
+        self.last_plan = (plan.jobs_examined, len(plan.bindings), len(plan.waiting), len(plan.unplaceable))
+        if plan.bindings:
+            log.info("%s: binding %d of %d pending jobs examined (%d waiting for a busy agent, %d unplaceable)",
+                     namespace, len(plan.bindings), plan.jobs_examined, len(plan.waiting), len(plan.unplaceable))
+        return total
+
+    def _agent_views(self, namespace: str, fleet: _Fleet, now_mono: float) -> list[placement.AgentView]:
+        """The namespace's AgentViews in a stable order, reusing each one until it changes."""
+        st = self.state
+        with st.lock:
+            agents = sorted((a for a in st.agents.values() if a.namespace == namespace), key=lambda a: a.name)
+            versions = {a.key: st.agent_jobs_version.get(a.key, 0) for a in agents}
+        out: list[placement.AgentView] = []
+        live: dict[str, tuple[tuple[str, bool, int], placement.AgentView]] = {}
+        for a in agents:
+            ready = st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s)
+            sig = (a.resource_version, ready, versions[a.key])
+            cached = fleet.views.get(a.key)
+            if cached is None or cached[0] != sig:
+                bound, in_use = st.agent_load(a.key)
+                cached = (sig, agent_view(a, ready=ready, bound=bound, in_use=in_use))
+            live[a.key] = cached
+            out.append(cached[1])
+        fleet.views = live
         return out
 
     def _start_binding(self, job: ObservedJob, b: placement.Binding) -> bool:
         attempt = max(1, job.status_attempt)
-        with self.state.lock:
-            self.state.inflight[job.key] = f"{job.namespace}/{b.agent}"
+        self.state.set_inflight(job.key, f"{job.namespace}/{b.agent}")
+
         def settle() -> None:
             # Bound (the response is in state) or not: either way the write is no longer in flight.
-            with self.state.lock:
-                self.state.inflight.pop(job.key, None)
+            self.state.clear_inflight(job.key)
 
         ok = self.writer.submit(job.key, job.resource_version,
                                 lambda: self._bind(job, b.agent, attempt, b.cache_tier.value, b.reason), cleanup=settle)

@@ -14,10 +14,12 @@ between agent and operator hosts cannot make an agent look alive or dead.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime as dt
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,7 +28,7 @@ import pydantic
 from stoker.api import CacheAgent, GenerationJob, ModelCache
 from stoker.api.generationjob import Attempt, AttemptFailure
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
-from stoker.operator import jobstate, placement, replicas
+from stoker.operator import jobstate, placement, replicas, sourcehealth
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +273,9 @@ def job_view(job: ObservedJob) -> placement.JobView:
 
 def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterable[str]) -> placement.AgentView:
     """Placement's view of an agent. Free slots come from the operator's own count of bound
-    jobs (`bound`, including writes in flight) rather than the agent's debounced report."""
+    jobs (`bound`, including writes in flight) rather than the agent's debounced report;
+    bindable slots are the generation slots plus the queue slots (jobs whose downloads and
+    loads overlap the running generations)."""
     res = agent.resource
     st = res.status
     holds = res.spec.holds
@@ -280,6 +284,7 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
     if st is None:
         return placement.AgentView(name=agent.name, ready=False, cordoned=res.spec.cordon, slots=0, free_slots=0,
                                    held=held, held_hot=held_hot)
+    bindable = st.slots + st.queue_slots
     vram, ram, disk, preloaded = set(), set(), set(), set()
     for m in st.models:
         disk.add(m.name)
@@ -298,7 +303,7 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
 
     return placement.AgentView(
         name=agent.name, node=st.node, zone=st.zone, ready=ready, cordoned=res.spec.cordon,
-        slots=st.slots, free_slots=max(0, st.slots - bound),
+        slots=st.slots, queue_slots=st.queue_slots, free_slots=max(0, bindable - bound),
         running_remaining_s=tuple(r.expected_remaining_seconds for r in st.running if r.expected_remaining_seconds > 0),
         vram_capacity_bytes=cap(st.vram), vram_free_bytes=free(st.vram),
         ram_capacity_bytes=cap(st.ram), ram_free_bytes=free(st.ram),
@@ -321,17 +326,59 @@ def model_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> i
     return model.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES
 
 
-def model_failures(agents: list[ObservedAgent]) -> dict[str, tuple[str, str]]:
-    """"namespace/model" -> (reason, message) for models some agent reports as permanently failing."""
-    out: dict[str, tuple[str, str]] = {}
-    for a in sorted(agents, key=lambda a: a.key):
-        st = a.resource.status
-        if st is None:
-            continue
-        for f in st.model_failures:
-            if not f.retryable:
-                out.setdefault(f"{a.namespace}/{f.name}", (f.reason, f.message or f"agent {a.name} reported {f.reason}"))
+def measured_sizes(agents: Iterable[ObservedAgent]) -> dict[str, int]:
+    """"namespace/model" -> size in bytes as some agent reported it (one pass over all reports)."""
+    out: dict[str, int] = {}
+    for a in agents:
+        if a.resource.status is not None:
+            for m in a.resource.status.models:
+                if m.size_bytes > 0:
+                    out.setdefault(f"{a.namespace}/{m.name}", m.size_bytes)
     return out
+
+
+def _blamed_artifact(job: ObservedJob, message: str) -> str:
+    """Which of the job's artifacts a fetch failure is about: the one its message names
+    ("namespace/name: ..." from the agent's disk store, or "model name ..."), else the checkpoint."""
+    for art in job.artifacts:
+        if f"{job.namespace}/{art}" in message or f"model {art} " in f"{message} ":
+            return art
+    return job.model
+
+
+def job_fetch_failures(job: ObservedJob, *, now: float) -> list[sourcehealth.FetchFailure]:
+    """Source failures a job's attempts ran into: its history, plus the attempt failure the
+    agent just reported (not yet in history; `now` stands for its time)."""
+    out: list[sourcehealth.FetchFailure] = []
+    seen: set[int] = set()
+    for h in job.history:
+        if h.outcome == "Failed" and h.reason in sourcehealth.SOURCE_FAILURE_REASONS:
+            seen.add(h.attempt)
+            out.append(sourcehealth.FetchFailure(
+                model=f"{job.namespace}/{_blamed_artifact(job, h.message)}", agent=h.agent, reason=h.reason,
+                message=h.message, retryable=h.reason in sourcehealth.RETRYABLE_SOURCE_REASONS, at=parse_time(h.finished_at) or now))
+    f = job.attempt_failure
+    if f is not None and f.reason in sourcehealth.SOURCE_FAILURE_REASONS and f.attempt not in seen:
+        out.append(sourcehealth.FetchFailure(
+            model=f"{job.namespace}/{_blamed_artifact(job, f.message)}", agent=f.agent, reason=f.reason,
+            message=f.message, retryable=f.retryable, at=now))
+    return out
+
+
+def has_fetch_failures(job: ObservedJob) -> bool:
+    if job.attempt_failure is not None and job.attempt_failure.reason in sourcehealth.SOURCE_FAILURE_REASONS:
+        return True
+    return any(h.outcome == "Failed" and h.reason in sourcehealth.SOURCE_FAILURE_REASONS for h in job.history)
+
+
+def agent_fetch_failures(agent: ObservedAgent, *, now: float) -> list[sourcehealth.FetchFailure]:
+    st = agent.resource.status
+    if st is None:
+        return []
+    return [sourcehealth.FetchFailure(
+        model=f"{agent.namespace}/{f.name}", agent=agent.name, reason=f.reason,
+        message=f.message or f"agent {agent.name} reported {f.reason}", retryable=f.retryable,
+        at=parse_time(f.at) or now, standing=True) for f in st.model_failures]
 
 
 # --- the state -------------------------------------------------------------------
@@ -339,9 +386,17 @@ def model_failures(agents: list[ObservedAgent]) -> dict[str, tuple[str, str]]:
 
 class State:
     """Everything the operator knows, updated by watch events from kopf's event loop and read
-    by the control loops in other threads; one lock guards it."""
+    by the control loops in other threads; one lock guards it.
 
-    def __init__(self, *, half_life_s: float = 300.0) -> None:
+    Besides the objects it keeps, incrementally, what the scheduling pass would otherwise
+    rebuild every time: per namespace the pending jobs sorted by `placement.job_order_key`
+    (with their `JobView`s) and the pending demand per artifact, and per agent a version
+    that moves whenever its bound jobs or bindings in flight change (so unchanged agents
+    keep the same `AgentView` object and placement's `FleetIndex` skips them)."""
+
+    def __init__(self, *, half_life_s: float = 300.0,
+                 placement_settings: placement.PlacementSettings = placement.PlacementSettings(),
+                 source_settings: sourcehealth.SourceHealthSettings = sourcehealth.SourceHealthSettings()) -> None:
         self.lock = threading.RLock()
         self.changed = threading.Event()
         self.jobs: dict[str, ObservedJob] = {}
@@ -349,10 +404,24 @@ class State:
         self.models: dict[str, ObservedModel] = {}
         self.leases: dict[str, LeaseRecord] = {}
         self.pending: set[str] = set()
+        self.placement_settings = placement_settings
+        self.source_settings = source_settings
+        self.queues: dict[str, list[tuple[tuple[float, float, str], str]]] = {}
+        """namespace -> (job_order_key, job key) of its pending jobs, sorted."""
+        self.pending_views: dict[str, placement.JobView] = {}
+        self.pending_demand: dict[str, Counter[str]] = {}
+        """namespace -> pending jobs per artifact name (placement's `demand`)."""
         self.bound: dict[str, set[str]] = {}
         """agent key -> keys of non-terminal jobs labelled for it."""
         self.inflight: dict[str, str] = {}
         """job key -> agent key of bindings written (or being written) but not seen on the watch yet."""
+        self.inflight_per_agent: Counter[str] = Counter()
+        self.agent_jobs_version: Counter[str] = Counter()
+        """agent key -> bumped whenever its bound jobs or bindings in flight change."""
+        self.fetch_failing_jobs: set[str] = set()
+        """Jobs whose history or attempt failure blames a model source (see sourcehealth)."""
+        self.source_failed: dict[str, sourcehealth.SourceVerdict] = {}
+        """"namespace/model" -> verdict, for sources that count as Failed (set by the reconciler)."""
         self.demand: dict[str, replicas.DemandCounter] = {}
         self.last_used: dict[str, float] = {}
         self.half_life_s = half_life_s
@@ -404,24 +473,65 @@ class State:
     def _forget_job(self, job: ObservedJob) -> None:
         self._unindex(job)
         self.jobs.pop(job.key, None)
-        self.inflight.pop(job.key, None)
+        self.clear_inflight(job.key)
         self._seen_uids.discard(job.uid)
 
     def _index(self, job: ObservedJob) -> None:
         if job.pending:
             self.pending.add(job.key)
+            view = job_view(job)
+            self.pending_views[job.key] = view
+            bisect.insort(self.queues.setdefault(job.namespace, []),
+                          (placement.job_order_key(view, settings=self.placement_settings), job.key))
+            self.pending_demand.setdefault(job.namespace, Counter()).update(job.artifacts)
         if job.bound_agent is not None and not job.terminal:
-            self.bound.setdefault(f"{job.namespace}/{job.bound_agent}", set()).add(job.key)
+            agent_key = f"{job.namespace}/{job.bound_agent}"
+            self.bound.setdefault(agent_key, set()).add(job.key)
+            self.agent_jobs_version[agent_key] += 1
         if job.bound_agent is not None or job.terminal:
             # The watch now shows the binding (or the job is over): the write is no longer in flight.
-            self.inflight.pop(job.key, None)
+            self.clear_inflight(job.key)
+        if has_fetch_failures(job):
+            self.fetch_failing_jobs.add(job.key)
 
     def _unindex(self, job: ObservedJob) -> None:
-        self.pending.discard(job.key)
+        if job.key in self.pending:
+            self.pending.discard(job.key)
+            view = self.pending_views.pop(job.key)
+            queue = self.queues[job.namespace]
+            entry = (placement.job_order_key(view, settings=self.placement_settings), job.key)
+            i = bisect.bisect_left(queue, entry)
+            if i < len(queue) and queue[i] == entry:
+                del queue[i]
+            demand = self.pending_demand[job.namespace]
+            demand.subtract(job.artifacts)
+            for art in job.artifacts:
+                if demand[art] <= 0:
+                    del demand[art]
         if job.bound_agent is not None:
-            keys = self.bound.get(f"{job.namespace}/{job.bound_agent}")
-            if keys is not None:
+            agent_key = f"{job.namespace}/{job.bound_agent}"
+            keys = self.bound.get(agent_key)
+            if keys is not None and job.key in keys:
                 keys.discard(job.key)
+                self.agent_jobs_version[agent_key] += 1
+        self.fetch_failing_jobs.discard(job.key)
+
+    def set_inflight(self, job_key: str, agent_key: str) -> None:
+        """A binding of `job_key` to `agent_key` is being written (caller holds the lock or not)."""
+        with self.lock:
+            self.clear_inflight(job_key)
+            self.inflight[job_key] = agent_key
+            self.inflight_per_agent[agent_key] += 1
+            self.agent_jobs_version[agent_key] += 1
+
+    def clear_inflight(self, job_key: str) -> None:
+        with self.lock:
+            agent_key = self.inflight.pop(job_key, None)
+            if agent_key is not None:
+                self.inflight_per_agent[agent_key] -= 1
+                if self.inflight_per_agent[agent_key] <= 0:
+                    del self.inflight_per_agent[agent_key]
+                self.agent_jobs_version[agent_key] += 1
 
     def upsert_agent(self, body: Mapping[str, Any]) -> None:
         self._upsert_fleet(self.agents, agent_from_body, body)
@@ -505,3 +615,32 @@ class State:
         with self.lock:
             return {a.namespace for a in self.agents.values()} | {j.namespace for j in self.jobs.values()} | {
                 m.namespace for m in self.models.values()}
+
+    def agent_load(self, agent_key: str) -> tuple[int, frozenset[str]]:
+        """(jobs bound or being bound, artifacts of its bound jobs) for `agent_key`."""
+        with self.lock:
+            keys = self.bound.get(agent_key, ())
+            in_use: set[str] = set()
+            for jk in keys:
+                in_use.update(self.jobs[jk].artifacts)
+            return len(keys) + self.inflight_per_agent.get(agent_key, 0), frozenset(in_use)
+
+    def update_source_health(self, *, now: float, now_mono: float, grace_s: float | None) -> dict[str, sourcehealth.SourceVerdict]:
+        """Recompute which model sources count as Failed (see `sourcehealth`), store and return it."""
+        with self.lock:
+            agents = list(self.agents.values())
+            failing = [self.jobs[k] for k in self.fetch_failing_jobs if k in self.jobs]
+        failures: list[sourcehealth.FetchFailure] = []
+        with_copy: set[str] = set()
+        for a in agents:
+            if a.resource.status is None or not self.agent_ready(a.key, now_mono=now_mono, grace_s=grace_s):
+                continue
+            with_copy.update(f"{a.namespace}/{m.name}" for m in a.resource.status.models)
+            failures.extend(agent_fetch_failures(a, now=now))
+        for job in failing:
+            failures.extend(job_fetch_failures(job, now=now))
+        verdicts = sourcehealth.plan_source_health(failures, with_copy=with_copy, now=now,
+                                                   settings=self.source_settings)
+        with self.lock:
+            self.source_failed = verdicts
+        return verdicts

@@ -19,6 +19,25 @@ Field ownership (one writer per field):
 - Lease `<cacheagent name>` (coordination.k8s.io/v1) in the agent's namespace:
   the agent renews it every LEASE_RENEW_S; the operator marks the agent NotReady when
   renewTime is older than leaseDurationSeconds.
+- CacheAgent status.modelFailures: the agent lists every fetch or verification
+  failure it still stands by (name, reason, retryable, at). The operator counts them,
+  together with job attempts whose failure reason blames the source (HTTPServerError,
+  Timeout, ChecksumMismatch, ...; see stoker.operator.sourcehealth), and sets the
+  ModelCache's Failed condition when one is permanent or retryable ones pile up across
+  agents within ten minutes; then the model's jobs fail with ModelUnavailable. The
+  condition clears as soon as a Ready agent reports a copy on disk.
+
+Kubernetes Events: one writer per transition, as with status fields. Whoever makes
+a transition emits its Event, as the kubelet does for the containers it runs:
+- the bound agent, on the GenerationJob: Running (it started the attempt),
+  Succeeded, and a Warning named after the reason when its attempt fails;
+- the operator, on the GenerationJob: Scheduled, Requeued, Failed (AttemptsExhausted,
+  DeadlineExceeded, ModelUnavailable, Cancelled), Expired (ttlSecondsAfterFinished);
+  on the ModelCache: ReplicaAdded, ReplicaReleased, HotReplicaAdded,
+  HotReplicaReleased, TargetMet / TargetNotMet, CopiesExist / NoCopies, SourceFailed /
+  SourceRecovered; on the CacheAgent: AgentReady / AgentNotReady.
+The operator does not echo the agent's transitions, so each appears once. Writers
+aggregate repeats (count, first and last timestamp) instead of dropping them.
 """
 
 from __future__ import annotations

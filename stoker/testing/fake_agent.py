@@ -1,11 +1,14 @@
 """A lightweight agent for tests and benchmarks that speaks the agent protocol exactly.
 
 It does everything a real agent does through the API server, and nothing on a GPU:
-creates its CacheAgent and reports status, renews its Lease, watches the jobs
-labelled for it (server-side label selector), writes Running then Succeeded with a
-fake result for the current attempt only (every write preconditioned on the
-version it checked), and obeys spec.holds by reporting held models as on disk
-after a delay. Models listed as bad are reported in status.modelFailures instead.
+creates its CacheAgent and reports status (slots and queue slots included), renews
+its Lease, watches the jobs labelled for it (server-side label selector), writes
+Running then Succeeded with a fake result for the current attempt only (every write
+preconditioned on the version it checked) and records the Running and Succeeded
+Events as the bound agent does, and obeys spec.holds by reporting held models as on
+disk after a delay. Models listed as bad are reported in status.modelFailures
+instead; flaky ones fail with a retryable reason, in modelFailures and in the
+attempts of jobs that use them.
 
 Run it in-process (`FakeAgent(...).start()` / `.stop()` / `.crash()`) or as a process
 that a test can kill -9:
@@ -47,6 +50,7 @@ class FakeAgentConfig:
     name: str
     namespace: str
     slots: int = 1
+    queue_slots: int = 0
     node: str = ""
     zone: str = ""
     models: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
@@ -64,6 +68,8 @@ class FakeAgentConfig:
     """model -> reason: downloads of it always fail, not retryable."""
     failing_models: dict[str, str] = dataclasses.field(default_factory=dict)
     """model -> reason: attempts of jobs using it fail here (retryable, so another agent may try)."""
+    flaky_sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    """model -> retryable source reason (e.g. HTTPServerError): every fetch of it fails that way."""
     download_bps: float = 200e6
 
 
@@ -158,7 +164,8 @@ class FakeAgent:
                 "vram": {"budgetBytes": self.cfg.vram_budget_bytes, "usedBytes": min(vram_used, self.cfg.vram_budget_bytes)},
                 "models": models, "modelsOnDisk": len(models),
                 "hotModels": sum(1 for m in models if m["tier"] == "vram"),
-                "slots": self.cfg.slots, "freeSlots": max(0, self.cfg.slots - len(running)), "running": running,
+                "slots": self.cfg.slots, "queueSlots": self.cfg.queue_slots,
+                "freeSlots": max(0, self.cfg.slots + self.cfg.queue_slots - len(running)), "running": running,
                 "modelFailures": list(self.failures.values()),
                 "bandwidth": {"downloadBps": self.cfg.download_bps, "diskToGpuBps": 2e9, "ramToGpuBps": 20e9},
             }
@@ -197,12 +204,17 @@ class FakeAgent:
                     self.held = {m for m in holds if m in self.models}
                     self.dirty.set()
                 for model, tier in holds.items():
-                    if model in self.cfg.bad_sources:
+                    if model in self.models:
+                        pass
+                    elif model in self.cfg.bad_sources:
                         if model not in self.failures:
                             self.failures[model] = {"name": model, "reason": self.cfg.bad_sources[model],
                                                     "message": "the source keeps failing", "retryable": False,
                                                     "at": now_rfc3339()}
                             self.dirty.set()
+                        continue
+                    elif model in self.cfg.flaky_sources:
+                        self._flaky_failure(model)
                         continue
                     if model not in self.models:
                         due = pending.setdefault(model, now + self.cfg.hold_delay_s)
@@ -217,6 +229,26 @@ class FakeAgent:
                         self.dirty.set()
                     if model in self.models:
                         self.held.add(model)
+
+    def _flaky_failure(self, model: str) -> None:
+        """Record a retryable fetch failure of `model` (callers hold the lock)."""
+        if model not in self.failures:
+            self.failures[model] = {"name": model, "reason": self.cfg.flaky_sources[model],
+                                    "message": f"{self.cfg.namespace}/{model}: the server answered 503",
+                                    "retryable": True, "at": now_rfc3339()}
+            self.dirty.set()
+
+    def add_model(self, name: str, *, tier: str = "disk", size_bytes: int | None = None) -> None:
+        """A copy of `name` appears in this agent's cache (fetched after all, or copied in)."""
+        with self.lock:
+            self.models[name] = {"tier": tier, "size": size_bytes or self.cfg.default_size_bytes,
+                                 "preloaded": False, "lastUsed": None}
+            self.failures.pop(name, None)
+            self.cfg.flaky_sources.pop(name, None)
+            self.dirty.set()
+
+    def _event(self, obj: dict[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
+        self.objects.event(obj, reason=reason, message=message, warning=warning, component="stoker-agent")
 
     # -- jobs
 
@@ -276,8 +308,10 @@ class FakeAgent:
                              name=f"{self.cfg.name}-job-{meta['name']}")
         t.start()
 
-    def _write_status(self, name: str, attempt: int, status: dict[str, Any]) -> bool:
-        """Patch the job's status only while it is still ours, preconditioned on the version checked."""
+    def _write_status(self, name: str, attempt: int, status: dict[str, Any],
+                      event: tuple[str, str] | None = None, warning: bool = False) -> bool:
+        """Patch the job's status only while it is still ours, preconditioned on the version checked;
+        then record `event` (reason, message) on it."""
         for _ in range(10):
             if self.stop_event.is_set():
                 return False
@@ -288,8 +322,10 @@ class FakeAgent:
             if not self._ours(obj, attempt):
                 return False
             try:
-                self.objects.patch_status("GenerationJob", name, status,
-                                          resource_version=obj["metadata"]["resourceVersion"])
+                body = self.objects.patch_status("GenerationJob", name, status,
+                                                 resource_version=obj["metadata"]["resourceVersion"])
+                if event is not None:
+                    self._event(body, *event, warning=warning)
                 return True
             except ApiException as exc:
                 if exc.status != 409:
@@ -316,7 +352,19 @@ class FakeAgent:
                                                    "message": f"model {bad} cannot be fetched", "finishedAt": now_rfc3339()})
                 return
             if not self._write_status(name, attempt, {"phase": "Running", "startedAt": now_rfc3339(), "cacheHit": hit,
-                                                      "progress": {"step": 0, "steps": spec["params"].get("steps", 20)}}):
+                                                      "progress": {"step": 0, "steps": spec["params"].get("steps", 20)}},
+                                      event=("Running", f"attempt {attempt} started on {self.cfg.name} ({hit} hit)")):
+                return
+            with self.lock:
+                flaky = next((a for a in artifacts if a in self.cfg.flaky_sources and a not in self.models), None)
+                if flaky is not None:
+                    self._flaky_failure(flaky)
+            if flaky is not None:
+                reason = self.cfg.flaky_sources.get(flaky, "HTTPServerError")
+                self._write_status(name, attempt, {"attemptFailure": {
+                    "attempt": attempt, "agent": self.cfg.name, "reason": reason,
+                    "message": f"{self.cfg.namespace}/{flaky}: the server answered 503", "retryable": True}},
+                    event=(reason, f"fetching {flaky} failed"), warning=True)
                 return
             failing = next((a for a in artifacts if a in self.cfg.failing_models), None)
             if self.stop_event.wait(self.cfg.job_seconds):
@@ -332,7 +380,8 @@ class FakeAgent:
                 "progress": {"step": spec["params"].get("steps", 20), "steps": spec["params"].get("steps", 20)},
                 "timings": {"inferenceSeconds": round(time.time() - t0, 3)},
                 "result": {"location": f"/results/{name}.png", "sha256": hashlib.sha256(png).hexdigest(),
-                           "bytes": len(png), "contentType": "image/png"}})
+                           "bytes": len(png), "contentType": "image/png"}},
+                event=("Succeeded", f"image at /results/{name}.png ({len(png)} bytes)"))
             if done:
                 with self.lock:
                     self.completed.append((name, attempt))
@@ -361,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--queue-slots", type=int, default=0)
     p.add_argument("--node", default="")
     p.add_argument("--zone", default="")
     p.add_argument("--model", action="append", default=[], help="NAME[:TIER[:SIZE_BYTES]] in the initial cache")
@@ -371,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--renew-s", type=float, default=1.0)
     p.add_argument("--bad-source", action="append", default=[], help="MODEL:REASON, a source that never downloads")
     p.add_argument("--failing-model", action="append", default=[], help="MODEL:REASON, attempts using it fail here")
+    p.add_argument("--flaky-source", action="append", default=[],
+                   help="MODEL:REASON, a source whose fetches fail with a retryable reason")
     return p
 
 
@@ -378,11 +430,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = FakeAgentConfig(
-        name=args.name, namespace=args.namespace, slots=args.slots, node=args.node, zone=args.zone,
+        name=args.name, namespace=args.namespace, slots=args.slots, queue_slots=args.queue_slots, node=args.node,
+        zone=args.zone,
         models=dict(_parse_model(m) for m in args.model), preloaded=frozenset(args.preloaded),
         job_seconds=args.job_seconds, hold_delay_s=args.hold_delay_s, lease_duration_s=args.lease_duration_s,
         renew_s=args.renew_s, bad_sources=dict(x.split(":", 1) for x in args.bad_source),
-        failing_models=dict(x.split(":", 1) for x in args.failing_model))
+        failing_models=dict(x.split(":", 1) for x in args.failing_model),
+        flaky_sources=dict(x.split(":", 1) for x in args.flaky_source))
     agent = FakeAgent(config.new_client_from_config(config_file=args.kubeconfig), cfg).start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

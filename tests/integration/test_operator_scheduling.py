@@ -207,6 +207,66 @@ def test_a_model_whose_source_keeps_failing_is_marked_failed_and_its_jobs_fail(o
     assert "ChecksumMismatch" in done["message"]
 
 
+def model_condition(objects: Objects, name: str, type_: str) -> dict[str, Any] | None:
+    conds = (objects.get("ModelCache", name).get("status") or {}).get("conditions", [])
+    return next((c for c in conds if c["type"] == type_), None)
+
+
+def test_a_source_failing_with_retryable_errors_on_several_agents_is_failed_until_a_copy_appears(
+        operator, agents, objects) -> None:
+    model(objects, "sd-flaky", replicas=3)
+    fleet = [agents(name, flaky_sources={"sd-flaky": "HTTPServerError"}, job_seconds=0.05)
+             for name in ("agent-a", "agent-b", "agent-c")]
+    cond = wait_for(lambda: (c := model_condition(objects, "sd-flaky", "Failed")) and c["status"] == "True" and c,
+                    timeout_s=30, message="the ModelCache to be Failed after retryable failures on three agents")
+    assert cond["reason"] == "HTTPServerError"
+    assert "3 agent(s)" in cond["message"]
+    job(objects, "hopeless", "sd-flaky")
+    done = wait_for(lambda: finished(objects, "hopeless"), timeout_s=20, message="the job to fail")
+    assert (done["phase"], done["reason"]) == ("Failed", "ModelUnavailable")
+    assert done.get("history", []) == [], "no attempt was spent on a source that is down"
+    # A copy appears (the source came back for one agent): the model recovers and jobs run again.
+    fleet[1].add_model("sd-flaky")
+    wait_for(lambda: model_condition(objects, "sd-flaky", "Failed")["status"] == "False", timeout_s=30,  # type: ignore[index]
+             message="the Failed condition to clear once a copy exists")
+    job(objects, "hopeful", "sd-flaky")
+    ok = wait_for(lambda: finished(objects, "hopeful"), timeout_s=30, message="the job to run on the copy")
+    assert (ok["phase"], ok["agent"]) == ("Succeeded", "agent-b")
+    assert wait_for(lambda: {"SourceFailed", "SourceRecovered"} <= set(events_for(objects, "sd-flaky")), timeout_s=10,
+                    message="SourceFailed and SourceRecovered events")
+
+
+def test_a_job_whose_downloads_keep_failing_across_agents_ends_model_unavailable_not_attempts_exhausted(
+        operator, agents, objects) -> None:
+    model(objects, "sd-down")
+    for name in ("agent-a", "agent-b", "agent-c"):
+        agents(name, flaky_sources={"sd-down": "Timeout"}, job_seconds=0.05)
+    job(objects, "retried", "sd-down", maxAttempts=10)
+    done = wait_for(lambda: finished(objects, "retried"), timeout_s=40, message="the job to fail")
+    assert (done["phase"], done["reason"]) == ("Failed", "ModelUnavailable"), done
+    history = done["history"]
+    assert len(history) == 3 and len({h["agent"] for h in history}) == 3, history
+    assert [h["outcome"] for h in history] == ["Failed", "Failed", "Failed"]
+    assert history[-1]["reason"] == "ModelUnavailable" and "Timeout" in history[-1]["message"]
+
+
+def test_every_transition_of_a_job_is_an_event_written_once(operator, agents, objects) -> None:
+    model(objects, "sd-a", replicas=1)
+    agents("agent-a", models={"sd-a": ("vram", GIB)}, job_seconds=0.05)
+    job(objects, "watched", "sd-a", ttlSecondsAfterFinished=1)
+    want = ["Scheduled", "Running", "Succeeded", "Expired"]
+    reasons = wait_for(lambda: all(r in (got := events_for(objects, "watched")) for r in want) and got, timeout_s=30,
+                       message=lambda: f"{want} events (got {events_for(objects, 'watched')})")
+    assert sorted(reasons) == sorted(want), "one Event per transition, from one writer each"
+    evs = objects.core.list_namespaced_event(objects.namespace, field_selector="involvedObject.name=watched").items
+    by_reason = {e.reason: e for e in evs}
+    assert by_reason["Scheduled"].source.component == "stoker-operator"
+    assert by_reason["Running"].source.component == "stoker-agent"
+    assert by_reason["Scheduled"].count == 1 and by_reason["Scheduled"].first_timestamp is not None
+    assert wait_for(lambda: {"ReplicaAdded", "CopiesExist"} <= set(events_for(objects, "sd-a")), timeout_s=10,
+                    message="ModelCache events")
+
+
 def test_raising_the_replica_target_adds_copies_and_lowering_it_releases_them(operator, agents, objects) -> None:
     model(objects, "sd-pop", replicas=2)
     for name, zone in (("agent-a", "z1"), ("agent-b", "z2"), ("agent-c", "z1")):
@@ -235,8 +295,8 @@ def test_raising_the_replica_target_adds_copies_and_lowering_it_releases_them(op
     objects.patch("ModelCache", "sd-pop", {"spec": {"replicas": 1}})
     wait_for(lambda: len(holders()) == 1, timeout_s=30, message=lambda: f"1 held copy ({holders()})")
     assert mc_status()["desiredReplicas"] == 1
-    assert wait_for(lambda: {"ReplicaAdded", "ReplicaRemoved"} <= set(events_for(objects, "sd-pop")), timeout_s=10,
-                    message="ReplicaAdded and ReplicaRemoved events")
+    assert wait_for(lambda: {"ReplicaAdded", "ReplicaReleased", "TargetMet"} <= set(events_for(objects, "sd-pop")),
+                    timeout_s=10, message="ReplicaAdded, ReplicaReleased and TargetMet events")
 
 
 def test_metrics_count_bindings_by_tier_and_their_latency(control_plane, namespace, agents, objects, tmp_path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stoker.operator import jobstate
+from stoker.operator import jobstate, placement
 from stoker.operator.state import State, agent_from_body, agent_view, job_from_body, job_state, status_patch
 
 
@@ -128,3 +128,75 @@ def test_a_silent_lease_watch_does_not_declare_every_agent_dead() -> None:
     state = State()
     state.upsert_lease(lease("a", "t1", "1"), now_mono=100.0)
     assert state.agent_ready("ns/a", now_mono=200.0, grace_s=3.0)
+
+
+def pending_job(name: str, *, created: str, priority: int = 0, rv: str = "1", model: str = "sd") -> dict[str, Any]:
+    body = job_body(name, rv=rv)
+    body["metadata"]["creationTimestamp"] = created
+    body["spec"]["priority"] = priority
+    body["spec"]["model"] = model
+    return body
+
+
+def test_queue_slots_add_bindable_slots_beyond_the_generation_slots() -> None:
+    body = agent_body()
+    body["status"]["queueSlots"] = 2
+    view = agent_view(agent_from_body(body), ready=True, bound=4, in_use=[])
+    assert (view.slots, view.queue_slots, view.free_slots) == (3, 2, 1)
+
+
+def test_the_pending_queue_stays_sorted_by_the_placement_order_as_jobs_come_and_go() -> None:
+    state = State()
+    state.upsert_job(pending_job("late", created="2026-01-01T00:10:00Z"))
+    state.upsert_job(pending_job("early", created="2026-01-01T00:00:00Z"))
+    state.upsert_job(pending_job("urgent", created="2026-01-01T00:05:00Z", priority=100))
+    assert [k for _, k in state.queues["ns"]] == ["ns/urgent", "ns/early", "ns/late"]
+    assert state.queues["ns"] == sorted((placement.job_order_key(v, settings=state.placement_settings), k)
+                                        for k, v in state.pending_views.items())
+    # Bound: it leaves the queue; a new version of a pending job keeps one entry.
+    state.upsert_job(job_body("early", rv="2", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"}))
+    state.upsert_job(pending_job("late", created="2026-01-01T00:10:00Z", rv="3"))
+    assert [k for _, k in state.queues["ns"]] == ["ns/urgent", "ns/late"]
+    assert set(state.pending_views) == {"ns/urgent", "ns/late"}
+
+
+def test_pending_demand_counts_the_artifacts_of_pending_jobs_incrementally() -> None:
+    state = State()
+    state.upsert_job(pending_job("a", created="2026-01-01T00:00:00Z"))
+    state.upsert_job(pending_job("b", created="2026-01-01T00:00:01Z", model="xl"))
+    assert state.pending_demand["ns"] == {"sd": 1, "xl": 1, "lora-a": 2}
+    state.delete_job(pending_job("a", created="2026-01-01T00:00:00Z"))
+    assert state.pending_demand["ns"] == {"xl": 1, "lora-a": 1}
+
+
+def test_an_agents_jobs_version_moves_with_its_bound_jobs_and_bindings_in_flight() -> None:
+    state = State()
+    v0 = state.agent_jobs_version["ns/a"]
+    state.set_inflight("ns/j", "ns/a")
+    assert state.agent_load("ns/a")[0] == 1
+    v1 = state.agent_jobs_version["ns/a"]
+    state.upsert_job(job_body(rv="2", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"}))
+    v2 = state.agent_jobs_version["ns/a"]
+    assert v0 < v1 < v2
+    assert state.inflight == {} and state.agent_load("ns/a") == (1, frozenset({"sd", "lora-a"}))
+
+
+def test_retryable_source_failures_in_job_histories_on_three_agents_make_the_source_failed() -> None:
+    state = State()
+    for i, agent in enumerate(("a", "b", "c")):
+        state.upsert_job(job_body(f"j{i}", status={"phase": "Failed", "attempt": 1, "history": [
+            {"attempt": 1, "agent": agent, "outcome": "Failed", "reason": "HTTPServerError",
+             "message": "ns/sd: server answered 503", "finishedAt": "2026-01-01T00:01:00Z"}]}))
+    now = job_from_body(job_body()).created_at + 120
+    verdicts = state.update_source_health(now=now, now_mono=0.0, grace_s=3.0)
+    assert set(verdicts) == {"ns/sd"} and verdicts["ns/sd"].reason == "HTTPServerError"
+    assert state.source_failed == verdicts
+
+
+def test_a_source_failure_names_the_lora_when_the_message_does() -> None:
+    state = State()
+    state.upsert_job(job_body("j", status={"phase": "Running", "attempt": 1, "agent": "a", "attemptFailure": {
+        "attempt": 1, "agent": "a", "reason": "Timeout", "message": "ns/lora-a: read timed out"}}))
+    from stoker.operator.state import job_fetch_failures
+    (f,) = job_fetch_failures(state.jobs["ns/j"], now=0.0)
+    assert (f.model, f.agent, f.retryable) == ("ns/lora-a", "a", True)
