@@ -6,13 +6,21 @@ job (pins), models held by operator orders (holds) and baked-in models
 (preloaded: read-only, free of budget) are never evicted. Eviction happens only
 when it actually makes enough room.
 
-The disk tier evicts by LRU-2 with a probation window: an entry ranks by the time
-of its second most recent use, and one used only once ranks as if that earlier use
-came `probation_s` before its only one. A model fetched for one job (the long tail
-of a Zipf catalog) so goes before a model in steady use, instead of pushing it out
-as plain LRU does, while a model that stopped being used still ages out. Recently
-evicted keys keep their last use (bounded history), so a model that comes back is
-not treated as new. With every entry used once this is plain LRU.
+The disk tier evicts by frequency with exponential decay (LRFU): an entry's rank is
+a time in seconds, `h * log2(sum of 2 ** (t / h))` over the times `t` of the jobs
+that used it, `h` being `half_life_s`. Used once, an entry ranks by that use, as in
+LRU; every further use moves it later, by `h` for a second use at the same time and
+by less for older ones, so `n` recent uses count like one use `h * log2(n)` later.
+The lowest rank goes first. A model fetched for one job (the long tail of a Zipf
+catalog) so goes before a model in steady use instead of pushing it out as LRU
+does, while a model that stopped being used still ages out: its uses lose half
+their weight every `h`. Ranking by use count regardless of size is what minimises
+bytes downloaded (GDSF with a cost proportional to size). Evicted keys keep their
+rank (a bounded history of the most valuable ones), so a model that comes back is
+not treated as new. The rank needs no clock: decay is relative, so comparing ranks
+compares decayed counts at any time. `half_life_s=None` gives plain LRU. In the
+fleet simulation this cuts re-downloads after eviction against LRU and LRU-2 (see
+BENCHMARKS.md), which is why the disk tier deviates from plain LRU.
 
 `plan_eviction` is the shared policy; the RAM/VRAM tiers and the fleet simulator
 call it with their own items. `DiskCacheState` is an immutable value: every
@@ -22,6 +30,7 @@ operation returns a new state, and `now` is always an argument.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -36,12 +45,22 @@ __all__ = [
     "KeyConflict",
     "NotCached",
     "Reservation",
+    "add_use",
     "eviction_rank",
     "plan_eviction",
 ]
 
-DEFAULT_PROBATION_S = 3600.0
+DEFAULT_HALF_LIFE_S = 7200.0
 EVICTION_HISTORY = 4096
+"""Evicted keys whose rank is remembered (the highest ranks are kept)."""
+
+
+def add_use(rank_s: float | None, now: float, *, half_life_s: float) -> float:
+    """The rank after one more use at `now` (module docstring), computed without overflow."""
+    if rank_s is None:
+        return now
+    high, low = (rank_s, now) if rank_s >= now else (now, rank_s)
+    return high + half_life_s * math.log2(1.0 + 2.0 ** ((low - high) / half_life_s))
 
 
 class DiskCacheError(Exception):
@@ -114,24 +133,21 @@ class CachedItem:
     size_bytes: int
     last_used: float
     pinned: bool
-    previous_use: float | None = None
-    """Time of the use before the latest one; None when used once (or never)."""
+    rank_s: float | None = None
+    """Frequency rank (module docstring); None ranks by `last_used` alone (plain LRU)."""
 
 
-def eviction_rank(item: CachedItem, *, probation_s: float | None) -> tuple[float, float, str]:
-    """Sort key of eviction, first evicted first. `probation_s=None`: plain LRU."""
-    if probation_s is None:
-        return (item.last_used, item.last_used, item.key)
-    second = item.previous_use if item.previous_use is not None else item.last_used - probation_s
-    return (second, item.last_used, item.key)
+def eviction_rank(item: CachedItem) -> tuple[float, float, str]:
+    """Sort key of eviction, first evicted first: the frequency rank, never below the last
+    use (a lookup makes an entry at least as safe as one use then), then the last use."""
+    rank = item.last_used if item.rank_s is None else max(item.rank_s, item.last_used)
+    return (rank, item.last_used, item.key)
 
 
-def plan_eviction(
-    items: Iterable[CachedItem], *, need_bytes: int, free_bytes: int, probation_s: float | None = None
-) -> tuple[str, ...]:
+def plan_eviction(items: Iterable[CachedItem], *, need_bytes: int, free_bytes: int) -> tuple[str, ...]:
     """Keys to evict, lowest `eviction_rank` first, so that `need_bytes` fit.
 
-    Without `probation_s` the order is least recently used first. Returns () when
+    Items without a frequency rank go least recently used first. Returns () when
     `free_bytes >= need_bytes`. Stops at the first prefix of that order that makes
     room, so nothing is evicted without need. Raises `InsufficientCache` (and plans
     nothing) when evicting every unpinned item would still not make room. Ties break
@@ -142,7 +158,7 @@ def plan_eviction(
     if free_bytes >= need_bytes:
         return ()
     materialized = list(items)
-    candidates = sorted((i for i in materialized if not i.pinned), key=lambda i: eviction_rank(i, probation_s=probation_s))
+    candidates = sorted((i for i in materialized if not i.pinned), key=eviction_rank)
     victims: list[str] = []
     freed = free_bytes
     for item in candidates:
@@ -169,14 +185,17 @@ class CacheEntry:
     last_used: float
     preloaded: bool = False
     previous_use: float | None = None
-    """Time of the use before the latest one (see the module docstring)."""
+    """Time of the use before the latest one; None when used once (or never)."""
     used: bool = False
     """A job has used it (a prefetched file has not yet)."""
+    rank_s: float | None = None
+    """Frequency rank of its uses (module docstring); None before the first use."""
 
-    def with_use(self, now: float) -> CacheEntry:
+    def with_use(self, now: float, *, half_life_s: float | None = DEFAULT_HALF_LIFE_S) -> CacheEntry:
+        rank = add_use(self.rank_s, now, half_life_s=half_life_s) if half_life_s is not None else None
         if not self.used:
-            return dataclasses.replace(self, used=True, last_used=max(self.last_used, now))
-        return dataclasses.replace(self, previous_use=self.last_used, last_used=max(self.last_used, now))
+            return dataclasses.replace(self, used=True, last_used=max(self.last_used, now), rank_s=rank)
+        return dataclasses.replace(self, previous_use=self.last_used, last_used=max(self.last_used, now), rank_s=rank)
 
 
 @dataclass(frozen=True)
@@ -198,6 +217,8 @@ class EntryView:
     preloaded: bool
     held: bool
     in_use: int
+    rank_s: float | None = None
+    """Frequency rank (module docstring); what an agent saves to restore it after a restart."""
 
     @property
     def pinned(self) -> bool:
@@ -225,7 +246,7 @@ def _frozen(mapping: Mapping[str, object]) -> Mapping[str, object]:
 
 @dataclass(frozen=True)
 class DiskCacheState:
-    """Immutable accounting of a byte-budgeted cache with LRU-2 eviction.
+    """Immutable accounting of a byte-budgeted cache with frequency-ranked eviction.
 
     Invariant: `used_bytes + reserved_bytes <= budget_bytes`. Preloaded entries
     cost no budget. Holds and pins may name keys that are not cached yet (an
@@ -238,16 +259,17 @@ class DiskCacheState:
     reservations: Mapping[str, Reservation] = field(default_factory=lambda: MappingProxyType({}))
     pins: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     held: frozenset[str] = frozenset()
-    probation_s: float | None = DEFAULT_PROBATION_S
-    """LRU-2 probation window (module docstring); None for plain LRU."""
+    half_life_s: float | None = DEFAULT_HALF_LIFE_S
+    """Decay of the frequency rank (module docstring); None for plain LRU."""
     evicted: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
-    """Last use of recently evicted keys, at most `EVICTION_HISTORY` of them."""
+    """Rank of evicted keys (their last use under plain LRU): the `EVICTION_HISTORY`
+    highest are kept, and up to a quarter more between trims."""
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {self.budget_bytes}")
-        if self.probation_s is not None and not self.probation_s >= 0:
-            raise ValueError(f"probation_s must be >= 0 or None, got {self.probation_s}")
+        if self.half_life_s is not None and not self.half_life_s > 0:
+            raise ValueError(f"half_life_s must be > 0 or None (plain LRU), got {self.half_life_s}")
 
     # ---- derived figures -------------------------------------------------
 
@@ -271,7 +293,7 @@ class DiskCacheState:
         """Budgeted entries as `plan_eviction` input (preloaded ones cost nothing to keep)."""
         return tuple(
             CachedItem(key=e.key, size_bytes=e.size_bytes, last_used=e.last_used, pinned=self.is_pinned(e.key),
-                       previous_use=e.previous_use)
+                       rank_s=e.rank_s if self.half_life_s is not None else None)
             for e in self.entries.values()
             if not e.preloaded
         )
@@ -289,7 +311,7 @@ class DiskCacheState:
 
     def _make_room(self, *, key: str, need_bytes: int, free_bytes: int) -> tuple[str, ...]:
         try:
-            return plan_eviction(self.items(), need_bytes=need_bytes, free_bytes=free_bytes, probation_s=self.probation_s)
+            return plan_eviction(self.items(), need_bytes=need_bytes, free_bytes=free_bytes)
         except InsufficientCache as exc:
             raise InsufficientCache(
                 needed_bytes=exc.needed_bytes,
@@ -303,13 +325,15 @@ class DiskCacheState:
             ) from None
 
     def _without(self, victims: tuple[str, ...]) -> dict[str, object]:
-        """`entries` minus the victims, and the history that remembers their last use."""
+        """`entries` minus the victims, and the history that remembers their rank."""
         if not victims:
             return {"entries": self.entries}
         history = dict(self.evicted)
         for key in victims:
-            history[key] = self.entries[key].last_used
-        if len(history) > EVICTION_HISTORY:
+            entry = self.entries[key]
+            history[key] = entry.last_used if entry.rank_s is None or self.half_life_s is None else entry.rank_s
+        if len(history) > EVICTION_HISTORY + EVICTION_HISTORY // 4:
+            # Trimmed in batches so that an eviction does not sort the history every time.
             history = dict(sorted(history.items(), key=lambda kv: (kv[1], kv[0]))[-EVICTION_HISTORY:])
         return {"entries": {k: v for k, v in self.entries.items() if k not in victims}, "evicted": history}
 
@@ -347,11 +371,17 @@ class DiskCacheState:
         reservations[key] = dataclasses.replace(current, size_bytes=size_bytes)
         return self._replace(reservations=reservations, **self._without(victims)), victims
 
-    def commit(self, key: str, *, now: float, size_bytes: int | None = None) -> DiskCacheState:
+    def commit(
+        self, key: str, *, now: float, size_bytes: int | None = None, rank_hint_s: float | None = None
+    ) -> DiskCacheState:
         """Turn a finished download's reservation into a cached entry.
 
         `size_bytes` is the final file size; it may not exceed the reservation
-        (grow it first with `resize_reservation`).
+        (grow it first with `resize_reservation`). `rank_hint_s` is the key's rank
+        over the whole fleet (every job that used it anywhere, counted as this module
+        counts uses, with the same half-life), when the operator publishes one: a model
+        new to this agent but in steady use elsewhere then ranks by that use instead of
+        as a one-off, which matters most after an interruption moved it here.
         """
         reservation = self._reservation(key)
         final = reservation.size_bytes if size_bytes is None else size_bytes
@@ -363,21 +393,44 @@ class DiskCacheState:
             )
         reservations = {k: v for k, v in self.reservations.items() if k != key}
         entries = dict(self.entries)
-        # A job already waiting on the download makes this its first use; a key seen
-        # before it was evicted comes back with that earlier use.
-        entries[key] = CacheEntry(key=key, size_bytes=final, last_used=now, previous_use=self.evicted.get(key),
-                                  used=self.pins.get(key, 0) > 0)
+        # A key seen before it was evicted comes back with its rank; a job already
+        # waiting on the download makes this a use.
+        rank = self.evicted.get(key) if self.half_life_s is not None else None
+        waiting = self.pins.get(key, 0) > 0
+        if waiting and self.half_life_s is not None:
+            rank = add_use(rank, now, half_life_s=self.half_life_s)
+        if rank_hint_s is not None and self.half_life_s is not None:
+            rank = rank_hint_s if rank is None else max(rank, rank_hint_s)
+        entries[key] = CacheEntry(key=key, size_bytes=final, last_used=now, used=waiting or rank is not None, rank_s=rank)
         evicted = {k: v for k, v in self.evicted.items() if k != key}
         return self._replace(entries=entries, reservations=reservations, evicted=evicted)
 
-    def with_history(self, key: str, *, previous_use: float | None, used: bool) -> DiskCacheState:
-        """Restore an entry's use history (read back from the agent's index after a restart)."""
+    def with_history(
+        self, key: str, *, previous_use: float | None, used: bool, rank_s: float | None = None
+    ) -> DiskCacheState:
+        """Restore an entry's use history (read back from the agent's index after a restart).
+
+        `rank_s` is the entry's frequency rank as it was saved; an index that has none
+        (older agents saved only the last two uses) gets the rank of those two uses.
+        """
         entry = self._entry(key)
         if previous_use is not None:
             previous_use = min(previous_use, entry.last_used)
+        if rank_s is None and (used or previous_use is not None) and self.half_life_s is not None:
+            rank_s = add_use(previous_use, entry.last_used, half_life_s=self.half_life_s)
         entries = dict(self.entries)
-        entries[key] = dataclasses.replace(entry, previous_use=previous_use, used=used or previous_use is not None)
+        entries[key] = dataclasses.replace(
+            entry, previous_use=previous_use, used=used or previous_use is not None or rank_s is not None, rank_s=rank_s
+        )
         return self._replace(entries=entries)
+
+    def with_evicted_ranks(self, ranks: Mapping[str, float]) -> DiskCacheState:
+        """Restore the ranks of evicted keys (`evicted`, saved by the agent) after a restart;
+        keys cached now are skipped and only the `EVICTION_HISTORY` highest are kept."""
+        history = {**{k: float(v) for k, v in ranks.items() if k not in self.entries}, **self.evicted}
+        if len(history) > EVICTION_HISTORY:
+            history = dict(sorted(history.items(), key=lambda kv: (kv[1], kv[0]))[-EVICTION_HISTORY:])
+        return self._replace(evicted=history)
 
     def abort(self, key: str) -> DiskCacheState:
         """Drop a reservation (the download failed or was cancelled)."""
@@ -398,7 +451,7 @@ class DiskCacheState:
         if key not in self.entries:
             return self._replace(pins=pins)
         entries = dict(self.entries)
-        entries[key] = entries[key].with_use(now)  # each job counts once, here
+        entries[key] = entries[key].with_use(now, half_life_s=self.half_life_s)  # each job counts once, here
         return self._replace(pins=pins, entries=entries)
 
     def unpin(self, key: str, *, now: float) -> DiskCacheState:
@@ -450,6 +503,7 @@ class DiskCacheState:
                 preloaded=e.preloaded,
                 held=e.preloaded or e.key in self.held,
                 in_use=self.pins.get(e.key, 0),
+                rank_s=e.rank_s,
             )
             for e in sorted(self.entries.values(), key=lambda e: (-e.last_used, e.key))
         )

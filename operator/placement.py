@@ -2,18 +2,26 @@
 
 The cost of running a job on an agent is the estimated time until it could start:
 
-    queue wait on the agent
+    queue wait on the agent (until a generation slot is free for it)
   + for every artifact of the job (checkpoint, LoRAs, VAE) not already in VRAM:
         bytes / bandwidth from the tier where it is (RAM->GPU, disk->GPU,
-        or download then disk->GPU)
+        or download then disk->GPU); a download overlaps the wait
   + the cost of what loading it would evict (re-fetch time of the victims,
-    weighted up for hot replica targets and for models other pending jobs want).
+    weighted by how much they are used, down when another agent holds a copy, up
+    for hot replica targets and for models other pending jobs want).
 
-Agents that are not Ready, cordoned, too small, or that already failed the job are
-skipped. Jobs are taken in order of effective priority, which rises with waiting
-time (aging), so a job for a cold model is never starved by a stream of hot ones.
-A job may stay pending to wait for a busy agent that holds its model when the
-cost says waiting is cheaper than loading elsewhere; the cost model decides.
+An agent has `slots` generation slots and `queue_slots` more that it accepts: a job
+bound into a queue slot starts when a generation slot frees, and its download runs
+meanwhile. Agents that are not Ready, cordoned, too small, or that already failed the
+job are skipped. Jobs are taken in order of effective priority, which rises with
+waiting time (aging) and whose head start from priority is bounded, so no job waits
+behind jobs created more than `2 * max_head_start_s` after it (a priority-ordered
+queue that drains): a job for a cold model
+is never starved by a stream of hot ones, whatever their priorities. A job may stay
+pending to wait for a busy agent that holds its model when the cost says waiting is
+cheaper than loading elsewhere; the cost model decides. A job pending longer than
+`max_hot_wait_age_s` that only other jobs' pinned models keep off an agent reserves
+that agent, so that later jobs cannot take the slot it needs once they finish.
 
 One call plans a whole pass: many jobs are assigned in turn while a virtual copy of
 the fleet is updated (slots taken, models loaded, victims evicted), so later jobs see
@@ -23,7 +31,10 @@ randomness, no iteration over hash-ordered sets).
 Speed: a pass never evaluates every (job, agent) pair. For each job the candidates
 are the agents that already hold one of its artifacts (from an index built lazily
 per artifact and kept current as the pass assigns), plus the few free agents that
-look cheapest for a cold load (a heap ordered by a job-independent estimate).
+look cheapest for a cold load (a heap ordered by a job-independent estimate). Those
+are skipped when no free agent holds the job's checkpoint and an option already
+found (typically waiting for a busy holder) costs less than the fastest possible
+download of it, which is the common case of a job queued for a hot model.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "AgentView",
+    "add_use",
     "ArtifactInfo",
     "Binding",
     "FleetIndex",
@@ -48,6 +60,7 @@ __all__ = [
     "Unplaceable",
     "Waiting",
     "effective_priority",
+    "head_start_s",
     "job_order_key",
     "plan_bindings",
     "plan_placement",
@@ -88,11 +101,17 @@ class AgentView:
     """False once the agent's Lease expired (or it never reported)."""
     cordoned: bool = False
     slots: int = 1
-    """Jobs the agent runs at the same time."""
+    """Generation slots: jobs the agent runs at the same time."""
+    queue_slots: int = 0
+    """Extra bindable slots beyond `slots`: a job bound into one while every
+    generation slot is busy starts when the first frees, but its download and
+    load overlap the running generation."""
     free_slots: int = 1
+    """Bindable slots now, queue slots included (at most slots + queue_slots)."""
     running_remaining_s: tuple[float, ...] = ()
-    """Expected remaining seconds of each running job; a busy slot without an
-    estimate is assumed to free after `PlacementSettings.default_remaining_s`."""
+    """Expected seconds until each bound job finishes (a queued job's estimate includes
+    its wait); a bound job without an estimate is assumed to finish after
+    `PlacementSettings.default_remaining_s`."""
     vram_capacity_bytes: int | None = None
     """None: unknown, not used to filter."""
     vram_free_bytes: int = 0
@@ -105,6 +124,13 @@ class AgentView:
     ram: frozenset[str] = frozenset()
     disk: frozenset[str] = frozenset()
     """Artifact keys on local disk, including baked-in ones."""
+    disk_rank_s: Mapping[str, float] = field(default_factory=dict)
+    """The agent's eviction rank of its disk entries, in seconds on the caller's clock
+    (lowest evicted first): the time of last use for an LRU agent, the frequency rank
+    for Stoker's agent. Placement expects the agent to evict in this order and values
+    an entry by its decayed use count, `2 ** ((rank - now) / victim_half_life_s)`.
+    Entries without a rank count as unused and go first; with no ranks at all, victims
+    are chosen by cost alone."""
     downloading: Mapping[str, int] = field(default_factory=dict)
     """Artifact key -> bytes downloaded so far (space already reserved)."""
     preloaded: frozenset[str] = frozenset()
@@ -173,17 +199,37 @@ class PlacementSettings:
     """Expected remaining time of a running job without an estimate."""
     aging_per_s: float = 1.0 / 60.0
     """Effective priority gained per second of waiting: one step per minute, so a job
-    `d` priority steps below a stream of others overtakes them after `d` minutes."""
+    `d` priority steps below a stream of others overtakes them after about `d` minutes
+    (for small `d`; see `max_head_start_s`)."""
+    max_head_start_s: float = 900.0
+    """Bound of the head start priority gives: a priority-`p` job is queued as if created
+    `max_head_start_s * p / (|p| + max_head_start_s * aging_per_s)` seconds earlier
+    (about `p / aging_per_s` for small `p`, never more than this in either direction).
+    No job is overtaken by jobs created more than twice this after it, whatever the
+    priorities (-1000..1000): with the default, 30 minutes, below the default job
+    timeout of an hour."""
     max_hot_wait_age_s: float = 300.0
     """A job pending longer than this no longer waits for a busy agent: it takes the
-    best free one. Together with aging this bounds how long any job can wait."""
-    download_weight: float = 3.0
+    best free one, or, when other jobs' pinned models are all that keep it off an agent,
+    reserves that agent until they finish."""
+    download_weight: float = 10.0
     """Cost charged per second of downloading, relative to a second of waiting. Above 1,
     bytes from the model source count for more than their transfer time (egress, and the
     copy they push off the disk), so jobs queue behind an agent that holds their model
-    instead of pulling one more copy; start latency is traded for fewer downloads."""
+    instead of pulling one more copy; start latency is traded for fewer downloads. In the
+    fleet simulation 10 against 3 cut duplicate downloads by about half for a p95 start
+    latency still several times below a load balancer's (BENCHMARKS.md)."""
     evict_cold_weight: float = 0.1
     """Share of a victim's re-fetch time charged when nothing suggests it is needed."""
+    evict_use_weight: float = 0.1
+    """Added per recent use of the victim (its decayed use count from `disk_rank_s`, up to
+    `evict_use_cap`): a model in steady use costs more to lose than a one-off."""
+    evict_use_cap: float = 8.0
+    victim_half_life_s: float = 7200.0
+    """Decay of a use when valuing victims by `AgentView.disk_rank_s`; match the agents'."""
+    evict_duplicate_factor: float = 0.25
+    """Disk victims another Ready agent also holds cost this share: losing a duplicate
+    loses no model from the fleet, so duplicates are evicted first."""
     evict_hot_target_weight: float = 1.0
     """Added when the victim is a hot replica target on that agent."""
     evict_demand_weight: float = 0.5
@@ -207,6 +253,9 @@ class PlacementSettings:
                 raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
         if self.cold_candidates < 1 or self.holder_candidates < 1:
             raise PlacementError("PlacementSettings.cold_candidates and holder_candidates must be >= 1")
+        for name in ("aging_per_s", "max_head_start_s", "victim_half_life_s"):
+            if not getattr(self, name) > 0:
+                raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
         if not self.download_weight >= 1.0:
             raise PlacementError(f"PlacementSettings.download_weight must be >= 1, got {self.download_weight!r}")
 
@@ -218,7 +267,8 @@ class Binding:
     job_key: str
     agent: str
     cost_s: float
-    """Estimated seconds until the job starts (load + eviction cost; no wait)."""
+    """Estimated seconds until the job starts: queue wait (in a queue slot) overlapped
+    with downloads, plus loading, plus the eviction cost and the download penalty."""
     cache_tier: Tier
     """Where the job's checkpoint is on the agent at binding time."""
     reason: str
@@ -226,17 +276,22 @@ class Binding:
     evict_s: float = 0.0
     evicts: tuple[str, ...] = ()
     """Artifacts the agent is expected to evict to make room (an estimate)."""
+    wait_s: float = 0.0
+    """Expected wait for a generation slot (bound into a queue slot)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """Leave `job_key` pending: the cheapest agent is busy and waiting for it beats loading elsewhere."""
+    """Leave `job_key` pending: the cheapest agent is busy and waiting for it beats loading
+    elsewhere, or (`reserved`) the job has waited long and only other jobs' pinned models
+    keep it off `agent`, whose free slots the pass then holds back for it."""
 
     job_key: str
     agent: str
     wait_s: float
     cost_s: float
     reason: str
+    reserved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,16 +312,26 @@ class PlacementPlan:
     jobs_examined: int = 0
 
 
+def head_start_s(priority: float, *, settings: PlacementSettings) -> float:
+    """Seconds of waiting a job's priority is worth (see `PlacementSettings.max_head_start_s`)."""
+    bound = settings.max_head_start_s
+    return bound * priority / (abs(priority) + bound * settings.aging_per_s)
+
+
 def effective_priority(job: JobView, *, now: float, settings: PlacementSettings) -> float:
-    """Priority plus aging: rises by `aging_per_s` for every second the job has waited."""
-    return job.priority + settings.aging_per_s * max(0.0, now - job.created_at)
+    """Priority plus aging: rises by `aging_per_s` for every second the job has waited. The
+    priority part is `aging_per_s * head_start_s(priority)`, about the priority itself for
+    small priorities and bounded for large ones."""
+    return settings.aging_per_s * (head_start_s(job.priority, settings=settings) + max(0.0, now - job.created_at))
 
 
 def job_order_key(job: JobView, *, settings: PlacementSettings) -> tuple[float, float, str]:
-    """Sort key for the queue (smallest first). Independent of `now`: aging raises every
-    job at the same rate, so the order only changes as jobs arrive or leave, and a caller
-    may keep its queue sorted by this key between passes."""
-    return (settings.aging_per_s * job.created_at - job.priority, job.created_at, job.key)
+    """Sort key for the queue (smallest first): the creation time less the head start.
+    Independent of `now`: aging raises every job at the same rate, so the order only
+    changes as jobs arrive or leave, and a caller may keep its queue sorted by this key
+    between passes. A job can only be overtaken by jobs created less than
+    `2 * max_head_start_s` after it, which bounds its wait."""
+    return (job.created_at - head_start_s(job.priority, settings=settings), job.created_at, job.key)
 
 
 def plan_bindings(
@@ -316,7 +381,7 @@ def plan_placement(
         job_list = _in_queue_order(pending, settings)
         if demand is None:
             demand = _demand(pending)
-    fleet = _Fleet(agents, sizes, demand, settings, index)
+    fleet = _Fleet(agents, sizes, demand, settings, index, now=now)
     bindings: list[Binding] = []
     waiting: list[Waiting] = []
     unplaceable: list[Unplaceable] = []
@@ -345,8 +410,7 @@ def plan_placement(
 def _in_queue_order(jobs: Sequence[JobView], settings: PlacementSettings) -> Iterator[JobView]:
     """`jobs` in `job_order_key` order, lazily: a heap costs O(n) up front and O(log n)
     per job taken, where a full sort would cost O(n log n) even when a pass binds few."""
-    aging = settings.aging_per_s
-    heap = [(aging * j.created_at - j.priority, j.created_at, j.key, i) for i, j in enumerate(jobs)]
+    heap = [(*job_order_key(j, settings=settings), i) for i, j in enumerate(jobs)]
     heapq.heapify(heap)
     while heap:
         yield jobs[heapq.heappop(heap)[3]]
@@ -382,8 +446,8 @@ class _Agent:
 
     __slots__ = (
         "view", "name", "vram", "ram", "disk", "downloading", "in_use", "pinned_disk",
-        "held_hot", "vram_free", "disk_free", "free_slots", "busy", "dl", "d2g", "r2g",
-        "victims", "version",
+        "held_hot", "vram_free", "disk_free", "free_slots", "gen_slots", "busy", "dl", "d2g", "r2g",
+        "victims", "version", "ranks",
     )
 
     def __init__(self, view: AgentView, settings: PlacementSettings) -> None:
@@ -399,12 +463,16 @@ class _Agent:
         self.vram_free = _vram_free(view)
         self.disk_free = _disk_free(view)
         self.free_slots = view.free_slots if view.free_slots > 0 else 0
+        self.gen_slots = max(1, view.slots)
         self.busy: list[float] = _busy_times(view, settings)
+        """Heap of the times at which the bound jobs finish."""
         self.dl = view.download_bps or settings.default_download_bps
         self.d2g = view.disk_to_gpu_bps or settings.default_disk_to_gpu_bps
         self.r2g = view.ram_to_gpu_bps or settings.default_ram_to_gpu_bps
         self.victims: dict[bool, tuple[tuple[float, str, int, float], ...]] = {}
+        """Per tier: (order, key, size, cost) of the evictable residents; disk costs before the duplicate discount."""
         self.version = 0
+        self.ranks: Mapping[str, float] = view.disk_rank_s
 
     def tier(self, key: str) -> Tier | None:
         if key in self.vram:
@@ -417,14 +485,24 @@ class _Agent:
             return Tier.MISS
         return None
 
-    def wait_s(self) -> float:
+    def bind_wait_s(self) -> float:
+        """Seconds until the agent can take one more job (0 with a free slot)."""
         return 0.0 if self.free_slots > 0 else self.busy[0]
+
+    def start_wait_s(self) -> float:
+        """Seconds until a generation slot is free for one more job."""
+        return _start_wait(self.busy, self.gen_slots)
 
 
 @dataclass(slots=True)
 class _Option:
     agent: _Agent
     wait_s: float
+    """Until a generation slot is free for the job."""
+    bind_s: float
+    """Until the job can be bound (0: now; more: it would wait pending)."""
+    fetch_s: float
+    """The download part of `load_s`: it overlaps the wait."""
     load_s: float
     evict_s: float
     tier: Tier
@@ -444,8 +522,12 @@ class _Option:
         return self.evict_vram + self.evict_disk
 
     @property
+    def start_s(self) -> float:
+        return max(self.wait_s, self.bind_s + self.fetch_s) + self.load_s - self.fetch_s
+
+    @property
     def cost_s(self) -> float:
-        return self.wait_s + self.load_s + self.evict_s + self.fetch_penalty_s
+        return self.start_s + self.evict_s + self.fetch_penalty_s
 
 
 class FleetIndex:
@@ -525,10 +607,13 @@ class _Fleet:
         demand: Mapping[str, int],
         settings: PlacementSettings,
         index: FleetIndex | None,
+        *,
+        now: float,
     ) -> None:
         self.settings = settings
         self.sizes = sizes
         self.demand = demand
+        self.now = now
         agent_list = agents if isinstance(agents, Sequence) else tuple(agents)
         self.index = index
         if index is not None:
@@ -550,8 +635,10 @@ class _Fleet:
         self.free_memo: dict[str, dict[str, None]] = {}
         """Per artifact: the agents holding it that still have a free slot (kept current)."""
         self.free_total = sum(v.free_slots for v in free_views)
-        ref = settings.reference_size_bytes
-        heap = [(self._cold_rank(_vram_free(v), _disk_free(v), v, ref), v.name, 0) for v in free_views]
+        # Fastest links among free agents: a lower bound of any cold load (see `place`).
+        self.max_dl = max((v.download_bps or settings.default_download_bps for v in free_views), default=1.0)
+        self.max_d2g = max((v.disk_to_gpu_bps or settings.default_disk_to_gpu_bps for v in free_views), default=1.0)
+        heap = [(self._cold_rank(self.state(v.name)), v.name, 0) for v in free_views]
         heapq.heapify(heap)
         self.cold_heap = heap
 
@@ -567,15 +654,21 @@ class _Fleet:
         info = self.sizes.get(key)
         return self.settings.unknown_size_bytes if info is None else info.size_bytes
 
-    def _cold_rank(self, vram_free: float, disk_free: float, v: AgentView, ref: int) -> float:
+    def _cold_rank(self, st: _Agent) -> float:
+        """Job-independent estimate of loading a reference-sized model on a free agent: the
+        queue wait, the transfer, and what making room would evict (in steady state every
+        disk is full, and the value of the victims is what tells agents apart)."""
         s = self.settings
-        dl = v.download_bps or s.default_download_bps
-        d2g = v.disk_to_gpu_bps or s.default_disk_to_gpu_bps
-        rank = ref / dl + ref / d2g
-        if vram_free < ref:
-            rank += s.evict_cold_weight * ref / d2g
-        if disk_free < ref:
-            rank += s.evict_cold_weight * ref / dl
+        ref = s.reference_size_bytes
+        rank = st.start_wait_s() + ref / st.dl + ref / st.d2g
+        if st.vram_free < ref:
+            rank += s.evict_cold_weight * ref / st.d2g
+        if st.disk_free < ref:
+            # Without the duplicate discount: counting copies for every free agent would cost a
+            # fleet-wide index on every pass; the exact evaluation of a candidate applies it.
+            got = self._evict(st, vram=False, need=int(ref - st.disk_free), exclude=(), ignore_in_use=False,
+                              duplicates=False)
+            rank += got[0] if got is not None else ref / st.dl
         return rank
 
     def tier_of(self, name: str, key: str) -> Tier | None:
@@ -599,6 +692,11 @@ class _Fleet:
             base = memo
         gained = self.gained.get(key)
         return base if not gained else [*base, *gained]
+
+    def copies(self, key: str) -> int:
+        """Eligible agents holding `key` (or fetching it), as far as the pass knows."""
+        holders = self.holder_names(key)
+        return len(holders) if isinstance(holders, (dict, list)) else sum(1 for _ in holders)
 
     def free_holders(self, key: str, limit: int, failed: frozenset[str]) -> list[tuple[int, str]]:
         """Up to `limit` (tier rank, name) of agents with a free slot that hold `key`."""
@@ -644,40 +742,53 @@ class _Fleet:
         keys = job.artifact_keys
         arts = tuple((k, self.size(k)) for k in keys)
         total = sum(size for _, size in arts)
-        may_wait = now - job.created_at <= s.max_hot_wait_age_s
+        aged = now - job.created_at > s.max_hot_wait_age_s
         failed = job.failed_agents
         cap = s.holder_candidates
 
-        # Free agents: holders of the job's artifacts (best tier first), then the cold heap.
+        # Free agents that hold some of the job's artifacts (best tier first).
         free_cands: dict[str, None] = {}
-        busy_cands: list[tuple[float, int, str]] = []
-        for i, key in enumerate(keys):
-            if len(free_cands) < cap:
-                for _, name in sorted(self.free_holders(key, 2 * cap, failed))[: cap - len(free_cands)]:
-                    free_cands[name] = None
-            if may_wait and i == 0:
-                # Waiting only pays off for the checkpoint (LoRAs and VAEs load in well under a second).
-                busy_cands = self.busy_holders(key, 2 * cap, failed)
-        self._add_cold_candidates(free_cands, failed, total)
-
+        model_has_free_holder = False
+        for key in keys:
+            if len(free_cands) >= cap:
+                break
+            found = sorted(self.free_holders(key, 2 * cap, failed))
+            model_has_free_holder = model_has_free_holder or (key == keys[0] and bool(found))
+            for _, name in found[: cap - len(free_cands)]:
+                free_cands[name] = None
         best: _Option | None = None
         for name in free_cands:
-            best = self._better(best, arts, self.state(name), total, 0.0)
+            best = self._better(best, arts, self.state(name), total)
+        # Busy agents holding the checkpoint: waiting only pays off for the checkpoint
+        # (LoRAs and VAEs load in well under a second), and only for a job not pending long.
+        busy_cands = self.busy_holders(keys[0], 2 * cap, failed) if not aged else []
         busy_cands.sort()
         for wait_lb, _, name in busy_cands[:cap]:
             if best is not None and wait_lb >= best.cost_s:
                 break  # sorted by wait: no busy agent left can beat the best
-            st = self.state(name)
-            best = self._better(best, arts, st, total, st.wait_s())
+            best = self._better(best, arts, self.state(name), total)
+        # Free agents best ranked for a cold load. Each must download the checkpoint when no
+        # free agent holds it, which costs at least `cold_floor`: an option already cheaper
+        # than that makes them pointless (the common case of a job queued for a busy holder).
+        cold: dict[str, None] = {}
+        cold_floor = arts[0][1] * (s.download_weight / self.max_dl + 1.0 / self.max_d2g)
+        if model_has_free_holder or best is None or best.cost_s >= cold_floor:
+            self._add_cold_candidates(cold, free_cands, failed, total)
+            for name in cold:
+                best = self._better(best, arts, self.state(name), total)
         if best is None:
-            if not free_cands and not busy_cands:
+            if aged:
+                reserved = self._reserve(job, arts, total, [*free_cands, *cold])
+                if reserved is not None:
+                    return reserved
+            if not free_cands and not busy_cands and not cold:
                 return Unplaceable(job.key, f"no Ready agent with a free slot can fit {_gb(total)} and has not failed this job")
             return Unplaceable(job.key, f"no candidate agent can fit or make room for {_gb(total)} (models in use or held)")
         run_s = job.expected_run_s if job.expected_run_s is not None else s.default_run_s
         st = best.agent
-        if best.wait_s > 0:
+        if best.bind_s > 0:
             # Reserve the agent's next free slot so later jobs in this pass see the queue.
-            heapq.heapreplace(st.busy, best.wait_s + best.load_s + best.evict_s + run_s)
+            heapq.heapreplace(st.busy, best.start_s + run_s)
             return Waiting(
                 job.key, st.name, best.wait_s, best.cost_s,
                 f"waiting {best.wait_s:.1f}s for busy agent {st.name} ({best.tier} hit) is cheaper than loading elsewhere",
@@ -685,13 +796,46 @@ class _Fleet:
         self._commit(job, best, run_s)
         return Binding(
             job.key, st.name, best.cost_s, best.tier, _reason(best),
-            load_s=best.load_s, evict_s=best.evict_s, evicts=best.evicts,
+            load_s=best.load_s, evict_s=best.evict_s, evicts=best.evicts, wait_s=best.wait_s,
         )
 
-    def _better(self, best: _Option | None, arts: tuple[tuple[str, int], ...], st: _Agent, total: int, wait: float) -> _Option | None:
+    def _reserve(self, job: JobView, arts: tuple[tuple[str, int], ...], total: int, names: list[str]) -> Waiting | None:
+        """For a job pending long that fits nowhere now: the best free agent where only pinned
+        models of running jobs are in the way. Its free slots are held back for the rest of
+        the pass, so the job is bound there as soon as those jobs finish instead of being
+        overtaken every time by a job that fits beside them."""
+        best: _Option | None = None
+        for name in names:
+            st = self.state(name)
+            if st.free_slots <= 0 or not self._fits(st.view, total):
+                continue
+            opt = self._evaluate(arts, st, st.start_wait_s(), 0.0, ignore_in_use=True)
+            if opt is not None and (best is None or (opt.cost_s, opt.agent.name) < (best.cost_s, best.agent.name)):
+                best = opt
+        if best is None:
+            return None
+        st = best.agent
+        self.free_total -= st.free_slots
+        st.free_slots = 0
+        st.version += 1
+        self._drop_free(st)
+        s = self.settings
+        wait = max(st.busy) if st.busy else s.default_remaining_s
+        # The job takes the agent once those jobs finish: later jobs in the pass see it busy.
+        run_s = job.expected_run_s if job.expected_run_s is not None else s.default_run_s
+        heapq.heappush(st.busy, wait + best.load_s + run_s)
+        return Waiting(
+            job.key, st.name, wait, best.cost_s + wait,
+            f"pending {_age_s(job, self.now):.0f}s; agent {st.name} reserved until the jobs pinning what must make room finish",
+            reserved=True,
+        )
+
+    def _better(self, best: _Option | None, arts: tuple[tuple[str, int], ...], st: _Agent, total: int) -> _Option | None:
         if not self._fits(st.view, total):
             return best
-        opt = self._evaluate(arts, st, wait)
+        bind = st.bind_wait_s()
+        # It cannot start before it is bound (an agent reserved in this pass has fewer jobs than slots).
+        opt = self._evaluate(arts, st, max(st.start_wait_s(), bind), bind, ignore_in_use=bind > 0)
         if opt is None:
             return best
         if best is None or (opt.cost_s, opt.agent.name) < (best.cost_s, best.agent.name):
@@ -700,14 +844,16 @@ class _Fleet:
 
     def _wait_lower_bound(self, name: str) -> float:
         st = self.states.get(name)
-        return st.wait_s() if st is not None else _first_free_s(self.views[name], self.settings)
+        return st.start_wait_s() if st is not None else _first_free_s(self.views[name], self.settings)
 
     def _fits(self, view: AgentView, total: int) -> bool:
         if view.vram_capacity_bytes is not None and total > view.vram_capacity_bytes:
             return False
         return True
 
-    def _add_cold_candidates(self, candidates: dict[str, None], failed: frozenset[str], total: int) -> None:
+    def _add_cold_candidates(
+        self, candidates: dict[str, None], skip: Mapping[str, None], failed: frozenset[str], total: int
+    ) -> None:
         """Take the best few free agents from the cold heap (skipping stale entries)."""
         want = self.settings.cold_candidates
         popped: list[tuple[float, str, int]] = []
@@ -722,7 +868,7 @@ class _Fleet:
                 continue  # stale: the agent changed (a newer entry exists) or is full
             scanned += 1
             popped.append(entry)
-            if name in failed or name in candidates:
+            if name in failed or name in candidates or name in skip:
                 continue
             view = self.views[name]
             if not self._fits(view, total):
@@ -732,8 +878,11 @@ class _Fleet:
         for entry in popped:
             heapq.heappush(heap, entry)
 
-    def _evaluate(self, arts: tuple[tuple[str, int], ...], st: _Agent, wait: float) -> _Option | None:
+    def _evaluate(
+        self, arts: tuple[tuple[str, int], ...], st: _Agent, wait: float, bind: float, *, ignore_in_use: bool
+    ) -> _Option | None:
         load = 0.0
+        fetch = 0.0
         vram_need = 0
         disk_need = 0
         penalty = 0.0
@@ -756,8 +905,11 @@ class _Fleet:
                 load += size / st.d2g
             elif t is Tier.MISS:  # download in progress: space reserved, bytes remaining
                 done = st.downloading.get(key, 0)
-                load += max(0, size - done) / st.dl + size / st.d2g
+                part = max(0, size - done) / st.dl
+                fetch += part
+                load += part + size / st.d2g
             else:
+                fetch += size / st.dl
                 load += size / st.dl + size / st.d2g
                 penalty += (self.settings.download_weight - 1.0) * size / st.dl
                 disk_need += size
@@ -766,33 +918,40 @@ class _Fleet:
         evict_vram: list[str] = []
         evict_disk: list[str] = []
         ev_vram = ev_disk = 0
-        busy_now = wait > 0
         if vram_need > st.vram_free:
-            got = self._evict(st, vram=True, need=vram_need - st.vram_free, exclude=set(loaded), ignore_in_use=busy_now)
+            # The jobs ahead of this one have finished by the time it loads.
+            got = self._evict(st, vram=True, need=vram_need - st.vram_free, exclude=set(loaded),
+                              ignore_in_use=ignore_in_use or wait > 0)
             if got is None:
                 return None
             cost, evict_vram, ev_vram = got
             evict_s += cost
         if disk_need > st.disk_free:
-            got = self._evict(st, vram=False, need=disk_need - st.disk_free, exclude=set(k for k, _ in arts), ignore_in_use=busy_now)
+            got = self._evict(st, vram=False, need=disk_need - st.disk_free, exclude=set(k for k, _ in arts),
+                              ignore_in_use=ignore_in_use)
             if got is None:
                 return None
             cost, evict_disk, ev_disk = got
             evict_s += cost
         return _Option(
-            st, wait, load, evict_s, tier, tuple(evict_vram), tuple(evict_disk),
+            st, wait, bind, fetch, load, evict_s, tier, tuple(evict_vram), tuple(evict_disk),
             vram_add=vram_need, disk_add=disk_need,
             evicted_vram_bytes=ev_vram, evicted_disk_bytes=ev_disk,
             loaded=tuple(loaded), downloaded=tuple(downloaded), fetch_penalty_s=penalty,
         )
 
     def _victims(self, st: _Agent, *, vram: bool) -> tuple[tuple[float, str, int, float], ...]:
-        """Evictable residents of a tier, cheapest to lose first: (cost per byte, key, size, cost)."""
+        """Evictable residents of a tier in the order the agent evicts them: (order, key, size, cost).
+
+        Disk victims follow the agent's own rank when it reports one (`disk_rank_s`), and
+        are cheapest per byte first otherwise. A victim costs its re-fetch time times a
+        weight: a little for any model, more per recent use and per pending job that
+        wants it, much less when another agent also holds it."""
         cached = st.victims.get(vram)
         if cached is not None:
             return cached
         s = self.settings
-        out = []
+        out: list[tuple[float, str, int, float]] = []
         if vram:
             for key in st.vram:
                 size = self.size(key)
@@ -803,39 +962,56 @@ class _Fleet:
                 cost = weight * refetch
                 out.append((cost / max(1, size), key, size, cost))
         else:
+            ranks = st.ranks
             for key in st.disk:
                 if key in st.pinned_disk:
                     continue
                 size = self.size(key)
                 weight = s.evict_cold_weight + s.evict_demand_weight * min(self.demand.get(key, 0), s.evict_demand_cap)
-                cost = weight * size / st.dl
-                out.append((cost / max(1, size), key, size, cost))
+                rank = ranks.get(key) if ranks else None
+                if rank is not None:
+                    uses = 2.0 ** min(32.0, (rank - self.now) / s.victim_half_life_s)
+                    weight += s.evict_use_weight * min(uses, s.evict_use_cap)
+                cost = weight * size / st.dl  # less for a duplicate: see `_evict`
+                order = (-math.inf if rank is None else rank) if ranks else cost / max(1, size)
+                out.append((order, key, size, cost))
         out.sort()
         result = tuple(out)
         st.victims[vram] = result
         return result
 
     def _evict(
-        self, st: _Agent, *, vram: bool, need: int, exclude: set[str], ignore_in_use: bool
+        self, st: _Agent, *, vram: bool, need: int, exclude: Iterable[str], ignore_in_use: bool,
+        duplicates: bool = True,
     ) -> tuple[float, list[str], int] | None:
         cost = 0.0
         freed = 0
         victims: list[str] = []
+        discount = self.settings.evict_duplicate_factor if duplicates and not vram else 1.0
         for _, key, size, c in self._victims(st, vram=vram):
             if key in exclude or (not ignore_in_use and key in st.in_use):
                 continue
-            cost += c
+            # Counting copies costs a fleet lookup: done only for the victims actually taken.
+            cost += c * discount if discount != 1.0 and self.copies(key) > 1 else c
             freed += size
             victims.append(key)
             if freed >= need:
                 return cost, victims, freed
         return None
 
+    def _drop_free(self, st: _Agent) -> None:
+        """The agent has no free slot left: forget it as a free candidate."""
+        self.free_names.pop(st.name, None)
+        for key in st.view.keys | st.vram | st.disk:
+            memo = self.free_memo.get(key)
+            if memo is not None:
+                memo.pop(st.name, None)
+
     def _commit(self, job: JobView, opt: _Option, run_s: float) -> None:
         st = opt.agent
         st.free_slots -= 1
         self.free_total -= 1
-        heapq.heappush(st.busy, opt.load_s + opt.evict_s + run_s)
+        heapq.heappush(st.busy, opt.start_s + run_s)
         keys = frozenset(job.artifact_keys)
         st.vram = (st.vram - set(opt.evict_vram)) | keys
         st.disk = (st.disk - set(opt.evict_disk)) | set(opt.downloaded)
@@ -844,6 +1020,14 @@ class _Fleet:
         st.in_use = st.in_use | keys
         st.vram_free = max(0, st.vram_free - opt.vram_add + opt.evicted_vram_bytes)
         st.disk_free = max(0, st.disk_free - opt.disk_add + opt.evicted_disk_bytes)
+        if st.ranks:
+            # The agent counts this job as a use of every artifact it has on disk.
+            half_life = self.settings.victim_half_life_s
+            ranks = {k: r for k, r in st.ranks.items() if k not in opt.evict_disk}
+            for key in keys:
+                if key in st.disk:
+                    ranks[key] = add_use(ranks.get(key), self.now, half_life_s=half_life)
+            st.ranks = ranks
         st.victims = {}
         st.version += 1
         for key in opt.loaded:
@@ -852,34 +1036,53 @@ class _Fleet:
                 if st.free_slots > 0 and key in self.free_memo:
                     self.free_memo[key][st.name] = None
         if st.free_slots <= 0:
-            self.free_names.pop(st.name, None)
-            for key in st.view.keys | st.vram | st.disk:
-                memo = self.free_memo.get(key)
-                if memo is not None:
-                    memo.pop(st.name, None)
-        if st.free_slots > 0:
-            rank = self._cold_rank(st.vram_free, st.disk_free, st.view, self.settings.reference_size_bytes)
-            heapq.heappush(self.cold_heap, (rank, st.name, st.version))
+            self._drop_free(st)
+        else:
+            heapq.heappush(self.cold_heap, (self._cold_rank(st), st.name, st.version))
+
+
+def _age_s(job: JobView, now: float) -> float:
+    return max(0.0, now - job.created_at)
+
+
+def add_use(rank_s: float | None, now: float, *, half_life_s: float) -> float:
+    """A frequency rank after one more use at `now`: `h * log2(sum of 2 ** (t / h))` over
+    the use times, as Stoker's agents rank their disk entries (computed without overflow).
+
+    Placement uses it to follow the ranks in `AgentView.disk_rank_s` through a pass; the
+    operator can also keep one rank per artifact over every job it sees (the fleet-wide
+    use of a model) for agents to start a newly fetched copy from."""
+    if rank_s is None:
+        return now
+    high, low = (rank_s, now) if rank_s >= now else (now, rank_s)
+    return high + half_life_s * math.log2(1.0 + 2.0 ** ((low - high) / half_life_s))
 
 
 def _busy_times(view: AgentView, settings: PlacementSettings) -> list[float]:
-    """Heap of the times at which the agent's busy slots free up (never 0: 0 means a free slot)."""
+    """Heap of the times at which the agent's bound jobs finish (never 0)."""
     free = view.free_slots if view.free_slots > 0 else 0
-    busy_slots = max(0, view.slots - free)
-    remaining = sorted(r if r > 1e-3 else 1e-3 for r in view.running_remaining_s)[:busy_slots]
-    remaining += [settings.default_remaining_s] * (busy_slots - len(remaining))
+    bound = max(0, view.slots + max(0, view.queue_slots) - free)
+    remaining = sorted(r if r > 1e-3 else 1e-3 for r in view.running_remaining_s)[:bound]
+    remaining += [settings.default_remaining_s] * (bound - len(remaining))
     if not remaining and free == 0:
         remaining = [settings.default_remaining_s]
     return remaining  # sorted, hence a valid heap
 
 
+def _start_wait(busy: list[float], gen_slots: int) -> float:
+    """When one more job gets a generation slot: with `n` jobs bound, after the
+    `n - gen_slots + 1`-th of them finishes."""
+    n = len(busy)
+    if n < gen_slots:
+        return 0.0
+    if n == gen_slots:
+        return busy[0]
+    return heapq.nsmallest(n - gen_slots + 1, busy)[-1]
+
+
 def _first_free_s(view: AgentView, settings: PlacementSettings) -> float:
     """Lower bound of the wait on an untouched agent, without building its state."""
-    if view.free_slots > 0:
-        return 0.0
-    if view.running_remaining_s:
-        return max(1e-3, min(view.running_remaining_s))
-    return settings.default_remaining_s
+    return _start_wait(_busy_times(view, settings), max(1, view.slots))
 
 
 def _vram_free(view: AgentView) -> float:

@@ -15,19 +15,22 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from stoker.agent.disk_cache import (
-    DEFAULT_PROBATION_S,
+    DEFAULT_HALF_LIFE_S,
     CachedItem,
     DiskCacheState,
     InsufficientCache,
+    eviction_rank,
     plan_eviction,
 )
 from stoker.operator.placement import (
     AgentView,
+    add_use,
     ArtifactInfo,
     Binding,
     JobView,
     PlacementSettings,
     plan_bindings,
+    plan_placement,
 )
 
 if TYPE_CHECKING:
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentView",
+    "add_use",
     "ArtifactInfo",
     "Binding",
     "CachedItem",
@@ -43,24 +47,25 @@ __all__ = [
     "JobView",
     "PlacementSettings",
     "agent_view",
-    "DEFAULT_PROBATION_S",
+    "DEFAULT_HALF_LIFE_S",
     "artifact_map",
     "job_view",
     "new_disk_cache",
     "plan_bindings",
     "plan_eviction",
+    "plan_placement",
     "refresh_agent_view",
 ]
 
 
 def new_disk_cache(
     budget_bytes: int, *, baked: dict[str, int] | None = None, now: float = 0.0,
-    probation_s: float | None = DEFAULT_PROBATION_S,
+    half_life_s: float | None = DEFAULT_HALF_LIFE_S,
 ) -> DiskCacheState:
     """An empty agent disk cache with the image's baked-in models registered as preloaded.
 
-    `probation_s=None` gives plain LRU (the baselines); the default is the agent's own."""
-    state = DiskCacheState(budget_bytes=budget_bytes, probation_s=probation_s)
+    `half_life_s=None` gives plain LRU (the baselines); the default is the agent's own."""
+    state = DiskCacheState(budget_bytes=budget_bytes, half_life_s=half_life_s)
     for key, size_bytes in sorted((baked or {}).items()):
         state = state.add_preloaded(key, size_bytes, now=now)
     return state
@@ -105,8 +110,16 @@ def _remaining_s(sim: Simulator, agent: AgentState, now: float) -> tuple[float, 
     return tuple(out)
 
 
-def agent_view(sim: Simulator, agent: AgentState, now: float) -> AgentView:
-    """What the operator would read from this agent's CacheAgent status (assumed fresh)."""
+def agent_view(
+    sim: Simulator, agent: AgentState, now: float, *, queue_slots: bool = True, frequency_ranks: bool = True
+) -> AgentView:
+    """What the operator would read from this agent's CacheAgent status (assumed fresh).
+
+    The agent has one GPU: one generation slot, and `FleetConfig.slots - 1` queue slots
+    whose downloads overlap the running job. `queue_slots=False` reports every slot as a
+    generation slot instead (what placement saw before queue slots existed). Disk ranks
+    are the agent's own eviction ranks, or with `frequency_ranks=False` the last use of
+    each model, which is all a CacheAgent status reports today (`models[].lastUsed`)."""
     fleet = sim.fleet
     disk = agent.disk
     downloading = _downloading(sim, agent, now)
@@ -119,7 +132,8 @@ def agent_view(sim: Simulator, agent: AgentState, now: float) -> AgentView:
         node=agent.name,
         zone=agent.zone,
         ready=agent.visible,
-        slots=fleet.slots,
+        slots=1 if queue_slots else fleet.slots,
+        queue_slots=fleet.slots - 1 if queue_slots else 0,
         free_slots=max(0, fleet.slots - len(agent.jobs)),
         running_remaining_s=_remaining_s(sim, agent, now),
         vram_capacity_bytes=fleet.vram_weights_bytes,
@@ -131,6 +145,10 @@ def agent_view(sim: Simulator, agent: AgentState, now: float) -> AgentView:
         vram=frozenset(agent.vram),
         ram=frozenset(agent.ram),
         disk=frozenset(disk.entries),
+        disk_rank_s=(
+            {i.key: eviction_rank(i)[0] for i in disk.items()} if frequency_ranks
+            else {e.key: e.last_used for e in disk.entries.values() if not e.preloaded}
+        ),
         downloading=downloading,
         preloaded=agent.baked,
         held=agent.held,

@@ -13,20 +13,31 @@
 
 Both ignore interruptions (which destroy cached copies) and in-flight reordering; a
 scheduler that reorders jobs could in principle go below the pooled figure.
+
+Two references (not bounds) help read a fleet's figure against them:
+
+- the same pooled optimum when every interruption destroys its agent's share (1/n)
+  of every cached file, which is what losing a pod costs a perfectly pooled fleet;
+- one pooled cache evicting by the agents' own rule (the real `DiskCacheState`,
+  frequency ranks): what the fleet's rule would do with perfect pooling.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from stoker.agent.disk_cache import DEFAULT_HALF_LIFE_S, DiskCacheState
+
 __all__ = [
     "Bounds",
     "compulsory_bytes",
     "compute_bounds",
+    "pooled_frequency_bytes",
     "pooled_lru_bytes",
     "pooled_optimal_bytes",
     "request_sequence",
@@ -43,6 +54,10 @@ class Bounds:
     window_pooled_bytes: int = 0
     pooled_lru_bytes: int = 0
     """Not a bound: one fleet-sized LRU cache, to separate pooling from replacement."""
+    pooled_lossy_bytes: int = 0
+    """Not a bound: the pooled optimum when each interruption destroys 1/n of every cached file."""
+    pooled_frequency_bytes: int = 0
+    """Not a bound: one fleet-sized cache evicting by the agents' frequency rule."""
 
 
 def request_sequence(jobs: Iterable[Sequence[str]], *, exclude: Iterable[str] = ()) -> list[str]:
@@ -58,13 +73,19 @@ def compulsory_bytes(requests: Sequence[str], sizes: Mapping[str, int], *, count
 
 
 def pooled_optimal_bytes(
-    requests: Sequence[str], sizes: Mapping[str, int], *, capacity_bytes: int, count_from: int = 0
+    requests: Sequence[str], sizes: Mapping[str, int], *, capacity_bytes: int, count_from: int = 0,
+    losses: Sequence[tuple[int, float]] = (),
 ) -> int:
     """Bytes missed by fractional Belady over `requests` with a cache of `capacity_bytes`.
 
     Only misses of requests at index `count_from` or later are counted (the earlier
     ones warm the cache), which bounds a measurement window that starts there.
+    `losses` are (request index, fraction): before that request the cache loses that
+    fraction of every file it holds (an interruption); with losses the figure is a
+    reference, no longer a bound.
     """
+    pending_losses = sorted(losses)
+    next_loss = 0
     n = len(requests)
     next_use = [math.inf] * n
     last_seen: dict[str, int] = {}
@@ -78,6 +99,12 @@ def pooled_optimal_bytes(
     total = 0.0
     missed = 0.0
     for i, key in enumerate(requests):
+        while next_loss < len(pending_losses) and pending_losses[next_loss][0] <= i:
+            keep = 1.0 - pending_losses[next_loss][1]
+            next_loss += 1
+            for k in cached:
+                cached[k] *= keep
+            total *= keep
         size = sizes[key]
         have = cached.get(key, 0.0)
         if i >= count_from:
@@ -122,6 +149,28 @@ def pooled_lru_bytes(requests: Sequence[str], sizes: Mapping[str, int], *, capac
     return missed
 
 
+def pooled_frequency_bytes(
+    requests: Sequence[str], times: Sequence[float], sizes: Mapping[str, int], *, capacity_bytes: int,
+    half_life_s: float | None = DEFAULT_HALF_LIFE_S,
+) -> int:
+    """Bytes missed by one `DiskCacheState` of `capacity_bytes` serving `requests` at `times`
+    (a reference point, not a bound): the agents' own eviction rule, perfectly pooled."""
+    state = DiskCacheState(budget_bytes=capacity_bytes, half_life_s=half_life_s)
+    missed = 0
+    for key, now in zip(requests, times):
+        state = state.pin(key, now=now)
+        if not state.has(key):
+            size = sizes[key]
+            missed += size
+            if size > capacity_bytes:
+                state = state.unpin(key, now=now)
+                continue
+            state, _, _ = state.reserve(key, size, now=now)
+            state = state.commit(key, now=now)
+        state = state.unpin(key, now=now)
+    return missed
+
+
 def compute_bounds(
     jobs: Sequence[Sequence[str]],
     sizes: Mapping[str, int],
@@ -129,11 +178,24 @@ def compute_bounds(
     capacity_bytes: int,
     baked: Iterable[str] = (),
     window_from_job: int = 0,
+    times: Sequence[float] | None = None,
+    interruptions: Sequence[float] = (),
+    agents: int = 1,
 ) -> Bounds:
-    """Bounds for `jobs` (artifact lists in submit order); the window starts at job index `window_from_job`."""
+    """Bounds for `jobs` (artifact lists in submit order); the window starts at job index `window_from_job`.
+
+    With the jobs' submit `times`, also the references: the pooled optimum losing 1/`agents`
+    of its content at each of the `interruptions` (times), and the pooled frequency cache."""
     baked = tuple(baked)
     requests = request_sequence(jobs, exclude=baked)
     start = len(request_sequence(jobs[:window_from_job], exclude=baked))
+    lossy = frequency = 0
+    if times is not None:
+        skip = set(baked)
+        request_times = [t for artifacts, t in zip(jobs, times) for key in artifacts if key not in skip]
+        losses = [(bisect.bisect_left(request_times, t), 1.0 / max(1, agents)) for t in interruptions]
+        lossy = pooled_optimal_bytes(requests, sizes, capacity_bytes=capacity_bytes, losses=losses)
+        frequency = pooled_frequency_bytes(requests, request_times, sizes, capacity_bytes=capacity_bytes)
     return Bounds(
         compulsory_bytes=compulsory_bytes(requests, sizes),
         pooled_bytes=pooled_optimal_bytes(requests, sizes, capacity_bytes=capacity_bytes),
@@ -141,4 +203,6 @@ def compute_bounds(
         window_compulsory_bytes=compulsory_bytes(requests, sizes, count_from=start),
         window_pooled_bytes=pooled_optimal_bytes(requests, sizes, capacity_bytes=capacity_bytes, count_from=start),
         pooled_lru_bytes=pooled_lru_bytes(requests, sizes, capacity_bytes=capacity_bytes),
+        pooled_lossy_bytes=lossy,
+        pooled_frequency_bytes=frequency,
     )

@@ -214,8 +214,8 @@ class Policy(Protocol):
     name: str
     tick_s: float
     """Interval of `tick` calls (replica planning); math.inf for none."""
-    disk_probation_s: float | None
-    """Disk eviction of the policy's agents: the agent's LRU-2 window, or None for plain LRU."""
+    disk_half_life_s: float | None
+    """Disk eviction of the policy's agents: the agent's frequency half-life, or None for plain LRU."""
 
     def assign(self, sim: Simulator, pending: Sequence[JobRecord], now: float) -> list[tuple[JobRecord, AgentState]]: ...
 
@@ -414,7 +414,7 @@ class Simulator:
         name = f"agent-{slot:03d}" if inc == 1 else f"agent-{slot:03d}-r{inc - 1}"
         disk = adapter.new_disk_cache(
             self.fleet.disk_bytes, baked={k: self.size[k] for k in self.fleet.baked}, now=self.now,
-            probation_s=self.policy.disk_probation_s,
+            half_life_s=self.policy.disk_half_life_s,
         )
         agent = AgentState(
             slot=slot,
@@ -539,7 +539,9 @@ class Simulator:
         if key in agent.transient:
             pass  # lives only for the job that needs it
         else:
-            agent.disk = agent.disk.commit(key, now=self.now)
+            # The operator's fleet-wide rank of the model, for policies that publish one.
+            hint = getattr(self.policy, "rank_hint", None)
+            agent.disk = agent.disk.commit(key, now=self.now, rank_hint_s=hint(key) if hint is not None else None)
         self._pump_download(agent)
         self._try_start_gpu(agent)
         if key in agent.held:

@@ -4,8 +4,13 @@ Baselines push every job to an agent as soon as it arrives (the agent queues it
 locally and caches with plain LRU): least-connection (what a load balancer gives),
 random, and route-to-holder-else-least-loaded (ModelMesh-like). Stoker binds late:
 jobs stay pending until an agent has a free slot, and the operator's real
-`plan_bindings` chooses; optionally the operator's real replica planner keeps warm
-copies (static targets, or autoscaled by demand).
+`plan_placement` chooses; optionally the operator's real replica planner keeps warm
+copies (static targets, or autoscaled by demand). Stoker's agents rank disk entries
+by use frequency (the agent's `DiskCacheState`); placement reads those ranks from the
+agents' views, and the operator keeps a fleet-wide rank per model (placement's
+`add_use` over every job it sees) that an agent starts a newly fetched copy from.
+The `stoker-lastused` variant has neither: placement sees only each model's last
+use and agents rank new copies as one-offs (what today's status fields carry).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stoker.sim import adapter, replica_driver
-from stoker.sim.adapter import PlacementSettings, plan_bindings
+from stoker.sim.adapter import PlacementSettings, plan_bindings, plan_placement
 from stoker.sim.engine import AgentState, JobRecord, Policy, Simulator
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "StokerPolicy",
     "make_policy",
     "plan_bindings",
+    "plan_placement",
 ]
 
 
@@ -36,7 +42,7 @@ class _PushPolicy:
 
     name = "push"
     tick_s = math.inf
-    disk_probation_s = None  # the plain per-node LRU a load balancer's nodes have
+    disk_half_life_s = None  # the plain per-node LRU a load balancer's nodes have
 
     def __init__(self, *, seed: int = 1) -> None:
         self.rng = random.Random(f"{self.name}-{seed}")
@@ -136,9 +142,18 @@ class StokerPolicy:
         settings: PlacementSettings | None = None,
         replicas: ReplicaMode = ReplicaMode(),
         tick_s: float = 30.0,
+        queue_slots: bool = True,
+        fleet_ranks: bool = True,
     ) -> None:
         self.name = name
-        self.disk_probation_s: float | None = adapter.DEFAULT_PROBATION_S
+        self.queue_slots = queue_slots
+        """Report one generation slot plus queue slots (the agent's one GPU), not all as generation slots."""
+        self.fleet_ranks = fleet_ranks
+        """Agents report their frequency ranks and start new copies from the operator's fleet-wide rank."""
+        self._ranks: dict[str, float] = {}
+        self._counted: set[int] = set()
+        self.jobs_examined = 0
+        self.disk_half_life_s: float | None = adapter.DEFAULT_HALF_LIFE_S
         self.settings = settings or PlacementSettings()
         self.replicas = replicas
         self.tick_s = tick_s if replicas.enabled else math.inf
@@ -165,15 +180,32 @@ class StokerPolicy:
             self._artifacts = adapter.artifact_map(sim.size)
             self._job_views = {}
             self._agent_views = {}
+        if self.fleet_ranks:
+            self._count_uses(pending)
         jobs = [self._job_view(sim, j) for j in pending]
         views = [self._agent_view(sim, a, now) for a in agents]
         artifacts = self._artifacts
         started = time.thread_time()
-        bindings = plan_bindings(jobs, views, artifacts, now=now, settings=self.settings)
+        plan = plan_placement(jobs, views, artifacts, now=now, settings=self.settings)
         self.core_cpu_s += time.thread_time() - started
         self.core_calls += 1
+        self.jobs_examined += plan.jobs_examined
         by_id = {str(j.job_id): j for j in pending}
-        return [(by_id[b.job_key], by_name[b.agent]) for b in bindings]
+        return [(by_id[b.job_key], by_name[b.agent]) for b in plan.bindings]
+
+    def _count_uses(self, pending: Sequence[JobRecord]) -> None:
+        """The operator's fleet-wide rank of each artifact: one use per job, at its creation."""
+        half_life = adapter.DEFAULT_HALF_LIFE_S
+        for job in pending:
+            if job.job_id in self._counted:
+                continue
+            self._counted.add(job.job_id)
+            for key in job.request.artifacts:
+                self._ranks[key] = adapter.add_use(self._ranks.get(key), job.request.submit_s, half_life_s=half_life)
+
+    def rank_hint(self, key: str) -> float | None:
+        """What an agent fetching `key` is told about its use across the fleet."""
+        return self._ranks.get(key) if self.fleet_ranks else None
 
     def _job_view(self, sim: Simulator, job: JobRecord) -> adapter.JobView:
         cached = self._job_views.get(job.job_id)
@@ -185,7 +217,7 @@ class StokerPolicy:
     def _agent_view(self, sim: Simulator, agent: AgentState, now: float) -> adapter.AgentView:
         cached = self._agent_views.get(agent.name)
         if cached is None or cached[0] != agent.version:
-            view = adapter.agent_view(sim, agent, now)
+            view = adapter.agent_view(sim, agent, now, queue_slots=self.queue_slots, frequency_ranks=self.fleet_ranks)
             self._agent_views[agent.name] = (agent.version, view)
             return view
         return adapter.refresh_agent_view(sim, agent, cached[1], now)
@@ -196,6 +228,7 @@ class StokerPolicy:
             "core_calls": self.core_calls,
             "replica_cpu_s": self.replica_cpu_s,
             "replica_calls": self.replica_calls,
+            "jobs_examined": self.jobs_examined,
         }
 
     def tick(self, sim: Simulator, now: float) -> None:
@@ -211,6 +244,7 @@ POLICIES = (
     "least-conn",
     "random",
     "holder",
+    "stoker-lastused",
     "stoker",
     "stoker+replicas",
     "stoker+autoscale",
@@ -229,6 +263,8 @@ def make_policy(key: str, *, seed: int = 1, settings: PlacementSettings | None =
         return HolderElseLeastLoaded(seed=seed)
     if key == "stoker":
         return StokerPolicy(name="stoker", settings=settings)
+    if key == "stoker-lastused":
+        return StokerPolicy(name="stoker-lastused", settings=settings, fleet_ranks=False)
     if key == "stoker+replicas":
         return StokerPolicy(name="stoker+replicas", settings=settings, replicas=ReplicaMode(enabled=True))
     if key == "stoker+autoscale":

@@ -59,6 +59,11 @@ class Summary:
     """Scheduling CPU time per binding, whole pass (views + decision)."""
     core_us: float
     """CPU time of the placement core per binding (Stoker only; nan otherwise)."""
+    core_job_us: float
+    """CPU time of the placement core per examined job: bound, left waiting or
+    unplaceable (Stoker only; nan otherwise). Passes re-examine waiting jobs, so
+    there are more examined jobs than bindings."""
+    jobs_examined: int
     pass_p99_ms: float
     decisions: int
 
@@ -77,6 +82,8 @@ def summarize(result: SimResult, *, window_start_s: float = 0.0) -> Summary:
     finish_lat = [(j.finish_s if j.finish_s is not None else result.end_s) - j.request.submit_s for j in jobs]
     stats = result.policy_stats
     core_us = stats["core_cpu_s"] / max(1, result.decisions) * 1e6 if "core_cpu_s" in stats else math.nan
+    examined = int(stats.get("jobs_examined", 0))
+    core_job_us = stats["core_cpu_s"] / max(1, examined) * 1e6 if "core_cpu_s" in stats else math.nan
     return Summary(
         policy=result.policy,
         jobs=len(jobs),
@@ -96,6 +103,8 @@ def summarize(result: SimResult, *, window_start_s: float = 0.0) -> Summary:
         requeues=result.requeues,
         decision_us=result.decision_cpu_s / max(1, result.decisions) * 1e6,
         core_us=core_us,
+        core_job_us=core_job_us,
+        jobs_examined=examined,
         pass_p99_ms=percentile(result.pass_cpu_s, 99) * 1e3,
         decisions=result.decisions,
     )
@@ -116,8 +125,9 @@ _COLUMNS = (
     ("GPU gen/load", "{:>12}", lambda s, b, ref: f"{s.gpu_busy:.2f}/{s.gpu_loading:.2f}"),
     ("lost", "{:>4}", lambda s, b, ref: str(s.jobs_lost)),
     ("requeued", "{:>8}", lambda s, b, ref: str(s.requeues)),
-    ("us/decision", "{:>11}", lambda s, b, ref: f"{s.decision_us:.0f}"),
-    ("core us", "{:>7}", lambda s, b, ref: "-" if math.isnan(s.core_us) else f"{s.core_us:.0f}"),
+    ("us/binding", "{:>10}", lambda s, b, ref: f"{s.decision_us:.0f}"),
+    ("core us/binding", "{:>15}", lambda s, b, ref: "-" if math.isnan(s.core_us) else f"{s.core_us:.0f}"),
+    ("core us/job", "{:>11}", lambda s, b, ref: "-" if math.isnan(s.core_job_us) else f"{s.core_job_us:.0f}"),
 )
 
 
@@ -166,11 +176,16 @@ def bounds_line(bounds: Bounds, *, window: bool) -> str:
             f"pooled {bounds.pooled_capacity_bytes / 1e12:.1f} TB cache with optimal replacement "
             f"{bounds.window_pooled_bytes / 1e12:.2f} TB"
         )
+    refs = f"with LRU {bounds.pooled_lru_bytes / 1e12:.2f} TB"
+    if bounds.pooled_frequency_bytes:
+        refs += (
+            f", with the agents' frequency rule {bounds.pooled_frequency_bytes / 1e12:.2f} TB, optimal but losing "
+            f"each interrupted agent's share of every file {bounds.pooled_lossy_bytes / 1e12:.2f} TB"
+        )
     return (
         f"lower bounds (whole run): compulsory {bounds.compulsory_bytes / 1e12:.2f} TB, "
         f"pooled {bounds.pooled_capacity_bytes / 1e12:.1f} TB cache with optimal replacement "
-        f"{bounds.pooled_bytes / 1e12:.2f} TB (reference, not a bound: the same pooled cache "
-        f"with LRU {bounds.pooled_lru_bytes / 1e12:.2f} TB)"
+        f"{bounds.pooled_bytes / 1e12:.2f} TB (references, not bounds: the same pooled cache {refs})"
     )
 
 

@@ -1,4 +1,4 @@
-"""Disk cache accounting: LRU and LRU-2 eviction plans, budget, pins, holds, preloaded models."""
+"""Disk cache accounting: LRU and frequency-ranked eviction plans, budget, pins, holds, preloaded models."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from stoker.agent.disk_cache import (
     EVICTION_HISTORY,
+    add_use,
     CachedItem,
     DiskCacheState,
     InsufficientCache,
@@ -73,18 +74,16 @@ class TestPlanEviction:
         ),
         st.integers(0, 600),
         st.integers(-50, 200),
-        st.one_of(st.none(), st.floats(0, 2000, allow_nan=False)),
     )
     def test_a_plan_is_the_shortest_prefix_of_the_eviction_order_that_makes_room(
-        self, raw: list[tuple[int, float, bool, float | None]], need: int, free: int, probation: float | None
+        self, raw: list[tuple[int, float, bool, float | None]], need: int, free: int
     ) -> None:
-        items = [CachedItem(key=f"k{i}", size_bytes=size, last_used=used, pinned=pinned,
-                            previous_use=None if prev is None else min(prev, used))
-                 for i, (size, used, pinned, prev) in enumerate(raw)]
+        items = [CachedItem(key=f"k{i}", size_bytes=size, last_used=used, pinned=pinned, rank_s=rank)
+                 for i, (size, used, pinned, rank) in enumerate(raw)]
         by_key = {i.key: i for i in items}
         evictable = sum(i.size_bytes for i in items if not i.pinned)
         try:
-            victims = plan_eviction(items, need_bytes=need, free_bytes=free, probation_s=probation)
+            victims = plan_eviction(items, need_bytes=need, free_bytes=free)
         except InsufficientCache:
             assert free + evictable < need
             return
@@ -94,8 +93,8 @@ class TestPlanEviction:
             # minimal: without the last victim there would not have been room
             assert free + sum(by_key[v].size_bytes for v in victims[:-1]) < need
             survivors = [i for i in items if not i.pinned and i.key not in victims]
-            last_victim = max(eviction_rank(by_key[v], probation_s=probation) for v in victims)
-            assert all(eviction_rank(s, probation_s=probation) > last_victim for s in survivors)
+            last_victim = max(eviction_rank(by_key[v]) for v in victims)
+            assert all(eviction_rank(s) > last_victim for s in survivors)
         else:
             assert free >= need
 
@@ -109,9 +108,9 @@ def used_by_a_job(state: DiskCacheState, key: str, now: float) -> DiskCacheState
     return state.pin(key, now=now).unpin(key, now=now)
 
 
-class TestLru2:
+class TestFrequencyRank:
     def test_a_model_fetched_for_one_job_goes_before_one_in_steady_use(self) -> None:
-        state = DiskCacheState(budget_bytes=30, probation_s=600.0)
+        state = DiskCacheState(budget_bytes=30, half_life_s=600.0)
         state = used_by_a_job(cached(state, "steady", 10, 0.0), "steady", 0.0)
         state = used_by_a_job(state, "steady", 100.0)
         state = used_by_a_job(cached(state, "one-off", 10, 200.0), "one-off", 200.0)
@@ -119,56 +118,115 @@ class TestLru2:
         # plain LRU would evict "steady" (last used at 100 s)
         _, _, victims = state.reserve("d", 10, now=300.0)
         assert victims == ("one-off",)
-        _, _, lru_victims = dataclasses.replace(state, probation_s=None).reserve("d", 10, now=300.0)
+        _, _, lru_victims = dataclasses.replace(state, half_life_s=None).reserve("d", 10, now=300.0)
         assert lru_victims == ("steady",)
 
+    def test_more_uses_rank_later_and_equal_counts_rank_by_recency(self) -> None:
+        state = DiskCacheState(budget_bytes=40, half_life_s=3600.0)
+        state = cached(state, "thrice", 10, 0.0)
+        for t in (0.0, 10.0, 20.0):
+            state = used_by_a_job(state, "thrice", t)
+        state = cached(state, "twice", 10, 0.0)
+        for t in (30.0, 40.0):
+            state = used_by_a_job(state, "twice", t)
+        state = used_by_a_job(cached(state, "once-late", 10, 50.0), "once-late", 50.0)
+        state = used_by_a_job(cached(state, "once-early", 10, 45.0), "once-early", 45.0)
+        _, _, victims = state.reserve("x", 40, now=60.0)
+        assert victims == ("once-early", "once-late", "twice", "thrice")
+
     def test_a_model_that_stopped_being_used_still_ages_out(self) -> None:
-        state = DiskCacheState(budget_bytes=20, probation_s=600.0)
-        state = used_by_a_job(cached(state, "old", 10, 0.0), "old", 0.0)
-        state = used_by_a_job(state, "old", 10.0)  # second most recent use: 0 s
-        state = used_by_a_job(cached(state, "new", 10, 5000.0), "new", 5000.0)  # ranks as used at 4400 s
+        state = DiskCacheState(budget_bytes=20, half_life_s=600.0)
+        state = cached(state, "old", 10, 0.0)
+        for t in (0.0, 1.0, 2.0, 3.0):  # four uses: rank about 2 half-lives after 3 s
+            state = used_by_a_job(state, "old", t)
+        state = used_by_a_job(cached(state, "new", 10, 5000.0), "new", 5000.0)
         _, _, victims = state.reserve("x", 10, now=5001.0)
         assert victims == ("old",)
 
+    def test_the_rank_counts_n_uses_at_once_like_one_use_log2_n_half_lives_later(self) -> None:
+        rank = None
+        for _ in range(8):
+            rank = add_use(rank, 1000.0, half_life_s=60.0)
+        assert rank == pytest.approx(1000.0 + 3 * 60.0)
+        # far apart, the older use adds almost nothing, and huge clocks do not overflow
+        assert add_use(0.0, 1e9, half_life_s=60.0) == pytest.approx(1e9)
+        assert add_use(1e9, 0.0, half_life_s=60.0) == pytest.approx(1e9)
+
     def test_a_job_waiting_on_the_download_is_the_first_use_and_the_next_job_the_second(self) -> None:
-        state = DiskCacheState(budget_bytes=100)
+        state = DiskCacheState(budget_bytes=100, half_life_s=100.0)
         state, _, _ = state.pin("m", now=0.0).reserve("m", 10, now=0.0)
         state = state.commit("m", now=5.0)
-        assert (state.entries["m"].used, state.entries["m"].previous_use) == (True, None)
+        assert (state.entries["m"].used, state.entries["m"].previous_use, state.entries["m"].rank_s) == (True, None, 5.0)
         state = used_by_a_job(state.unpin("m", now=8.0), "m", 20.0)
         assert state.entries["m"].previous_use == 8.0 and state.entries["m"].last_used == 20.0
+        assert state.entries["m"].rank_s == pytest.approx(add_use(5.0, 20.0, half_life_s=100.0))
 
     def test_a_prefetched_model_is_unused_until_its_first_job(self) -> None:
         state = cached(DiskCacheState(budget_bytes=100), "m", 10, 0.0)
-        assert not state.entries["m"].used
+        assert not state.entries["m"].used and state.entries["m"].rank_s is None
         state = used_by_a_job(state, "m", 30.0)
-        assert (state.entries["m"].used, state.entries["m"].previous_use, state.entries["m"].last_used) == (True, None, 30.0)
+        entry = state.entries["m"]
+        assert (entry.used, entry.previous_use, entry.last_used, entry.rank_s) == (True, None, 30.0, 30.0)
 
     def test_a_lookup_refreshes_the_last_use_without_counting_a_new_use(self) -> None:
         state = used_by_a_job(cached(DiskCacheState(budget_bytes=100), "m", 10, 0.0), "m", 0.0)
         state = state.touch("m", now=50.0)
-        assert (state.entries["m"].previous_use, state.entries["m"].last_used) == (None, 50.0)
+        assert (state.entries["m"].previous_use, state.entries["m"].last_used, state.entries["m"].rank_s) == (None, 50.0, 0.0)
+        # ...but never leaves it ranked below that lookup
+        assert eviction_rank(state.items()[0])[0] == 50.0
 
-    def test_an_evicted_model_that_comes_back_keeps_its_earlier_use(self) -> None:
+    def test_an_evicted_model_that_comes_back_keeps_its_rank(self) -> None:
         state = used_by_a_job(cached(DiskCacheState(budget_bytes=10), "m", 10, 0.0), "m", 40.0)
         state, _, victims = state.reserve("other", 10, now=50.0)
         assert victims == ("m",) and state.evicted == {"m": 40.0}
         state = state.commit("other", now=50.0)
-        state, _, _ = state.reserve("m", 10, now=90.0)
+        state, _, _ = state.pin("m", now=90.0).reserve("m", 10, now=90.0)
         state = state.commit("m", now=95.0)
-        assert state.entries["m"].previous_use == 40.0
+        assert state.entries["m"].rank_s == pytest.approx(add_use(40.0, 95.0, half_life_s=state.half_life_s))
         assert "m" not in state.evicted and "other" in state.evicted
 
-    def test_the_eviction_history_is_bounded(self) -> None:
-        state = DiskCacheState(budget_bytes=1)
-        for i in range(EVICTION_HISTORY + 10):
-            state = cached(state, f"k{i}", 1, float(i))
-        assert len(state.evicted) == EVICTION_HISTORY
-        assert "k0" not in state.evicted and f"k{EVICTION_HISTORY + 8}" in state.evicted
+    def test_a_fleet_wide_rank_hint_protects_a_model_new_to_this_agent(self) -> None:
+        state = DiskCacheState(budget_bytes=20, half_life_s=600.0)
+        state = used_by_a_job(cached(state, "local", 10, 0.0), "local", 100.0)
+        state, _, _ = state.pin("moved", now=110.0).reserve("moved", 10, now=110.0)
+        # used by many jobs elsewhere: ranks like eight uses at 100 s
+        state = state.commit("moved", now=120.0, rank_hint_s=100.0 + 3 * 600.0).unpin("moved", now=130.0)
+        _, _, victims = state.reserve("x", 10, now=140.0)
+        assert victims == ("local",)
+        # a hint below the agent's own rank changes nothing; plain LRU ignores hints
+        low = cached(DiskCacheState(budget_bytes=20), "m", 10, 0.0).pin("m", now=0.0)
+        assert cached(low, "n", 10, 5.0).entries["n"].rank_s is None
+        state, _, _ = DiskCacheState(budget_bytes=20).pin("m", now=50.0).reserve("m", 10, now=50.0)
+        assert state.commit("m", now=60.0, rank_hint_s=1.0).entries["m"].rank_s == 60.0
+        lru, _, _ = DiskCacheState(budget_bytes=20, half_life_s=None).reserve("m", 10, now=50.0)
+        assert lru.commit("m", now=60.0, rank_hint_s=1e6).items()[0].rank_s is None
 
-    def test_a_negative_probation_is_refused(self) -> None:
-        with pytest.raises(ValueError, match="probation_s"):
-            DiskCacheState(budget_bytes=1, probation_s=-1.0)
+    def test_the_eviction_history_is_bounded_and_keeps_the_highest_ranks(self) -> None:
+        full = EVICTION_HISTORY + EVICTION_HISTORY // 4
+        state = DiskCacheState(budget_bytes=1, evicted={f"h{i}": float(i) for i in range(full)})
+        state = cached(state, "new", 1, 1e6)
+        assert len(state.evicted) == full  # trimmed only once a quarter more has piled up
+        state = cached(state, "newer", 1, 2e6)  # evicts "new": one too many
+        assert len(state.evicted) == EVICTION_HISTORY
+        assert "h0" not in state.evicted and f"h{full - 1}" in state.evicted and state.evicted["new"] == 1e6
+
+    def test_a_restart_without_saved_ranks_ranks_by_the_last_two_uses(self) -> None:
+        state = cached(DiskCacheState(budget_bytes=100, half_life_s=60.0), "m", 10, 30.0)
+        restored = state.with_history("m", previous_use=0.0, used=True)
+        assert restored.entries["m"].rank_s == pytest.approx(add_use(0.0, 30.0, half_life_s=60.0))
+        saved = state.with_history("m", previous_use=0.0, used=True, rank_s=500.0)
+        assert saved.entries["m"].rank_s == 500.0 and saved.snapshot().entries[0].rank_s == 500.0
+
+    def test_saved_ranks_of_evicted_models_are_restored_without_shadowing_cached_ones(self) -> None:
+        state = cached(DiskCacheState(budget_bytes=100), "here", 10, 0.0)
+        state = state.with_evicted_ranks({"gone": 500.0, "here": 9.0})
+        assert dict(state.evicted) == {"gone": 500.0}
+        state, _, _ = state.reserve("gone", 10, now=600.0)
+        assert state.commit("gone", now=610.0).entries["gone"].rank_s == 500.0
+
+    def test_a_non_positive_half_life_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="half_life_s"):
+            DiskCacheState(budget_bytes=1, half_life_s=0.0)
 
 
 class TestDiskCacheState:
@@ -318,7 +376,7 @@ class DiskCacheMachine(RuleBasedStateMachine):
             freed = sum(before.entries[v].size_bytes for v in victims[:-1])
             assert before.free_bytes + freed < size
             # every evicted entry ranks before every surviving unpinned entry
-            ranks = {i.key: eviction_rank(i, probation_s=before.probation_s) for i in before.items()}
+            ranks = {i.key: eviction_rank(i) for i in before.items()}
             last_victim = max(ranks[v] for v in victims)
             for survivor in after.items():
                 if not survivor.pinned:

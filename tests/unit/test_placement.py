@@ -21,6 +21,7 @@ from stoker.operator.placement import (
     Unplaceable,
     Waiting,
     effective_priority,
+    head_start_s,
     job_order_key,
     plan_bindings,
     plan_placement,
@@ -178,6 +179,125 @@ class TestWaitingForAHotAgent:
         assert only(plan_bindings([job("j", created_at=0)], agents, ARTIFACTS, now=61, settings=s)).agent == "cold"
 
 
+class TestQueueSlots:
+    def test_a_job_is_bound_into_a_queue_slot_of_a_busy_holder_with_the_wait_in_its_cost(self) -> None:
+        hot = agent("hot", slots=1, queue_slots=1, free_slots=1, running_remaining_s=(4.0,), vram=frozenset({"sdxl"}))
+        plan = plan_placement([job("j")], [hot, agent("cold")], ARTIFACTS, now=0)
+        b = only(plan.bindings)
+        assert (b.agent, b.cache_tier, b.wait_s, b.cost_s) == ("hot", Tier.VRAM, 4.0, 4.0)
+        assert plan.waiting == ()
+
+    def test_a_download_into_a_queue_slot_overlaps_the_running_job(self) -> None:
+        s = PlacementSettings(download_weight=1.0)
+        busy = agent("busy", slots=1, queue_slots=1, free_slots=1, running_remaining_s=(50.0,))
+        b = only(plan_bindings([job("j")], [busy], ARTIFACTS, now=0, settings=s))
+        # 32.5 s of download hide behind the 50 s wait; then 3.25 s from disk to GPU
+        assert b.cost_s == pytest.approx(50.0 + 6.5 * GB / 2e9)
+        assert b.wait_s == 50.0
+
+    def test_an_idle_agent_that_must_load_from_disk_beats_a_long_queue_on_a_hot_one(self) -> None:
+        hot = agent("hot", slots=1, queue_slots=2, free_slots=1, running_remaining_s=(10.0, 20.0), vram=frozenset({"sdxl"}))
+        idle = agent("idle", disk=frozenset({"sdxl"}))
+        b = only(plan_bindings([job("j")], [hot, idle], ARTIFACTS, now=0))
+        assert (b.agent, b.cache_tier) == ("idle", Tier.DISK)
+
+    def test_the_wait_for_a_generation_slot_counts_every_job_bound_ahead(self) -> None:
+        # one GPU, two jobs bound (finishing at 10 s and 20 s): a third starts at 20 s
+        hot = agent("hot", slots=1, queue_slots=2, free_slots=1, running_remaining_s=(10.0, 20.0), vram=frozenset({"sdxl"}))
+        assert only(plan_bindings([job("j")], [hot], ARTIFACTS, now=0)).wait_s == 20.0
+        # two GPUs: the first to free takes it
+        two = dataclasses.replace(hot, slots=2, queue_slots=1)
+        assert only(plan_bindings([job("j")], [two], ARTIFACTS, now=0)).wait_s == 10.0
+
+    def test_later_jobs_in_a_pass_queue_behind_earlier_ones_in_the_queue_slots(self) -> None:
+        hot = agent("hot", slots=1, queue_slots=2, free_slots=3, vram=frozenset({"sdxl"}))
+        plan = plan_placement([job(f"j{i}", created_at=i, expected_run_s=10.0) for i in range(3)], [hot], ARTIFACTS, now=5)
+        assert [b.wait_s for b in plan.bindings] == [0.0, 10.0, 20.0]
+
+
+def stream_until_bound(target: JobView, priorities: list[int], settings: PlacementSettings) -> int | None:
+    """One agent with two generation slots and "sd15" hot; every 10 s a job for "sd15" with
+    the next priority arrives; bound jobs run 15 s, pinning their models meanwhile. Returns
+    the pass at which `target` is bound (None: never)."""
+    running: list[tuple[float, JobView]] = []
+    vram: dict[str, None] = {"sd15": None}
+    pending = [target]
+    for n, priority in enumerate(priorities):
+        now = target.created_at + 10.0 * n
+        running = [(f, j) for f, j in running if f > now]
+        pending.append(job(f"hot{n}", model="sd15", priority=priority, created_at=now))
+        used = sum(ARTIFACTS[k].size_bytes for k in vram)
+        view = agent(
+            "a", slots=2, free_slots=2 - len(running), running_remaining_s=tuple(f - now for f, _ in running),
+            vram=frozenset(vram), vram_free_bytes=24 * GB - used, disk=frozenset({"sd15", "sdxl", "flux"}),
+            in_use=frozenset(k for _, j in running for k in j.artifact_keys),
+        )
+        plan = plan_placement(pending, [view], ARTIFACTS, now=now, settings=settings)
+        check_plan(plan, pending, [view], settings)
+        for b in plan.bindings:
+            bound = next(j for j in pending if j.key == b.job_key)
+            pending.remove(bound)
+            if bound is target:
+                return n
+            for victim in b.evicts:
+                vram.pop(victim, None)
+            vram.update(dict.fromkeys(bound.artifact_keys))
+            running.append((now + 15.0, bound))
+    return None
+
+
+class TestStarvation:
+    def test_a_long_pending_job_kept_off_by_pinned_models_reserves_the_agent_and_runs(self) -> None:
+        # "flux" fills the GPU: it needs "sd15" out of VRAM, which a running job always pins.
+        s = PlacementSettings()
+        n = stream_until_bound(job("big", model="flux", created_at=0), [0] * 60, s)
+        assert n is not None and n <= s.max_hot_wait_age_s / 10 + 3
+
+    def test_the_reserved_agent_takes_no_other_job_in_that_pass(self) -> None:
+        busy = agent("a", slots=2, free_slots=1, running_remaining_s=(5.0,), vram=frozenset({"sd15"}), vram_free_bytes=22 * GB,
+                     disk=frozenset({"sd15", "flux"}), in_use=frozenset({"sd15"}))
+        plan = plan_placement([job("big", model="flux", created_at=0), job("hot", model="sd15", created_at=990)], [busy],
+                              ARTIFACTS, now=1000)
+        assert plan.bindings == ()
+        (w,) = plan.waiting
+        assert (w.job_key, w.agent, w.reserved, w.wait_s) == ("big", "a", True, 5.0)
+
+    def test_a_young_job_kept_off_by_pins_reserves_nothing(self) -> None:
+        busy = agent("a", slots=2, free_slots=1, running_remaining_s=(5.0,), vram=frozenset({"sd15"}), vram_free_bytes=22 * GB,
+                     disk=frozenset({"sd15", "flux"}), in_use=frozenset({"sd15"}))
+        plan = plan_placement([job("big", model="flux", created_at=990), job("hot", model="sd15", created_at=995)], [busy],
+                              ARTIFACTS, now=1000)
+        assert [b.job_key for b in plan.bindings] == ["hot"]
+        assert [u.job_key for u in plan.unplaceable] == ["big"]
+
+    @settings(max_examples=15, deadline=None)
+    @given(
+        st.integers(-1000, 1000),
+        st.lists(st.integers(-1000, 1000), min_size=66, max_size=66),
+        st.sampled_from(["sdxl", "flux"]),
+    )
+    def test_any_job_is_bound_within_the_aging_bound_whatever_the_priorities(
+        self, priority: int, stream: list[int], model: str
+    ) -> None:
+        # A bounded head start: jobs created more than 2 * max_head_start_s later never go first.
+        s = PlacementSettings(max_head_start_s=300.0, max_hot_wait_age_s=120.0)
+        n = stream_until_bound(job("target", model=model, priority=priority, created_at=0), stream, s)
+        assert n is not None and n <= 2 * s.max_head_start_s / 10 + 4
+
+    def test_the_default_aging_bound_is_below_the_default_job_timeout(self) -> None:
+        s = PlacementSettings()
+        span = head_start_s(1000, settings=s) - head_start_s(-1000, settings=s)
+        assert span < 2 * s.max_head_start_s <= 3600
+        n = stream_until_bound(job("target", model="flux", priority=-1000, created_at=0), [1000] * 200, s)
+        assert n is not None and 10.0 * n <= span + s.max_hot_wait_age_s
+
+    def test_small_priorities_still_give_about_a_minute_per_step(self) -> None:
+        s = PlacementSettings()
+        assert head_start_s(1, settings=s) == pytest.approx(60.0, rel=0.1)
+        assert head_start_s(5, settings=s) == pytest.approx(300.0, rel=0.3)
+        assert head_start_s(10, settings=s) < head_start_s(100, settings=s) < head_start_s(1000, settings=s) < s.max_head_start_s
+
+
 class TestQueueOrder:
     def test_higher_priority_goes_first(self) -> None:
         jobs = [job("low", priority=0, created_at=0), job("high", priority=5, created_at=1)]
@@ -200,7 +320,7 @@ class TestQueueOrder:
     def test_a_cold_job_is_bound_within_a_bounded_number_of_passes_under_a_stream_of_hot_jobs(self) -> None:
         # One agent with "sd15" hot frees a slot every 10 s; every pass a new priority-5 job
         # for the hot model arrives. The priority-0 cold job overtakes once it has aged
-        # 5 / aging_per_s = 300 s, i.e. within ~31 passes.
+        # head_start_s(5) (about 5 / aging_per_s = 300 s), i.e. within ~31 passes.
         s = PlacementSettings()
         bound_at = None
         pending = [job("cold", model="sdxl", priority=0, created_at=0)]
@@ -260,18 +380,20 @@ def fleets(draw: st.DrawFn) -> list[AgentView]:
     out = []
     for i in range(n):
         slots = draw(st.integers(1, 3))
-        free = draw(st.integers(0, slots))
+        queue = draw(st.integers(0, 2))
+        free = draw(st.integers(0, slots + queue))
         vram_cap = draw(st.sampled_from([8, 24, 80])) * GB
         disk = draw(keysets)
         out.append(
             AgentView(
                 name=f"a{i}", node=f"n{i % 3}", zone=f"z{i % 2}",
                 ready=draw(st.booleans()), cordoned=draw(st.booleans()),
-                slots=slots, free_slots=free,
-                running_remaining_s=tuple(draw(st.floats(0, 100)) for _ in range(slots - free)),
+                slots=slots, queue_slots=queue, free_slots=free,
+                running_remaining_s=tuple(draw(st.floats(0, 100)) for _ in range(slots + queue - free)),
                 vram_capacity_bytes=vram_cap, vram_free_bytes=draw(st.integers(0, vram_cap)),
                 disk_capacity_bytes=50 * GB, disk_free_bytes=draw(st.integers(0, 50 * GB)),
                 vram=draw(keysets), ram=draw(keysets), disk=disk,
+                disk_rank_s={k: draw(st.floats(0, 1000)) for k in sorted(disk) if draw(st.booleans())},
                 held=draw(st.frozensets(st.sampled_from(sorted(disk)))) if disk else frozenset(),
                 held_hot=draw(keysets), in_use=draw(keysets),
             )
@@ -294,7 +416,8 @@ def queues(draw: st.DrawFn) -> list[JobView]:
     ]
 
 
-def check_plan(plan: PlacementPlan, jobs: list[JobView], agents: list[AgentView]) -> None:
+def check_plan(plan: PlacementPlan, jobs: list[JobView], agents: list[AgentView],
+               settings: PlacementSettings = PlacementSettings()) -> None:
     by_name = {a.name: a for a in agents}
     by_job = {j.key: j for j in jobs}
     decided = [b.job_key for b in plan.bindings] + [w.job_key for w in plan.waiting] + [u.job_key for u in plan.unplaceable]
@@ -312,12 +435,40 @@ def check_plan(plan: PlacementPlan, jobs: list[JobView], agents: list[AgentView]
         a = by_name[w.agent]
         assert a.ready and not a.cordoned and w.wait_s > 0
         assert w.agent not in by_job[w.job_key].failed_agents
+        if w.reserved:
+            # jobs are examined in queue order: none after the reserving one may take the agent
+            after = job_order_key(by_job[w.job_key], settings=settings)
+            assert not [b for b in plan.bindings if b.agent == w.agent and job_order_key(by_job[b.job_key], settings=settings) > after], \
+                "a reserved agent took a later job in the same pass"
+        else:
+            assert a.free_slots == 0 or any(b.agent == w.agent for b in plan.bindings) or any(
+                x.reserved and x.agent == w.agent for x in plan.waiting
+            ), "a job waits for an agent that still had a free slot"
 
 
 @settings(max_examples=80, deadline=None)
 @given(fleets(), queues(), st.floats(500, 2000))
 def test_plans_respect_readiness_slots_failures_and_bind_each_job_at_most_once(agents: list[AgentView], jobs: list[JobView], now: float) -> None:
     check_plan(plan_placement(jobs, agents, ARTIFACTS, now=now), jobs, agents)
+
+
+@settings(max_examples=80, deadline=None)
+@given(fleets(), queues(), st.sampled_from(["sd15", "sdxl"]), st.booleans(), st.booleans())
+def test_a_job_whose_model_is_hot_on_an_idle_agent_goes_to_an_agent_where_it_starts_at_once(
+    agents: list[AgentView], others: list[JobView], model: str, lora: bool, queue: bool
+) -> None:
+    target = JobView(key="target", model=model, loras=("lora-a",) if lora else (), priority=5, created_at=0.0)
+    hot = frozenset(target.artifact_keys)
+    idle = agent("idle", slots=1, queue_slots=2 if queue else 0, free_slots=3 if queue else 1, vram=hot,
+                 vram_free_bytes=0, disk=hot, disk_free_bytes=0)
+    fleet = [*agents, idle]
+    others = [dataclasses.replace(j, created_at=j.created_at + 1.0, priority=min(j.priority, 3)) for j in others]
+    plan = plan_placement([target, *others], fleet, ARTIFACTS, now=600.0)
+    check_plan(plan, [target, *others], fleet)
+    b = next(b for b in plan.bindings if b.job_key == "target")
+    chosen = next(a for a in fleet if a.name == b.agent)
+    assert (b.cost_s, b.wait_s, b.cache_tier) == (0.0, 0.0, Tier.VRAM)
+    assert hot <= chosen.vram
 
 
 @settings(max_examples=40, deadline=None)

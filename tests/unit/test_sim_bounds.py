@@ -106,3 +106,36 @@ def test_no_policy_downloads_less_than_the_pooled_bound(key: str) -> None:
     )
     result = engine.simulate(trace, fleet, lambda: policies.make_policy(key))
     assert 0 < b.compulsory_bytes <= b.pooled_bytes <= result.bytes_downloaded
+
+
+@given(
+    requests=st.lists(st.sampled_from("abcde"), min_size=1, max_size=12),
+    size_list=st.lists(st.integers(min_value=1, max_value=6), min_size=5, max_size=5),
+    capacity=st.integers(min_value=6, max_value=14),
+    losses=st.lists(st.tuples(st.integers(0, 12), st.sampled_from([0.25, 0.5, 1.0])), max_size=3),
+)
+@settings(max_examples=80, deadline=None)
+def test_interruption_losses_only_ever_add_misses_and_a_total_loss_empties_the_cache(
+    requests: list[str], size_list: list[int], capacity: int, losses: list[tuple[int, float]]
+) -> None:
+    sizes = dict(zip("abcde", size_list))
+    plain = bounds.pooled_optimal_bytes(requests, sizes, capacity_bytes=capacity)
+    lossy = bounds.pooled_optimal_bytes(requests, sizes, capacity_bytes=capacity, losses=losses)
+    assert plain <= lossy <= sum(sizes[k] for k in requests)
+    assert bounds.pooled_optimal_bytes(requests, sizes, capacity_bytes=capacity, losses=[]) == plain
+
+
+def test_a_total_loss_before_a_repeat_makes_it_miss_again() -> None:
+    sizes = {"a": 4}
+    assert bounds.pooled_optimal_bytes(["a", "a"], sizes, capacity_bytes=10) == 4
+    assert bounds.pooled_optimal_bytes(["a", "a"], sizes, capacity_bytes=10, losses=[(1, 1.0)]) == 8
+    assert bounds.pooled_optimal_bytes(["a", "a"], sizes, capacity_bytes=10, losses=[(1, 0.5)]) == 6
+
+
+def test_the_pooled_frequency_cache_keeps_the_model_in_steady_use_where_lru_drops_it() -> None:
+    sizes = {"steady": 5, "x": 5, "y": 5}
+    requests = ["steady", "steady", "steady", "x", "y", "steady"]
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert bounds.pooled_lru_bytes(requests, sizes, capacity_bytes=10) == 20
+    assert bounds.pooled_frequency_bytes(requests, times, sizes, capacity_bytes=10) == 15
+    assert bounds.pooled_frequency_bytes(requests, times, sizes, capacity_bytes=10, half_life_s=None) == 20

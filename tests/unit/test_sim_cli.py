@@ -26,6 +26,18 @@ def test_the_fleet_run_prints_every_policy_and_writes_small_plots(tmp_path: path
         assert png.stat().st_size < 200_000
     assert md.startswith("## Fleet simulation")
     assert "| least-conn+LRU |" in md
+    # every target gets a verdict, the decision time is given per binding and per examined job,
+    # and the byte figures are explained (with the extra run without interruptions)
+    assert md.count("(>= 3x: ") == 2 and "(<= 1.5x: " in md and "jobs lost (0: " in md
+    assert "Decision time at 1,000 agents" in md and "per examined job" in md
+    assert "Where `stoker`'s bytes go" in md and "without interruptions" in text
+    assert "1-minute load average" in md
+
+
+def test_a_target_verdict_says_by_how_much_it_is_missed() -> None:
+    assert cli._verdict(3.2, 3.0, at_least=True) == "met"
+    assert cli._verdict(2.5, 3.0, at_least=True) == "missed by 1.20x"
+    assert cli._verdict(1.8, 1.5, at_least=False) == "missed by 1.20x"
 
 
 def test_main_replays_a_csv_trace(tmp_path: pathlib.Path) -> None:
@@ -42,7 +54,8 @@ def test_the_scaling_mode_reports_a_row_per_grid_point() -> None:
     md = cli.run_scaling(budget_s=30.0, grid=((10, 10), (20, 50)), out=out)
     lines = [line for line in md.splitlines() if line.startswith("| 10 |") or line.startswith("| 20 |")]
     assert len(lines) == 2
-    assert "us/binding" in out.getvalue()
+    assert "us/binding" in out.getvalue() and "us/job" in out.getvalue()
+    assert "µs per examined job" in md
 
 
 def test_the_top_level_command_hands_every_flag_to_the_simulator(capsys) -> None:

@@ -17,23 +17,24 @@ def tiny() -> tuple:
 
 
 def test_the_simulator_uses_the_operators_and_agents_own_functions() -> None:
-    assert policies.plan_bindings is stoker.operator.placement.plan_bindings
+    assert policies.plan_placement is stoker.operator.placement.plan_placement
     assert adapter.plan_bindings is stoker.operator.placement.plan_bindings
+    assert adapter.add_use is stoker.operator.placement.add_use
     assert replica_driver.plan_replicas is stoker.operator.replicas.plan_replicas
     assert adapter.plan_eviction is stoker.agent.disk_cache.plan_eviction
     assert adapter.DiskCacheState is stoker.agent.disk_cache.DiskCacheState
 
 
-def test_the_stoker_policy_binds_exactly_what_plan_bindings_returns(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_stoker_policy_binds_exactly_what_plan_placement_returns(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     calls: list[tuple[str, ...]] = []
-    real = stoker.operator.placement.plan_bindings
+    real = stoker.operator.placement.plan_placement
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         out = real(*args, **kwargs)
-        calls.append(tuple(f"{b.job_key}->{b.agent}" for b in out))
+        calls.append(tuple(f"{b.job_key}->{b.agent}" for b in out.bindings))
         return out
 
-    monkeypatch.setattr(policies, "plan_bindings", spy)
+    monkeypatch.setattr(policies, "plan_placement", spy)
     trace, fleet = tiny()
     result = engine.simulate(trace, fleet, lambda: policies.make_policy("stoker"))
     planned = [pair for call in calls for pair in call]
@@ -75,6 +76,7 @@ def test_baselines_never_consult_the_placement_core(monkeypatch) -> None:  # typ
         raise AssertionError("a baseline called plan_bindings")
 
     monkeypatch.setattr(policies, "plan_bindings", boom)
+    monkeypatch.setattr(policies, "plan_placement", boom)
     trace, fleet = tiny()
     for key in ("least-conn", "random", "holder"):
         assert engine.simulate(trace, fleet, lambda: policies.make_policy(key)).jobs_lost == 0
@@ -90,3 +92,55 @@ def test_holder_routing_sends_a_job_to_the_agent_that_has_its_model() -> None:
     job = engine.JobRecord(request=trace.jobs[0])
     (bound_job, agent), = sim.policy.assign(sim, [job], 0.0)
     assert bound_job is job and agent is sim.agents[2]
+
+
+def test_stoker_agents_start_fetched_copies_from_the_operators_fleet_wide_rank(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    hints: dict[str, list[float | None]] = {"stoker": [], "least-conn": [], "stoker-lastused": []}
+    real = stoker.agent.disk_cache.DiskCacheState.commit
+    current: list[str] = []
+
+    def spy(self, key, *, now, size_bytes=None, rank_hint_s=None):  # type: ignore[no-untyped-def]
+        hints[current[0]].append(rank_hint_s)
+        return real(self, key, now=now, size_bytes=size_bytes, rank_hint_s=rank_hint_s)
+
+    monkeypatch.setattr(stoker.agent.disk_cache.DiskCacheState, "commit", spy)
+    trace, fleet = tiny()
+    for key in hints:
+        current[:] = [key]
+        engine.simulate(trace, fleet, lambda: policies.make_policy(key))
+    assert hints["stoker"] and all(h is not None for h in hints["stoker"])
+    assert hints["least-conn"] and all(h is None for h in hints["least-conn"])
+    assert hints["stoker-lastused"] and all(h is None for h in hints["stoker-lastused"])
+
+
+def test_the_fleet_rank_counts_every_job_once_with_placements_add_use() -> None:
+    trace, fleet = tiny()
+    sim = engine.Simulator(trace, fleet, policies.make_policy("stoker"))
+    policy = sim.policy
+    jobs = [engine.JobRecord(request=r) for r in trace.jobs[:5]]
+    policy._count_uses(jobs)
+    policy._count_uses(jobs)  # seen again in the next pass: not counted twice
+    expected: dict[str, float] = {}
+    for r in trace.jobs[:5]:
+        for key in r.artifacts:
+            expected[key] = stoker.operator.placement.add_use(expected.get(key), r.submit_s,
+                                                              half_life_s=adapter.DEFAULT_HALF_LIFE_S)
+    assert {k: policy.rank_hint(k) for k in expected} == expected
+
+
+def test_agent_views_show_one_gpu_with_queue_slots_and_the_agents_eviction_ranks() -> None:
+    trace, fleet = tiny()
+    sim = engine.Simulator(trace, fleet, policies.make_policy("stoker"))
+    for slot in range(fleet.n_agents):
+        sim._join(slot)
+    agent = sim.agents[0]
+    state, _, _ = agent.disk.pin("m0001", now=5.0).reserve("m0001", 10**9, now=5.0)
+    agent.disk = state.commit("m0001", now=8.0).unpin("m0001", now=20.0).pin("m0001", now=25.0).unpin("m0001", now=26.0)
+    view = adapter.agent_view(sim, agent, 30.0)
+    assert (view.slots, view.queue_slots, view.free_slots) == (1, fleet.slots - 1, fleet.slots)
+    two_uses = stoker.agent.disk_cache.add_use(8.0, 25.0, half_life_s=adapter.DEFAULT_HALF_LIFE_S)
+    assert view.disk_rank_s == {"m0001": two_uses}
+    lastused = adapter.agent_view(sim, agent, 30.0, frequency_ranks=False)
+    assert lastused.disk_rank_s == {"m0001": 26.0}
+    old = adapter.agent_view(sim, agent, 30.0, queue_slots=False)
+    assert (old.slots, old.queue_slots) == (fleet.slots, 0)
