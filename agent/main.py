@@ -15,13 +15,13 @@ import pydantic
 import torch
 
 from stoker import kube
-from stoker.agent import status_report
+from stoker.agent import credentials, status_report
 from stoker.agent.disk_store import DiskStore
-from stoker.agent.download import Downloader
+from stoker.agent.download import Downloader, quiet_http_client_logs
 from stoker.agent.job_metrics import JobMetrics
 from stoker.agent.jobs import JobSettings, JobWorker, model_source
 from stoker.agent.loader import Loader
-from stoker.agent.metrics import AgentMetrics
+from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
 from stoker.agent.orders import OrderFollower
 from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
 from stoker.agent.settings import AgentSettings, SettingsError, SizeBytes
@@ -54,6 +54,12 @@ class RunSettings(AgentSettings):
     """ComfyUI server URL (runner comfyui)."""
     comfyui_models_dir: pathlib.Path = pathlib.Path("/comfyui/models")
     """ComfyUI's models folder, managed by the agent (runner comfyui)."""
+    comfyui_link: Literal["symlink", "copy"] = "symlink"
+    """How model files enter ComfyUI's folder: symlink (ComfyUI must mount the cache volume at the agent's cache_dir path) or copy."""
+    comfyui_poll_interval_s: float = pydantic.Field(default=0.2, gt=0)
+    """How often the agent asks ComfyUI whether a prompt finished (runner comfyui)."""
+    comfyui_timeout_s: float = pydantic.Field(default=600.0, gt=0)
+    """A ComfyUI prompt not finished after this long is interrupted and the attempt fails, retryable (runner comfyui)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -69,7 +75,9 @@ def build_runner(settings: RunSettings, device: torch.device):  # type: ignore[n
     if settings.runner == "comfyui":
         from stoker.agent.runner.comfyui import ComfyUIRunner, ComfyUISettings
 
-        return ComfyUIRunner(ComfyUISettings(url=settings.comfyui_url, models_dir=settings.comfyui_models_dir))
+        return ComfyUIRunner(ComfyUISettings(
+            url=settings.comfyui_url, models_dir=settings.comfyui_models_dir, link=settings.comfyui_link,
+            poll_interval_s=settings.comfyui_poll_interval_s, timeout_s=settings.comfyui_timeout_s))
     from stoker.agent.runner.diffusers_runner import DiffusersRunner
 
     return DiffusersRunner(device=device)
@@ -102,7 +110,17 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
                       max_prefetches=settings.max_prefetches, verify_on_start=settings.verify_on_start)
     await store.start()
     loader = Loader()
+    loader.prepare(device)  # page-lock the pinned ring now, not inside the first job's load
     weights = Weights(loader=loader, device=device, vram_budget_bytes=vram_budget, ram_budget_bytes=settings.ram_budget_bytes)
+    # per-tier hits, misses, evictions and bytes, and the measured load rates the status reports
+    load_rates = LoadRates(metrics)
+    metered_weights = InstrumentedWeights(weights, metrics=metrics, rates=load_rates)
+    metrics.watch_tier("vram", weights.vram.snapshot)
+    if weights.ram is not None:
+        metrics.watch_tier("ram", weights.ram.snapshot)
+    weights.on_evict.append(lambda key: metrics.evictions.labels("vram").inc())
+    credentials.configure(credentials.CredentialResolver(
+        secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     runner = build_runner(settings, device)
 
     await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
@@ -110,9 +128,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
                                       zone=settings.zone or "", gpu_model=gpu_model, vram_bytes=vram_total)
     writer: StatusWriter
     worker = JobWorker(objects=objects, settings=JobSettings(
-        agent=name, namespace=settings.namespace, slots=settings.job_slots, results_dir=settings.results_dir,
+        agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
+        results_dir=settings.results_dir,
         model_not_found_grace_s=settings.model_not_found_grace_s),
-        store=store, weights=weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick())
+        store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick())
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
     orders = OrderFollower(objects=objects, name=name, store=store,
@@ -122,11 +141,14 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     def build():  # type: ignore[no-untyped-def]
         return status_report.build_status(
             identity=identity, disk=disk_view(store), ram=tier_view(weights.ram, 0), vram=tier_view(weights.vram, vram_budget),
-            slots=settings.job_slots, running=worker.running(), failures=list(worker.model_failures.values()),
-            bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0)),
+            slots=settings.job_slots, queue_slots=settings.queue_slots, running=worker.running(),
+            failures=list(worker.model_failures.values()),
+            bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
+                                 disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
             observed_generation=orders.observed_generation)
 
-    writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s)
+    writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
+                          on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
     lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
                         renew_s=settings.lease_renew_interval_s)
     await asyncio.to_thread(lease.renew_once)
@@ -138,6 +160,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     finally:
         await store.close()
         downloader.close()
+        weights.close()
         loader.close()
 
 
@@ -168,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stoker-agent: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_http_client_logs()
 
     async def runner() -> None:
         stop = asyncio.Event()

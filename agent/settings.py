@@ -79,7 +79,7 @@ class AgentSettings(BaseSettings):
     disk_budget_bytes: SizeBytes = 50 * GiB
     """Bytes of downloaded models the agent may keep (baked-in models do not count)."""
     verify_on_start: bool = False
-    """Re-hash every cached file at start (slow for large caches; sizes are always checked)."""
+    """Re-hash every cached file at start (slow for large caches; sizes and safetensors headers are always checked)."""
 
     # ---- downloads ----
     allow_http: bool = False
@@ -88,15 +88,21 @@ class AgentSettings(BaseSettings):
     """Only download from these hosts (`.example.com` allows a domain); any host if unset."""
     max_downloads: int = Field(default=2, ge=1, le=64)
     """Downloads running at once."""
-    max_prefetches: int = Field(default=1, ge=0, le=64)
-    """How many of those may be prefetches ordered by the operator (jobs go first)."""
+    max_prefetches: int = Field(default=1, ge=1, le=63)
+    """How many of those may be prefetches ordered by the operator; fewer than max_downloads, so a job never waits for a slot behind prefetches."""
     download_connect_timeout_s: float = Field(default=10.0, gt=0)
     download_read_timeout_s: float = Field(default=30.0, gt=0)
     download_max_attempts: int = Field(default=6, ge=1, le=100)
+    secrets_dir: pathlib.Path | None = pathlib.Path("/var/run/stoker/secrets")
+    """Folder of mounted Secrets holding model-source credentials, as `<secret>/<key>` files (the chart's agent.credentialSecrets)."""
+    api_secrets: Annotated[list[str] | None, NoDecode] = None
+    """Secrets the agent may also read through the API server when they are not mounted (the chart's agent.apiReadableSecrets)."""
 
     # ---- jobs and identity ----
     job_slots: int = Field(default=1, ge=1, le=64)
-    """Jobs this agent runs at once."""
+    """Generations this agent runs at once."""
+    queue_slots: int = Field(default=1, ge=0, le=64)
+    """Jobs accepted beyond job_slots: their models download and load while the running generations finish."""
     agent_name: str | None = None
     """Name of the CacheAgent; defaults to the pod name."""
     namespace: str = "default"
@@ -120,7 +126,7 @@ class AgentSettings(BaseSettings):
     metrics_enabled: bool = True
     log_level: str = "INFO"
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "api_secrets", mode="before")
     @classmethod
     def _hosts(cls, value: object) -> object:
         return _split_hosts(value)
@@ -152,8 +158,11 @@ class AgentSettings(BaseSettings):
                 f"lease_renew_interval_s ({self.lease_renew_interval_s}) must be shorter than "
                 f"lease_duration_s ({self.lease_duration_s}), or the Lease expires between renewals"
             )
-        if self.max_prefetches > self.max_downloads:
-            raise ValueError(f"max_prefetches ({self.max_prefetches}) cannot exceed max_downloads ({self.max_downloads})")
+        if self.max_prefetches >= self.max_downloads:
+            raise ValueError(
+                f"max_prefetches ({self.max_prefetches}) must be less than max_downloads ({self.max_downloads}), "
+                f"so a job's download never waits behind prefetches; raise max_downloads"
+            )
         return self
 
     def _check_cache_dir(self) -> None:
@@ -196,7 +205,8 @@ class AgentSettings(BaseSettings):
             if kind is bool:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             elif kind is list:
-                parser.add_argument(flag, action="append", default=None, metavar="HOST", help=help_text + "; repeat or use commas")
+                metavar = "HOST" if "host" in name else "NAME"
+                parser.add_argument(flag, action="append", default=None, metavar=metavar, help=help_text + "; repeat or use commas")
             else:
                 parser.add_argument(flag, default=None, help=help_text)
         return parser
