@@ -7,20 +7,22 @@ job (pins), models held by operator orders (holds) and baked-in models
 when it actually makes enough room.
 
 The disk tier evicts by frequency with exponential decay (LRFU): an entry's rank is
-a time in seconds, `h * log2(sum of 2 ** (t / h))` over the times `t` of the jobs
-that used it, `h` being `half_life_s`. Used once, an entry ranks by that use, as in
-LRU; every further use moves it later, by `h` for a second use at the same time and
-by less for older ones, so `n` recent uses count like one use `h * log2(n)` later.
+the use-frequency rank of `stoker.userank` over the jobs that used it (seconds on the
+caller's clock; the agent's is Unix time), `h * log2(sum of 2 ** (t / h))` over the use
+times `t`, `h` being `half_life_s`. Used once, an entry ranks by that use, as in LRU;
+every further use moves it later, by `h` for a second use at the same time and by less
+for older ones, so `n` recent uses count like one use `h * log2(n)` later.
 The lowest rank goes first. A model fetched for one job (the long tail of a Zipf
 catalog) so goes before a model in steady use instead of pushing it out as LRU
 does, while a model that stopped being used still ages out: its uses lose half
 their weight every `h`. Ranking by use count regardless of size is what minimises
 bytes downloaded (GDSF with a cost proportional to size). Evicted keys keep their
 rank (a bounded history of the most valuable ones), so a model that comes back is
-not treated as new. The rank needs no clock: decay is relative, so comparing ranks
-compares decayed counts at any time. `half_life_s=None` gives plain LRU. In the
-fleet simulation this cuts re-downloads after eviction against LRU and LRU-2 (see
-BENCHMARKS.md), which is why the disk tier deviates from plain LRU.
+not treated as new; a download can also start from the operator's rank of the model
+over the whole fleet (`commit(rank_hint_s=)`). The rank needs no clock: decay is
+relative, so comparing ranks compares decayed counts at any time. `half_life_s=None`
+gives plain LRU. In the fleet simulation this cuts re-downloads after eviction against
+LRU and LRU-2 (see BENCHMARKS.md), which is why the disk tier deviates from plain LRU.
 
 `plan_eviction` is the shared policy; the RAM/VRAM tiers and the fleet simulator
 call it with their own items. `DiskCacheState` is an immutable value: every
@@ -30,10 +32,11 @@ operation returns a new state, and `now` is always an argument.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from stoker.userank import DEFAULT_HALF_LIFE_S, add_use
 
 __all__ = [
     "CacheEntry",
@@ -45,22 +48,12 @@ __all__ = [
     "KeyConflict",
     "NotCached",
     "Reservation",
-    "add_use",
     "eviction_rank",
     "plan_eviction",
 ]
 
-DEFAULT_HALF_LIFE_S = 7200.0
 EVICTION_HISTORY = 4096
 """Evicted keys whose rank is remembered (the highest ranks are kept)."""
-
-
-def add_use(rank_s: float | None, now: float, *, half_life_s: float) -> float:
-    """The rank after one more use at `now` (module docstring), computed without overflow."""
-    if rank_s is None:
-        return now
-    high, low = (rank_s, now) if rank_s >= now else (now, rank_s)
-    return high + half_life_s * math.log2(1.0 + 2.0 ** ((low - high) / half_life_s))
 
 
 class DiskCacheError(Exception):
@@ -219,6 +212,9 @@ class EntryView:
     in_use: int
     rank_s: float | None = None
     """Frequency rank (module docstring); what an agent saves to restore it after a restart."""
+    eviction_rank_s: float | None = None
+    """Where eviction puts it (`eviction_rank`, lowest first): what an agent reports and
+    placement reads; None for a preloaded entry, which is never evicted."""
 
     @property
     def pinned(self) -> bool:
@@ -495,6 +491,7 @@ class DiskCacheState:
         return shrunk._replace(**shrunk._without(victims)), victims
 
     def snapshot(self) -> CacheSnapshot:
+        order = {i.key: eviction_rank(i)[0] for i in self.items()}
         views = tuple(
             EntryView(
                 key=e.key,
@@ -504,6 +501,7 @@ class DiskCacheState:
                 held=e.preloaded or e.key in self.held,
                 in_use=self.pins.get(e.key, 0),
                 rank_s=e.rank_s,
+                eviction_rank_s=order.get(e.key),
             )
             for e in sorted(self.entries.values(), key=lambda e: (-e.last_used, e.key))
         )

@@ -11,12 +11,18 @@ Layout under the cache directory (names never come from user input)::
     models/<id>.<format>.part        download in progress (see `download.partial_paths`)
     models/<id>.<format>.part.json   the downloader's resume sidecar
     models/<id>.<format>.pending.json which model the partial file belongs to
-    index.json                       last two uses per model, so eviction order survives restarts
+    index.json                       use history per model (last uses, frequency rank) and the ranks
+                                     of evicted models, so eviction order survives restarts
 
 `<id>` is a hash of the model key ("namespace/name") and its source (URL without
 query, expected sha256), so a changed source gets a fresh file. Downloads are shared
 by model key: two ModelCaches with the same URL are two models (two files), which
 keeps one owner per file and lets each carry its own credentials and checks.
+
+A download may carry a rank hint, the model's use rank over the whole fleet (ModelCache
+`useRank`, see `stoker.userank`): the new copy starts from it, so a model in steady use
+elsewhere is not the first to go here. Waiters that join a download add their hints; the
+highest counts.
 
 A download runs as long as someone wants it: a job, or a prefetch for an order. When
 the order is released and no job waits for the model, `abandon` stops it; the partial
@@ -54,6 +60,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import pathlib
 import threading
@@ -170,6 +177,8 @@ class ModelView:
     in_use: int
     sha256: str | None
     path: pathlib.Path
+    rank_s: float | None = None
+    """Where eviction puts it (Unix seconds, lowest evicted first); None when preloaded."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,7 @@ class StoreSnapshot:
                     tier=TIER,
                     size_bytes=m.size_bytes,
                     last_used=_rfc3339(m.last_used),
+                    rank=None if m.rank_s is None else round(m.rank_s, 3),
                     preloaded=m.preloaded,
                     held=m.held,
                 )
@@ -278,6 +288,8 @@ class _Flight:
     task: asyncio.Task[pathlib.Path] | None = None
     job_waiters: int = 0
     """Jobs waiting for this download (a released prefetch without them is stopped)."""
+    rank_hint_s: float | None = None
+    """The highest fleet rank its waiters passed: the new copy starts from it."""
 
 
 class _PriorityGate:
@@ -407,8 +419,12 @@ class DiskStore:
 
     # ---- the main entry points -------------------------------------------
 
-    async def ensure(self, source: ModelSource, *, priority: Priority = Priority.JOB) -> pathlib.Path:
+    async def ensure(self, source: ModelSource, *, priority: Priority = Priority.JOB,
+                     rank_hint_s: float | None = None) -> pathlib.Path:
         """Path of the verified file for `source`, downloading it if needed.
+
+        `rank_hint_s` is the model's fleet-wide use rank (ModelCache `useRank`) when the
+        operator publishes one: a copy downloaded here starts its eviction rank from it.
 
         Concurrent calls for the same model share one download. Raises
         `DiskStoreError` with a `reason` (e.g. `ChecksumMismatch`,
@@ -443,6 +459,8 @@ class DiskStore:
             elif priority < flight.priority:
                 flight.priority = priority
                 await self._gate.reprioritize()
+            if rank_hint_s is not None and (flight.rank_hint_s is None or rank_hint_s > flight.rank_hint_s):
+                flight.rank_hint_s = rank_hint_s
             assert flight.task is not None
             flight.job_waiters += priority == Priority.JOB
             try:
@@ -457,11 +475,11 @@ class DiskStore:
                 flight.job_waiters -= priority == Priority.JOB
             # loop: the file could have been evicted before this waiter resumed
 
-    async def prefetch(self, source: ModelSource) -> pathlib.Path:
+    async def prefetch(self, source: ModelSource, *, rank_hint_s: float | None = None) -> pathlib.Path:
         """`ensure` behind job downloads in priority (for operator orders)."""
-        return await self.ensure(source, priority=Priority.PREFETCH)
+        return await self.ensure(source, priority=Priority.PREFETCH, rank_hint_s=rank_hint_s)
 
-    def start_prefetch(self, source: ModelSource) -> asyncio.Task[pathlib.Path]:
+    def start_prefetch(self, source: ModelSource, *, rank_hint_s: float | None = None) -> asyncio.Task[pathlib.Path]:
         """Prefetch in the background (an operator order); failures are logged, not lost.
 
         The returned task can be awaited or cancelled; cancelling it does not stop a
@@ -477,14 +495,15 @@ class DiskStore:
             elif exc is not None:
                 log.error("prefetch of %s failed", source.key, exc_info=exc)
 
-        task = asyncio.get_running_loop().create_task(self.prefetch(source), name=f"prefetch {source.key}")
+        task = asyncio.get_running_loop().create_task(self.prefetch(source, rank_hint_s=rank_hint_s),
+                                                      name=f"prefetch {source.key}")
         task.add_done_callback(report)
         return task
 
     @contextlib.asynccontextmanager
-    async def use(self, source: ModelSource) -> AsyncIterator[pathlib.Path]:
+    async def use(self, source: ModelSource, *, rank_hint_s: float | None = None) -> AsyncIterator[pathlib.Path]:
         """Ensure the file and pin it for the duration of the block (a job using it)."""
-        path = await self.ensure(source)
+        path = await self.ensure(source, rank_hint_s=rank_hint_s)
         self.pin(source.key)  # no await since ensure returned: nothing can evict it in between
         try:
             yield path
@@ -552,7 +571,7 @@ class DiskStore:
         return dropped
 
     def set_budget(self, budget_bytes: int) -> tuple[str, ...]:
-        """Change the byte budget; evicts LRU models to fit under a smaller one."""
+        """Change the byte budget; evicts the lowest-ranked models to fit under a smaller one."""
         self._state, victims = self._state.with_budget(budget_bytes)
         self._evict_files(victims)
         self._publish()
@@ -572,6 +591,7 @@ class DiskStore:
                 in_use=e.in_use,
                 sha256=self._files[e.key].sha256,
                 path=self._files[e.key].path,
+                rank_s=e.eviction_rank_s,
             )
             for e in snap.entries
         )
@@ -791,7 +811,8 @@ class DiskStore:
         if result.size_bytes > self._state.reservations[key].size_bytes:
             self._state, victims = self._state.resize_reservation(key, result.size_bytes, now=self._clock())
             self._evict_files(victims)
-        self._state = self._state.commit(key, now=self._clock(), size_bytes=result.size_bytes)
+        self._state = self._state.commit(key, now=self._clock(), size_bytes=result.size_bytes,
+                                         rank_hint_s=flight.rank_hint_s)
         self._files[key] = _FileInfo(
             key=key, path=dest, size_bytes=result.size_bytes, sha256=result.sha256, source_digest=source.digest
         )
@@ -809,7 +830,7 @@ class DiskStore:
         return dest
 
     def _reserve(self, key: str, size_bytes: int) -> None:
-        """Reserve (or resize the reservation of) `key`; evicts LRU files, then parked partials."""
+        """Reserve (or resize the reservation of) `key`; evicts the lowest-ranked files, then parked partials."""
         now = self._clock()
         while True:
             try:
@@ -859,7 +880,7 @@ class DiskStore:
             info = self._files.get(key)
             if info is not None:
                 self._delete_files(info)
-                log.info("evicted %s (%d bytes, least recently used)", key, info.size_bytes)
+                log.info("evicted %s (%d bytes, lowest use rank)", key, info.size_bytes)
             self._metrics.evictions.labels(TIER).inc()
         if victims:
             self._save_index()
@@ -880,11 +901,15 @@ class DiskStore:
 
     def _save_index(self) -> None:
         entries = [e for e in self._state.entries.values() if not e.preloaded]
+        # Version 2 added "rank" and "evicted"; a version 1 index (without them) still loads, and
+        # an older agent reading this one ignores them.
         index = {
-            "version": 1,
+            "version": 2,
             "last_used": {e.key: e.last_used for e in entries},
             "previous_use": {e.key: e.previous_use for e in entries if e.previous_use is not None},
             "used": sorted(e.key for e in entries if e.used),
+            "rank": {e.key: e.rank_s for e in entries if e.rank_s is not None},
+            "evicted": dict(self._state.evicted),
         }
         with contextlib.suppress(OSError):
             self._write_json(self.cache_dir / _INDEX, index)
@@ -912,10 +937,14 @@ class DiskStore:
 
         def times(name: str) -> dict[str, float]:
             raw = index.get(name)
-            return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))} if isinstance(raw, dict) else {}
+            if not isinstance(raw, dict):
+                return {}
+            return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
         result.last_used = times("last_used")
         result.previous_use = times("previous_use")
+        result.rank = times("rank")
+        result.evicted = times("evicted")
         used = index.get("used")
         result.used = {k for k in used if isinstance(k, str)} if isinstance(used, list) else set()
         names = {p.name for p in self.models_dir.iterdir()}
@@ -1038,9 +1067,10 @@ class DiskStore:
                 state, _, _ = state.reserve(info.key, info.size_bytes, now=now)
                 state = state.commit(info.key, now=found.last_used.get(info.key, 0.0))
                 state = state.with_history(info.key, previous_use=found.previous_use.get(info.key),
-                                           used=info.key in found.used)
+                                           used=info.key in found.used, rank_s=found.rank.get(info.key))
+        state = state.with_evicted_ranks(found.evicted)
         self._files = dict(found.files)
-        # a smaller budget than last time evicts the least recently used files
+        # a smaller budget than last time evicts the lowest-ranked files
         state, victims = state.with_budget(budget)
         for key in victims:
             self._delete_files(self._files[key])
@@ -1062,6 +1092,9 @@ class _ScanResult:
     last_used: dict[str, float] = field(default_factory=dict)
     previous_use: dict[str, float] = field(default_factory=dict)
     used: set[str] = field(default_factory=set)
+    rank: dict[str, float] = field(default_factory=dict)
+    evicted: dict[str, float] = field(default_factory=dict)
+    """Ranks of models evicted before the restart."""
     preloaded_count: int = 0
 
 

@@ -124,11 +124,18 @@ class _Tier:
 
     name = "tier"
 
-    def __init__(self, budget_bytes: int, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        clock: Clock = time.time,
+        on_evict: Callable[[str, LoadedModel], None] | None = None,
+    ) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self._clock = clock
+        self._on_evict = on_evict
         self._cond = threading.Condition()
         self._entries: dict[str, _Entry] = {}
         self._retired: list[_Entry] = []  # stale entries still in use
@@ -192,9 +199,15 @@ class _Tier:
         return True
 
     def _evicted(self, victims: list[tuple[str, _Entry]]) -> None:
-        """Called outside the lock with what eviction removed to make room (or ``evict``)."""
+        """Called outside the lock with what eviction removed to make room (or ``evict``);
+        hands each victim to ``on_evict(key, model)``."""
         for key, entry in victims:
             log.info("evicted %s (%d bytes) from the %s tier", key, entry.size_bytes, self.name)
+            if self._on_evict is not None:
+                try:
+                    self._on_evict(key, entry.model)
+                except Exception as err:  # best effort (a demotion, a metric): the disk copy remains
+                    log.warning("could not hand evicted %s on (%s); it is dropped from memory", key, err)
 
     def _went_stale(self, key: str, entry: _Entry) -> None:
         """Called outside the lock with an entry found to be read from a file since replaced.
@@ -323,8 +336,7 @@ class VramTier(_Tier):
         on_evict: Callable[[str, LoadedModel], None] | None = None,
         on_stale: Callable[[str, LoadedModel], None] | None = None,
     ) -> None:
-        super().__init__(budget_bytes, clock=clock)
-        self._on_evict = on_evict
+        super().__init__(budget_bytes, clock=clock, on_evict=on_evict)
         self._on_stale = on_stale
 
     @contextmanager
@@ -354,15 +366,6 @@ class VramTier(_Tier):
         """Admit a model loaded elsewhere, evicting least recently used ones to fit."""
         self._get_or_admit(key, size_bytes=model.size_bytes, produce=lambda: model, hold=False, identity=model.identity)
 
-    def _evicted(self, victims: list[tuple[str, _Entry]]) -> None:
-        super()._evicted(victims)
-        if self._on_evict is not None:
-            for key, entry in victims:
-                try:
-                    self._on_evict(key, entry.model)
-                except Exception as err:  # demotion is best effort: the disk copy remains
-                    log.warning("could not hand evicted %s on (%s); it is dropped from memory", key, err)
-
     def _went_stale(self, key: str, entry: _Entry) -> None:
         super()._went_stale(key, entry)
         if self._on_stale is not None:
@@ -375,13 +378,20 @@ class VramTier(_Tier):
 class RamTier(_Tier):
     """Page-locked host copies of models under a RAM byte budget, LRU.
 
-    On a machine without a GPU the copies are ordinary host memory.
+    On a machine without a GPU the copies are ordinary host memory. ``on_evict(key,
+    model)`` runs (outside the tier's lock) for every copy evicted.
     """
 
     name = "RAM"
 
-    def __init__(self, budget_bytes: int, *, clock: Clock = time.time) -> None:
-        super().__init__(budget_bytes, clock=clock)
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        clock: Clock = time.time,
+        on_evict: Callable[[str, LoadedModel], None] | None = None,
+    ) -> None:
+        super().__init__(budget_bytes, clock=clock, on_evict=on_evict)
         self._streams: dict[int, torch.cuda.Stream] = {}
 
     def put(self, key: str, model: LoadedModel) -> None:

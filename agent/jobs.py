@@ -365,7 +365,9 @@ class JobWorker:
         refs = [(spec.model, ArtifactKind.CHECKPOINT, 1.0)] + [(l.name, ArtifactKind.LORA, l.weight) for l in spec.loras]
         if spec.vae:
             refs.append((spec.vae, ArtifactKind.VAE, 1.0))
-        sources = [await self._resolve(name, kind) for name, kind, _ in refs]
+        resolved = [await self._resolve(name, kind) for name, kind, _ in refs]
+        sources = [source for source, _ in resolved]
+        rank_hints = {source.key: rank for source, rank in resolved}
         work.model = sources[0].key
         uses_weights = getattr(self.runner, "uses_loaded_weights", True)
         was_cached = self.store.is_cached(sources[0].key)
@@ -373,7 +375,7 @@ class JobWorker:
         pins: list[str] = []
         try:
             t0 = time.perf_counter()
-            paths = await self._fetch_all(sources, pins)
+            paths = await self._fetch_all(sources, pins, rank_hints)
             work.timings["downloadSeconds"] = round(time.perf_counter() - t0, 3)
             hit = self.weights.tier_of(sources[0].key, paths[0]) if was_cached and uses_weights else (
                 "disk" if was_cached else "miss")
@@ -491,8 +493,9 @@ class JobWorker:
 
     # ---- models
 
-    async def _resolve(self, name: str, kind: ArtifactKind) -> ModelSource:
-        """The ModelCache `name` as a download source; waits a short grace for it to appear."""
+    async def _resolve(self, name: str, kind: ArtifactKind) -> tuple[ModelSource, float | None]:
+        """The ModelCache `name` as a download source, with its fleet-wide use rank (status.useRank,
+        the rank a copy downloaded here starts from); waits a short grace for it to appear."""
         deadline = time.monotonic() + self.settings.model_not_found_grace_s
         waiting_logged = False
         while True:
@@ -514,11 +517,12 @@ class JobWorker:
         if str(mc.spec.kind) != str(kind):
             raise JobFailed("InvalidModelKind", f"ModelCache {name} is a {mc.spec.kind}, but the job uses it as a {kind}",
                             retryable=False)
-        return await asyncio.to_thread(model_source, self.objects, mc)
+        return await asyncio.to_thread(model_source, self.objects, mc), use_rank(mc)
 
-    async def _fetch_all(self, sources: list[ModelSource], pins: list[str]) -> list[pathlib.Path]:
+    async def _fetch_all(self, sources: list[ModelSource], pins: list[str],
+                         rank_hints: dict[str, float | None]) -> list[pathlib.Path]:
         """Every file on disk, each pinned the moment its fetch returns (a later download cannot evict it)."""
-        tasks = [asyncio.create_task(self._fetch(s, pins)) for s in sources]
+        tasks = [asyncio.create_task(self._fetch(s, pins, rank_hints.get(s.key))) for s in sources]
         try:
             return list(await asyncio.gather(*tasks))
         finally:
@@ -526,9 +530,9 @@ class JobWorker:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _fetch(self, source: ModelSource, pins: list[str]) -> pathlib.Path:
+    async def _fetch(self, source: ModelSource, pins: list[str], rank_hint_s: float | None) -> pathlib.Path:
         try:
-            path = await self.store.ensure(source, priority=Priority.JOB)
+            path = await self.store.ensure(source, priority=Priority.JOB, rank_hint_s=rank_hint_s)
         except DiskStoreError as exc:
             if not exc.retryable:
                 self.model_failures[source.key] = ModelFailure(
@@ -732,6 +736,11 @@ def _as_job_failure(exc: Exception) -> Exception:
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
         return JobFailed("InsufficientVRAM", str(exc), retryable=True)
     return exc
+
+
+def use_rank(mc: ModelCache) -> float | None:
+    """The model's fleet-wide use rank as the operator published it (None before it does)."""
+    return mc.status.use_rank if mc.status is not None else None
 
 
 def model_source(objects: kube.Objects, mc: ModelCache, *, resolver: Any = None) -> ModelSource:

@@ -119,6 +119,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     if weights.ram is not None:
         metrics.watch_tier("ram", weights.ram.snapshot)
     weights.on_evict.append(lambda key: metrics.evictions.labels("vram").inc())
+    weights.on_ram_evict.append(lambda key: metrics.evictions.labels("ram").inc())
     credentials.configure(credentials.CredentialResolver(
         secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     runner = build_runner(settings, device)
@@ -169,7 +170,8 @@ def disk_view(store: DiskStore) -> status_report.DiskView:
     return status_report.DiskView(
         budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, reserved_bytes=snap.reserved_bytes,
         entries=tuple(status_report.DiskEntryView(key=m.key, size_bytes=m.size_bytes, last_used=m.last_used,
-                                                  preloaded=m.preloaded, held=m.held) for m in snap.models),
+                                                  preloaded=m.preloaded, held=m.held, rank_s=m.rank_s)
+                      for m in snap.models),
         downloads=tuple(status_report.DownloadView(key=d.key, bytes_done=d.bytes_done, total_bytes=d.total_bytes)
                         for d in snap.downloads))
 

@@ -7,7 +7,9 @@ for it (the partial file is kept for a resume).
 
 A held model that is not on disk is fetched again until it is: a failed prefetch is
 retried with exponential backoff and jitter (bounded by `retry_max_s`), so a source
-that was down, or a Secret created late, heals without a new order.
+that was down, or a Secret created late, heals without a new order. A prefetched copy
+starts from the model's fleet-wide use rank (ModelCache status.useRank), as a job's
+download does, so a replica of a model in steady use is ranked by that use.
 """
 
 from __future__ import annotations
@@ -133,8 +135,10 @@ class OrderFollower:
         failure: ModelFailure | None = None
         try:
             obj = await asyncio.to_thread(self.objects.get, "ModelCache", name)
-            source = await asyncio.to_thread(self.resolve, ModelCache.model_validate(obj))
-            await self.store.prefetch(source)
+            mc = ModelCache.model_validate(obj)
+            source = await asyncio.to_thread(self.resolve, mc)
+            # The copy starts from the model's fleet-wide rank, as a job's download does.
+            await self.store.prefetch(source, rank_hint_s=mc.status.use_rank if mc.status is not None else None)
             log.info("order: %s is on disk", key)
         except asyncio.CancelledError:
             raise

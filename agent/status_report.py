@@ -44,6 +44,8 @@ class DiskEntryView:
     last_used: float
     preloaded: bool
     held: bool
+    rank_s: float | None = None
+    """The disk tier's eviction rank (Unix seconds, lowest evicted first); None when never evicted."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,11 @@ def _name(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
+def _rank(rank_s: float | None) -> float | None:
+    # Milliseconds are plenty on a 2 h half-life, and rounding keeps the report stable.
+    return None if rank_s is None else round(rank_s, 3)
+
+
 def _time(ts: float) -> str | None:
     if ts <= 0:
         return None
@@ -76,19 +83,21 @@ def _time(ts: float) -> str | None:
 def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
                  observed_generation: int | None, queue_slots: int = 0) -> CacheAgentStatus:
-    """The agent's report: each model once, at its fastest tier, LRU timestamps merged.
+    """The agent's report: each model once, at its fastest tier, LRU timestamps merged, with
+    the disk tier's eviction rank (`models[].rank`, read by placement).
 
     `queue_slots` jobs may be bound beyond the `slots` that generate at once."""
     models: dict[str, CachedModel] = {}
     last_used: dict[str, float] = {}
     for e in disk.entries:
         models[e.key] = CachedModel(name=_name(e.key), tier="disk", size_bytes=e.size_bytes,
-                                    preloaded=e.preloaded, held=e.held)
+                                    rank=_rank(e.rank_s), preloaded=e.preloaded, held=e.held)
         last_used[e.key] = e.last_used
     for tier_name, tier in (("ram", ram), ("vram", vram)):
         for t in tier.entries:
             base = models.get(t.key)
             models[t.key] = CachedModel(name=_name(t.key), tier=tier_name, size_bytes=base.size_bytes if base else t.size_bytes,
+                                        rank=base.rank if base else None,
                                         preloaded=base.preloaded if base else False, held=base.held if base else False)
             last_used[t.key] = max(last_used.get(t.key, 0.0), t.last_used)
     listed = [m.model_copy(update={"last_used": _time(last_used[k])}) for k, m in sorted(models.items())]

@@ -45,10 +45,12 @@ class Weights:
         self.loader = loader
         self.device = device
         wants_ram = device.type == "cuda" if ram_tier is None else ram_tier
-        self.ram = RamTier(ram_budget_bytes) if wants_ram and ram_budget_bytes > 0 else None
+        self.ram = RamTier(ram_budget_bytes, on_evict=self._ram_evicted) if wants_ram and ram_budget_bytes > 0 else None
         self.vram = VramTier(vram_budget_bytes, on_evict=self._demote, on_stale=self._forget)
         self.on_evict: list[Callable[[str], None]] = []
         """Called with the key of every model leaving VRAM (runners drop modules built on it)."""
+        self.on_ram_evict: list[Callable[[str], None]] = []
+        """Called with the key of every host copy evicted from the RAM tier."""
         self._lock = threading.RLock()  # re-entered when a finished future's callback runs at once
         self._deferred: dict[str, str] = {}  # key -> path: re-read into RAM once the current load is done
         self._dropping: set[str] = set()  # keys being dropped: leaving VRAM, but not for RAM
@@ -152,6 +154,10 @@ class Weights:
             stage_loader.close()
 
     # -- leaving VRAM
+
+    def _ram_evicted(self, key: str, _model: LoadedModel) -> None:
+        for callback in self.on_ram_evict:
+            callback(key)
 
     def _forget(self, key: str, _model: LoadedModel) -> None:
         for callback in self.on_evict:

@@ -1,6 +1,6 @@
 """Placement decision time as the fleet and the queue grow.
 
-    python -m bench.decision_bench [--quick]
+    .venv/bin/python bench/decision_bench.py [--quick]
 
 Builds synthetic fleets (Zipf-popular models over SD 1.5 / SDXL sizes, LoRAs, each
 agent with a warm disk and a few hot models, some held replica copies) and times
@@ -23,10 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
 import random
 import statistics
 import sys
 import time
+
+if not __package__:  # run as a file: make `bench` importable, behind the standard library
+    sys.path.append(str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import report
 from stoker.operator.placement import (
@@ -187,7 +191,7 @@ def run(quick: bool) -> str:
         print(f"plan_replicas: agents={n_agents:>6} models={len(targets)} {t * 1e3:9.1f} ms", flush=True)
 
     md = [
-        "## Placement decisions (`python -m bench.decision_bench`)",
+        "## Placement decisions (`.venv/bin/python bench/decision_bench.py`)",
         "",
         f"Machine: {report.describe_machine()}. Synthetic fleet: 1,000 Zipf-popular models (2-6.5 GB) and 200 LoRAs,",
         "each agent with 12 models on a 50 GB disk, 2 hot in 24 GB VRAM, 3 held; 30 % of jobs use a LoRA.",

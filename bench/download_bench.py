@@ -1,6 +1,6 @@
 """Download throughput of the agent's downloader against plain curl, in one run.
 
-    python -m bench.download_bench --size-gb 2
+    .venv/bin/python bench/download_bench.py --size-gb 2
 
 A model file server (the test server, using sendfile) runs in a separate process
 on 127.0.0.1, so this process's CPU time is the downloader's alone. Each round
@@ -22,6 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+if not __package__:  # run as a file: make `bench` importable, behind the standard library
+    sys.path.append(str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.report import describe_machine, write_section
 from stoker.agent.download import DownloadPolicy, DownloadRequest, Downloader
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     md = (
         f"## Model download over loopback\n\n"
-        f"Command: `python -m bench.download_bench --size-gb {args.size_gb:g}` "
+        f"Command: `.venv/bin/python bench/download_bench.py --size-gb {args.size_gb:g}` "
         f"({gb:.2f} GB file, {args.rounds} alternating rounds, server in its own process using sendfile).\n"
         f"Machine: {describe_machine()}.\n\n{table}\n\n"
         f"Agent / curl throughput: **{agent_rate / curl_rate:.2f}** "

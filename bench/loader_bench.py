@@ -649,7 +649,7 @@ def render(
     lines = [
         "## Loader",
         "",
-        f"Command: `python -m bench.loader_bench {' '.join(argv)}`",
+        f"Command: `.venv/bin/python bench/loader_bench.py {' '.join(argv)}`",
         "",
         f"- Machine: {machine}",
         f"- File: {size / GB:.2f} GB of data in {len(header.tensors)} fp16 tensors on {disk}",

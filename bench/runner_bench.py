@@ -1,7 +1,7 @@
 """Runner benchmark: time per image of the built-in diffusers runner.
 
-    python -m bench.runner_bench                 # tiny SD 1.5 / SDXL checkpoints on the CPU
-    python -m bench.runner_bench --real-size     # adds a real-size SD 1.5 architecture on CUDA
+    .venv/bin/python bench/runner_bench.py              # tiny SD 1.5 / SDXL checkpoints on the CPU
+    .venv/bin/python bench/runner_bench.py --real-size  # adds a real-size SD 1.5 architecture on CUDA
 
 The tiny models are the test checkpoints (random weights, real architecture). The real-size
 run builds SD 1.5's full architecture (UNet 860M, CLIP ViT-L, VAE) with random fp16 weights
@@ -13,11 +13,16 @@ warm-up, written to BENCHMARKS.md (section "runner").
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
+
+if not __package__:  # run as a file: make `bench` importable, behind the standard library
+    sys.path.append(str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import report
 from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact
@@ -114,7 +119,7 @@ def main() -> None:
             rows += bench_real_size(repeats=args.repeats)
         else:
             rows.append("| SD 1.5 architecture (real size) | no CUDA device on this machine | | | not run | |")
-    command = "python -m bench.runner_bench" + (" --real-size" if args.real_size else "")
+    command = ".venv/bin/python bench/runner_bench.py" + (" --real-size" if args.real_size else "")
     markdown = "\n".join([
         "## Runner: time per image (built-in diffusers runner)",
         "",

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stoker import __version__
+from stoker.operator.placement import PlacementSettings
 
 log = logging.getLogger("stoker.operator")
 
@@ -48,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leader-lease-duration-s", type=float, default=15.0,
                    help="a standby takes over after seeing no leader renewal for this long")
     p.add_argument("--download-weight", type=float,
-                   default=os.environ.get("STOKER_DOWNLOAD_WEIGHT") or "3.0",
+                   default=os.environ.get("STOKER_DOWNLOAD_WEIGHT") or str(PlacementSettings().download_weight),
                    help="placement cost of a second of downloading relative to a second of waiting; higher trades "
-                        "start latency for fewer bytes pulled from model sources (>= 1; env STOKER_DOWNLOAD_WEIGHT)")
+                        "start latency for fewer bytes pulled from model sources (>= 1, default %(default)s, the "
+                        "placement core's; env STOKER_DOWNLOAD_WEIGHT)")
     p.add_argument("--write-threads", type=int, default=16, help="concurrent API writes")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return p

@@ -46,9 +46,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from stoker.userank import DEFAULT_HALF_LIFE_S, add_use
+
 __all__ = [
     "AgentView",
-    "add_use",
     "ArtifactInfo",
     "Binding",
     "FleetIndex",
@@ -127,7 +128,7 @@ class AgentView:
     disk_rank_s: Mapping[str, float] = field(default_factory=dict)
     """The agent's eviction rank of its disk entries, in seconds on the caller's clock
     (lowest evicted first): the time of last use for an LRU agent, the frequency rank
-    for Stoker's agent. Placement expects the agent to evict in this order and values
+    (`stoker.userank`) for Stoker's agent, which reports it as CacheAgent `models[].rank`. Placement expects the agent to evict in this order and values
     an entry by its decayed use count, `2 ** ((rank - now) / victim_half_life_s)`.
     Entries without a rank count as unused and go first; with no ranks at all, victims
     are chosen by cost alone."""
@@ -225,8 +226,8 @@ class PlacementSettings:
     """Added per recent use of the victim (its decayed use count from `disk_rank_s`, up to
     `evict_use_cap`): a model in steady use costs more to lose than a one-off."""
     evict_use_cap: float = 8.0
-    victim_half_life_s: float = 7200.0
-    """Decay of a use when valuing victims by `AgentView.disk_rank_s`; match the agents'."""
+    victim_half_life_s: float = DEFAULT_HALF_LIFE_S
+    """Decay of a use when valuing victims by `AgentView.disk_rank_s`; the agents' own (`stoker.userank`)."""
     evict_duplicate_factor: float = 0.25
     """Disk victims another Ready agent also holds cost this share: losing a duplicate
     loses no model from the fleet, so duplicates are evicted first."""
@@ -1043,19 +1044,6 @@ class _Fleet:
 
 def _age_s(job: JobView, now: float) -> float:
     return max(0.0, now - job.created_at)
-
-
-def add_use(rank_s: float | None, now: float, *, half_life_s: float) -> float:
-    """A frequency rank after one more use at `now`: `h * log2(sum of 2 ** (t / h))` over
-    the use times, as Stoker's agents rank their disk entries (computed without overflow).
-
-    Placement uses it to follow the ranks in `AgentView.disk_rank_s` through a pass; the
-    operator can also keep one rank per artifact over every job it sees (the fleet-wide
-    use of a model) for agents to start a newly fetched copy from."""
-    if rank_s is None:
-        return now
-    high, low = (rank_s, now) if rank_s >= now else (now, rank_s)
-    return high + half_life_s * math.log2(1.0 + 2.0 ** ((low - high) / half_life_s))
 
 
 def _busy_times(view: AgentView, settings: PlacementSettings) -> list[float]:

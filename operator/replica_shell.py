@@ -2,9 +2,11 @@
 
 `apply_once()` builds the replica planner's inputs from observed state, calls
 `replicas.plan_replicas`, and writes only what changed: an agent's holds when its
-order list differs, a ModelCache's status when its content differs (demand alone is
-refreshed at most every `demand_refresh_s`, so a decaying rate does not turn into a
-write per pass).
+order list differs, a ModelCache's status when its content differs. The fields that
+move with every job (demand, lastUsed, the fleet use rank) are refreshed at most every
+`demand_refresh_s`, except that useRank is written at once when it moved by
+`userank.PUBLISH_MIN_CHANGE_S` or more (`is_status_write_due`): a busy model costs a
+status write every half minute, not one per job or per pass.
 
 Both writes carry resourceVersion preconditions. spec.holds is a compare-and-swap:
 when the CacheAgent changed since it was observed (usually the agent's own status
@@ -26,6 +28,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from stoker import userank
 from stoker.api import Condition, ConditionStatus
 from stoker.api.modelcache import ModelCacheStatus, ModelCopy
 from stoker.operator import metrics, replicas, sourcehealth
@@ -55,6 +58,31 @@ def _conditions_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
     def strip(cs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         return sorted((c.get("type"), c.get("status"), c.get("reason", ""), c.get("message", "")) for c in cs)
     return strip(a) == strip(b)
+
+
+VOLATILE_FIELDS = ("demandJobsPerMinute", "lastUsed", "useRank", "useRankCountedThrough")
+"""ModelCache status fields that move with every job (see `is_status_write_due`)."""
+
+
+def is_status_write_due(current: dict[str, Any], new: dict[str, Any], *, since_write_s: float, refresh_s: float,
+                        rank_min_change_s: float = userank.PUBLISH_MIN_CHANGE_S) -> bool:
+    """Whether the ModelCache status `current` (as on the server) needs rewriting as `new` (pure).
+
+    At once when a field other than the `VOLATILE_FIELDS` differs (copies, targets, conditions
+    apart from their timestamps) or useRank moved by `rank_min_change_s` or more; otherwise when
+    a volatile field differs and the last write is `refresh_s` old. `new` holds every field,
+    None for an absent one."""
+    for key, value in new.items():
+        if key == "conditions":
+            if not _conditions_equal(current.get("conditions", []), value):
+                return True
+        elif key not in VOLATILE_FIELDS and current.get(key) != value:
+            return True
+    if userank.is_publish_due(current.get("useRank"), new.get("useRank"), min_change_s=rank_min_change_s):
+        return True
+    changed = any(current.get(k) != new.get(k) for k in VOLATILE_FIELDS if k != "demandJobsPerMinute")
+    changed = changed or current.get("demandJobsPerMinute", 0.0) != new.get("demandJobsPerMinute", 0.0)
+    return changed and since_write_s >= refresh_s
 
 
 class ReplicaShell:
@@ -167,6 +195,7 @@ class ReplicaShell:
             elif any(d.name == model.name for d in status.downloads):
                 copies.append(ModelCopy(agent=a.name, tier="downloading", held=held).wire())
         last_used = self.state.last_used.get(model.key)
+        rank = self.state.use_rank(model.key)
         old = model.resource.status or ModelCacheStatus()
         old_conds = {c.type: c for c in old.conditions}
 
@@ -205,16 +234,16 @@ class ReplicaShell:
             "agents": copies,
             "demandJobsPerMinute": _round_rate(ms.demand_per_minute),
             "lastUsed": format_time(last_used) if last_used else None,
+            # A pair from one snapshot: the rank counts no job created after that time (see stoker.userank).
+            "useRank": round(rank.rank_s, 3) if rank is not None and rank.rank_s is not None else None,
+            "useRankCountedThrough": (format_time(rank.counted_through_s)
+                                      if rank is not None and rank.counted_through_s is not None else None),
             "conditions": conditions,
         }
-        current = old.wire()
-        same = all(current.get(k) == v for k, v in new.items() if k not in ("conditions", "demandJobsPerMinute"))
-        same = same and _conditions_equal(current.get("conditions", []), conditions)
-        demand_same = current.get("demandJobsPerMinute", 0.0) == new["demandJobsPerMinute"]
-        if same and (demand_same or now - self._status_written.get(model.key, 0.0) < self.demand_refresh_s):
+        if not is_status_write_due(old.wire(), new, since_write_s=now - self._status_written.get(model.key, -math.inf),
+                                   refresh_s=self.demand_refresh_s):
             return 0
-        if new["lastUsed"] is None:
-            del new["lastUsed"]
+        new = {k: v for k, v in new.items() if v is not None}
         key = f"mc:{model.key}"
         if not self.writer.may_act(key, model.resource_version):
             return 0

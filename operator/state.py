@@ -7,6 +7,12 @@ records. The conversions from those records to the pure cores' inputs
 (`placement.AgentView`/`JobView`, `jobstate.JobState`, `replicas.ModelTarget`) and
 back (status patches) live here too, so the cores never see a raw dict.
 
+Each model's fleet-wide use rank (`stoker.userank.FleetRank`, published as ModelCache
+`useRank`) counts every GenerationJob once, at its creation: a job is counted the first
+time its uid is seen, into the rank seeded from the model's published status the first
+time the model is seen (jobs seen before their model wait for it), so a restarted or
+newly elected operator never counts a job twice.
+
 Agent liveness follows the node-lifecycle controller: the operator notes, on its
 own monotonic clock, when it last saw each Lease's renewTime change, so clock skew
 between agent and operator hosts cannot make an agent look alive or dead.
@@ -28,11 +34,14 @@ import pydantic
 from stoker.api import CacheAgent, GenerationJob, ModelCache
 from stoker.api.generationjob import Attempt, AttemptFailure
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker import userank
 from stoker.operator import jobstate, placement, replicas, sourcehealth
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_SIZE_BYTES = 4 << 30
+EARLY_USES_PER_MODEL = 4096
+"""Creation times kept per model for jobs seen before their ModelCache (the newest are kept)."""
 
 
 class StateError(RuntimeError):
@@ -275,7 +284,8 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
     """Placement's view of an agent. Free slots come from the operator's own count of bound
     jobs (`bound`, including writes in flight) rather than the agent's debounced report;
     bindable slots are the generation slots plus the queue slots (jobs whose downloads and
-    loads overlap the running generations)."""
+    loads overlap the running generations). Disk ranks are the agent's own eviction ranks
+    (`models[].rank`); an agent that reports none gets victims chosen by cost alone."""
     res = agent.resource
     st = res.status
     holds = res.spec.holds
@@ -286,8 +296,11 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
                                    held=held, held_hot=held_hot)
     bindable = st.slots + st.queue_slots
     vram, ram, disk, preloaded = set(), set(), set(), set()
+    ranks: dict[str, float] = {}
     for m in st.models:
         disk.add(m.name)
+        if m.rank is not None and not m.preloaded:
+            ranks[m.name] = m.rank
         if m.tier == "vram":
             vram.add(m.name)
         elif m.tier == "ram":
@@ -308,7 +321,7 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
         vram_capacity_bytes=cap(st.vram), vram_free_bytes=free(st.vram),
         ram_capacity_bytes=cap(st.ram), ram_free_bytes=free(st.ram),
         disk_capacity_bytes=cap(st.disk), disk_free_bytes=free(st.disk),
-        vram=frozenset(vram), ram=frozenset(ram), disk=frozenset(disk),
+        vram=frozenset(vram), ram=frozenset(ram), disk=frozenset(disk), disk_rank_s=ranks,
         downloading={d.name: d.bytes_done for d in st.downloads},
         preloaded=frozenset(preloaded), held=held, held_hot=held_hot, in_use=frozenset(in_use),
         download_bps=st.bandwidth.download_bps or None, disk_to_gpu_bps=st.bandwidth.disk_to_gpu_bps or None,
@@ -424,6 +437,12 @@ class State:
         """"namespace/model" -> verdict, for sources that count as Failed (set by the reconciler)."""
         self.demand: dict[str, replicas.DemandCounter] = {}
         self.last_used: dict[str, float] = {}
+        self.use_ranks: dict[str, userank.FleetRank] = {}
+        """"namespace/model" -> fleet-wide use rank, for the models observed (module docstring)."""
+        self._rank_seeded_from: dict[str, str] = {}
+        """"namespace/model" -> uid of the ModelCache its rank was seeded from."""
+        self._early_uses: dict[str, list[float]] = {}
+        """"namespace/model" -> creation times of jobs seen before the model, to count once it is seen."""
         self.half_life_s = half_life_s
         self._seen_uids: set[str] = set()
         self.last_lease_event = -1e18
@@ -459,7 +478,37 @@ class State:
                     counter = self.demand.get(mk, replicas.DemandCounter())
                     self.demand[mk] = counter.observe(now=job.created_at, half_life_s=self.half_life_s)
                     self.last_used[mk] = max(self.last_used.get(mk, 0.0), job.created_at)
+                    self._count_use(mk, job.created_at)
         self.changed.set()
+
+    def _count_use(self, model_key: str, created_s: float) -> None:
+        """One job used the model (the caller holds the lock and counts each job once)."""
+        rank = self.use_ranks.get(model_key)
+        if rank is not None:
+            self.use_ranks[model_key] = rank.count(created_s)
+            return
+        # The model's published rank is not known yet: count the job when the model is seen.
+        early = self._early_uses.setdefault(model_key, [])
+        early.append(created_s)
+        if len(early) > EARLY_USES_PER_MODEL + EARLY_USES_PER_MODEL // 4:  # trimmed in batches
+            early.sort()
+            del early[:-EARLY_USES_PER_MODEL]
+
+    def _seed_use_rank(self, model: ObservedModel) -> None:
+        """Start the model's fleet rank from its published status, the first time this ModelCache
+        (by uid) is seen; later versions carry this process's own writes and change nothing."""
+        if self._rank_seeded_from.get(model.key) == model.uid:
+            return
+        st = model.resource.status
+        seed = userank.FleetRank.seeded(rank_s=st.use_rank if st else None,
+                                        counted_through_s=parse_time(st.use_rank_counted_through) if st else None)
+        self.use_ranks[model.key] = seed.count_all(self._early_uses.pop(model.key, ()))
+        self._rank_seeded_from[model.key] = model.uid
+
+    def use_rank(self, model_key: str) -> userank.FleetRank | None:
+        """The model's fleet-wide use rank as counted so far (None before its ModelCache was seen)."""
+        with self.lock:
+            return self.use_ranks.get(model_key)
 
     def delete_job(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata", {})
@@ -540,13 +589,19 @@ class State:
         self._delete_fleet(self.agents, body)
 
     def upsert_model(self, body: Mapping[str, Any]) -> None:
-        self._upsert_fleet(self.models, model_from_body, body)
+        self._upsert_fleet(self.models, model_from_body, body, on_stored=self._seed_use_rank)
 
     def delete_model(self, body: Mapping[str, Any]) -> None:
-        self._delete_fleet(self.models, body)
+        meta = body.get("metadata", {})
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        with self.lock:
+            self._delete_fleet(self.models, body)
+            # A ModelCache created again under this name starts from its own (empty) status.
+            self.use_ranks.pop(key, None)
+            self._rank_seeded_from.pop(key, None)
 
     def _upsert_fleet(self, table: dict[str, Any], parse: Callable[[Mapping[str, Any]], Any],
-                      body: Mapping[str, Any]) -> None:
+                      body: Mapping[str, Any], *, on_stored: Callable[[Any], None] | None = None) -> None:
         """Agents and models: keep the newest version seen; every change bumps the fleet version."""
         try:
             item = parse(body)
@@ -559,6 +614,8 @@ class State:
                 return
             table[item.key] = item
             self.fleet_version += 1
+            if on_stored is not None:
+                on_stored(item)
         self.changed.set()
 
     def _delete_fleet(self, table: dict[str, Any], body: Mapping[str, Any]) -> None:

@@ -63,6 +63,8 @@ class CachedModel(StokerModel):
     """Size of the file."""
     last_used: str | None = Field(default=None, max_length=64)
     """When a job last used it (RFC 3339)."""
+    rank: float | None = None
+    """Where the agent's disk eviction puts the model, as a time in seconds since the Unix epoch; the lowest rank is evicted first. One use ranks at its time, every further use moves the rank later (2 hours for a second use at the same time, less for older ones), and a download starts from the model's useRank in its ModelCache status. Absent for preloaded models, which are never evicted."""
     preloaded: bool = False
     """Baked into the container image: free, never evicted."""
     held: bool = False

@@ -143,6 +143,10 @@ class ModelCacheStatus(StokerModel):
     """Recent demand, an exponentially weighted rate of jobs per minute."""
     last_used: str | None = None
     """When a job last used the model (RFC 3339)."""
+    use_rank: float | None = None
+    """How much the model is used across the fleet, as a time in seconds since the Unix epoch: one job ranks at its creation time, n jobs created together about 2h * log2(n) later, and every job's weight halves every 2 hours, so a higher rank means more, and more recent, use. Counted over every GenerationJob that names the model (as checkpoint, LoRA or VAE), and rewritten once it moved by a minute or more. An agent that downloads the model starts its copy's eviction rank from this value, so a model in steady use elsewhere is not evicted as a one-off."""
+    use_rank_counted_through: str | None = Field(default=None, max_length=64)
+    """Creation time of the newest GenerationJob counted in useRank (RFC 3339). A restarted operator starts from useRank and counts only jobs created after this time, so no job is counted twice."""
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
     """Ready (replica targets met), Available (at least one copy exists), Failed (the source is bad)."""
 

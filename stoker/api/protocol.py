@@ -16,6 +16,14 @@ Field ownership (one writer per field):
 - CacheAgent status, except conditions: the agent. status.conditions (Ready): the
   operator, from the agent's Lease.
 - ModelCache status: the operator.
+- Use ranks (`stoker.userank`; seconds on the Unix clock, higher = used more and more
+  recently, 2 h half-life). ModelCache status.useRank and useRankCountedThrough: the
+  operator, counting every GenerationJob once at its creation (a restarted operator
+  counts only jobs created after useRankCountedThrough); rewritten when useRank moved by
+  PUBLISH_MIN_CHANGE_S or with the status's other fields. The agents only read useRank:
+  one that downloads the model starts its copy's rank from it. CacheAgent
+  status.models[].rank: the agent, its own disk eviction rank of each model (lowest
+  evicted first); the operator reads it for placement (AgentView.disk_rank_s).
 - Lease `<cacheagent name>` (coordination.k8s.io/v1) in the agent's namespace:
   the agent renews it every LEASE_RENEW_S; the operator marks the agent NotReady when
   renewTime is older than leaseDurationSeconds.

@@ -1,9 +1,10 @@
 """The one place where the simulator meets the real decision code.
 
-The engine and policies call the agent's eviction and cache accounting and the
-operator's placement (and replica planning, when present) only through the names
-imported here, which are the originals (never copies), so a test can check
-identity. The view builders translate simulator state into the operator's input
+The engine and policies call the agent's eviction and cache accounting, the
+operator's placement (and replica planning, when present) and the shared use ranks
+(`stoker.userank`: the agents' rank function and the operator's fleet rank) only
+through the names imported here, which are the originals (never copies), so a test
+can check identity. The view builders translate simulator state into the operator's input
 types, the way the operator's shell translates CacheAgent status and pending
 GenerationJobs.
 """
@@ -15,7 +16,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from stoker.agent.disk_cache import (
-    DEFAULT_HALF_LIFE_S,
     CachedItem,
     DiskCacheState,
     InsufficientCache,
@@ -24,7 +24,6 @@ from stoker.agent.disk_cache import (
 )
 from stoker.operator.placement import (
     AgentView,
-    add_use,
     ArtifactInfo,
     Binding,
     JobView,
@@ -32,6 +31,7 @@ from stoker.operator.placement import (
     plan_bindings,
     plan_placement,
 )
+from stoker.userank import DEFAULT_HALF_LIFE_S, FleetRank, add_use
 
 if TYPE_CHECKING:
     from stoker.sim.engine import AgentState, JobRecord, Simulator
@@ -43,6 +43,7 @@ __all__ = [
     "Binding",
     "CachedItem",
     "DiskCacheState",
+    "FleetRank",
     "InsufficientCache",
     "JobView",
     "PlacementSettings",
@@ -118,8 +119,10 @@ def agent_view(
     The agent has one GPU: one generation slot, and `FleetConfig.slots - 1` queue slots
     whose downloads overlap the running job. `queue_slots=False` reports every slot as a
     generation slot instead (what placement saw before queue slots existed). Disk ranks
-    are the agent's own eviction ranks, or with `frequency_ranks=False` the last use of
-    each model, which is all a CacheAgent status reports today (`models[].lastUsed`)."""
+    are the agent's own eviction ranks, as its CacheAgent status reports them
+    (`models[].rank`, the snapshot's `eviction_rank_s`), or with `frequency_ranks=False`
+    the last use of each model (`models[].lastUsed`: what placement sees of an agent
+    that reports no rank)."""
     fleet = sim.fleet
     disk = agent.disk
     downloading = _downloading(sim, agent, now)

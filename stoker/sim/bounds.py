@@ -31,7 +31,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from stoker.agent.disk_cache import DEFAULT_HALF_LIFE_S, DiskCacheState
+from stoker.agent.disk_cache import DiskCacheState
+from stoker.userank import DEFAULT_HALF_LIFE_S
 
 __all__ = [
     "Bounds",

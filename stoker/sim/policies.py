@@ -7,10 +7,16 @@ jobs stay pending until an agent has a free slot, and the operator's real
 `plan_placement` chooses; optionally the operator's real replica planner keeps warm
 copies (static targets, or autoscaled by demand). Stoker's agents rank disk entries
 by use frequency (the agent's `DiskCacheState`); placement reads those ranks from the
-agents' views, and the operator keeps a fleet-wide rank per model (placement's
-`add_use` over every job it sees) that an agent starts a newly fetched copy from.
-The `stoker-lastused` variant has neither: placement sees only each model's last
-use and agents rank new copies as one-offs (what today's status fields carry).
+agents' views (what the operator reads from CacheAgent `models[].rank`), and the
+operator keeps a fleet-wide rank per model (`userank.FleetRank`, counting every job
+once at its creation, as the operator's `State` does) that an agent starts a newly
+fetched copy from (what it reads from ModelCache `useRank`). The simulated agent reads
+the rank counted so far when its download ends; the real one reads the published value
+when its download starts (up to `userank.PUBLISH_MIN_CHANGE_S` of rank and one replica
+pass behind).
+The `stoker-lastused` variant has neither: placement sees only each model's last use
+and agents rank new copies as one-offs (a fleet whose agents and operator report no
+ranks).
 """
 
 from __future__ import annotations
@@ -150,7 +156,7 @@ class StokerPolicy:
         """Report one generation slot plus queue slots (the agent's one GPU), not all as generation slots."""
         self.fleet_ranks = fleet_ranks
         """Agents report their frequency ranks and start new copies from the operator's fleet-wide rank."""
-        self._ranks: dict[str, float] = {}
+        self._ranks: dict[str, adapter.FleetRank] = {}
         self._counted: set[int] = set()
         self.jobs_examined = 0
         self.disk_half_life_s: float | None = adapter.DEFAULT_HALF_LIFE_S
@@ -195,17 +201,18 @@ class StokerPolicy:
 
     def _count_uses(self, pending: Sequence[JobRecord]) -> None:
         """The operator's fleet-wide rank of each artifact: one use per job, at its creation."""
-        half_life = adapter.DEFAULT_HALF_LIFE_S
+        empty = adapter.FleetRank()
         for job in pending:
             if job.job_id in self._counted:
                 continue
             self._counted.add(job.job_id)
             for key in job.request.artifacts:
-                self._ranks[key] = adapter.add_use(self._ranks.get(key), job.request.submit_s, half_life_s=half_life)
+                self._ranks[key] = self._ranks.get(key, empty).count(job.request.submit_s)
 
     def rank_hint(self, key: str) -> float | None:
         """What an agent fetching `key` is told about its use across the fleet."""
-        return self._ranks.get(key) if self.fleet_ranks else None
+        rank = self._ranks.get(key) if self.fleet_ranks else None
+        return None if rank is None else rank.rank_s
 
     def _job_view(self, sim: Simulator, job: JobRecord) -> adapter.JobView:
         cached = self._job_views.get(job.job_id)

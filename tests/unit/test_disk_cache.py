@@ -11,7 +11,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from stoker.agent.disk_cache import (
     EVICTION_HISTORY,
-    add_use,
     CachedItem,
     DiskCacheState,
     InsufficientCache,
@@ -20,6 +19,7 @@ from stoker.agent.disk_cache import (
     eviction_rank,
     plan_eviction,
 )
+from stoker.userank import add_use
 
 GiB = 2**30
 
@@ -201,6 +201,15 @@ class TestFrequencyRank:
         lru, _, _ = DiskCacheState(budget_bytes=20, half_life_s=None).reserve("m", 10, now=50.0)
         assert lru.commit("m", now=60.0, rank_hint_s=1e6).items()[0].rank_s is None
 
+    def test_the_snapshot_reports_where_eviction_puts_each_entry_and_nothing_for_baked_in_ones(self) -> None:
+        state = DiskCacheState(budget_bytes=30, half_life_s=600.0).add_preloaded("baked", 5, now=0.0)
+        state = used_by_a_job(cached(state, "used", 10, 0.0), "used", 100.0)
+        state = cached(state, "prefetched", 10, 50.0)  # never used: ranks by its arrival, as eviction does
+        views = {e.key: e.eviction_rank_s for e in state.snapshot().entries}
+        assert views == {"baked": None, "used": 100.0, "prefetched": 50.0}
+        assert [k for k, _ in sorted(((k, r) for k, r in views.items() if r is not None), key=lambda kv: kv[1])] == \
+            list(state.reserve("x", 30, now=200.0)[2]), "eviction takes them in that order"
+
     def test_the_eviction_history_is_bounded_and_keeps_the_highest_ranks(self) -> None:
         full = EVICTION_HISTORY + EVICTION_HISTORY // 4
         state = DiskCacheState(budget_bytes=1, evicted={f"h{i}": float(i) for i in range(full)})
@@ -348,6 +357,7 @@ class DiskCacheMachine(RuleBasedStateMachine):
         super().__init__()
         self.state = DiskCacheState(budget_bytes=1000)
         self.now = 0.0
+        self.baked: set[str] = set()
 
     def tick(self) -> float:
         self.now += 1.0
@@ -424,6 +434,7 @@ class DiskCacheMachine(RuleBasedStateMachine):
             free_before = self.state.free_bytes
             self.state = self.state.add_preloaded(key, size, now=self.tick())
             assert self.state.free_bytes == free_before
+            self.baked.add(key)
 
     @rule(budget=st.integers(0, 1500))
     def change_budget(self, budget: int) -> None:
@@ -445,8 +456,12 @@ class DiskCacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def preloaded_models_stay(self) -> None:
-        snap = self.state.snapshot()
-        assert all(e.held for e in snap.entries if e.preloaded)
+        # Whatever reservations, pins, releases and budget cuts came since, every model
+        # baked in is still cached, still preloaded and reported as held.
+        views = {e.key: e for e in self.state.snapshot().entries}
+        for key in self.baked:
+            assert key in views, f"preloaded {key!r} was evicted"
+            assert views[key].preloaded and views[key].held
 
     @invariant()
     def a_key_is_never_both_cached_and_downloading(self) -> None:

@@ -24,6 +24,7 @@ from stoker.agent.download import DownloadPolicy, Downloader, partial_paths
 from stoker.agent.metrics import AgentMetrics
 from stoker.agent.settings import AgentSettings, SettingsError, parse_size_bytes
 from stoker.testing.model_server import ModelServer
+from stoker.userank import DEFAULT_HALF_LIFE_S, add_use
 
 T = TypeVar("T")
 MODEL_BYTES = 256 * 1024
@@ -841,3 +842,104 @@ class TestReservingRoom:
 
         run(main())
         assert server.request_count() == 0
+
+
+class TestUseRanks:
+    """Frequency ranks (stoker.userank) across restarts, and the fleet rank a download starts from."""
+
+    @staticmethod
+    async def used(store: DiskStore, key: str, times: int) -> None:
+        for _ in range(times):
+            store.pin(key)
+            store.unpin(key)
+
+    def test_ranks_and_the_ranks_of_evicted_models_survive_a_restart(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        clock = Clock()
+
+        async def main() -> None:
+            store = make_store(clock=clock, budget_bytes=int(2.5 * SIZE))
+            await store.start()
+            for i, uses in ((0, 3), (1, 1)):
+                await store.ensure(source(server, i))
+                await self.used(store, f"team/m{i}", uses)
+            await store.ensure(source(server, 2))  # evicts m1, used once
+            ranks = {k: e.rank_s for k, e in store.state.entries.items()}
+            evicted = dict(store.state.evicted)
+            assert set(evicted) == {"team/m1"} and ranks["team/m0"] is not None
+            await store.close()
+            index = json.loads((store.cache_dir / "index.json").read_text())
+            assert index["version"] == 2 and set(index["rank"]) == {"team/m0"} and index["evicted"] == evicted
+
+            again = make_store(clock=clock, budget_bytes=int(2.5 * SIZE))
+            await again.start()
+            assert {k: e.rank_s for k, e in again.state.entries.items()} == ranks
+            assert dict(again.state.evicted) == evicted
+            await again.ensure(source(server, 1))  # comes back with the rank it had, not as new
+            assert again.state.entries["team/m1"].rank_s == evicted["team/m1"]
+            await again.close()
+
+        run(main())
+
+    def test_an_index_written_before_ranks_were_saved_still_loads(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        async def main() -> None:
+            store = make_store()
+            await store.start()
+            await store.ensure(source(server, 0))
+            await self.used(store, "team/m0", 2)
+            await store.close()
+            path = store.cache_dir / "index.json"
+            index = json.loads(path.read_text())
+            old = {"version": 1, **{k: index[k] for k in ("last_used", "previous_use", "used")}}
+            path.write_text(json.dumps(old))
+            again = make_store()
+            await again.start()
+            entry = again.state.entries["team/m0"]
+            assert entry.used and entry.previous_use is not None
+            # without a saved rank, the last two uses give it
+            assert entry.rank_s == pytest.approx(add_use(entry.previous_use, entry.last_used,
+                                                         half_life_s=DEFAULT_HALF_LIFE_S))
+            assert again.state.evicted == {}
+            await again.close()
+
+        run(main())
+
+    def test_a_download_starts_from_the_fleet_rank_so_a_model_busy_elsewhere_outlives_a_one_off(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        clock = Clock()
+
+        async def main() -> None:
+            store = make_store(clock=clock, budget_bytes=int(2.5 * SIZE))
+            await store.start()
+            busy_elsewhere = clock.now + 3 * DEFAULT_HALF_LIFE_S  # eight recent jobs across the fleet
+            await store.ensure(source(server, 0), rank_hint_s=busy_elsewhere)
+            await store.ensure(source(server, 1))
+            await self.used(store, "team/m1", 1)  # m1 was used last, m0 never here
+            snapshot = {m.key: m.rank_s for m in store.snapshot().models}
+            assert snapshot["team/m0"] == busy_elsewhere
+            status = {m.name: m.rank for m in store.snapshot().to_status()["models"]}
+            assert status["m0"] == round(busy_elsewhere, 3)
+            await store.ensure(source(server, 2))
+            assert sorted(store.state.entries) == ["team/m0", "team/m2"], "the one-off goes, not the busy model"
+            await store.close()
+
+        run(main())
+
+    def test_waiters_sharing_a_download_give_it_the_highest_of_their_hints(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        async def main() -> None:
+            store = make_store()
+            await store.start()
+            await asyncio.gather(store.prefetch(source(server, 0), rank_hint_s=5e6),
+                                 store.ensure(source(server, 0), rank_hint_s=9e6),
+                                 store.ensure(source(server, 0)))
+            assert server.request_count("m0.safetensors") == 1
+            assert store.state.entries["team/m0"].rank_s == 9e6
+            await store.close()
+
+        run(main())

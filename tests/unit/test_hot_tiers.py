@@ -340,6 +340,17 @@ class TestRamTier:
         tier.put_file("c", model_file, loader=loader)
         assert set(keys(tier)) == {"a", "c"} and tier.used_bytes <= tier.budget_bytes
 
+    def test_every_copy_evicted_from_the_ram_tier_is_handed_to_on_evict(self, model_file):
+        size = load_file(model_file).size_bytes
+        evicted: list[tuple[str, int]] = []
+        tier = RamTier(2 * size, clock=FakeClock(), on_evict=lambda key, model: evicted.append((key, model.size_bytes)))
+        loader = Loader()
+        for key in ("a", "b", "c"):
+            tier.put_file(key, model_file, loader=loader)
+        assert evicted == [("a", size)]
+        tier.evict("b")
+        assert evicted == [("a", size), ("b", size)]
+
     def test_host_views_keep_the_copy_they_share_alive(self, model_file):
         tier = RamTier(1 << 20)
         tier.put_file("m", model_file, loader=Loader())

@@ -138,8 +138,10 @@ class FakeStore:
         self.pins: dict[str, int] = {}
         self.log: list[tuple[str, str]] = []
         self.gates: dict[str, asyncio.Event] = {}
+        self.rank_hints: dict[str, float | None] = {}
 
-    async def ensure(self, source: Any, *, priority: Any = None) -> pathlib.Path:
+    async def ensure(self, source: Any, *, priority: Any = None, rank_hint_s: float | None = None) -> pathlib.Path:
+        self.rank_hints[source.key] = rank_hint_s
         gate = self.gates.get(source.key)
         if gate is not None:
             await gate.wait()
@@ -573,6 +575,20 @@ def test_each_file_is_pinned_as_soon_as_it_is_fetched_and_unpinned_after_the_job
         log = h.store.log
         assert log.index(("pin", f"{NS}/ckpt")) == log.index(("fetched", f"{NS}/ckpt")) + 1
         assert h.store.pins == {f"{NS}/ckpt": 0, f"{NS}/lora": 0}
+
+    run(main())
+
+
+def test_each_fetch_carries_its_models_published_fleet_rank_as_the_rank_hint(harness) -> None:
+    async def main() -> None:
+        h = harness()
+        h.objects.edit("ModelCache", "ckpt", lambda mc: mc.update(status={"useRank": 1.8e9}))
+        obj = job("ranked")
+        obj["spec"]["loras"] = [{"name": "lora", "weight": 0.5}]
+        h.bind(obj)
+        await h.idle()
+        assert h.objects.status("ranked")["phase"] == "Succeeded"
+        assert h.store.rank_hints == {f"{NS}/ckpt": 1.8e9, f"{NS}/lora": None}  # the LoRA has no rank yet
 
     run(main())
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from stoker import userank
 from stoker.operator import jobstate, placement
-from stoker.operator.state import State, agent_from_body, agent_view, job_from_body, job_state, status_patch
+from stoker.operator.state import (State, agent_from_body, agent_view, format_time, job_from_body, job_state,
+                                   status_patch)
 
 
 def job_body(name: str = "j", *, rv: str = "10", labels: dict[str, str] | None = None,
@@ -200,3 +204,77 @@ def test_a_source_failure_names_the_lora_when_the_message_does() -> None:
     from stoker.operator.state import job_fetch_failures
     (f,) = job_fetch_failures(state.jobs["ns/j"], now=0.0)
     assert (f.model, f.agent, f.retryable) == ("ns/lora-a", "a", True)
+
+
+# --- fleet-wide use ranks ------------------------------------------------------------
+
+
+def model_body(name: str = "sd", *, rv: str = "1", uid: str = "mc-sd", status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
+            "metadata": {"name": name, "namespace": "ns", "uid": uid, "resourceVersion": rv},
+            "spec": {"source": {"url": "https://models.test/sd.safetensors"}}, "status": status or {}}
+
+
+def created(second: int) -> str:
+    return f"2026-01-01T00:{second // 60:02d}:{second % 60:02d}Z"
+
+
+def uses(*seconds: int) -> float | None:
+    base = job_from_body(pending_job("x", created=created(0))).created_at
+    rank = None
+    for s in seconds:
+        rank = userank.add_use(rank, base + s, half_life_s=userank.DEFAULT_HALF_LIFE_S)
+    return rank
+
+
+def test_every_job_counts_once_in_its_models_fleet_rank_whether_seen_before_or_after_the_model() -> None:
+    state = State()
+    state.upsert_job(pending_job("early", created=created(1)))  # before its ModelCache: kept for it
+    assert state.use_rank("ns/sd") is None
+    state.upsert_model(model_body())
+    state.upsert_job(pending_job("late", created=created(5)))
+    state.upsert_job(pending_job("late", created=created(5), rv="7"))  # a newer version of the same job
+    state.upsert_model(model_body(rv="2", status={"useRank": 1e12, "useRankCountedThrough": created(9)}))
+    rank = state.use_rank("ns/sd")
+    assert rank is not None and rank.rank_s == pytest.approx(uses(1, 5))
+    assert rank.counted_through_s == job_from_body(pending_job("late", created=created(5))).created_at
+    assert state.use_rank("ns/lora-a") is None, "a LoRA without a ModelCache yet waits for it"
+    state.upsert_model(model_body("lora-a", uid="mc-lora"))
+    assert state.use_rank("ns/lora-a").rank_s == pytest.approx(uses(1, 5))  # type: ignore[union-attr]
+
+
+def test_a_restarted_operator_starts_from_the_published_rank_and_never_counts_a_job_twice() -> None:
+    first = State()
+    first.upsert_model(model_body())
+    for i, second in enumerate((1, 2, 3)):
+        first.upsert_job(pending_job(f"j{i}", created=created(second)))
+    published = first.use_rank("ns/sd")
+    assert published is not None and published.rank_s is not None and published.counted_through_s is not None
+    status = {"useRank": round(published.rank_s, 3), "useRankCountedThrough": format_time(published.counted_through_s)}
+    # The next operator lists the same jobs again (some before the model), and one created meanwhile.
+    second = State()
+    second.upsert_job(pending_job("j0", created=created(1)))
+    second.upsert_job(pending_job("j3", created=created(4)))
+    second.upsert_model(model_body(rv="5", status=status))
+    second.upsert_job(pending_job("j1", created=created(2)))
+    second.upsert_job(pending_job("j2", created=created(3)))
+    assert second.use_rank("ns/sd").rank_s == pytest.approx(uses(1, 2, 3, 4), abs=1e-2)  # type: ignore[union-attr]
+
+
+def test_a_model_created_again_under_its_name_starts_from_its_own_status() -> None:
+    state = State()
+    state.upsert_model(model_body())
+    state.upsert_job(pending_job("j", created=created(1)))
+    state.delete_model(model_body())
+    state.upsert_model(model_body(uid="mc-sd-2", rv="9"))
+    assert state.use_rank("ns/sd") == userank.FleetRank()
+
+
+def test_agent_view_reads_each_models_disk_rank_but_none_for_a_baked_in_model() -> None:
+    body = agent_body()
+    body["status"]["models"][0]["rank"] = 1.8e9
+    body["status"]["models"][1]["rank"] = 1.7e9
+    body["status"]["models"][2]["rank"] = 1.9e9  # preloaded: never evicted, so no victim to value
+    view = agent_view(agent_from_body(body), ready=True, bound=0, in_use=[])
+    assert view.disk_rank_s == {"hot": 1.8e9, "warm": 1.7e9}
+    assert agent_view(agent_from_body(agent_body()), ready=True, bound=0, in_use=[]).disk_rank_s == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import stoker.agent.disk_cache
 import stoker.operator.placement
 import stoker.operator.replicas
+import stoker.userank
 from stoker.sim import adapter, cli, engine, policies, replica_driver
 
 
@@ -19,7 +20,9 @@ def tiny() -> tuple:
 def test_the_simulator_uses_the_operators_and_agents_own_functions() -> None:
     assert policies.plan_placement is stoker.operator.placement.plan_placement
     assert adapter.plan_bindings is stoker.operator.placement.plan_bindings
-    assert adapter.add_use is stoker.operator.placement.add_use
+    assert adapter.add_use is stoker.userank.add_use
+    assert adapter.FleetRank is stoker.userank.FleetRank
+    assert stoker.operator.placement.add_use is stoker.agent.disk_cache.add_use is stoker.userank.add_use
     assert replica_driver.plan_replicas is stoker.operator.replicas.plan_replicas
     assert adapter.plan_eviction is stoker.agent.disk_cache.plan_eviction
     assert adapter.DiskCacheState is stoker.agent.disk_cache.DiskCacheState
@@ -113,7 +116,7 @@ def test_stoker_agents_start_fetched_copies_from_the_operators_fleet_wide_rank(m
     assert hints["stoker-lastused"] and all(h is None for h in hints["stoker-lastused"])
 
 
-def test_the_fleet_rank_counts_every_job_once_with_placements_add_use() -> None:
+def test_the_fleet_rank_counts_every_job_once_as_the_operators_fleet_rank_does() -> None:
     trace, fleet = tiny()
     sim = engine.Simulator(trace, fleet, policies.make_policy("stoker"))
     policy = sim.policy
@@ -123,8 +126,8 @@ def test_the_fleet_rank_counts_every_job_once_with_placements_add_use() -> None:
     expected: dict[str, float] = {}
     for r in trace.jobs[:5]:
         for key in r.artifacts:
-            expected[key] = stoker.operator.placement.add_use(expected.get(key), r.submit_s,
-                                                              half_life_s=adapter.DEFAULT_HALF_LIFE_S)
+            expected[key] = stoker.userank.add_use(expected.get(key), r.submit_s,
+                                                   half_life_s=stoker.userank.DEFAULT_HALF_LIFE_S)
     assert {k: policy.rank_hint(k) for k in expected} == expected
 
 
@@ -138,7 +141,7 @@ def test_agent_views_show_one_gpu_with_queue_slots_and_the_agents_eviction_ranks
     agent.disk = state.commit("m0001", now=8.0).unpin("m0001", now=20.0).pin("m0001", now=25.0).unpin("m0001", now=26.0)
     view = adapter.agent_view(sim, agent, 30.0)
     assert (view.slots, view.queue_slots, view.free_slots) == (1, fleet.slots - 1, fleet.slots)
-    two_uses = stoker.agent.disk_cache.add_use(8.0, 25.0, half_life_s=adapter.DEFAULT_HALF_LIFE_S)
+    two_uses = stoker.userank.add_use(8.0, 25.0, half_life_s=stoker.userank.DEFAULT_HALF_LIFE_S)
     assert view.disk_rank_s == {"m0001": two_uses}
     lastused = adapter.agent_view(sim, agent, 30.0, frequency_ranks=False)
     assert lastused.disk_rank_s == {"m0001": 26.0}

@@ -36,6 +36,15 @@ def test_a_model_on_disk_and_in_vram_is_reported_once_at_vram_keeping_disk_flags
     assert status.models_on_disk == 2 and status.hot_models == 1
 
 
+def test_each_model_carries_its_disk_rank_at_whatever_tier_it_is_reported() -> None:
+    status = build(disk=disk(sr.DiskEntryView("ns/a", 100, 10.0, preloaded=False, held=False, rank_s=1.8e9 + 1 / 3),
+                             sr.DiskEntryView("ns/b", 200, 20.0, preloaded=True, held=False)),
+                   ram=tier(sr.TierEntryView("ns/a", 90, 30.0)))
+    wire = {m["name"]: m for m in status.wire()["models"]}
+    assert wire["a"]["tier"] == "ram" and wire["a"]["rank"] == round(1.8e9 + 1 / 3, 3)
+    assert "rank" not in wire["b"], "a baked-in model is never evicted: no rank"
+
+
 def test_free_slots_count_running_jobs_and_never_go_negative() -> None:
     running = [RunningJob(name=f"j{i}", attempt=1) for i in range(3)]
     assert build(running=running[:1]).free_slots == 1

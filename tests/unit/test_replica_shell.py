@@ -1,0 +1,117 @@
+"""ModelCache status writes of the replica shell: the fleet use rank is published, busy models
+are not rewritten per job."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from stoker import userank
+from stoker.operator.replica_shell import ReplicaShell, is_status_write_due
+from stoker.operator.state import State, format_time, parse_time
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+class FakeObjects:
+    def __init__(self, store: dict[str, dict[str, Any]]) -> None:
+        self.store = store
+
+    def patch_status(self, kind: str, name: str, patch: dict[str, Any], *, resource_version: str) -> dict[str, Any]:
+        body = self.store[name]
+        assert body["metadata"]["resourceVersion"] == resource_version
+        body["status"] = {**body.get("status", {}), **copy.deepcopy(patch)}
+        body["metadata"]["resourceVersion"] = str(int(resource_version) + 1)
+        return copy.deepcopy(body)
+
+
+class SyncWriter:
+    """Runs each write at once and counts the status writes."""
+
+    def __init__(self, store: dict[str, dict[str, Any]]) -> None:
+        self.fake = FakeObjects(store)
+        self.writes: list[dict[str, Any]] = []
+
+    def objects(self, namespace: str) -> FakeObjects:
+        return self.fake
+
+    def may_act(self, key: str, resource_version: str) -> bool:
+        return True
+
+    def submit(self, key: str, resource_version: str, fn: Callable[[], None], **_: Any) -> bool:
+        before = {n: copy.deepcopy(b.get("status")) for n, b in self.fake.store.items()}
+        fn()
+        self.writes.extend(b["status"] for n, b in self.fake.store.items() if b.get("status") != before[n])
+        return True
+
+    def event(self, obj: dict[str, Any], *, reason: str, message: str, warning: bool = False) -> None:
+        pass
+
+
+def model(status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
+            "metadata": {"name": "sd", "namespace": "ns", "uid": "mc-sd", "resourceVersion": "1", "generation": 1},
+            "spec": {"replicas": 0, "source": {"url": "https://models.test/sd.safetensors"}}, "status": status or {}}
+
+
+def job(i: int, created_s: float) -> dict[str, Any]:
+    return {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob",
+            "metadata": {"name": f"j{i}", "namespace": "ns", "uid": f"u{i}", "resourceVersion": "1",
+                         "creationTimestamp": format_time(created_s).replace(".000000", "")},
+            "spec": {"model": "sd", "params": {"prompt": "x"}}}
+
+
+def shell_with(status: dict[str, Any] | None = None) -> tuple[State, ReplicaShell, SyncWriter]:
+    body = model(status)
+    store = {"sd": body}
+    state = State()
+    state.upsert_model(copy.deepcopy(body))
+    writer = SyncWriter(store)
+    return state, ReplicaShell(state, writer, lease_grace_s=None), writer  # type: ignore[arg-type]
+
+
+def test_a_models_first_jobs_publish_its_fleet_rank_with_the_newest_creation_it_counts() -> None:
+    state, shell, writer = shell_with()
+    for i in range(3):
+        state.upsert_job(job(i, T0 + i))
+    shell.apply_once(now=T0 + 5, now_mono=0.0)
+    published = writer.writes[-1]
+    expected = userank.FleetRank().count_all([T0, T0 + 1, T0 + 2])
+    assert published["useRank"] == pytest.approx(expected.rank_s, abs=1e-3)
+    assert parse_time(published["useRankCountedThrough"]) == T0 + 2
+
+
+def test_a_busy_models_status_is_rewritten_every_half_minute_not_per_job() -> None:
+    # A model already in heavy use (about a million recent jobs): one more job a second moves its
+    # rank by far less than PUBLISH_MIN_CHANGE_S, and lastUsed alone waits for the refresh.
+    heavy = {"useRank": T0 + 20 * userank.DEFAULT_HALF_LIFE_S, "useRankCountedThrough": format_time(T0 - 1)}
+    state, shell, writer = shell_with(heavy)
+    for second in range(90):
+        state.upsert_job(job(second, T0 + second))
+        shell.apply_once(now=T0 + second + 0.5, now_mono=float(second))
+    assert 2 <= len(writer.writes) <= 4, [w.get("lastUsed") for w in writer.writes]
+    assert writer.writes[-1]["useRank"] > heavy["useRank"]
+
+
+class TestWriteDue:
+    base = {"observedGeneration": 1, "sizeBytes": 10, "desiredReplicas": 1, "demandJobsPerMinute": 2.0,
+            "lastUsed": "2026-01-01T00:00:00Z", "useRank": 1000.0, "useRankCountedThrough": "2026-01-01T00:00:00Z",
+            "conditions": []}
+
+    def test_a_changed_copy_count_is_written_at_once(self) -> None:
+        assert is_status_write_due(self.base, {**self.base, "sizeBytes": 11}, since_write_s=0.0, refresh_s=30.0)
+
+    def test_fields_that_move_with_every_job_wait_for_the_refresh(self) -> None:
+        moved = {**self.base, "lastUsed": "2026-01-01T00:00:05Z", "demandJobsPerMinute": 2.1, "useRank": 1010.0}
+        assert not is_status_write_due(self.base, moved, since_write_s=29.0, refresh_s=30.0)
+        assert is_status_write_due(self.base, moved, since_write_s=30.0, refresh_s=30.0)
+        assert not is_status_write_due(self.base, dict(self.base), since_write_s=1e9, refresh_s=30.0)
+
+    def test_a_rank_that_moved_a_minute_or_more_is_written_at_once(self) -> None:
+        moved = {**self.base, "useRank": 1000.0 + userank.PUBLISH_MIN_CHANGE_S}
+        assert is_status_write_due(self.base, moved, since_write_s=0.0, refresh_s=30.0)
+        unpublished = {k: v for k, v in self.base.items() if k not in ("useRank", "useRankCountedThrough")}
+        assert is_status_write_due(unpublished, self.base, since_write_s=0.0, refresh_s=30.0)
