@@ -26,8 +26,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
+from stoker import kube
 from stoker.agent.download import CredentialError, Credentials
 
 __all__ = ["CredentialLookupError", "CredentialResolver", "configure", "default_resolver", "env_variable"]
@@ -108,7 +110,11 @@ class CredentialResolver:
         if ref.name not in self.api_secrets:
             raise CredentialLookupError("SecretNotFound", f"{where} is not available to this agent: {mount_hint}")
         try:
-            secret = objects.core.read_namespaced_secret(ref.name, objects.namespace)
+            secret = objects.core.read_namespaced_secret(ref.name, objects.namespace,
+                                                         _request_timeout=kube.REQUEST_TIMEOUT_S)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # timed out or the connection dropped
+            raise CredentialLookupError("SecretUnreadable", f"cannot read {where}: {type(exc).__name__}",
+                                        retryable=True) from None
         except ApiException as exc:
             if exc.status == 404:
                 raise CredentialLookupError("SecretNotFound", f"{where} does not exist: create it") from None

@@ -34,7 +34,7 @@ header is read), or with a wrong digest when `verify_on_start` (slow: every byte
 is re-hashed), is deleted; a partial
 file with intact sidecars is kept as a *parked* download whose bytes stay
 reserved in the budget, and is resumed by the next `ensure` of the same source
-(or dropped when space is needed, or by `drop_parked`). A partial file is never
+(or dropped when space is needed). A partial file is never
 reported as cached.
 
 Preloaded (baked-in) models are matched by a manifest, `manifest.json` in the
@@ -54,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime
 import enum
 import hashlib
 import itertools
@@ -65,7 +64,7 @@ import os
 import pathlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -223,44 +222,6 @@ class StoreSnapshot:
     """Moving average over recent downloads; None before the first."""
     failures: tuple[FailureView, ...] = ()
     """Recent failures, newest first."""
-
-    def to_status(self) -> dict[str, Any]:
-        """The disk tier's part of CacheAgentStatus, as validated API models.
-
-        Keys: disk, models, modelsOnDisk, downloads, downloadBps, modelFailures. Model
-        names are the ModelCache names (the key without its namespace).
-        """
-        from stoker.api import cacheagent
-
-        return {
-            "disk": cacheagent.TierUsage(
-                budget_bytes=self.budget_bytes, used_bytes=self.used_bytes, reserved_bytes=self.reserved_bytes
-            ),
-            "models": [
-                cacheagent.CachedModel(
-                    name=_name(m.key),
-                    tier=TIER,
-                    size_bytes=m.size_bytes,
-                    last_used=_rfc3339(m.last_used),
-                    rank=None if m.rank_s is None else round(m.rank_s, 3),
-                    preloaded=m.preloaded,
-                    held=m.held,
-                )
-                for m in self.models
-            ],
-            "modelsOnDisk": len(self.models),
-            "downloads": [
-                cacheagent.DownloadProgress(name=_name(d.key), bytes_done=d.bytes_done, bytes_total=d.total_bytes)
-                for d in self.downloads
-            ],
-            "downloadBps": self.download_bandwidth_bytes_per_s or 0.0,
-            "modelFailures": [
-                cacheagent.ModelFailure(
-                    name=_name(f.key), reason=f.reason, message=f.message, retryable=f.retryable, at=_rfc3339(f.at)
-                )
-                for f in self.failures
-            ],
-        }
 
 
 @dataclass(frozen=True)
@@ -479,37 +440,6 @@ class DiskStore:
         """`ensure` behind job downloads in priority (for operator orders)."""
         return await self.ensure(source, priority=Priority.PREFETCH, rank_hint_s=rank_hint_s)
 
-    def start_prefetch(self, source: ModelSource, *, rank_hint_s: float | None = None) -> asyncio.Task[pathlib.Path]:
-        """Prefetch in the background (an operator order); failures are logged, not lost.
-
-        The returned task can be awaited or cancelled; cancelling it does not stop a
-        download that a job is also waiting for.
-        """
-
-        def report(task: asyncio.Task[pathlib.Path]) -> None:
-            if task.cancelled():
-                return
-            exc = task.exception()
-            if isinstance(exc, DiskStoreError):
-                log.warning("prefetch of %s failed (%s): %s", source.key, exc.reason, exc.message)
-            elif exc is not None:
-                log.error("prefetch of %s failed", source.key, exc_info=exc)
-
-        task = asyncio.get_running_loop().create_task(self.prefetch(source, rank_hint_s=rank_hint_s),
-                                                      name=f"prefetch {source.key}")
-        task.add_done_callback(report)
-        return task
-
-    @contextlib.asynccontextmanager
-    async def use(self, source: ModelSource, *, rank_hint_s: float | None = None) -> AsyncIterator[pathlib.Path]:
-        """Ensure the file and pin it for the duration of the block (a job using it)."""
-        path = await self.ensure(source, rank_hint_s=rank_hint_s)
-        self.pin(source.key)  # no await since ensure returned: nothing can evict it in between
-        try:
-            yield path
-        finally:
-            self.unpin(source.key)
-
     def abandon(self, key: str) -> bool:
         """Stop the download of `key` unless a job waits for it (its order was released).
 
@@ -521,10 +451,6 @@ class DiskStore:
         log.info("stopping the download of %s: its order was released and no job waits for it", key)
         flight.task.cancel()
         return True
-
-    def lookup(self, source: ModelSource) -> pathlib.Path | None:
-        """Path of the cached file for `source` without downloading (counts as a use)."""
-        return self._lookup(source)
 
     def is_cached(self, key: str) -> bool:
         return key in self._files
@@ -546,36 +472,6 @@ class DiskStore:
     def release(self, key: str) -> None:
         """Operator order: `key` may be evicted again."""
         self._state = self._state.release(key)
-
-    def remove(self, key: str) -> bool:
-        """Delete a cached model that is not pinned; False if absent or pinned."""
-        info = self._files.get(key)
-        if info is None or info.preloaded or self._state.is_pinned(key):
-            return False
-        self._state = self._state.remove(key)
-        self._delete_files(info)
-        self._metrics.evictions.labels(TIER).inc()
-        self._save_index()
-        self._publish()
-        return True
-
-    def drop_parked(self, key: str | None = None) -> int:
-        """Delete kept partial downloads (one, or all without `key`); returns how many."""
-        keys = [key] if key is not None else list(self._parked)
-        dropped = 0
-        for k in keys:
-            if k in self._parked and k not in self._flights:
-                self._drop_parked(k)
-                dropped += 1
-        self._publish()
-        return dropped
-
-    def set_budget(self, budget_bytes: int) -> tuple[str, ...]:
-        """Change the byte budget; evicts the lowest-ranked models to fit under a smaller one."""
-        self._state, victims = self._state.with_budget(budget_bytes)
-        self._evict_files(victims)
-        self._publish()
-        return victims
 
     # ---- reporting -------------------------------------------------------
 
@@ -1110,14 +1006,6 @@ def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], *, timeo
 
     loop.call_soon_threadsafe(run)
     return future.result(timeout=timeout_s)
-
-
-def _name(key: str) -> str:
-    return key.rsplit("/", 1)[-1]
-
-
-def _rfc3339(unix_s: float) -> str:
-    return datetime.datetime.fromtimestamp(unix_s, tz=datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _sha256_file(path: pathlib.Path) -> str:

@@ -163,6 +163,7 @@ class Credentials:
 
     @classmethod
     def bearer(cls, token: str) -> Credentials:
+        """An `Authorization: Bearer <token>` header."""
         return cls("Authorization", f"Bearer {token.strip()}")
 
     @classmethod
@@ -174,20 +175,8 @@ class Credentials:
         """
         value = secret_value.strip()
         if header_name.lower() == "authorization" and value and " " not in value:
-            value = f"Bearer {value}"
+            return cls.bearer(value)
         return cls(header_name, value)
-
-    @classmethod
-    def from_file(cls, path: os.PathLike[str] | str, *, header_name: str = "Authorization") -> Credentials:
-        """Read a mounted Secret key (a file) into credentials."""
-        return cls.for_header(header_name, pathlib.Path(path).read_text())
-
-    @classmethod
-    def from_env(cls, variable: str, *, header_name: str = "Authorization") -> Credentials:
-        value = os.environ.get(variable)
-        if not value:
-            raise KeyError(f"environment variable {variable} holding a download credential is not set or empty")
-        return cls.for_header(header_name, value)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,16 @@ attempt (stoker.api.protocol.bound_attempt). A job that is deleted or rebound is
 cancelled between denoising steps and its result is never written, nor its image
 delivered.
 
-Concurrency: `slots` generations run at once; up to `queue_slots` more jobs may be bound
-to the agent, and while they wait for a generation slot their files are downloaded (and
+Concurrency: `slots` generations run at once; up to `queue_slots` more jobs are taken in
+beside them, and while they wait for a generation slot their files are downloaded (and
 pinned on disk at once) and their weights staged (into VRAM when they fit without touching
 a model in use, else into the RAM tier), so that a model swap overlaps the running
-generation.
+generation. Jobs bound beyond `slots + queue_slots` wait, Scheduled, without downloading or
+staging anything. A job deleted or rebound while it waits lets go of its place, pins and
+VRAM at once.
+
+Attempts are told apart by the job's uid as well as its attempt number, so a job deleted
+and created again under the same name is a new job.
 
 A live agent never leaves a job Running: a failed attempt is reported with its reason,
 status writes are retried with backoff through API server outages (a finished result is
@@ -71,13 +76,23 @@ class Cancelled(Exception):
 class _Work:
     name: str
     attempt: int
+    uid: str = ""
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set when the attempt is cancelled; worker threads poll it between steps."""
+    cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """The same, for waits on the event loop."""
+    admitted: bool = False  # holds one of the slots + queue_slots places
     stage: str = "queued"  # queued (downloading, staging, waiting for a slot) | running | reporting
     model: str = ""  # cache key of the checkpoint, for time estimates
     step: int = 0
     steps: int = 0
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     written: dict[str, Any] | None = None  # the job as the last status write left it
+
+    def cancel_attempt(self) -> None:
+        """Cancel the attempt (call on the event loop)."""
+        self.cancel.set()
+        self.cancelled.set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +112,8 @@ class JobSettings:
     slots: int = 1
     """Generations run at once."""
     queue_slots: int = 1
-    """Jobs accepted beyond `slots`; their downloads and loads overlap the running generations."""
+    """Jobs taken in beyond `slots`; their downloads and loads overlap the running generations.
+    Jobs bound beyond `slots + queue_slots` wait without downloading or staging."""
     results_dir: pathlib.Path = pathlib.Path("results")
     model_not_found_grace_s: float = 10.0
     progress_interval_s: float = 1.0
@@ -154,12 +170,15 @@ class JobWorker:
         self._sleep = sleep
         self.work: dict[str, _Work] = {}
         self.model_failures: dict[str, ModelFailure] = {}
+        self._model_identity: dict[str, tuple[str | None, int | None]] = {}
+        """Cache key -> (uid, generation) of the ModelCache last read for it; its failures name them."""
         self.artifact_sha: dict[str, str] = {}
         """Cache key -> content identity the runner keys its built modules by."""
         self.estimates = Estimates()
         self._latest: dict[str, dict[str, Any]] = {}  # newest object seen per bound job
-        self._ended: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._ended: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()  # (uid, attempt)
         self._generation = asyncio.Semaphore(settings.slots)
+        self._admission = asyncio.Semaphore(settings.slots + settings.queue_slots)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -194,7 +213,7 @@ class JobWorker:
         thread_stop.set()
         resync.cancel()
         for w in self.work.values():
-            w.cancel.set()
+            w.cancel_attempt()
         if self._tasks:  # let attempts stop between steps and say so
             await asyncio.wait(set(self._tasks), timeout=self.settings.shutdown_grace_s)
         for task in list(self._tasks):
@@ -214,11 +233,14 @@ class JobWorker:
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         if kind == "DELETED":  # deleted, or no longer matching the selector (bound elsewhere)
-            self._latest.pop(name, None)
+            uid = _uid(obj)
+            latest = self._latest.get(name)
+            if latest is not None and _uid(latest) == uid:  # (not a newer job of the same name)
+                del self._latest[name]
             current = self.work.get(name)
-            if current is not None:
+            if current is not None and current.uid == uid:
                 log.info("job %s attempt %d is no longer ours; cancelling", name, current.attempt)
-                current.cancel.set()
+                current.cancel_attempt()
             return
         if bound_attempt(obj, self.settings.agent) is None and name not in self.work:
             self._latest.pop(name, None)  # finished or not (yet) ours: nothing to run or cancel
@@ -230,31 +252,32 @@ class JobWorker:
         """Start, or cancel, the attempt the newest object of `name` asks for."""
         obj = self._latest.get(name)
         attempt = bound_attempt(obj, self.settings.agent) if obj is not None else None
+        uid = _uid(obj) if obj is not None else ""
         current = self.work.get(name)
         if current is not None:
-            if current.attempt != attempt:
+            if current.attempt != attempt or current.uid != uid:
                 if current.stage != "reporting":  # (a reporting attempt sees its own final write come back)
                     log.info("job %s attempt %d is no longer current; cancelling", name, current.attempt)
-                current.cancel.set()  # its task re-dispatches the newest object when it ends
+                current.cancel_attempt()  # its task re-dispatches the newest object when it ends
             return
-        if attempt is None or obj is None or self._stopping or self._has_ended(name, attempt, obj):
+        if attempt is None or obj is None or self._stopping or self._has_ended(uid, attempt, obj):
             return
-        work = _Work(name=name, attempt=attempt)
+        work = _Work(name=name, attempt=attempt, uid=uid)
         self.work[name] = work
         task = asyncio.create_task(self._run(work, obj), name=f"job {name} attempt {attempt}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.on_change()
 
-    def _has_ended(self, name: str, attempt: int, obj: dict[str, Any]) -> bool:
-        """Whether this agent already ended `attempt` (so it must never run it again)."""
-        if (name, attempt) in self._ended:
+    def _has_ended(self, uid: str, attempt: int, obj: dict[str, Any]) -> bool:
+        """Whether this agent already ended `attempt` of the job `uid` (so it must never run it again)."""
+        if (uid, attempt) in self._ended:
             return True
         failure = (obj.get("status") or {}).get("attemptFailure") or {}
         return failure.get("attempt") == attempt and failure.get("agent") == self.settings.agent
 
     def _mark_ended(self, work: _Work) -> None:
-        self._ended[(work.name, work.attempt)] = None
+        self._ended[(work.uid, work.attempt)] = None
         while len(self._ended) > 10_000:
             self._ended.popitem(last=False)
 
@@ -308,6 +331,7 @@ class JobWorker:
                 else:
                     self.metrics.jobs.labels("cancelled").inc()
         finally:
+            self._leave_queue(work)
             self._mark_ended(work)
             self.work.pop(work.name, None)
             self.on_change()
@@ -325,6 +349,9 @@ class JobWorker:
                 "the job", retryable=False))
         work.steps = job.spec.params.steps
         created = kube.parse_rfc3339(obj["metadata"]["creationTimestamp"]).timestamp()
+        # Beyond slots + queue_slots a job waits here, still Scheduled, downloading and holding nothing.
+        await self._take(self._admission, work)
+        work.admitted = True
         work.timings["queuedSeconds"] = round(max(0.0, time.time() - created), 3)
         written = await self._write(work, {
             "phase": "Running", "agent": self.settings.agent, "attempt": work.attempt, "startedAt": kube.now_rfc3339(),
@@ -385,21 +412,26 @@ class JobWorker:
             load_s = 0.0
             if uses_weights and self._generation.locked():
                 # Every slot is busy: load now, so the swap overlaps the running generation.
-                load_s += await asyncio.to_thread(self._stage, work, sources, paths, refs, loaded, held)
+                load_s += await self._in_thread(work, self._stage, work, sources, paths, refs, loaded, held)
             t_wait = time.perf_counter()
-            async with self._generation:
+            await self._take(self._generation, work)
+            try:
                 work.timings["slotWaitSeconds"] = round(time.perf_counter() - t_wait, 3)
                 self.metrics.queue_wait.observe(max(0.0, time.time() - created))
                 self._check(work)
                 work.stage = "running"
                 self.on_change()
-                image, more_load_s, infer_s = await asyncio.to_thread(
-                    self._load_and_generate, work, sources, paths, refs, loaded, held, request, uses_weights)
+                image, more_load_s, infer_s = await self._in_thread(
+                    work, self._load_and_generate, work, sources, paths, refs, loaded, held, request, uses_weights)
                 load_s += more_load_s
+            finally:
+                self._generation.release()
         finally:
+            # No worker thread uses these any more (_in_thread waits for it even when cancelled).
             held.close()
             for key in pins:
                 self.store.unpin(key)
+            self._leave_queue(work)
         self.metrics.tier_hits.labels(hit).inc()
         self.metrics.load_seconds.observe(load_s)
         self.metrics.inference_seconds.observe(infer_s)
@@ -517,6 +549,8 @@ class JobWorker:
         if str(mc.spec.kind) != str(kind):
             raise JobFailed("InvalidModelKind", f"ModelCache {name} is a {mc.spec.kind}, but the job uses it as a {kind}",
                             retryable=False)
+        self._model_identity[f"{self.objects.namespace}/{mc.name}"] = (
+            mc.metadata.get("uid"), mc.metadata.get("generation"))
         return await asyncio.to_thread(model_source, self.objects, mc), use_rank(mc)
 
     async def _fetch_all(self, sources: list[ModelSource], pins: list[str],
@@ -535,9 +569,10 @@ class JobWorker:
             path = await self.store.ensure(source, priority=Priority.JOB, rank_hint_s=rank_hint_s)
         except DiskStoreError as exc:
             if not exc.retryable:
+                uid, generation = self._model_identity.get(source.key, (None, None))
                 self.model_failures[source.key] = ModelFailure(
                     name=source.key.rsplit("/", 1)[-1], reason=exc.reason, message=exc.message, retryable=False,
-                    at=kube.now_rfc3339())
+                    at=kube.now_rfc3339(), uid=uid, generation=generation)
                 self.on_change()
             raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from exc
         self.store.pin(source.key)  # no await since ensure returned: nothing evicted it in between
@@ -546,11 +581,55 @@ class JobWorker:
             self.on_change()
         return path
 
+    # ---- slots and worker threads
+
+    async def _take(self, slots: asyncio.Semaphore, work: _Work) -> None:
+        """Acquire one of `slots`; if the attempt is cancelled first, raise Cancelled holding nothing."""
+        self._check(work)
+        acquire = asyncio.ensure_future(slots.acquire())
+        cancelled = asyncio.ensure_future(work.cancelled.wait())
+        try:
+            await asyncio.wait({acquire, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await _give_back(slots, acquire)
+            raise
+        finally:
+            cancelled.cancel()
+        if work.cancel.is_set():
+            await _give_back(slots, acquire)
+            raise Cancelled()
+
+    def _leave_queue(self, work: _Work) -> None:
+        if work.admitted:
+            work.admitted = False
+            self._admission.release()
+
+    async def _in_thread(self, work: _Work, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread. When the caller is cancelled (the agent stopping past
+        its grace), the attempt is cancelled and the thread awaited (it stops between steps)
+        before the cancellation goes on, so the caller's cleanup of VRAM holds and pins never
+        races a thread still using them."""
+        thread = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            return await asyncio.shield(thread)
+        except asyncio.CancelledError:
+            work.cancel_attempt()
+            while not thread.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({thread})
+            if not thread.cancelled():
+                thread.exception()  # retrieved: the cancellation is what the caller reports
+            raise
+
     # ---- status writes
 
     def _check(self, work: _Work) -> None:
         if work.cancel.is_set():
             raise Cancelled()
+
+    def _is_current(self, work: _Work, obj: dict[str, Any]) -> bool:
+        """Whether `obj` is still the job and attempt `work` runs (not rebound, not a new job of the same name)."""
+        return bound_attempt(obj, self.settings.agent) == work.attempt and _uid(obj) == work.uid
 
     async def _report_progress(self, work: _Work, done: asyncio.Event) -> None:
         """Publish progress and the timings known so far until `done`; never raises."""
@@ -578,15 +657,15 @@ class JobWorker:
                 obj = await self._api(self.objects.get, "GenerationJob", work.name)
             except Exception as exc:
                 if kube.is_not_found(exc):
-                    work.cancel.set()
+                    work.cancel_attempt()
                     return None
                 log.warning("cannot read job %s to check its binding (%s); retrying in %.1fs", work.name,
                             _describe(exc), delay)
                 await self._sleep(delay)
                 delay = min(self.settings.write_max_backoff_s, delay * 2)
                 continue
-            if bound_attempt(obj, self.settings.agent) != work.attempt:
-                work.cancel.set()
+            if not self._is_current(work, obj):
+                work.cancel_attempt()
                 return None
             return obj
 
@@ -603,8 +682,8 @@ class JobWorker:
         while True:
             try:
                 obj = await self._api(self.objects.get, "GenerationJob", work.name)
-                if bound_attempt(obj, self.settings.agent) != work.attempt:
-                    work.cancel.set()
+                if not self._is_current(work, obj):
+                    work.cancel_attempt()
                     log.info("job %s attempt %d no longer current; not writing %s", work.name, work.attempt,
                              sorted(status))
                     return False
@@ -613,7 +692,7 @@ class JobWorker:
                 return True
             except Exception as exc:
                 if kube.is_not_found(exc):
-                    work.cancel.set()
+                    work.cancel_attempt()
                     return False
                 if isinstance(exc, ApiException) and exc.status in (400, 422):
                     raise
@@ -701,6 +780,20 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ApiException):
         return exc.status in (None, 0, 408, 429, 500, 502, 503, 504)
     return isinstance(exc, (urllib3.exceptions.HTTPError, OSError, TimeoutError))
+
+
+async def _give_back(slots: asyncio.Semaphore, acquire: asyncio.Future[Any]) -> None:
+    """Stop waiting for `slots`, releasing the slot if the wait had already got it."""
+    acquire.cancel()
+    try:
+        await acquire
+    except asyncio.CancelledError:
+        return  # it had not: Semaphore.acquire gives back a wake-up it could not take
+    slots.release()
+
+
+def _uid(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("uid") or "")
 
 
 def _describe(exc: BaseException) -> str:

@@ -79,7 +79,7 @@ class CpuStrategy(enum.StrEnum):
     MMAP = "mmap"  # private mapping of the file, pages populated before returning
 
 
-# Measured with `python -m bench.loader_bench --size-gb 3 --runs 5` on the 2-core,
+# Measured with `.venv/bin/python bench/loader_bench.py --size-gb 3 --runs 5` on the 2-core,
 # 24 GiB test machine (virtio disk, ext4), 777 fp16 tensors, medians, every load
 # followed by touching each page of the result (BENCHMARKS.md has the full table):
 #   warm page cache: mmap 114 GB/s, parallel reads into one buffer 2.4 GB/s,

@@ -60,6 +60,10 @@ class RunSettings(AgentSettings):
     """How often the agent asks ComfyUI whether a prompt finished (runner comfyui)."""
     comfyui_timeout_s: float = pydantic.Field(default=600.0, gt=0)
     """A ComfyUI prompt not finished after this long is interrupted and the attempt fails, retryable (runner comfyui)."""
+    gpu_model: str | None = None
+    """GPU name to report when the runner loads the weights on a GPU the agent does not use itself (runner comfyui); default: the GPU the agent sees, else unknown."""
+    gpu_vram_bytes: SizeBytes | None = None
+    """That GPU's memory, reported as the agent's VRAM capacity (runner comfyui); unset: the GPU the agent sees, else 0 (unknown: placement is not limited by it)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -69,6 +73,22 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SettingsError(f"device {name} was asked for but no CUDA device is visible; use --device cpu or auto")
     return device
+
+
+def reported_gpu(*, uses_loaded_weights: bool, seen_model: str, seen_vram_bytes: int, vram_budget_bytes: int,
+                 model_setting: str | None = None, vram_setting: int | None = None) -> tuple[str, int, int]:
+    """The GPU name, its memory and the VRAM tier budget the CacheAgent reports (pure).
+
+    A runner that uses the agent's loaded weights is limited by the agent's own VRAM budget.
+    One that loads the weights itself (ComfyUI, on its own GPU) is limited by that GPU: the
+    settings name it, else the GPU the agent sees, else it is unknown (0, which placement
+    reads as not limiting), never the host-memory budget of an agent running on CPU.
+    """
+    if uses_loaded_weights:
+        return seen_model, seen_vram_bytes, vram_budget_bytes
+    vram = vram_setting if vram_setting is not None else seen_vram_bytes
+    model = model_setting or (seen_model if seen_vram_bytes else "unknown")
+    return model, vram, vram
 
 
 def build_runner(settings: RunSettings, device: torch.device):  # type: ignore[no-untyped-def]
@@ -105,9 +125,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         metrics.serve(port=settings.metrics_port, addr=settings.metrics_addr)
 
     downloader = Downloader(settings.download_policy())
-    store = DiskStore(cache_dir=settings.cache_dir, budget_bytes=settings.disk_budget_bytes, downloader=downloader,
-                      preload_dir=settings.preload_dir, metrics=metrics, max_downloads=settings.max_downloads,
-                      max_prefetches=settings.max_prefetches, verify_on_start=settings.verify_on_start)
+    store = DiskStore.from_settings(settings, metrics=metrics, downloader=downloader)
     await store.start()
     loader = Loader()
     loader.prepare(device)  # page-lock the pinned ring now, not inside the first job's load
@@ -123,10 +141,14 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     credentials.configure(credentials.CredentialResolver(
         secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     runner = build_runner(settings, device)
+    uses_weights = getattr(runner, "uses_loaded_weights", True)
+    gpu_model, gpu_vram, reported_vram_budget = reported_gpu(
+        uses_loaded_weights=uses_weights, seen_model=gpu_model, seen_vram_bytes=vram_total,
+        vram_budget_bytes=vram_budget, model_setting=settings.gpu_model, vram_setting=settings.gpu_vram_bytes)
 
     await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
     identity = status_report.Identity(pod=settings.pod_name or name, node=settings.node_name or "",
-                                      zone=settings.zone or "", gpu_model=gpu_model, vram_bytes=vram_total)
+                                      zone=settings.zone or "", gpu_model=gpu_model, vram_bytes=gpu_vram)
     writer: StatusWriter
     worker = JobWorker(objects=objects, settings=JobSettings(
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
@@ -139,9 +161,15 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
                            resolve=lambda mc: model_source(objects, mc), failures=worker.model_failures,
                            on_change=lambda: writer.kick())
 
+    def vram_view() -> status_report.TierView:
+        if uses_weights:
+            return tier_view(weights.vram, vram_budget)
+        # The runner's own GPU holds the loaded copies; the agent's tier stays empty.
+        return status_report.TierView(budget_bytes=reported_vram_budget, used_bytes=0, reserved_bytes=0, entries=())
+
     def build():  # type: ignore[no-untyped-def]
         return status_report.build_status(
-            identity=identity, disk=disk_view(store), ram=tier_view(weights.ram, 0), vram=tier_view(weights.vram, vram_budget),
+            identity=identity, disk=disk_view(store), ram=tier_view(weights.ram, 0), vram=vram_view(),
             slots=settings.job_slots, queue_slots=settings.queue_slots, running=worker.running(),
             failures=list(worker.model_failures.values()),
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),

@@ -107,6 +107,7 @@ class OrderFollower:
                 task.cancel()
             self.store.abandon(key)
             self._backoff.pop(key, None)
+            self.failures.pop(key, None)  # no longer ordered: its failure says nothing the operator needs
         for key in sorted(wanted - self.held):
             log.info("order: hold %s", key)
             self.store.hold(key)
@@ -116,10 +117,18 @@ class OrderFollower:
         self.on_change()
 
     def reconcile(self) -> None:
-        """Start a prefetch for every held model that is neither on disk, nor coming, nor backing off."""
+        """Start a prefetch for every held model that is neither on disk, nor coming, nor backing off.
+
+        A held model that reached the disk another way (a job downloaded it) forgets its
+        failed prefetches: nothing is retried and nothing stands reported."""
         now = self._clock()
         for key in sorted(self.held):
-            if key in self._fetching or self.store.is_cached(key):
+            if self.store.is_cached(key):
+                self._backoff.pop(key, None)
+                if self.failures.pop(key, None) is not None:
+                    self.on_change()
+                continue
+            if key in self._fetching:
                 continue
             backoff = self._backoff.get(key)
             if backoff is not None and now < backoff.not_before:
@@ -127,15 +136,18 @@ class OrderFollower:
             self._fetching[key] = asyncio.get_running_loop().create_task(self._prefetch(key), name=f"order {key}")
 
     def _next_retry_in_s(self) -> float | None:
-        waiting = [b.not_before for k, b in self._backoff.items() if k in self.held and k not in self._fetching]
+        waiting = [b.not_before for k, b in self._backoff.items()
+                   if k in self.held and k not in self._fetching and not self.store.is_cached(k)]
         return max(0.0, min(waiting) - self._clock()) if waiting else None
 
     async def _prefetch(self, key: str) -> None:
         name = key.rsplit("/", 1)[-1]
         failure: ModelFailure | None = None
+        identity: dict[str, Any] = {}  # of the ModelCache read: a failure names its uid and generation
         try:
             obj = await asyncio.to_thread(self.objects.get, "ModelCache", name)
             mc = ModelCache.model_validate(obj)
+            identity = {"uid": mc.metadata.get("uid"), "generation": mc.metadata.get("generation")}
             source = await asyncio.to_thread(self.resolve, mc)
             # The copy starts from the model's fleet-wide rank, as a job's download does.
             await self.store.prefetch(source, rank_hint_s=mc.status.use_rank if mc.status is not None else None)
@@ -144,7 +156,7 @@ class OrderFollower:
             raise
         except DiskStoreError as exc:
             failure = ModelFailure(name=name, reason=exc.reason, message=exc.message, retryable=exc.retryable,
-                                   at=kube.now_rfc3339())
+                                   at=kube.now_rfc3339(), **identity)
         except Exception as exc:
             retryable = True
             if kube.is_not_found(exc):
@@ -155,7 +167,7 @@ class OrderFollower:
                 message = str(getattr(exc, "message", None) or exc)
                 retryable = bool(getattr(exc, "retryable", True))
             failure = ModelFailure(name=name, reason=reason, message=message, retryable=retryable,
-                                   at=kube.now_rfc3339())
+                                   at=kube.now_rfc3339(), **identity)
         finally:
             if self._fetching.get(key) is asyncio.current_task():  # a re-hold may have started a newer one
                 del self._fetching[key]

@@ -53,7 +53,6 @@ class Weights:
         """Called with the key of every host copy evicted from the RAM tier."""
         self._lock = threading.RLock()  # re-entered when a finished future's callback runs at once
         self._deferred: dict[str, str] = {}  # key -> path: re-read into RAM once the current load is done
-        self._dropping: set[str] = set()  # keys being dropped: leaving VRAM, but not for RAM
         self._background: set[Future[None]] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._stage_loader: Loader | None = None
@@ -122,22 +121,10 @@ class Weights:
         except InsufficientCache as err:
             log.info("not staging %s in RAM: %s", key, err)
 
-    def drop(self, key: str) -> None:
-        """Forget a model in every hot tier (its file changed or was removed); nothing is
-        demoted. Raises ModelInUse while a job uses it."""
-        with self._lock:
-            self._dropping.add(key)
-        try:
-            self.vram.evict(key)
-        finally:
-            with self._lock:
-                self._dropping.discard(key)
-                self._deferred.pop(key, None)
-        if self.ram is not None:
-            self.ram.evict(key)
-
     def settle(self, timeout_s: float | None = None) -> bool:
-        """Wait for background work (models leaving VRAM being re-read into RAM); False on timeout."""
+        """Wait for background work (models leaving VRAM being re-read into RAM); False on timeout.
+
+        A seam for tests and benchmarks, which need that work finished before they look."""
         with self._lock:
             pending = set(self._background)
         return not wait(pending, timeout=timeout_s).not_done
@@ -172,10 +159,8 @@ class Weights:
         that load is done; only a model whose file is gone is copied out of VRAM at once.
         """
         self._forget(key, model)
-        with self._lock:
-            dropping = key in self._dropping
-        if dropping or self.ram is None or self.ram.holds(key, model.identity):
-            return  # dropped, no RAM tier, or it came from RAM and the copy is still there
+        if self.ram is None or self.ram.holds(key, model.identity):
+            return  # no RAM tier, or it came from RAM and the copy is still there
         current = _identity_or_none(model.path) if model.path else None
         if model.identity is not None and current == model.identity:
             with self._lock:

@@ -1,7 +1,6 @@
 """Loader benchmark: Stoker's loader against the common safetensors loaders, cold and warm.
 
-    python -m bench.loader_bench --size-gb 3 [--runs 5] [--device cpu|cuda[:N]] [--file PATH]
-    python bench/loader_bench.py ...   (the same, also with PYTHONSAFEPATH=1)
+    .venv/bin/python bench/loader_bench.py --size-gb 3 [--runs 5] [--device cpu|cuda[:N]] [--file PATH]
 
 Creates a safetensors file shaped like a diffusion checkpoint (thousands of fp16 tensors,
 a few large ones) unless ``--file`` is given, then loads it with every loader in the same
@@ -13,7 +12,7 @@ host-to-device copy bandwidth. Then the issue's targets are checked (met, or mis
 how much and why). Loaders that are missing or fail are listed with the reason. The
 tables are printed and written to the ``loader`` section of BENCHMARKS.md.
 
-On a GPU machine: ``python -m bench.loader_bench --device cuda --size-gb 5`` (root, for
+On a GPU machine: ``.venv/bin/python bench/loader_bench.py --device cuda --size-gb 5`` (root, for
 dropping the page cache; ``--drop fadvise`` otherwise).
 """
 

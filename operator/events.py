@@ -17,6 +17,12 @@ distinct events wait does a new one get dropped, and then it is counted in
 `stoker_events_dropped_total` (merges in `stoker_events_aggregated_total`).
 Each write creates one Event (the chart grants the operator `create` on events, not
 `patch`), so a series that recurs after being written starts a new Event object.
+
+Recording is best effort, as in client-go: a write that fails on the connection (a
+reset keep-alive connection, a refused or timed-out connect: urllib3 errors that are
+not OSError) or with a 429/5xx answer is tried once more after `retry_s`; then, or at
+once for any other refusal, the Event is dropped and counted. No failure ever stops a
+writer thread, so `flush()` and shutdown never wait on a queue nobody drains.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import urllib3.exceptions
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -115,6 +122,19 @@ class EventCorrelator:
         return self.pending.popitem(last=False)[1]
 
 
+def _is_transient(exc: Exception) -> bool:
+    """Worth one more try: the connection failed, or the server was overloaded or failing."""
+    if isinstance(exc, ApiException):
+        return exc.status == 429 or (exc.status or 0) >= 500
+    return isinstance(exc, (OSError, urllib3.exceptions.HTTPError))
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _ts(epoch_s: float) -> str:
     return dt.datetime.fromtimestamp(epoch_s, dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -124,13 +144,19 @@ class EventRecorder:
 
     def __init__(self, api: client.ApiClient, *, component: str = "stoker-operator", threads: int = 2,
                  correlator: EventCorrelator | None = None, wall: Callable[[], float] = time.time,
-                 busy: Callable[[], bool] = lambda: False, yield_s: float = 0.5) -> None:
+                 busy: Callable[[], bool] = lambda: False, yield_s: float = 0.5, retry_s: float = 0.5,
+                 warn_every_s: float = 30.0) -> None:
         self.core = client.CoreV1Api(api)
         self.component = component
         self.correlator = correlator or EventCorrelator()
         self.wall = wall
         self.busy = busy
         self.yield_s = yield_s
+        self.retry_s = retry_s
+        self.warn_every_s = warn_every_s
+        """Failed writes are logged as warnings at most this often (the rest at DEBUG, counted)."""
+        self._warned_at = -float("inf")
+        self._unwarned = 0
         self._cond = threading.Condition()
         self._stop = False
         self._stopping = threading.Event()
@@ -157,7 +183,7 @@ class EventRecorder:
                     self._cond.wait()
                 if self._stop and not self.correlator.pending:
                     return
-            if self.busy():
+            if self._is_busy():
                 # Give way to bindings (not woken by new events); repeats keep merging meanwhile.
                 self._stopping.wait(self.yield_s)
             with self._cond:
@@ -167,6 +193,9 @@ class EventRecorder:
                 self._writing += 1
             try:
                 self._write(ev)
+            except Exception:  # a bug building the Event: lose this one, keep the thread
+                metrics.EVENTS_DROPPED.inc()
+                log.exception("could not build event %s", ev.reason)
             finally:
                 with self._cond:
                     self._writing -= 1
@@ -187,18 +216,51 @@ class EventRecorder:
             "firstTimestamp": _ts(ev.first_at), "lastTimestamp": _ts(ev.last_at),
             "source": {"component": self.component},
         }
-        try:
-            response = self.core.create_namespaced_event(ns, body, _preload_content=False)
-            response.read()  # drain it so that the connection goes back to the pool
-            response.release_conn()
+        for attempt in (1, 2):
+            try:
+                self._create(ns, body)
+            except Exception as exc:  # best effort, like client-go: never fail the caller, never end the thread
+                if attempt == 1 and _is_transient(exc) and not self._stopping.is_set():
+                    log.debug("retrying event %s on %s/%s after %s", ev.reason, ns, meta.get("name"), _describe(exc))
+                    self._stopping.wait(self.retry_s)
+                    continue
+                metrics.EVENTS_DROPPED.inc()
+                self._warn_dropped(ev, ns, exc)
+                return
             metrics.EVENTS_WRITTEN.inc()
-        except (ApiException, OSError) as exc:  # best-effort, like client-go: never fail the caller
-            metrics.EVENTS_DROPPED.inc()
-            log.warning("could not record event %s on %s/%s: %s", ev.reason, ns, meta.get("name"),
-                        getattr(exc, "reason", exc))
+            return
+
+    def _create(self, namespace: str, body: dict[str, Any]) -> None:
+        response = self.core.create_namespaced_event(namespace, body, _preload_content=False)
+        try:
+            response.read()  # drain it so that the connection can go back to the pool
+        finally:
+            response.release_conn()
+
+    def _is_busy(self) -> bool:
+        try:
+            return bool(self.busy())
+        except Exception:  # a broken probe must not stop the writers; write as if idle
+            log.exception("the busy() probe of the event recorder failed")
+            return False
+
+    def _warn_dropped(self, ev: PendingEvent, namespace: str, exc: Exception) -> None:
+        what = f"could not record event {ev.reason} on {namespace}/{ev.ref.get('metadata', {}).get('name')}: {_describe(exc)}"
+        now = time.monotonic()
+        with self._cond:
+            quiet = now - self._warned_at < self.warn_every_s
+            if quiet:
+                self._unwarned += 1
+            else:
+                unwarned, self._warned_at, self._unwarned = self._unwarned, now, 0
+        if quiet:
+            log.debug("%s", what)
+            return
+        more = f" ({unwarned} more dropped since the last warning)" if unwarned else ""
+        log.warning("%s%s; Events are best effort, see stoker_events_dropped_total", what, more)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until every queued event is written (tests, shutdown); False on timeout."""
+        """Wait until every queued event is written or dropped (tests, shutdown); False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while self.correlator.pending or self._writing:

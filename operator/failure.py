@@ -54,6 +54,18 @@ class _Transition:
     warning: bool = False
 
 
+def unavailable_message(art: str, verdict: sourcehealth.SourceVerdict,
+                        settings: sourcehealth.SourceHealthSettings) -> str:
+    """Why a job of a Failed model fails, and what brings the model back (see sourcehealth)."""
+    what = f"model {art} cannot be fetched ({verdict.reason}: {verdict.message})"
+    if not verdict.permanent:
+        return f"{what}; submit the job again once the source is back"
+    return (f"{what}; if its url or sha256 is wrong, delete the ModelCache and create it again with the right "
+            f"one (both are immutable); if its Secret or server was at fault, fix that: new jobs try the source "
+            f"again once the failure is {settings.permanent_max_age_s / 60:.0f} min old, or at once after any "
+            "change of the ModelCache's spec; then submit the job again")
+
+
 class Reconciler:
     def __init__(self, state: State, writer: Writer, *, lease_grace_s: float | None) -> None:
         self.state = state
@@ -177,10 +189,8 @@ class Reconciler:
                 return art, verdict
         return None
 
-    @staticmethod
-    def _unavailable_message(art: str, verdict: sourcehealth.SourceVerdict) -> str:
-        return (f"model {art} cannot be fetched ({verdict.reason}: {verdict.message}); fix or replace the "
-                "ModelCache's source and submit the job again")
+    def _unavailable_message(self, art: str, verdict: sourcehealth.SourceVerdict) -> str:
+        return unavailable_message(art, verdict, self.state.source_settings)
 
     @staticmethod
     def _outcome(before: jobstate.JobState, after: jobstate.JobState, why: str) -> _Transition:

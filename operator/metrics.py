@@ -49,7 +49,7 @@ EVENTS_AGGREGATED = prom.Counter(
     registry=REGISTRY)
 EVENTS_DROPPED = prom.Counter(
     "stoker_events_dropped_total",
-    "Kubernetes Events not recorded: too many distinct ones waiting, or the API server refused the write.",
+    "Kubernetes Events not recorded: too many distinct ones waiting, or writing them failed (refused, or no connection).",
     registry=REGISTRY)
 SOURCE_FAILED_MODELS = prom.Gauge(
     "stoker_source_failed_models", "ModelCaches whose source counts as Failed (their jobs fail with ModelUnavailable).",

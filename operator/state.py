@@ -141,6 +141,11 @@ class ObservedModel:
     resource_version: str
     generation: int
     resource: ModelCache
+    spec_since: float | None = None
+    """When the current spec took effect, as far as the metadata tells (see `spec_changed_at`)."""
+
+    def identity(self) -> sourcehealth.ModelIdentity:
+        return sourcehealth.ModelIdentity(uid=self.uid, generation=self.generation, spec_since=self.spec_since)
 
     def ref(self) -> dict[str, Any]:
         return {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
@@ -222,9 +227,29 @@ def model_from_body(body: Mapping[str, Any]) -> ObservedModel:
         meta = body.get("metadata", {})
         raise StateError(f"ModelCache {meta.get('namespace')}/{meta.get('name')} does not validate: {exc}") from exc
     meta = model.metadata
+    generation = int(meta.get("generation") or 0)
     return ObservedModel(key=f"{model.namespace}/{model.name}", namespace=model.namespace, name=model.name,
                          uid=str(meta.get("uid", "")), resource_version=str(meta.get("resourceVersion", "")),
-                         generation=int(meta.get("generation") or 0), resource=model)
+                         generation=generation, resource=model, spec_since=spec_changed_at(meta, generation=generation))
+
+
+def spec_changed_at(meta: Mapping[str, Any], *, generation: int) -> float | None:
+    """The earliest time after which the object's current spec surely applied: its creation
+    while generation is 1, else the latest managedFields entry that writes spec (never before
+    the change; later when that writer also changed something else, which only forgets more).
+    Metadata times have whole seconds, so a second is added: anything within the second of
+    the change counts as older. None when the metadata does not tell."""
+    created = parse_time(meta.get("creationTimestamp"))
+    if created is None:
+        return None
+    changed = created
+    if generation > 1:
+        for entry in meta.get("managedFields") or ():
+            if not isinstance(entry, Mapping) or entry.get("subresource"):
+                continue
+            if "f:spec" in (entry.get("fieldsV1") or {}):
+                changed = max(changed, parse_time(entry.get("time")) or changed)
+    return changed + 1.0
 
 
 # --- conversions to the pure cores -------------------------------------------------
@@ -391,7 +416,8 @@ def agent_fetch_failures(agent: ObservedAgent, *, now: float) -> list[sourceheal
     return [sourcehealth.FetchFailure(
         model=f"{agent.namespace}/{f.name}", agent=agent.name, reason=f.reason,
         message=f.message or f"agent {agent.name} reported {f.reason}", retryable=f.retryable,
-        at=parse_time(f.at) or now, standing=True) for f in st.model_failures]
+        at=parse_time(f.at) or now, standing=True, model_uid=f.uid, model_generation=f.generation)
+        for f in st.model_failures]
 
 
 # --- the state -------------------------------------------------------------------
@@ -687,6 +713,7 @@ class State:
         with self.lock:
             agents = list(self.agents.values())
             failing = [self.jobs[k] for k in self.fetch_failing_jobs if k in self.jobs]
+            models = {k: m.identity() for k, m in self.models.items()}
         failures: list[sourcehealth.FetchFailure] = []
         with_copy: set[str] = set()
         for a in agents:
@@ -696,7 +723,7 @@ class State:
             failures.extend(agent_fetch_failures(a, now=now))
         for job in failing:
             failures.extend(job_fetch_failures(job, now=now))
-        verdicts = sourcehealth.plan_source_health(failures, with_copy=with_copy, now=now,
+        verdicts = sourcehealth.plan_source_health(failures, with_copy=with_copy, now=now, models=models,
                                                    settings=self.source_settings)
         with self.lock:
             self.source_failed = verdicts

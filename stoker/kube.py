@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 
 PLURALS = {"ModelCache": "modelcaches", "GenerationJob": "generationjobs", "CacheAgent": "cacheagents"}
 
+REQUEST_TIMEOUT_S: tuple[float, float] = (5.0, 30.0)
+"""(connect, read) seconds of one API request. Without a read timeout a half-open connection
+blocks the calling thread for good; with it the call fails and the caller retries."""
+WATCH_READ_MARGIN_S = 10.0
+"""A watch's read timeout is its server-side timeout_seconds plus this margin."""
+
 
 def now_rfc3339(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -44,28 +50,38 @@ def is_not_found(exc: BaseException) -> bool:
 
 
 class Objects:
-    """Get, list and merge-patch Stoker custom objects in one namespace."""
+    """Get, list and merge-patch Stoker custom objects in one namespace.
 
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+    Every call carries `request_timeout` ((connect, read) seconds), so a hung connection
+    fails the call instead of blocking its thread forever.
+    """
+
+    def __init__(self, api: client.ApiClient, namespace: str, *,
+                 request_timeout: tuple[float, float] = REQUEST_TIMEOUT_S) -> None:
         self.namespace = namespace
+        self.request_timeout = request_timeout
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
 
     def get(self, kind: str, name: str) -> dict[str, Any]:
-        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name)
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name,
+                                                        _request_timeout=self.request_timeout)
 
     def list(self, kind: str, *, label_selector: str = "") -> dict[str, Any]:
         return self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURALS[kind], label_selector=label_selector)
+            GROUP, VERSION, self.namespace, PLURALS[kind], label_selector=label_selector,
+            _request_timeout=self.request_timeout)
 
     def create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], body)
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], body,
+                                                           _request_timeout=self.request_timeout)
 
     def patch(self, kind: str, name: str, body: dict[str, Any], *, resource_version: str | None = None) -> dict[str, Any]:
         """Merge-patch the main resource; with resource_version, fail with 409 if it changed."""
         if resource_version is not None:
             body = {**body, "metadata": {**body.get("metadata", {}), "resourceVersion": resource_version}}
-        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name, body)
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name, body,
+                                                          _request_timeout=self.request_timeout)
 
     def patch_status(self, kind: str, name: str, status: dict[str, Any], *,
                      resource_version: str | None = None) -> dict[str, Any]:
@@ -74,10 +90,11 @@ class Objects:
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
         return self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.namespace, PLURALS[kind], name, body)
+            GROUP, VERSION, self.namespace, PLURALS[kind], name, body, _request_timeout=self.request_timeout)
 
     def delete(self, kind: str, name: str) -> None:
-        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name)
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name,
+                                                    _request_timeout=self.request_timeout)
 
     def event(self, obj: dict[str, Any], *, reason: str, message: str, warning: bool = False,
               component: str = "stoker") -> None:
@@ -95,31 +112,37 @@ class Objects:
             source=client.V1EventSource(component=component),
         )
         try:
-            self.core.create_namespaced_event(self.namespace, event)
+            self.core.create_namespaced_event(self.namespace, event, _request_timeout=self.request_timeout)
         except ApiException as exc:  # events are best-effort; never fail the caller
             log.warning("could not record event %s on %s/%s: %s", reason, self.namespace, meta.get("name"), exc.reason)
 
 
-def stream_events(list_fn: Any, *, stop: Any, on_event: Any, timeout_s: int = 30, **kwargs: Any) -> None:
+def stream_events(list_fn: Any, *, stop: Any, on_event: Any, timeout_s: int = 30,
+                  request_timeout: tuple[float, float] = REQUEST_TIMEOUT_S, **kwargs: Any) -> None:
     """Watch `list_fn` (a namespaced list call) until `stop.is_set()`, calling
     `on_event(type, object)` for every event. Relists after errors and 410 Gone, and
     replays the list as ADDED events so callers see the full state after a gap.
+
+    The listing has `request_timeout`; each watch request ends on the server after
+    `timeout_s` and on the client when nothing arrived for `timeout_s` + WATCH_READ_MARGIN_S
+    (bookmarks keep a quiet watch talking), so a dead connection is noticed and replaced.
 
     Blocking: run it in a thread.
     """
     from kubernetes import watch
 
+    watch_timeout = (request_timeout[0], timeout_s + WATCH_READ_MARGIN_S)
     resource_version = ""
     while not stop.is_set():
         try:
             if not resource_version:
-                listing = list_fn(**kwargs)
+                listing = list_fn(_request_timeout=request_timeout, **kwargs)
                 for item in listing.get("items", []):
                     on_event("ADDED", item)
                 resource_version = listing["metadata"]["resourceVersion"]
             w = watch.Watch()
             for event in w.stream(list_fn, resource_version=resource_version, timeout_seconds=timeout_s,
-                                  allow_watch_bookmarks=True, **kwargs):
+                                  allow_watch_bookmarks=True, _request_timeout=watch_timeout, **kwargs):
                 if stop.is_set():
                     w.stop()
                     break

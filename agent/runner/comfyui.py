@@ -5,8 +5,11 @@ For each job the runner links the job's model files into the server's model fold
 optional VAE, CLIP text encode, KSampler, VAE decode, SaveImage), polls
 ``GET /history/{prompt_id}`` until the prompt finished, and fetches the image with
 ``GET /view``. Cancellation deletes the prompt from the queue and ``POST /interrupt``s
-it. The agent owns the model folders: ComfyUI only ever sees files the agent's disk
-cache has verified, under names derived from the model name and content hash.
+it. The agent owns one subfolder of each model folder, ``stoker/`` (``checkpoints/stoker/``,
+``loras/stoker/``, ``vae/stoker/``): there ComfyUI only ever sees files the agent's disk cache
+has verified, under names derived from the model name and content hash, and workflows name
+them ``stoker/<file>`` (ComfyUI lists model files in subfolders under such relative names).
+The user's own files elsewhere in the model folders are never touched.
 
 The agent runs this runner with ``--runner comfyui`` (env ``STOKER_RUNNER=comfyui``, chart
 ``agent.runner.kind: comfyui``); its settings are ``comfyui_url``, ``comfyui_models_dir``,
@@ -17,9 +20,10 @@ cache volume at the same path as the agent (the chart's sidecar does); ``copy`` 
 shared path but doubles the disk used. The agent loads nothing into its own memory tiers for
 this runner (`uses_loaded_weights` is false): ComfyUI loads the weights on the same GPU.
 
-Files the runner placed are pruned when the runner starts and after every job: a link whose
-target the disk cache evicted, or a copy of an evicted file, is removed unless a running job
-uses it.
+Files in the ``stoker/`` subfolders are pruned when the runner starts and after every job: a
+link whose target the disk cache evicted, or a copy of an evicted file, is removed unless a
+running job uses it. (A copy from an earlier run of the agent is removed too and copied again
+when a job needs it: the runner cannot tell which cached file it came from.)
 
 ComfyUI reports progress only over its websocket; this runner polls, so it reports
 the last step when the prompt finishes. A batch comes back as one PNG with the images side
@@ -79,25 +83,35 @@ COMFY_SAMPLERS: Mapping[base.Sampler, str] = {
     base.Sampler.LCM: "lcm",
 }
 
+OWN_SUBDIR = "stoker"
+"""The subfolder of each ComfyUI model folder that belongs to the agent; nothing outside it is touched."""
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _HEX12 = re.compile(r"^[0-9a-fA-F]{12}")
-_PLACED = re.compile(r".+-[0-9a-f]{12}\.safetensors")  # what model_filename makes; other files are the user's
 
 
 def model_filename(artifact: LoadedArtifact) -> str:
-    """The file name ComfyUI sees for `artifact`: the sanitised model name plus a content-hash tag. Pure."""
+    """The file name of `artifact` in the agent's subfolder: the sanitised model name plus a
+    content-hash tag. Pure."""
     stem = _UNSAFE.sub("_", artifact.name).strip("._")[:80] or "model"
     identity = artifact.sha256 if _HEX12.match(artifact.sha256) else hashlib.sha256(artifact.sha256.encode()).hexdigest()
     return f"{stem}-{identity[:12].lower()}.safetensors"
 
 
+def own_folder(models_dir: pathlib.Path, kind: ArtifactKind) -> pathlib.Path:
+    """Where the agent places files of `kind`: the ``stoker/`` subfolder of ComfyUI's folder for it."""
+    return models_dir / MODEL_SUBDIRS[kind] / OWN_SUBDIR
+
+
 def sync_model_folder(models_dir: pathlib.Path, artifacts: Iterable[LoadedArtifact], *,
                       link: str = "symlink") -> dict[str, str]:
-    """Make every artifact's verified file visible in ComfyUI's `models_dir`; return sha256 → file name.
+    """Make every artifact's verified file visible in ComfyUI's `models_dir`; return sha256 → the
+    name a workflow uses for it (``stoker/<file>``).
 
-    Files appear under ``checkpoints/``, ``loras/`` and ``vae/`` with `model_filename`
-    names (never a user-supplied path). `link` is ``symlink`` (no copy; the agent pins the
-    cached file while the job runs) or ``copy`` (written to a temporary name, then renamed).
+    Files appear under ``checkpoints/stoker/``, ``loras/stoker/`` and ``vae/stoker/`` with
+    `model_filename` names (never a user-supplied path). `link` is ``symlink`` (no copy; the
+    agent pins the cached file while the job runs) or ``copy`` (written to a temporary name,
+    then renamed).
     """
     if link not in ("symlink", "copy"):
         raise ValueError(f"link must be 'symlink' or 'copy', not {link!r}")
@@ -106,7 +120,7 @@ def sync_model_folder(models_dir: pathlib.Path, artifacts: Iterable[LoadedArtifa
         if artifact.path is None:
             raise RunnerError(Reason.BACKEND_FAILED,
                               f"{artifact.kind} {artifact.name!r} has no file in the disk cache to give ComfyUI")
-        folder = models_dir / MODEL_SUBDIRS[artifact.kind]
+        folder = own_folder(models_dir, artifact.kind)
         folder.mkdir(parents=True, exist_ok=True)
         name = model_filename(artifact)
         target = folder / name
@@ -121,20 +135,21 @@ def sync_model_folder(models_dir: pathlib.Path, artifacts: Iterable[LoadedArtifa
             temporary = folder / f".{name}.{os.getpid()}.partial"
             shutil.copyfile(source, temporary)
             os.replace(temporary, target)
-        names[artifact.sha256] = name
+        names[artifact.sha256] = f"{OWN_SUBDIR}/{name}"
     return names
 
 
 def prune_model_folder(models_dir: pathlib.Path, *, keep: Iterable[str]) -> list[pathlib.Path]:
-    """Remove files this runner placed (``*-<12 hex digits>.safetensors``) that are not in `keep`; return them."""
+    """Remove the files in the agent's ``stoker/`` subfolders whose workflow names (``stoker/<file>``)
+    are not in `keep`; return them. Files outside those subfolders are the user's and stay."""
     kept = set(keep)
     removed = []
-    for subdir in MODEL_SUBDIRS.values():
-        folder = models_dir / subdir
-        if not folder.is_dir():
+    for kind in MODEL_SUBDIRS:
+        folder = own_folder(models_dir, kind)
+        if not folder.is_dir() or folder.is_symlink():
             continue
         for path in folder.iterdir():
-            if _PLACED.fullmatch(path.name) and path.name not in kept:
+            if (path.is_file() or path.is_symlink()) and f"{OWN_SUBDIR}/{path.name}" not in kept:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
@@ -180,7 +195,7 @@ class ComfyUISettings:
     url: str = "http://127.0.0.1:8188"
     """Base URL of the server beside the agent."""
     models_dir: pathlib.Path = pathlib.Path("/comfyui/models")
-    """ComfyUI's ``models/`` folder; the agent writes ``checkpoints/``, ``loras/`` and ``vae/`` in it."""
+    """ComfyUI's ``models/`` folder; the agent writes only in ``checkpoints/stoker/``, ``loras/stoker/`` and ``vae/stoker/``."""
     link: str = "symlink"
     """``symlink`` (the server must see the agent's cache at the same path) or ``copy`` model files into the folders."""
     poll_interval_s: float = 0.2
@@ -203,8 +218,8 @@ class ComfyUIRunner:
         self._sleep = sleep
         self.client_id = uuid.uuid4().hex
         self._lock = threading.Lock()
-        self._in_use: collections.Counter[str] = collections.Counter()  # placed file names of running jobs
-        self._sources: dict[str, pathlib.Path] = {}  # placed file name -> the cached file it came from
+        self._in_use: collections.Counter[str] = collections.Counter()  # workflow names of running jobs' files
+        self._sources: dict[str, pathlib.Path] = {}  # workflow name -> the cached file it came from
         self.prune()
 
     def close(self) -> None:
@@ -215,17 +230,17 @@ class ComfyUIRunner:
         with self._lock:
             keep = set(self._in_use)
             keep.update(name for name, source in self._sources.items() if source.exists())
-            for subdir in MODEL_SUBDIRS.values():
-                folder = self.settings.models_dir / subdir
+            for kind in MODEL_SUBDIRS:
+                folder = own_folder(self.settings.models_dir, kind)
                 if folder.is_dir():  # links from an earlier run whose target is still cached
-                    keep.update(p.name for p in folder.iterdir() if p.is_symlink() and p.exists())
+                    keep.update(f"{OWN_SUBDIR}/{p.name}" for p in folder.iterdir() if p.is_symlink() and p.exists())
             try:
                 removed = prune_model_folder(self.settings.models_dir, keep=keep)
             except OSError as error:
                 log.warning("could not prune ComfyUI's model folder %s: %s", self.settings.models_dir, error)
                 return []
             for path in removed:
-                self._sources.pop(path.name, None)
+                self._sources.pop(f"{OWN_SUBDIR}/{path.name}", None)
         if removed:
             log.info("removed %d model file(s) from %s that the disk cache no longer holds", len(removed),
                      self.settings.models_dir)

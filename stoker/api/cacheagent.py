@@ -117,6 +117,10 @@ class ModelFailure(StokerModel):
     """Whether trying again later may succeed."""
     at: str | None = Field(default=None, max_length=64)
     """When it failed (RFC 3339)."""
+    uid: str | None = Field(default=None, max_length=128)
+    """metadata.uid of the ModelCache whose source failed (the operator ignores failures of an earlier one)."""
+    generation: int | None = Field(default=None, ge=0)
+    """metadata.generation of that ModelCache (the operator ignores failures of an earlier spec)."""
 
 
 class CacheAgentStatus(StokerModel):
@@ -147,8 +151,7 @@ class CacheAgentStatus(StokerModel):
     slots: int = Field(default=1, ge=0, le=1024)
     """Generations the agent runs at once."""
     queue_slots: int = Field(default=0, ge=0, le=1024)
-    """Jobs the agent accepts beyond `slots`: it downloads and loads their models while the
-    running generations finish, so a model swap overlaps the previous job."""
+    """Jobs the agent accepts beyond `slots`: it downloads and loads their models while the running generations finish, so a model swap overlaps the previous job."""
     free_slots: int = 0
     """Jobs the operator may still bind: slots + queueSlots minus the jobs bound and not finished."""
     running: list[RunningJob] = Field(default_factory=list, max_length=1000)

@@ -28,12 +28,16 @@ Field ownership (one writer per field):
   the agent renews it every LEASE_RENEW_S; the operator marks the agent NotReady when
   renewTime is older than leaseDurationSeconds.
 - CacheAgent status.modelFailures: the agent lists every fetch or verification
-  failure it still stands by (name, reason, retryable, at). The operator counts them,
-  together with job attempts whose failure reason blames the source (HTTPServerError,
-  Timeout, ChecksumMismatch, ...; see stoker.operator.sourcehealth), and sets the
-  ModelCache's Failed condition when one is permanent or retryable ones pile up across
-  agents within ten minutes; then the model's jobs fail with ModelUnavailable. The
-  condition clears as soon as a Ready agent reports a copy on disk.
+  failure it still stands by (name, reason, retryable, at, and the uid and generation
+  of the ModelCache it read); it drops one when a later fetch succeeds or the model's
+  hold is released. The operator counts those of the current ModelCache (same uid and
+  generation), together with job attempts whose failure reason blames the source
+  (HTTPServerError, Timeout, ChecksumMismatch, ...; see stoker.operator.sourcehealth)
+  and that happened after the current spec took effect, and sets the ModelCache's
+  Failed condition when one is permanent (and under an hour old) or retryable ones pile
+  up across agents within ten minutes; then the model's jobs fail with ModelUnavailable.
+  The condition clears as soon as a Ready agent reports a copy on disk, the ModelCache
+  is created again or its spec changes, or the failures age out.
 
 Kubernetes Events: one writer per transition, as with status fields. Whoever makes
 a transition emits its Event, as the kubelet does for the containers it runs:

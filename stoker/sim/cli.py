@@ -320,7 +320,7 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
         "scheduling passes (building views and deciding) per binding; `core us/binding` and `core us/job`: CPU "
         "time of `plan_placement` alone per binding and per examined job.",
         "",
-        f"Command: `{' '.join(['stoker sim', *argv_text(args)])}` ({wall_s / 60:.1f} min wall for all runs).",
+        f"Command: `{' '.join(['.venv/bin/stoker sim', *argv_text(args)])}` ({wall_s / 60:.1f} min wall for all runs).",
         "",
         f"Machine: {_machine()}. 1-minute load average {load_before} when the run started and {load_after} at the end"
         + (" (other work shared the cores: wall times and CPU times per decision are inflated by that contention)."

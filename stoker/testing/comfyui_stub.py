@@ -1,7 +1,8 @@
 """A small HTTP server on 127.0.0.1 that speaks the documented part of ComfyUI's API.
 
 Endpoints: ``POST /prompt`` (validates the graph's node types and model names against
-its ``models/`` folder, as ComfyUI does, answering 400 with ``node_errors``), ``GET
+its ``models/`` folder, as ComfyUI does, answering 400 with ``node_errors``; files in
+subfolders are named by their relative path, ``stoker/x.safetensors``, as ComfyUI lists them), ``GET
 /history/{prompt_id}``, ``GET /view``, ``POST /interrupt``, ``POST /queue`` (delete) and
 a minimal ``GET /object_info``. Prompts run one at a time on a worker thread that
 "renders" a real PNG whose colour depends on the seed and model names. Tests can hold
@@ -27,6 +28,8 @@ KNOWN_NODES = {
     "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
 }
 _MODEL_INPUTS = {"ckpt_name": "checkpoints", "lora_name": "loras", "vae_name": "vae"}
+# The extensions ComfyUI lists in its model folders (folder_paths.supported_pt_extensions).
+MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft")
 # KSampler's sampler_name and scheduler choices in ComfyUI (a subset of its list).
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_sde", "dpmpp_2m",
                  "dpmpp_2m_sde", "ddim", "uni_pc", "deis", "lcm")
@@ -140,7 +143,10 @@ class ComfyUIStub:
         self.deleted.extend(ids)
 
     def _list(self, folder: str) -> list[str]:
-        return sorted(p.name for p in (self.models_dir / folder).iterdir() if p.is_file())
+        """The folder's model files, recursively, by relative path (broken links are not listed)."""
+        root = self.models_dir / folder
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                      if p.is_file() and p.suffix in MODEL_EXTENSIONS)
 
     # -- execution ----------------------------------------------------------------------
 

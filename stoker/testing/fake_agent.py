@@ -7,8 +7,10 @@ Running then Succeeded with a fake result for the current attempt only (every wr
 preconditioned on the version it checked) and records the Running and Succeeded
 Events as the bound agent does, and obeys spec.holds by reporting held models as on
 disk after a delay. Models listed as bad are reported in status.modelFailures
-instead; flaky ones fail with a retryable reason, in modelFailures and in the
-attempts of jobs that use them.
+instead (from a hold, or from a job that needed them, which then fails); flaky ones
+fail with a retryable reason, in modelFailures and in the attempts of jobs that use
+them. Each reported failure names the ModelCache's uid and generation, and a released
+hold drops its model's failure, as a real agent does.
 
 Run it in-process (`FakeAgent(...).start()` / `.stop()` / `.crash()`) or as a process
 that a test can kill -9:
@@ -85,6 +87,8 @@ class FakeAgent:
             name: {"tier": tier, "size": size, "preloaded": name in cfg.preloaded, "lastUsed": None}
             for name, (tier, size) in cfg.models.items()}
         self.held: set[str] = set()
+        self.ordered: set[str] = set()
+        """Models in spec.holds the last time it was read."""
         self.failures: dict[str, dict[str, Any]] = {}
         self.running: dict[str, int] = {}
         self.started: set[tuple[str, int]] = set()
@@ -199,7 +203,14 @@ class FakeAgent:
                 continue
             holds = {h["model"]: h.get("tier", "disk") for h in spec.get("holds") or []}
             now = time.monotonic()
+            new_bad = [m for m in holds if (m in self.cfg.bad_sources or m in self.cfg.flaky_sources)
+                       and m not in self.models and m not in self.failures]
+            identities = {m: self._model_identity(m) for m in new_bad}
             with self.lock:
+                for model in self.ordered - set(holds):
+                    if self.failures.pop(model, None) is not None:
+                        self.dirty.set()
+                self.ordered = set(holds)
                 if set(holds) != self.held:
                     self.held = {m for m in holds if m in self.models}
                     self.dirty.set()
@@ -208,13 +219,10 @@ class FakeAgent:
                         pass
                     elif model in self.cfg.bad_sources:
                         if model not in self.failures:
-                            self.failures[model] = {"name": model, "reason": self.cfg.bad_sources[model],
-                                                    "message": "the source keeps failing", "retryable": False,
-                                                    "at": now_rfc3339()}
-                            self.dirty.set()
+                            self._bad_failure(model, identities.get(model, {}))
                         continue
                     elif model in self.cfg.flaky_sources:
-                        self._flaky_failure(model)
+                        self._flaky_failure(model, identities.get(model, {}))
                         continue
                     if model not in self.models:
                         due = pending.setdefault(model, now + self.cfg.hold_delay_s)
@@ -230,12 +238,27 @@ class FakeAgent:
                     if model in self.models:
                         self.held.add(model)
 
-    def _flaky_failure(self, model: str) -> None:
+    def _model_identity(self, model: str) -> dict[str, Any]:
+        """The uid and generation of ModelCache `model` for a failure report ({} when it cannot be read)."""
+        try:
+            meta = self.objects.get("ModelCache", model).get("metadata", {})
+        except (ApiException, OSError):
+            return {}
+        return {"uid": meta.get("uid"), "generation": meta.get("generation")}
+
+    def _bad_failure(self, model: str, identity: dict[str, Any]) -> None:
+        """Record a non-retryable fetch failure of `model` (callers hold the lock)."""
+        self.failures[model] = {"name": model, "reason": self.cfg.bad_sources[model],
+                                "message": "the source keeps failing", "retryable": False, "at": now_rfc3339(),
+                                **identity}
+        self.dirty.set()
+
+    def _flaky_failure(self, model: str, identity: dict[str, Any]) -> None:
         """Record a retryable fetch failure of `model` (callers hold the lock)."""
         if model not in self.failures:
             self.failures[model] = {"name": model, "reason": self.cfg.flaky_sources[model],
                                     "message": f"{self.cfg.namespace}/{model}: the server answered 503",
-                                    "retryable": True, "at": now_rfc3339()}
+                                    "retryable": True, "at": now_rfc3339(), **identity}
             self.dirty.set()
 
     def add_model(self, name: str, *, tier: str = "disk", size_bytes: int | None = None) -> None:
@@ -348,6 +371,9 @@ class FakeAgent:
         try:
             bad = next((a for a in artifacts if a in self.cfg.bad_sources), None)
             if bad is not None:
+                identity = self._model_identity(bad)
+                with self.lock:
+                    self._bad_failure(bad, identity)
                 self._write_status(name, attempt, {"phase": "Failed", "reason": self.cfg.bad_sources[bad],
                                                    "message": f"model {bad} cannot be fetched", "finishedAt": now_rfc3339()})
                 return
@@ -355,10 +381,11 @@ class FakeAgent:
                                                       "progress": {"step": 0, "steps": spec["params"].get("steps", 20)}},
                                       event=("Running", f"attempt {attempt} started on {self.cfg.name} ({hit} hit)")):
                 return
-            with self.lock:
-                flaky = next((a for a in artifacts if a in self.cfg.flaky_sources and a not in self.models), None)
-                if flaky is not None:
-                    self._flaky_failure(flaky)
+            flaky = next((a for a in artifacts if a in self.cfg.flaky_sources and a not in self.models), None)
+            if flaky is not None:
+                identity = self._model_identity(flaky)
+                with self.lock:
+                    self._flaky_failure(flaky, identity)
             if flaky is not None:
                 reason = self.cfg.flaky_sources.get(flaky, "HTTPServerError")
                 self._write_status(name, attempt, {"attemptFailure": {
@@ -389,6 +416,7 @@ class FakeAgent:
                         m = self.models.setdefault(a, {"tier": "disk", "size": self.cfg.default_size_bytes,
                                                        "preloaded": False, "lastUsed": None})
                         m["lastUsed"] = now_rfc3339()
+                        self.failures.pop(a, None)  # fetched after all
                     self.models[model]["tier"] = "vram"
         finally:
             with self.lock:

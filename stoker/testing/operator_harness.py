@@ -11,6 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from kubernetes import client
+
+from stoker import kube
+
 T = TypeVar("T")
 
 BIN = pathlib.Path(sys.executable).parent
@@ -99,3 +103,18 @@ def fake_agent_process(kubeconfig: pathlib.Path, namespace: str, name: str, log_
                        *args: str) -> Process:
     return Process([sys.executable, "-P", "-m", "stoker.testing.fake_agent", "--kubeconfig", str(kubeconfig),
                     "--namespace", namespace, "--name", name, *args], log_path)
+
+
+def real_agent_process(kubeconfig: pathlib.Path, objects: kube.Objects, name: str, work: pathlib.Path) -> Process:
+    """A real `stoker-agent` on the CPU, with short Lease and status intervals, and the Pod
+    object that stands for its pod (there is no kubelet: the Pod owns its CacheAgent)."""
+    objects.core.create_namespaced_pod(objects.namespace, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(node_name=f"node-{name}", containers=[client.V1Container(name="agent", image="stoker")])))
+    return Process([
+        str(BIN / "stoker-agent"), "--kubeconfig", str(kubeconfig), "--namespace", objects.namespace,
+        "--pod-name", name, "--node-name", f"node-{name}", "--cache-dir", str(work / name / "cache"),
+        "--results-dir", str(work / "results"), "--allow-http", "--metrics-port", "0", "--device", "cpu",
+        "--vram-budget-bytes", "1GiB", "--lease-duration-s", "6", "--lease-renew-interval-s", "1",
+        "--status-min-interval-s", "0.2", "--torch-threads", "1",
+    ], work / f"{name}.log")

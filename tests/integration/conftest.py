@@ -37,6 +37,14 @@ def namespace(control_plane: controlplane.ControlPlane, api_client: client.ApiCl
     return name
 
 
+@pytest.fixture(autouse=True)
+def show_logs_on_failure(tmp_path: pathlib.Path) -> Iterator[None]:
+    """Print the tails of the logs of the processes a test started; pytest shows them only when it failed."""
+    yield
+    for log in sorted(tmp_path.glob("*.log")):
+        print(f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-80:]))
+
+
 @pytest.fixture
 def kubectl(control_plane: controlplane.ControlPlane, namespace: str):  # type: ignore[no-untyped-def]
     """kubectl in the test's namespace: kubectl("get", "gj") -> CompletedProcess."""

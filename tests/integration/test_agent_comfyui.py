@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from PIL import Image
 
 from stoker import kube
@@ -69,7 +70,8 @@ def agent(control_plane, objects, models, comfy, tmp_path_factory) -> Iterator[d
                         "--results-dir", str(work / "results"), "--allow-http", "--metrics-port", "0",
                         "--lease-duration-s", "6", "--lease-renew-interval-s", "1", "--status-min-interval-s", "0.2",
                         "--device", "cpu", "--runner", "comfyui", "--comfyui-url", comfy.url,
-                        "--comfyui-models-dir", str(comfy.models_dir), "--comfyui-poll-interval-s", "0.05"],
+                        "--comfyui-models-dir", str(comfy.models_dir), "--comfyui-poll-interval-s", "0.05",
+                        "--gpu-model", "NVIDIA L40S", "--gpu-vram-bytes", "48GiB"],
                        work / "agent.log").start()
         try:
             wait_for(lambda: objects.get("CacheAgent", AGENT).get("status", {}).get("slots"), timeout_s=120,
@@ -86,10 +88,15 @@ def submit(objects: kube.Objects, name: str, **spec: Any) -> None:
     objects.create("GenerationJob", {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob",
                                      "metadata": {"name": name}, "spec": {"model": "ckpt", "params": params, **spec}})
     obj = objects.get("GenerationJob", name)
-    objects.patch("GenerationJob", name, {"metadata": {"labels": {AGENT_LABEL: AGENT},
-                                                       "annotations": {ATTEMPT_ANNOTATION: "1"}}},
-                  resource_version=obj["metadata"]["resourceVersion"])
-    objects.patch_status("GenerationJob", name, {"phase": "Scheduled", "agent": AGENT, "attempt": 1})
+    body = objects.patch("GenerationJob", name, {"metadata": {"labels": {AGENT_LABEL: AGENT},
+                                                              "annotations": {ATTEMPT_ANNOTATION: "1"}}},
+                         resource_version=obj["metadata"]["resourceVersion"])
+    try:  # as the operator binds: never set the phase back once the agent has moved the job on
+        objects.patch_status("GenerationJob", name, {"phase": "Scheduled", "agent": AGENT, "attempt": 1},
+                             resource_version=body["metadata"]["resourceVersion"])
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 def status_of(objects: kube.Objects, name: str) -> dict[str, Any]:
@@ -110,7 +117,7 @@ def test_a_job_runs_on_comfyui_with_files_from_the_agents_cache_and_nothing_in_t
     image = Image.open(io.BytesIO(pathlib.Path(status["result"]["location"]).read_bytes()))
     assert image.size == (64, 72)
     assert "Sampler: euler_a" in image.text["parameters"]
-    (link,) = (comfy.models_dir / "checkpoints").iterdir()
+    (link,) = (comfy.models_dir / "checkpoints" / "stoker").iterdir()
     assert link.is_symlink()
     assert agent["cache"].resolve() in pathlib.Path(os.readlink(link)).parents
     # The CacheAgent report is debounced: wait for the one that lists the checkpoint.
@@ -118,6 +125,9 @@ def test_a_job_runs_on_comfyui_with_files_from_the_agents_cache_and_nothing_in_t
                   and any(m["name"] == "ckpt" for m in st["models"]) and st,
                   timeout_s=30, message="the CacheAgent to list the checkpoint")
     assert ca["vram"]["usedBytes"] == 0 and ca["hotModels"] == 0  # ComfyUI holds the only loaded copy
+    # The agent runs on CPU, but placement sees ComfyUI's GPU, not the CPU agent's host-memory budget.
+    assert (ca["gpu"]["model"], ca["gpu"]["vramBytes"], ca["vram"]["budgetBytes"]) == ("NVIDIA L40S", 48 * 2**30,
+                                                                                       48 * 2**30)
     assert {m["name"]: m["tier"] for m in ca["models"]}["ckpt"] == "disk"
 
 
@@ -127,8 +137,10 @@ def test_loras_vae_and_a_batch_reach_comfyui_and_come_back_as_one_strip(agent, o
     assert status["phase"] == "Succeeded", status
     graph = list(comfy.prompts.values())[-1]
     types = {node["class_type"]: node["inputs"] for node in graph.values()}
-    assert types["LoraLoader"]["strength_model"] == 0.7 and types["LoraLoader"]["lora_name"].startswith("lora-")
-    assert types["VAELoader"]["vae_name"].startswith("vae-")
+    # The agent's files sit in its own subfolder of each model folder; workflows name them stoker/<file>.
+    assert types["LoraLoader"]["strength_model"] == 0.7
+    assert types["LoraLoader"]["lora_name"].startswith("stoker/lora-")
+    assert types["VAELoader"]["vae_name"].startswith("stoker/vae-")
     assert types["EmptyLatentImage"]["batch_size"] == 2
     assert Image.open(io.BytesIO(pathlib.Path(status["result"]["location"]).read_bytes())).size == (128, 72)
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -37,7 +38,8 @@ from stoker.testing.operator_harness import Process, wait_for
 BIN = pathlib.Path(sys.executable).parent
 AGENT = "agent-0"
 KINDS = {"tiny-sd15": "checkpoint", "tiny-sd15-b": "checkpoint", "tiny-lora": "lora", "tiny-vae": "vae",
-         "big-checkpoint": "checkpoint", "lora-as-checkpoint": "checkpoint", "late-model": "checkpoint"}
+         "big-checkpoint": "checkpoint", "lora-as-checkpoint": "checkpoint", "late-model": "checkpoint",
+         "metrics-model": "checkpoint"}
 VRAM_BUDGET_MIB = 64
 GRACE_S = 4
 
@@ -61,6 +63,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
         "big-checkpoint": big,
         "lora-as-checkpoint": d / "tiny-lora.safetensors",
         "late-model": d / "tiny-sd15.safetensors",
+        "metrics-model": d / "tiny-sd15.safetensors",  # downloaded first by the metrics test: a miss there
     }
 
 
@@ -132,11 +135,29 @@ def submit(objects: kube.Objects, name: str, *, model: str = "tiny-sd15", bind: 
 
 
 def bind_job(objects: kube.Objects, name: str, *, attempt: int, agent: str = AGENT) -> None:
+    """Bind as the operator does (stoker.operator.scheduler): the label and annotation first,
+    then the status, both with resourceVersion preconditions; when the agent has already moved
+    the job on (Running), only agent and attempt are filled in, never the phase set back."""
     obj = objects.get("GenerationJob", name)
-    objects.patch("GenerationJob", name, {"metadata": {"labels": {AGENT_LABEL: agent},
-                                                       "annotations": {ATTEMPT_ANNOTATION: str(attempt)}}},
-                  resource_version=obj["metadata"]["resourceVersion"])
-    objects.patch_status("GenerationJob", name, {"phase": "Scheduled", "agent": agent, "attempt": attempt})
+    body = objects.patch("GenerationJob", name, {"metadata": {"labels": {AGENT_LABEL: agent},
+                                                              "annotations": {ATTEMPT_ANNOTATION: str(attempt)}}},
+                         resource_version=obj["metadata"]["resourceVersion"])
+    status: dict[str, Any] = {"phase": "Scheduled", "agent": agent, "attempt": attempt}
+    version = body["metadata"]["resourceVersion"]
+    for _ in range(5):
+        try:
+            objects.patch_status("GenerationJob", name, status, resource_version=version)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        current = objects.get("GenerationJob", name)["metadata"]
+        if (current.get("labels", {}).get(AGENT_LABEL) != agent
+                or current.get("annotations", {}).get(ATTEMPT_ANNOTATION) != str(attempt)):
+            return
+        version = current["resourceVersion"]
+        status = {"agent": agent, "attempt": attempt}
+    raise AssertionError(f"could not write the binding status of job {name}")
 
 
 def status_of(objects: kube.Objects, name: str) -> dict[str, Any]:
@@ -164,6 +185,17 @@ def parameters_of(status: dict[str, Any]) -> str:
 
 
 LONG = {"steps": 150, "width": 128, "height": 128}
+VERY_LONG = {"steps": 150, "width": 512, "height": 512}  # far longer than any check made while it runs
+
+
+def metric_samples(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def test_the_agent_registers_its_cache_agent_owned_by_its_pod_and_renews_its_lease(agent, objects, ns) -> None:
@@ -202,8 +234,9 @@ def test_a_bound_job_becomes_a_png_of_the_requested_size_with_timings(agent, obj
 
 def test_the_same_seed_gives_the_same_bytes_and_the_second_job_hits_vram(agent, objects) -> None:
     submit(objects, "again-a")
+    a = finished(objects, "again-a")
     submit(objects, "again-b")
-    a, b = finished(objects, "again-a"), finished(objects, "again-b")
+    b = finished(objects, "again-b")
     assert a["result"]["sha256"] == b["result"]["sha256"]
     assert b["cacheHit"] == "vram"
     submit(objects, "other-seed", params={"seed": 8})
@@ -220,8 +253,9 @@ def test_a_lora_changes_the_image(agent, objects) -> None:
 
 
 def test_a_vae_override_changes_the_image(agent, objects) -> None:
+    submit(objects, "plain-for-vae")
     submit(objects, "with-vae", vae="tiny-vae")
-    plain, replaced = finished(objects, "plain"), finished(objects, "with-vae")
+    plain, replaced = finished(objects, "plain-for-vae"), finished(objects, "with-vae")
     assert replaced["phase"] == "Succeeded", replaced
     assert replaced["result"]["sha256"] != plain["result"]["sha256"]
     assert "VAE: tiny-vae" in parameters_of(replaced)
@@ -332,28 +366,38 @@ def test_holds_in_the_spec_are_downloaded_and_reported_as_held(agent, objects) -
 
 
 def test_the_queued_jobs_model_loads_while_the_running_job_generates(agent, objects) -> None:
-    submit(objects, "runs-first", params=LONG)
+    submit(objects, "runs-first", params=VERY_LONG)
     making_progress(objects, "runs-first")
     submit(objects, "waits", model="tiny-sd15-b")
 
     def staged_while_first_runs() -> dict[str, Any] | None:
         ca = objects.get("CacheAgent", AGENT)["status"]
         tiers = {m["name"]: m["tier"] for m in ca["models"]}
-        first = status_of(objects, "runs-first")
-        if first.get("phase") == "Running" and tiers.get("tiny-sd15-b") == "vram":
+        running = {r["name"]: r for r in ca.get("running", [])}
+        if tiers.get("tiny-sd15-b") == "vram" and set(running) == {"runs-first", "waits"}:
             return ca
-        assert first.get("phase") == "Running", "the first job finished before the second one's model was loaded"
+        assert status_of(objects, "runs-first").get("phase") == "Running", "the first job ended too early"
         return None
 
     ca = wait_for(staged_while_first_runs, timeout_s=60, message="tiny-sd15-b loaded while runs-first runs")
     assert ca["freeSlots"] == 0
-    running = {r["name"]: r for r in ca["running"]}
-    assert set(running) == {"runs-first", "waits"}
-    assert all(r["expectedRemainingSeconds"] > 0 for r in running.values())
+    assert all(r["expectedRemainingSeconds"] > 0 for r in ca["running"])
+    objects.delete("GenerationJob", "runs-first")  # it has shown what it had to: free its slot
     waits = finished(objects, "waits")
     assert waits["phase"] == "Succeeded", waits
     assert waits["timings"]["slotWaitSeconds"] > 0
-    assert finished(objects, "runs-first")["phase"] == "Succeeded"
+    in_log(agent["proc"], "job runs-first attempt 1 cancelled")
+
+
+def test_a_job_deleted_and_created_again_under_the_same_name_runs_again(agent, objects) -> None:
+    submit(objects, "recreated")
+    assert finished(objects, "recreated")["phase"] == "Succeeded"
+    objects.delete("GenerationJob", "recreated")
+    wait_for(lambda: not any(i["metadata"]["name"] == "recreated" for i in objects.list("GenerationJob")["items"]),
+             timeout_s=30, message="the job to be gone")
+    submit(objects, "recreated", params={"seed": 9})
+    status = finished(objects, "recreated")
+    assert status["phase"] == "Succeeded" and status["attempt"] == 1 and status["result"]["seed"] == 9
 
 
 def test_a_job_rebound_to_the_same_agent_runs_its_new_attempt_and_only_that_one_writes(agent, objects) -> None:
@@ -388,20 +432,32 @@ def test_deleting_a_running_job_cancels_it(agent, objects) -> None:
 
 
 def test_the_job_metrics_count_outcomes_waits_loads_inference_and_tiers(agent, objects) -> None:
-    text = urllib.request.urlopen(agent["metrics"], timeout=10).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    assert samples['stoker_agent_jobs_total{outcome="succeeded"}'] >= 10
-    assert samples['stoker_agent_jobs_total{outcome="failed"}'] >= 3
-    assert samples['stoker_agent_jobs_total{outcome="cancelled"}'] >= 2
-    assert samples["stoker_agent_job_queue_wait_seconds_count"] >= 10
-    assert samples["stoker_agent_job_load_seconds_count"] >= 10
-    assert samples["stoker_agent_job_inference_seconds_count"] >= 10
-    assert samples['stoker_agent_job_cache_tier_total{tier="miss"}'] >= 1
-    assert samples['stoker_agent_job_cache_tier_total{tier="vram"}'] >= 1
+    before = metric_samples(agent["metrics"])
+    submit(objects, "metrics-miss", model="metrics-model")
+    assert finished(objects, "metrics-miss")["cacheHit"] == "miss"
+    submit(objects, "metrics-hit", model="metrics-model")
+    assert finished(objects, "metrics-hit")["cacheHit"] == "vram"
+    submit(objects, "metrics-failed", model="lora-as-checkpoint")
+    assert finished(objects, "metrics-failed")["phase"] == "Failed"
+    submit(objects, "metrics-cancelled", params=LONG)
+    making_progress(objects, "metrics-cancelled")
+    objects.delete("GenerationJob", "metrics-cancelled")
+    in_log(agent["proc"], "job metrics-cancelled attempt 1 cancelled")
+    after = wait_for(lambda: (m := metric_samples(agent["metrics"])).get(
+        'stoker_agent_jobs_total{outcome="cancelled"}', 0) > before.get('stoker_agent_jobs_total{outcome="cancelled"}', 0)
+        and m, timeout_s=10, message="the cancellation counted")
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('stoker_agent_jobs_total{outcome="succeeded"}') == 2
+    assert grew('stoker_agent_jobs_total{outcome="failed"}') == 1
+    assert grew('stoker_agent_jobs_total{outcome="cancelled"}') == 1
+    assert grew("stoker_agent_job_queue_wait_seconds_count") >= 3
+    assert grew("stoker_agent_job_load_seconds_count") >= 2
+    assert grew("stoker_agent_job_inference_seconds_count") >= 2
+    assert grew('stoker_agent_job_cache_tier_total{tier="miss"}') >= 1
+    assert grew('stoker_agent_job_cache_tier_total{tier="vram"}') >= 1
 
 
 class FlakyProxy:

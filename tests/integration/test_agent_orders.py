@@ -203,30 +203,22 @@ class TestStatusReports:
 
         asyncio.run(main())
 
-    def test_writes_are_debounced_and_a_change_after_a_quiet_spell_goes_out_at_once(self, objects, tmp_path) -> None:
+    def test_a_burst_of_changes_gives_far_fewer_writes_than_changes_and_the_last_value_goes_out(
+            self, objects, tmp_path) -> None:
+        # The debounce timing itself is checked in virtual time (tests/unit/test_reporter.py).
         async def main() -> None:
             async with running_agent(objects, tmp_path / "cache", min_interval_s=1.0) as agent:
                 with StatusWatch(objects) as seen:
                     burst_start = time.monotonic()
-                    for i in range(60):  # a change and a kick every 50 ms for 3 s
+                    for i in range(60):  # a change and a kick every 50 ms
                         agent.extra["slots"] = 10 + i
                         agent.writer.kick()
                         await asyncio.sleep(0.05)
-                    burst_s = time.monotonic() - burst_start
-                    await eventually(lambda: agent.status().get("slots") == 69, timeout_s=5, message="the last value")
+                    await eventually(lambda: agent.status().get("slots") == 69, timeout_s=30, message="the last value")
+                    await eventually(lambda: seen.since(burst_start) and seen.since(burst_start)[-1]["slots"] == 69,
+                                     timeout_s=30, message="the watch to see the last write")
                     writes = len(seen.since(burst_start))
-                    assert 2 <= writes <= burst_s / 1.0 + 2, f"{writes} writes in {burst_s:.1f}s"
-                    # Nothing changes: nothing is written.
-                    quiet_start = time.monotonic()
-                    await asyncio.sleep(2.5)
-                    assert seen.since(quiet_start) == []
-                    # A change after the quiet spell is written at once, not after a debounce delay.
-                    changed = time.monotonic()
-                    agent.extra["slots"] = 99
-                    agent.writer.kick()
-                    await eventually(lambda: seen.since(changed), timeout_s=5, message="the write")
-                    assert seen.since(changed)[0]["slots"] == 99
-                    assert seen.versions[-1][0] - changed < 0.9
+                    assert 1 <= writes <= 20, f"{writes} writes for 60 changes"
 
         asyncio.run(main())
 

@@ -57,6 +57,17 @@ def test_with_the_comfyui_sidecar_comfyui_gets_the_gpu_and_the_agents_paths(helm
     assert "/comfyui/output" in mounts["comfyui"]
 
 
+def test_the_comfyui_gpu_is_reported_by_the_cpu_agent_from_the_values(helm: str) -> None:
+    pod = agent_pod(helm, "-f", str(EXAMPLE), "--set", "agent.runner.comfyui.vramBytes=80Gi",
+                    "--set", "agent.runner.comfyui.gpuModel=NVIDIA H100 80GB HBM3")
+    agent = next(c for c in pod["containers"] if c["name"] == "agent")
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert (env["STOKER_GPU_MODEL"], env["STOKER_GPU_VRAM_BYTES"]) == ("NVIDIA H100 80GB HBM3", "80Gi")
+    unset = agent_pod(helm, "--set", "agent.runner.kind=comfyui")  # no GPU named: none reported, 0 = unknown
+    env = {e["name"]: e.get("value") for e in unset["containers"][0]["env"]}
+    assert "STOKER_GPU_VRAM_BYTES" not in env and "STOKER_GPU_MODEL" not in env
+
+
 def test_the_default_runner_keeps_the_gpu_on_the_agent_and_reports_queue_slots(helm: str) -> None:
     pod = agent_pod(helm)
     (agent,) = pod["containers"]

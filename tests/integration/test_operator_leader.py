@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import collections
-import pathlib
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from kubernetes import client
@@ -20,12 +18,6 @@ from stoker.testing.operator_harness import operator_process, wait_for
 def objects(api_client: client.ApiClient, namespace: str) -> Objects:
     return Objects(api_client, namespace)
 
-
-@pytest.fixture(autouse=True)
-def show_logs_on_failure(tmp_path: pathlib.Path) -> Iterator[None]:
-    yield
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,9 +19,8 @@ from kubernetes import client
 from stoker import kube
 from stoker.testing import tiny_models
 from stoker.testing.model_server import ModelServer
-from stoker.testing.operator_harness import Process, operator_process, wait_for
+from stoker.testing.operator_harness import operator_process, real_agent_process, wait_for
 
-BIN = pathlib.Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -36,25 +33,6 @@ def checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
     return tiny_models.write_tiny_sd15(tmp_path / "tiny-sd15.safetensors", seed=11)
 
 
-def real_agent(control_plane: Any, objects: kube.Objects, name: str, work: pathlib.Path) -> Process:
-    # No kubelet here: the Pod object stands for the agent's pod (owner of its CacheAgent).
-    objects.core.create_namespaced_pod(objects.namespace, client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name),
-        spec=client.V1PodSpec(node_name=f"node-{name}", containers=[client.V1Container(name="agent", image="stoker")])))
-    return Process([
-        str(BIN / "stoker-agent"), "--kubeconfig", str(control_plane.kubeconfig), "--namespace", objects.namespace,
-        "--pod-name", name, "--node-name", f"node-{name}", "--cache-dir", str(work / name / "cache"),
-        "--results-dir", str(work / "results"), "--allow-http", "--metrics-port", "0", "--device", "cpu",
-        "--vram-budget-bytes", "1GiB", "--lease-duration-s", "6", "--lease-renew-interval-s", "1",
-        "--status-min-interval-s", "0.2", "--torch-threads", "1",
-    ], work / f"{name}.log")
-
-
-@pytest.fixture
-def show_logs(tmp_path: pathlib.Path) -> Iterator[None]:
-    yield
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
 
 
 def registered(objects: kube.Objects, name: str) -> bool:
@@ -65,7 +43,7 @@ def registered(objects: kube.Objects, name: str) -> bool:
 
 
 def test_a_real_agent_killed_mid_job_loses_the_job_to_the_other_after_the_lease_grace(
-        control_plane, objects, namespace, tmp_path, checkpoint, show_logs) -> None:
+        control_plane, objects, namespace, tmp_path, checkpoint) -> None:
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     with ModelServer({"tiny-sd15.safetensors": checkpoint}) as server:
         objects.create("ModelCache", {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
@@ -73,8 +51,8 @@ def test_a_real_agent_killed_mid_job_loses_the_job_to_the_other_after_the_lease_
                                           "url": server.url("tiny-sd15.safetensors"), "sha256": digest,
                                           "sizeBytes": checkpoint.stat().st_size}}})
         op = operator_process(control_plane.kubeconfig, namespace, tmp_path / "operator.log", lease_grace_s=3.0).start()
-        a = real_agent(control_plane, objects, "agent-a", tmp_path).start()
-        b = real_agent(control_plane, objects, "agent-b", tmp_path).start()
+        a = real_agent_process(control_plane.kubeconfig, objects, "agent-a", tmp_path).start()
+        b = real_agent_process(control_plane.kubeconfig, objects, "agent-b", tmp_path).start()
         try:
             for name, proc in (("agent-a", a), ("agent-b", b)):
                 wait_for(lambda name=name: registered(objects, name), timeout_s=180,

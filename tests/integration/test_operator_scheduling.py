@@ -46,13 +46,6 @@ def agents(api_client: client.ApiClient, namespace: str) -> Iterator[Any]:
         agent.stop()
 
 
-@pytest.fixture(autouse=True)
-def show_logs_on_failure(tmp_path: pathlib.Path) -> Iterator[None]:
-    """Print the operator's and agents' log tails; pytest shows them only when the test failed."""
-    yield
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-80:]))
-
 
 def model(objects: Objects, name: str, *, size_bytes: int = GIB, replicas: int = 0, hot: int = 0) -> None:
     objects.create("ModelCache", {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache", "metadata": {"name": name},
@@ -210,6 +203,39 @@ def test_a_model_whose_source_keeps_failing_is_marked_failed_and_its_jobs_fail(o
 def model_condition(objects: Objects, name: str, type_: str) -> dict[str, Any] | None:
     conds = (objects.get("ModelCache", name).get("status") or {}).get("conditions", [])
     return next((c for c in conds if c["type"] == type_), None)
+
+
+def test_a_failed_model_recovers_at_once_when_its_modelcache_is_created_again_with_a_good_source(
+        operator, agents, objects) -> None:
+    model(objects, "sd-wrong")
+    agent = agents("agent-a", bad_sources={"sd-wrong": "ChecksumMismatch"}, job_seconds=0.05)
+    job(objects, "first", "sd-wrong")
+    first = wait_for(lambda: finished(objects, "first"), timeout_s=30, message="the first job to fail")
+    assert (first["phase"], first["reason"]) == ("Failed", "ChecksumMismatch")
+    wait_for(lambda: (c := model_condition(objects, "sd-wrong", "Failed")) and c["status"] == "True", timeout_s=30,
+             message="the ModelCache to be Failed")
+    old_uid = objects.get("ModelCache", "sd-wrong")["metadata"]["uid"]
+    # url and sha256 cannot change in place: the ModelCache is deleted and created again, corrected.
+    objects.delete("ModelCache", "sd-wrong")
+
+    def gone() -> bool:
+        try:
+            objects.get("ModelCache", "sd-wrong")
+        except client.exceptions.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone, timeout_s=20, message="the ModelCache to be deleted")
+    agent.cfg.bad_sources.pop("sd-wrong")
+    model(objects, "sd-wrong")
+    reported = objects.get("CacheAgent", "agent-a")["status"]["modelFailures"]
+    assert [(f["name"], f["uid"]) for f in reported] == [("sd-wrong", old_uid)], "the agent still stands by it"
+    job(objects, "second", "sd-wrong")
+    second = wait_for(lambda: finished(objects, "second"), timeout_s=30, message="the second job to finish")
+    assert (second["phase"], second.get("agent")) == ("Succeeded", "agent-a"), second
+    cond = wait_for(lambda: (c := model_condition(objects, "sd-wrong", "Failed")) and c, timeout_s=20,
+                    message="the new ModelCache's Failed condition")
+    assert cond["status"] == "False", cond
 
 
 def test_a_source_failing_with_retryable_errors_on_several_agents_is_failed_until_a_copy_appears(

@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 from kubernetes import client, config
@@ -54,12 +53,6 @@ def chart_rbac(helm: str, control_plane, namespace: str, kubectl) -> None:
 def agent_api(control_plane, chart_rbac) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(control_plane.kubeconfig_for("stoker-agent")))
 
-
-@pytest.fixture(autouse=True)
-def show_logs_on_failure(tmp_path: pathlib.Path) -> Iterator[None]:
-    yield
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
 
 
 def test_operator_and_agent_work_with_only_the_chart_roles(

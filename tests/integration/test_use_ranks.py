@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-import sys
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from kubernetes import client
@@ -22,9 +19,8 @@ from stoker import kube, userank
 from stoker.operator.state import parse_time
 from stoker.testing import tiny_models
 from stoker.testing.model_server import ModelServer
-from stoker.testing.operator_harness import Process, operator_process, wait_for
+from stoker.testing.operator_harness import operator_process, real_agent_process, wait_for
 
-BIN = pathlib.Path(sys.executable).parent
 JOBS_PER_MODEL = 6
 
 
@@ -38,25 +34,6 @@ def checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
     return tiny_models.write_tiny_sd15(tmp_path / "tiny-sd15.safetensors", seed=13)
 
 
-@pytest.fixture
-def show_logs(tmp_path: pathlib.Path) -> Iterator[None]:
-    yield
-    for log in sorted(tmp_path.glob("*.log")):
-        print(f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
-
-
-def real_agent(control_plane: Any, objects: kube.Objects, name: str, work: pathlib.Path) -> Process:
-    # No kubelet here: the Pod object stands for the agent's pod (owner of its CacheAgent).
-    objects.core.create_namespaced_pod(objects.namespace, client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name),
-        spec=client.V1PodSpec(node_name=f"node-{name}", containers=[client.V1Container(name="agent", image="stoker")])))
-    return Process([
-        str(BIN / "stoker-agent"), "--kubeconfig", str(control_plane.kubeconfig), "--namespace", objects.namespace,
-        "--pod-name", name, "--node-name", f"node-{name}", "--cache-dir", str(work / name / "cache"),
-        "--results-dir", str(work / "results"), "--allow-http", "--metrics-port", "0", "--device", "cpu",
-        "--vram-budget-bytes", "1GiB", "--lease-duration-s", "6", "--lease-renew-interval-s", "1",
-        "--status-min-interval-s", "0.2", "--torch-threads", "1",
-    ], work / f"{name}.log")
 
 
 def model_cache(objects: kube.Objects, name: str, server: ModelServer, checkpoint: pathlib.Path) -> None:
@@ -102,7 +79,7 @@ def agent_rank(objects: kube.Objects, agent: str, model: str) -> float | None:
 
 
 def test_jobs_raise_a_models_use_rank_once_each_and_an_agent_that_downloads_it_starts_from_it(
-        control_plane, objects, namespace, tmp_path, checkpoint, show_logs) -> None:
+        control_plane, objects, namespace, tmp_path, checkpoint) -> None:
     with ModelServer({"tiny-sd15.safetensors": checkpoint}) as server:
         model_cache(objects, "busy", server, checkpoint)  # fetched by the agent for a job
         model_cache(objects, "held", server, checkpoint)  # fetched by the agent for a replica order
@@ -128,7 +105,7 @@ def test_jobs_raise_a_models_use_rank_once_each_and_an_agent_that_downloads_it_s
             for name in [f"busy-{i}" for i in range(JOBS_PER_MODEL)] + [f"held-{i}" for i in range(JOBS_PER_MODEL)]:
                 objects.delete("GenerationJob", name)
             objects.patch("ModelCache", "held", {"spec": {"replicas": 1}})
-            agent = real_agent(control_plane, objects, "agent-a", tmp_path).start()
+            agent = real_agent_process(control_plane.kubeconfig, objects, "agent-a", tmp_path).start()
             done = wait_for(lambda: (objects.get("GenerationJob", "busy-late").get("status") or {}).get("phase")
                             in ("Succeeded", "Failed") and objects.get("GenerationJob", "busy-late")["status"],
                             timeout_s=240, interval_s=0.5, message=lambda: f"busy-late to finish\n{agent.tail()}")

@@ -73,10 +73,10 @@ def test_the_workflow_wires_checkpoint_loras_vae_and_sampler(runner, stub, cache
     by_type: dict[str, list[dict]] = {}
     for node in graph.values():
         by_type.setdefault(node["class_type"], []).append(node["inputs"])
-    assert by_type["CheckpointLoaderSimple"] == [{"ckpt_name": "base-bbbbbbbbbbbb.safetensors"}]
+    assert by_type["CheckpointLoaderSimple"] == [{"ckpt_name": "stoker/base-bbbbbbbbbbbb.safetensors"}]
     assert [(n["lora_name"], n["strength_model"]) for n in by_type["LoraLoader"]] == [
-        ("style-cccccccccccc.safetensors", 0.6), ("detail-dddddddddddd.safetensors", 1.2)]
-    assert by_type["VAELoader"] == [{"vae_name": "vae-ft-eeeeeeeeeeee.safetensors"}]
+        ("stoker/style-cccccccccccc.safetensors", 0.6), ("stoker/detail-dddddddddddd.safetensors", 1.2)]
+    assert by_type["VAELoader"] == [{"vae_name": "stoker/vae-ft-eeeeeeeeeeee.safetensors"}]
     (sampler,) = by_type["KSampler"]
     assert (sampler["sampler_name"], sampler["scheduler"], sampler["seed"], sampler["steps"]) == (
         "dpm_2_ancestral", "karras", 11, 4)
@@ -84,10 +84,11 @@ def test_the_workflow_wires_checkpoint_loras_vae_and_sampler(runner, stub, cache
     assert graph[decode["inputs"]["vae"][0]]["class_type"] == "VAELoader"
 
 
-def test_model_files_are_linked_under_safe_names(runner, stub, cache) -> None:
+def test_model_files_are_linked_under_safe_names_in_the_agents_own_subfolder(runner, stub, cache) -> None:
     checkpoint = _artifact(cache, "../../etc/passwd", ArtifactKind.CHECKPOINT, sha="f" * 64)
     _run(runner, checkpoint)
-    (placed,) = (stub.models_dir / "checkpoints").iterdir()
+    assert [p.name for p in (stub.models_dir / "checkpoints").iterdir()] == ["stoker"]
+    (placed,) = (stub.models_dir / "checkpoints" / "stoker").iterdir()
     assert placed.name == "etc_passwd-ffffffffffff.safetensors"
     assert placed.is_symlink() and placed.resolve() == checkpoint.path.resolve()
 
@@ -97,10 +98,11 @@ def test_copy_mode_places_a_real_file_and_prune_removes_what_is_no_longer_held(t
     kept = _artifact(cache, "kept", ArtifactKind.CHECKPOINT, sha="1" * 64)
     gone = _artifact(cache, "gone", ArtifactKind.LORA, sha="2" * 64)
     names = comfyui.sync_model_folder(models, [kept, gone], link="copy")
+    assert names[kept.sha256] == "stoker/kept-111111111111.safetensors"
     placed = models / "checkpoints" / names[kept.sha256]
     assert not placed.is_symlink() and placed.read_bytes() == kept.path.read_bytes()
     removed = comfyui.prune_model_folder(models, keep=[names[kept.sha256]])
-    assert [p.name for p in removed] == [names[gone.sha256]]
+    assert [f"stoker/{p.name}" for p in removed] == [names[gone.sha256]]
     assert placed.exists()
 
 
@@ -141,7 +143,7 @@ def test_a_batch_comes_back_as_one_strip_like_the_built_in_runner(runner, stub, 
 def test_a_link_to_an_evicted_file_is_pruned_after_the_next_job_and_user_files_stay(runner, stub, cache) -> None:
     evicted = _artifact(cache, "old", ArtifactKind.CHECKPOINT, sha="e" * 64)
     _run(runner, evicted)
-    link = stub.models_dir / "checkpoints" / "old-eeeeeeeeeeee.safetensors"
+    link = stub.models_dir / "checkpoints" / "stoker" / "old-eeeeeeeeeeee.safetensors"
     assert link.is_symlink()
     users_own = stub.models_dir / "checkpoints" / "v1-5-pruned.safetensors"
     users_own.write_bytes(b"not placed by stoker")
@@ -149,19 +151,34 @@ def test_a_link_to_an_evicted_file_is_pruned_after_the_next_job_and_user_files_s
     _run(runner, _artifact(cache, "new", ArtifactKind.CHECKPOINT, sha="f" * 64))
     assert not link.is_symlink()
     assert users_own.exists()
-    assert (stub.models_dir / "checkpoints" / "new-ffffffffffff.safetensors").is_symlink()
+    assert (stub.models_dir / "checkpoints" / "stoker" / "new-ffffffffffff.safetensors").is_symlink()
+
+
+def test_the_users_own_files_are_never_pruned_even_with_names_like_the_agents(stub, cache) -> None:
+    mine = stub.models_dir / "checkpoints" / "dreamshaper-0123456789ab.safetensors"  # looks like a placed name
+    mine.write_bytes(b"the user's model")
+    theirs_linked = stub.models_dir / "loras" / "style-aaaaaaaaaaaa.safetensors"
+    theirs_linked.symlink_to(cache / "elsewhere.safetensors")  # even a dangling link of theirs stays
+    for link in ("symlink", "copy"):
+        runner = comfyui.ComfyUIRunner(comfyui.ComfyUISettings(url=stub.url, models_dir=stub.models_dir, link=link,
+                                                               poll_interval_s=0.01))
+        _run(runner, _artifact(cache, "base", ArtifactKind.CHECKPOINT, sha="b" * 64))
+        runner.prune()
+        runner.close()
+    assert mine.read_bytes() == b"the user's model" and theirs_linked.is_symlink()
 
 
 def test_a_dangling_link_left_by_an_earlier_run_is_pruned_at_start(stub, cache) -> None:
     gone = cache / "gone.safetensors"
-    dangling = stub.models_dir / "loras" / "gone-0123456789ab.safetensors"
+    dangling = stub.models_dir / "loras" / "stoker" / "gone-0123456789ab.safetensors"
+    dangling.parent.mkdir()
     dangling.symlink_to(gone)
     kept = _artifact(cache, "kept", ArtifactKind.LORA, sha="a" * 64)
     comfyui.sync_model_folder(stub.models_dir, [kept])
     runner = comfyui.ComfyUIRunner(comfyui.ComfyUISettings(url=stub.url, models_dir=stub.models_dir))
     runner.close()
     assert not dangling.is_symlink()
-    assert (stub.models_dir / "loras" / "kept-aaaaaaaaaaaa.safetensors").is_symlink()
+    assert (stub.models_dir / "loras" / "stoker" / "kept-aaaaaaaaaaaa.safetensors").is_symlink()
 
 
 def test_the_runner_asks_for_file_paths_not_loaded_weights() -> None:
@@ -277,3 +294,18 @@ def test_an_unknown_link_mode_is_refused_naming_the_setting(tmp_path) -> None:
 
     with pytest.raises(SettingsError, match="comfyui_link"):
         RunSettings.from_args(["--cache-dir", str(tmp_path / "cache"), "--comfyui-link", "hardlink"])
+
+
+def test_a_comfyui_agent_on_cpu_reports_the_gpu_from_its_settings_or_an_unknown_vram_never_its_host_budget(
+        tmp_path) -> None:
+    from stoker.agent.main import RunSettings, reported_gpu
+
+    settings = RunSettings.from_args(["--cache-dir", str(tmp_path / "cache"), "--runner", "comfyui",
+                                      "--gpu-model", "NVIDIA L40S", "--gpu-vram-bytes", "48GiB"])
+    seen = {"seen_model": "cpu", "seen_vram_bytes": 0, "vram_budget_bytes": 8 * 2**30}  # the sidecar has the GPU
+    assert reported_gpu(uses_loaded_weights=False, model_setting=settings.gpu_model,
+                        vram_setting=settings.gpu_vram_bytes, **seen) == ("NVIDIA L40S", 48 * 2**30, 48 * 2**30)
+    assert reported_gpu(uses_loaded_weights=False, **seen) == ("unknown", 0, 0)  # 0: placement is not limited
+    on_gpu = {"seen_model": "NVIDIA H200", "seen_vram_bytes": 141 * 10**9, "vram_budget_bytes": 100 * 10**9}
+    assert reported_gpu(uses_loaded_weights=False, **on_gpu) == ("NVIDIA H200", 141 * 10**9, 141 * 10**9)
+    assert reported_gpu(uses_loaded_weights=True, **on_gpu, vram_setting=1) == ("NVIDIA H200", 141 * 10**9, 100 * 10**9)

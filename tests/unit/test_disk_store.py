@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from stoker.agent import status_report
 from stoker.agent.disk_store import DiskStore, DiskStoreError, ModelSource, Priority
 from stoker.agent.download import DownloadPolicy, Downloader, partial_paths
 from stoker.agent.metrics import AgentMetrics
 from stoker.agent.settings import AgentSettings, SettingsError, parse_size_bytes
+from stoker.api.cacheagent import Bandwidths, CacheAgentStatus
 from stoker.testing.model_server import ModelServer
 from stoker.userank import DEFAULT_HALF_LIFE_S, add_use
 
@@ -214,11 +216,13 @@ class TestEviction:
             await store.start()
             await store.ensure(source(server, 1))
             store.hold("team/m1")
-            async with store.use(source(server, 0)) as path:
-                with pytest.raises(DiskStoreError) as info:
-                    await store.ensure(source(server, 2))
-                assert info.value.reason == "InsufficientCache" and info.value.retryable
-                assert "pinned" in info.value.message and path.exists()
+            path = await store.ensure(source(server, 0))
+            store.pin("team/m0")  # a job uses it
+            with pytest.raises(DiskStoreError) as info:
+                await store.ensure(source(server, 2))
+            assert info.value.reason == "InsufficientCache" and info.value.retryable
+            assert "pinned" in info.value.message and path.exists()
+            store.unpin("team/m0")
             store.release("team/m1")
             await store.ensure(source(server, 2))
             assert [m.key for m in store.snapshot().models] == ["team/m2", "team/m0"]
@@ -689,21 +693,32 @@ class TestConfiguration:
         assert b.value("stoker_agent_download_failures_total", {"reason": "ChecksumMismatch"}) == 0
 
 
-class TestBackgroundPrefetch:
-    def test_a_background_prefetch_downloads_and_a_failed_one_is_logged(
-        self, server: ModelServer, make_store: Callable[..., DiskStore], caplog: pytest.LogCaptureFixture
+class TestPrefetch:
+    def test_a_prefetch_downloads_and_a_failed_one_raises_its_reason(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
     ) -> None:
         async def main() -> None:
             store = make_store()
             await store.start()
-            ok = store.start_prefetch(source(server, 0))
-            bad = store.start_prefetch(ModelSource(key="team/gone", url=server.url("gone.safetensors")))
-            await asyncio.wait([ok, bad])
+            ok, bad = await asyncio.gather(
+                store.prefetch(source(server, 0)),
+                store.prefetch(ModelSource(key="team/gone", url=server.url("gone.safetensors"))),
+                return_exceptions=True)
             assert store.is_cached("team/m0") and not store.is_cached("team/gone")
+            assert isinstance(bad, DiskStoreError) and bad.reason == "HTTPNotFound"
             await store.close()
 
         run(main())
-        assert any("team/gone" in r.getMessage() and "HTTPNotFound" in r.getMessage() for r in caplog.records)
+
+
+def cache_agent_status(store: DiskStore) -> CacheAgentStatus:
+    """The CacheAgent status the agent builds from this store (as `stoker-agent` wires it)."""
+    from stoker.agent.main import disk_view
+
+    empty = status_report.TierView(budget_bytes=0, used_bytes=0, reserved_bytes=0, entries=())
+    identity = status_report.Identity(pod="p", node="n", zone="", gpu_model="cpu", vram_bytes=0)
+    return status_report.build_status(identity=identity, disk=disk_view(store), ram=empty, vram=empty, slots=1,
+                                      running=[], failures=[], bandwidth=Bandwidths(), observed_generation=None)
 
 
 class TestReporting:
@@ -717,14 +732,14 @@ class TestReporting:
             store.hold("team/m0")
             with pytest.raises(DiskStoreError):
                 await store.ensure(ModelSource(key="team/bad", url=server.url("bad.safetensors"), sha256="0" * 64))
-            status = store.snapshot().to_status()
-            (model,) = status["models"]
+            status = cache_agent_status(store)
+            (model,) = status.models
             assert (model.name, model.tier, model.size_bytes, model.held) == ("m0", "disk", SIZE, True)
             assert model.last_used and model.last_used.endswith("Z")
-            assert status["disk"].used_bytes == SIZE and status["modelsOnDisk"] == 1
-            (failure,) = status["modelFailures"]
-            assert (failure.name, failure.reason, failure.retryable) == ("bad", "ChecksumMismatch", False)
-            assert status["downloadBps"] > 0
+            assert status.disk.used_bytes == SIZE and status.models_on_disk == 1
+            (failure,) = store.snapshot().failures
+            assert (failure.key, failure.reason, failure.retryable) == ("team/bad", "ChecksumMismatch", False)
+            assert (store.snapshot().download_bandwidth_bytes_per_s or 0) > 0
             await store.close()
 
         run(main())
@@ -921,7 +936,7 @@ class TestUseRanks:
             await self.used(store, "team/m1", 1)  # m1 was used last, m0 never here
             snapshot = {m.key: m.rank_s for m in store.snapshot().models}
             assert snapshot["team/m0"] == busy_elsewhere
-            status = {m.name: m.rank for m in store.snapshot().to_status()["models"]}
+            status = {m.name: m.rank for m in cache_agent_status(store).models}
             assert status["m0"] == round(busy_elsewhere, 3)
             await store.ensure(source(server, 2))
             assert sorted(store.state.entries) == ["team/m0", "team/m2"], "the one-off goes, not the busy model"

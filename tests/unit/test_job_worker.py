@@ -173,6 +173,8 @@ class FakeRunner:
         self.started = threading.Event()
         self.error: RunnerError | None = None
         self.during: Callable[[], None] = lambda: None
+        self.honours_cancel = True
+        """False: a generation that does not look at cancellation until released (one long step)."""
 
     def generate(self, *, checkpoint: LoadedArtifact, loras: Any, vae: Any, request: GenerationRequest,
                  on_step: Callable[[int, int], None], should_cancel: Callable[[], bool]) -> base.GeneratedImage:
@@ -180,7 +182,7 @@ class FakeRunner:
         on_step(1, request.steps)
         self.started.set()
         while not self.hold.wait(0.005):
-            if should_cancel():
+            if should_cancel() and self.honours_cancel:
                 raise RunnerError(Reason.CANCELLED, "cancelled between steps")
         self.during()
         if self.error is not None:
@@ -212,11 +214,12 @@ def job(name: str, *, attempt: int = 1, model: str = "ckpt", agent: str = AGENT,
 
 class Harness:
     def __init__(self, tmp_path: pathlib.Path, *, slots: int = 1, vram_mib: int = 64, ram_mib: int = 0,
-                 grace_s: float = 0.2) -> None:
+                 grace_s: float = 0.2, **settings: Any) -> None:
         self.objects = FakeObjects()
         files = {}
         for name, kind, size in (("ckpt", "checkpoint", 2 * MiB), ("ckpt-b", "checkpoint", 2 * MiB),
-                                 ("lora", "lora", MiB // 4), ("big", "checkpoint", 8 * MiB)):
+                                 ("ckpt-c", "checkpoint", 2 * MiB), ("lora", "lora", MiB // 4),
+                                 ("big", "checkpoint", 8 * MiB)):
             self.objects.add("ModelCache", model_cache(name, kind))
             files[f"{NS}/{name}"] = model_file(tmp_path, name, size)
         self.store = FakeStore(files)
@@ -230,7 +233,8 @@ class Harness:
             objects=self.objects,  # type: ignore[arg-type]
             settings=jobs.JobSettings(agent=AGENT, namespace=NS, slots=slots, results_dir=self.results,
                                       model_not_found_grace_s=grace_s, progress_interval_s=0.01,
-                                      write_backoff_s=0.01, write_max_backoff_s=0.04, shutdown_grace_s=5),
+                                      write_backoff_s=0.01, write_max_backoff_s=0.04,
+                                      **{"shutdown_grace_s": 5, **settings}),
             store=self.store, weights=self.weights, runner=self.runner,  # type: ignore[arg-type]
             metrics=JobMetrics(CollectorRegistry()), on_change=lambda: None, sleep=self._sleep)
 
@@ -244,6 +248,14 @@ class Harness:
 
     def event(self, name: str, kind: str = "MODIFIED") -> None:
         self.worker._on_event(kind, self.objects.get("GenerationJob", name))
+
+    def delete(self, name: str) -> None:
+        """The job is deleted and the DELETED event reaches the agent."""
+        gone = self.objects.objects.pop(("GenerationJob", name))
+        self.worker._on_event("DELETED", copy.deepcopy(gone))
+
+    def in_use(self, key: str) -> bool:
+        return any(e.key == key and e.in_use for e in self.weights.vram.snapshot().entries)
 
     async def until(self, predicate: Callable[[], Any], *, timeout_s: float = 30, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout_s
@@ -260,21 +272,30 @@ class Harness:
         self.loader.close()
 
 
+_live: list[Harness] = []
+
+
 @pytest.fixture
 def harness(tmp_path: pathlib.Path) -> Any:
-    made: list[Harness] = []
-
     def make(**kwargs: Any) -> Harness:
-        made.append(Harness(tmp_path, **kwargs))
-        return made[-1]
+        _live.append(Harness(tmp_path, **kwargs))
+        return _live[-1]
 
     yield make
-    for h in made:
+    for h in _live:
         h.close()
+    _live.clear()
 
 
 def run(coro: Any) -> Any:
-    return asyncio.run(coro)
+    async def released_at_the_end() -> Any:
+        try:
+            return await coro
+        finally:  # a failed test must not leave a held generation blocking the loop's shutdown
+            for h in _live:
+                h.runner.hold.set()
+
+    return asyncio.run(released_at_the_end())
 
 
 # ---- the happy path ---------------------------------------------------------------------
@@ -468,6 +489,42 @@ def test_deleting_a_job_cancels_it_between_steps_without_writing(harness) -> Non
     run(main())
 
 
+def test_a_job_deleted_and_created_again_under_the_same_name_runs_as_a_new_job(harness) -> None:
+    async def main() -> None:
+        h = harness()
+        h.bind(job("render"))
+        await h.idle()
+        h.delete("render")
+        again = job("render")  # attempt 1 again, but another object
+        again["metadata"]["uid"] = "uid-render-2"
+        h.bind(again)
+        await h.idle()
+        assert h.objects.status("render")["phase"] == "Succeeded"
+        assert len(h.runner.calls) == 2
+
+    run(main())
+
+
+def test_a_new_job_under_the_name_of_a_running_one_cancels_the_old_attempt_even_when_its_deletion_was_missed(
+        harness) -> None:
+    async def main() -> None:
+        h = harness()
+        h.runner.hold.clear()
+        h.bind(job("render"))
+        await h.until(h.runner.started.is_set, what="the first job generating")
+        del h.objects.objects[("GenerationJob", "render")]  # its DELETED event is lost
+        again = job("render")
+        again["metadata"]["uid"] = "uid-render-2"
+        h.bind(again)
+        await h.until(lambda: len(h.runner.calls) == 2, what="the new job to start")
+        h.runner.hold.set()
+        await h.idle()
+        assert h.objects.status("render")["phase"] == "Succeeded"
+        assert [e for e in h.objects.events if e[1] == "Succeeded"] == [("render", "Succeeded")]
+
+    run(main())
+
+
 # ---- failures keep their reasons --------------------------------------------------------
 
 
@@ -633,6 +690,47 @@ def test_the_queued_job_is_loaded_into_vram_while_the_running_job_generates(harn
     run(main())
 
 
+def test_a_queued_job_deleted_while_it_waits_for_a_slot_lets_go_of_its_vram_pins_and_place_at_once(harness) -> None:
+    async def main() -> None:
+        h = harness()
+        h.runner.hold.clear()
+        h.bind(job("first"))
+        await h.until(h.runner.started.is_set, what="the first job generating")
+        h.bind(job("second", model="ckpt-b"))
+        await h.until(lambda: h.in_use(f"{NS}/ckpt-b"), what="the second checkpoint staged in VRAM")
+        h.delete("second")
+        await h.until(lambda: "second" not in h.worker.work, timeout_s=10, what="the deleted job to let go")
+        assert not h.in_use(f"{NS}/ckpt-b") and h.store.pins[f"{NS}/ckpt-b"] == 0
+        h.bind(job("third", model="ckpt-c"))  # its place is free again: it stages at once
+        await h.until(lambda: h.in_use(f"{NS}/ckpt-c"), what="the next job staged in the freed place")
+        assert len(h.runner.calls) == 1  # all while the first job still generates
+        h.runner.hold.set()
+        await h.idle()
+        assert h.objects.status("first")["phase"] == h.objects.status("third")["phase"] == "Succeeded"
+
+    run(main())
+
+
+def test_jobs_bound_beyond_the_queue_slots_wait_scheduled_without_downloading_or_staging(harness) -> None:
+    async def main() -> None:
+        h = harness()  # one generation slot and one queue slot
+        h.runner.hold.clear()
+        h.bind(job("first"))
+        await h.until(h.runner.started.is_set, what="the first job generating")
+        h.bind(job("second", model="ckpt-b"))
+        h.bind(job("third", model="ckpt-c"))
+        await h.until(lambda: h.in_use(f"{NS}/ckpt-b"), what="the queued job staged")
+        assert ("fetched", f"{NS}/ckpt-c") not in h.store.log and f"{NS}/ckpt-c" not in h.weights.vram
+        assert h.objects.status("third")["phase"] == "Scheduled"
+        assert {r.name for r in h.worker.running()} == {"first", "second", "third"}  # still counted as bound
+        h.runner.hold.set()
+        await h.idle()
+        assert [h.objects.status(n)["phase"] for n in ("first", "second", "third")] == ["Succeeded"] * 3
+        assert [c["checkpoint"].name for c in h.runner.calls] == ["ckpt", "ckpt-b", "ckpt-c"]
+
+    run(main())
+
+
 def test_a_queued_model_that_does_not_fit_beside_the_running_one_is_staged_in_ram(harness) -> None:
     async def main() -> None:
         h = harness(vram_mib=3, ram_mib=16)
@@ -694,6 +792,37 @@ def test_stopping_the_agent_reports_the_running_attempt_as_retryable(harness) ->
         await asyncio.wait_for(runner, timeout=60)
         failure = h.objects.status("interrupted")["attemptFailure"]
         assert failure["reason"] == "AgentStopping" and failure["retryable"] is True
+
+    run(main())
+
+
+def test_an_attempt_stopped_past_the_grace_releases_its_pins_and_vram_only_after_its_thread_returns(harness) -> None:
+    class NoWatch:
+        def list_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("no watch in this test")
+
+    async def main() -> None:
+        h = harness(shutdown_grace_s=0.05)
+        h.objects.custom = NoWatch()  # type: ignore[attr-defined]
+        key = f"{NS}/ckpt"
+        h.runner.honours_cancel = False  # one long step: the thread outlives the grace
+        h.runner.hold.clear()
+        h.runner.during = lambda: h.store.log.append(("generated", key))
+        stop = asyncio.Event()
+        runner = asyncio.create_task(h.worker.run(stop))
+        await asyncio.sleep(0)
+        h.bind(job("slow"))
+        await h.until(h.runner.started.is_set, what="the generation to start")
+        stop.set()
+        await h.until(lambda: any(t.cancelling() for t in h.worker._tasks) or ("unpin", key) in h.store.log,
+                      what="the grace to run out")
+        assert ("unpin", key) not in h.store.log and h.in_use(key)  # the thread still uses them
+        h.runner.hold.set()
+        await asyncio.wait_for(runner, timeout=60)
+        log = h.store.log
+        assert ("generated", key) in log, "the worker stopped before its generation thread returned"
+        assert log.index(("generated", key)) < log.index(("unpin", key))
+        assert not h.in_use(key)
 
     run(main())
 

@@ -278,3 +278,97 @@ def test_agent_view_reads_each_models_disk_rank_but_none_for_a_baked_in_model() 
     view = agent_view(agent_from_body(body), ready=True, bound=0, in_use=[])
     assert view.disk_rank_s == {"hot": 1.8e9, "warm": 1.7e9}
     assert agent_view(agent_from_body(agent_body()), ready=True, bound=0, in_use=[]).disk_rank_s == {}
+
+
+# --- source health follows the current ModelCache ----------------------------------
+
+MC_CREATED = "2026-01-01T01:00:00Z"
+
+
+def failing_model(uid: str, *, generation: int = 1, rv: str = "1", created_at: str = MC_CREATED,
+                  managed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
+            "metadata": {"name": "sd", "namespace": "ns", "uid": uid, "resourceVersion": rv, "generation": generation,
+                         "creationTimestamp": created_at, "managedFields": managed or []},
+            "spec": {"source": {"url": "https://models.test/sd.safetensors"}}}
+
+
+def reporting_agent(failures: list[dict[str, Any]], *, rv: str = "5") -> dict[str, Any]:
+    body = agent_body("a", rv=rv)
+    body["status"]["models"] = []
+    body["status"]["modelFailures"] = failures
+    return body
+
+
+def ready_state() -> State:
+    state = State()
+    state.upsert_lease(lease("a", "t1", "1"), now_mono=0.0)
+    return state
+
+
+def checksum_failure(at: str, **identity: Any) -> dict[str, Any]:
+    return {"name": "sd", "reason": "ChecksumMismatch", "message": "ns/sd: sha256 differs", "retryable": False,
+            "at": at, **identity}
+
+
+def health(state: State, at: str) -> set[str]:
+    from stoker.operator.state import parse_time
+    return set(state.update_source_health(now=parse_time(at) or 0.0, now_mono=1.0, grace_s=15.0))
+
+
+def test_a_modelcache_created_again_under_the_same_name_is_not_failed_by_the_old_ones_failures() -> None:
+    state = ready_state()
+    state.upsert_model(failing_model("mc-old"))
+    state.upsert_agent(reporting_agent([checksum_failure("2026-01-01T01:05:00Z", uid="mc-old", generation=1)]))
+    assert health(state, "2026-01-01T01:06:00Z") == {"ns/sd"}
+    state.delete_model(failing_model("mc-old"))
+    state.upsert_model(failing_model("mc-new", rv="9", created_at="2026-01-01T01:10:00Z"))
+    assert health(state, "2026-01-01T01:11:00Z") == set(), "the agent still reports it, for the old uid"
+    state.upsert_agent(reporting_agent([checksum_failure("2026-01-01T01:12:00Z", uid="mc-new", generation=1)], rv="6"))
+    assert health(state, "2026-01-01T01:12:30Z") == {"ns/sd"}
+
+
+def test_a_changed_spec_clears_failures_reported_for_the_previous_generation() -> None:
+    state = ready_state()
+    state.upsert_model(failing_model("mc", generation=1))
+    state.upsert_agent(reporting_agent([checksum_failure("2026-01-01T01:05:00Z", uid="mc", generation=1)]))
+    assert health(state, "2026-01-01T01:06:00Z") == {"ns/sd"}
+    state.upsert_model(failing_model("mc", generation=2, rv="2"))
+    assert health(state, "2026-01-01T01:06:00Z") == set()
+
+
+def test_failures_that_name_no_modelcache_count_only_after_it_was_created() -> None:
+    state = ready_state()
+    state.upsert_model(failing_model("mc", created_at="2026-01-01T01:10:00Z"))
+    state.upsert_agent(reporting_agent([checksum_failure("2026-01-01T01:09:59Z")]))
+    state.upsert_job(job_body("old-job", status={"phase": "Failed", "attempt": 1, "history": [
+        {"attempt": 1, "agent": "a", "outcome": "Failed", "reason": "HTTPNotFound", "message": "ns/sd: 404",
+         "finishedAt": "2026-01-01T01:10:00.500000Z"}]}))
+    assert health(state, "2026-01-01T01:11:00Z") == set(), "both happened before (or in the second of) its creation"
+    state.upsert_agent(reporting_agent([checksum_failure("2026-01-01T01:10:30Z")], rv="6"))
+    assert health(state, "2026-01-01T01:11:00Z") == {"ns/sd"}
+
+
+def test_a_standing_permanent_failure_stops_failing_the_source_after_an_hour_without_a_retry() -> None:
+    state = ready_state()
+    state.upsert_model(failing_model("mc"))
+    state.upsert_agent(reporting_agent([checksum_failure("2026-01-01T01:05:00Z", uid="mc", generation=1)]))
+    assert health(state, "2026-01-01T02:04:00Z") == {"ns/sd"}
+    assert health(state, "2026-01-01T02:06:00Z") == set()
+
+
+def test_the_spec_took_effect_at_creation_or_at_the_latest_write_of_spec_in_managed_fields() -> None:
+    from stoker.operator.state import parse_time, spec_changed_at
+    created_at = parse_time(MC_CREATED) or 0.0
+    assert spec_changed_at(failing_model("mc")["metadata"], generation=1) == created_at + 1
+    managed = [
+        {"manager": "kubectl", "operation": "Update", "time": "2026-01-01T01:30:00Z",
+         "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:source": {"f:secretRef": {}}}}},
+        {"manager": "stoker-operator", "operation": "Update", "subresource": "status", "time": "2026-01-01T01:40:00Z",
+         "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}},
+        {"manager": "kopf", "operation": "Update", "time": "2026-01-01T01:50:00Z",
+         "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:annotations": {}}}},
+    ]
+    meta = failing_model("mc", generation=2, managed=managed)["metadata"]
+    assert spec_changed_at(meta, generation=2) == created_at + 30 * 60 + 1
+    assert spec_changed_at({"name": "no-times"}, generation=2) is None

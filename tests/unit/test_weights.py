@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
-from stoker.agent.hot_tiers import NotResident
 from stoker.agent.loader import LoadedModel, Loader, LoadOptions
 from stoker.agent.weights import Weights
 
@@ -263,30 +262,6 @@ class TestDemotion:
             assert done.wait(10)
         worker.join()
         assert weights.tier_of("b") == "ram"
-
-    def test_a_dropped_model_is_neither_demoted_nor_read_back_into_ram(self, loader, models):
-        weights = weights_with(loader, vram_models=2)
-        for key in "ab":
-            with weights.use(key, models[key]):
-                pass
-        models["a"].unlink()  # gone from disk: a plain eviction would copy it out of VRAM
-        weights.drop("a")
-        weights.drop("b")
-        with weights.use("c", models["c"]):
-            pass
-        assert weights.settle(timeout_s=10)
-        assert "a" not in weights.ram and "b" not in weights.ram
-
-    def test_drop_forgets_a_model_in_every_tier(self, loader, models):
-        weights = weights_with(loader)
-        weights.stage("a", models["a"])
-        with weights.use("b", models["b"]):
-            pass
-        weights.drop("a")
-        weights.drop("b")
-        assert weights.tier_of("a") == weights.tier_of("b") == "disk"
-        with pytest.raises(NotResident):
-            weights.ram.to_device("a", "cpu")
 
 
 @pytest.mark.gpu
