@@ -10,6 +10,7 @@ in --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import pathlib
@@ -56,6 +57,8 @@ def _table(rows: list[list[str]]) -> str:
 def main(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.log"), *out.glob(f"{NAMESPACE}__*.png")]:  # this run's logs and images only
+        stale.unlink()
     work = pathlib.Path(tempfile.mkdtemp(prefix="stoker-demo-"))
     crd_dir = work / "crds"
     crd_dir.mkdir()
@@ -66,8 +69,12 @@ def main(args: argparse.Namespace) -> int:
     lora = tiny_models.write_tiny_lora(work / "tiny-style.safetensors", seed=1)
     procs: list[Process] = []
     try:
-        with controlplane.run_control_plane(workdir=work / "control-plane", crd_dir=crd_dir) as cp, \
-                ModelServer({"tiny-sd15.safetensors": ckpt, "tiny-style.safetensors": lora}) as models:
+        with contextlib.ExitStack() as stack:
+            cp = stack.enter_context(controlplane.run_control_plane(workdir=work / "control-plane", crd_dir=crd_dir))
+            models = stack.enter_context(
+                ModelServer({"tiny-sd15.safetensors": ckpt, "tiny-style.safetensors": lora}))
+            # The processes stop before the control plane and the model server go (so they end quietly).
+            stack.callback(lambda: [proc.stop() for proc in reversed(procs)])
             print(f"control plane up at {cp.server}; kubeconfig {cp.kubeconfig}", flush=True)
             api = kube.api_client(str(cp.kubeconfig))
             core = client.CoreV1Api(api)
@@ -105,15 +112,17 @@ def main(args: argparse.Namespace) -> int:
 
             jobs = wait_for(done, timeout_s=600, interval_s=0.5, message="jobs to finish")
             elapsed = time.monotonic() - t0
-            rows = [["JOB", "PHASE", "AGENT", "HIT", "QUEUED s", "DOWNLOAD s", "LOAD s", "INFER s", "TOTAL s", "IMAGE"]]
+            timing_keys = ("queuedSeconds", "downloadSeconds", "slotWaitSeconds", "loadSeconds", "buildSeconds",
+                           "inferenceSeconds", "totalSeconds")
+            rows = [["JOB", "PHASE", "AGENT", "HIT", "QUEUED s", "DOWNLOAD s", "WAIT s", "LOAD s", "BUILD s", "INFER s",
+                     "TOTAL s", "IMAGE"]]
             failed = 0
             for j in sorted(jobs, key=lambda j: int(j["metadata"]["name"].split("-")[1])):
                 s = j["status"]
                 t = s.get("timings", {})
                 failed += s["phase"] != "Succeeded"
                 rows.append([j["metadata"]["name"], s["phase"], s.get("agent") or "-", s.get("cacheHit") or "-",
-                             *(f"{t[k]:.2f}" if k in t else "-" for k in ("queuedSeconds", "downloadSeconds", "loadSeconds",
-                                                                         "inferenceSeconds", "totalSeconds")),
+                             *(f"{t[k]:.2f}" if k in t else "-" for k in timing_keys),
                              s.get("result", {}).get("location") or s.get("reason", "-")])
             print()
             print(_table(rows))

@@ -136,6 +136,8 @@ class GeneratedImage:
     height: int
     content_type: str = "image/png"
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    build_seconds: float = 0.0
+    """Of the runner's time, what building pipeline modules on the weights took (0 when they were built before)."""
 
 
 class Runner(Protocol):

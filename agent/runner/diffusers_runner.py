@@ -740,6 +740,7 @@ class DiffusersRunner:
                   on_step: Callable[[int, int], None], should_cancel: Callable[[], bool]) -> GeneratedImage:
         if should_cancel():
             raise RunnerError(Reason.CANCELLED, "cancelled before generation started")
+        t_build = time.perf_counter()
         model = self._model(checkpoint)
         scheduler = build_scheduler(sampler, schedule, model.family)
         if vae is not None:
@@ -751,6 +752,7 @@ class DiffusersRunner:
                               f"checkpoint {checkpoint.name!r} has no VAE; give the job a VAE")
         decoder = self._decoder(model.family, vae if vae is not None else checkpoint, vae_module)
         pipe = self._pipeline(model, vae_module, scheduler)
+        build_s = time.perf_counter() - t_build
         reported = [0]
 
         def step_end(pipeline: Any, step: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
@@ -792,7 +794,7 @@ class DiffusersRunner:
                  checkpoint.name, time.perf_counter() - started)
         parameters = base.format_parameters(request, model=checkpoint.name, loras=loras,
                                             vae=vae.name if vae else None, model_hash=checkpoint.sha256)
-        return encode_png(images, parameters=parameters)
+        return dataclasses.replace(encode_png(images, parameters=parameters), build_seconds=build_s)
 
 
 def is_fp16_fix(name: str) -> bool:

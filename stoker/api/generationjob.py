@@ -199,8 +199,11 @@ class Timings(StokerModel):
     """Waiting on the agent for a free generation slot (downloads and loads overlap it)."""
     load_seconds: float | None = None
     """Loading weights to the GPU (or host memory)."""
+    build_seconds: float | None = None
+    """Building the pipeline's modules on the loaded weights: the first job of a checkpoint (or
+    VAE) on an agent; near 0 once they are built and kept."""
     inference_seconds: float | None = None
-    """Running the pipeline."""
+    """Running the pipeline (denoising and decoding)."""
     upload_seconds: float | None = None
     """Delivering the image."""
     total_seconds: float | None = None

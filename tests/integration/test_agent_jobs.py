@@ -222,7 +222,7 @@ def test_a_bound_job_becomes_a_png_of_the_requested_size_with_timings(agent, obj
     image = Image.open(io.BytesIO(png))
     assert image.size == (64, 96)
     assert "a lighthouse" in image.text["parameters"] and "Seed: 7" in image.text["parameters"]
-    for key in ("queuedSeconds", "downloadSeconds", "slotWaitSeconds", "loadSeconds", "inferenceSeconds",
+    for key in ("queuedSeconds", "downloadSeconds", "slotWaitSeconds", "loadSeconds", "buildSeconds", "inferenceSeconds",
                 "uploadSeconds", "totalSeconds"):
         assert status["timings"][key] >= 0, key
     assert status["progress"] == {"step": 3, "steps": 3}

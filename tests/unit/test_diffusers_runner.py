@@ -108,6 +108,15 @@ def test_repeated_jobs_reuse_the_built_pipeline(runner: DiffusersRunner, checkpo
     assert runner.builds == builds
 
 
+def test_the_time_spent_building_modules_is_reported_apart_and_only_when_they_are_built(
+        checkpoint: LoadedArtifact) -> None:
+    fresh = DiffusersRunner(device="cpu")
+    first, second = _generate(fresh, checkpoint), _generate(fresh, checkpoint)
+    assert fresh.builds == 1
+    # Building a UNet, a VAE and a text encoder takes far longer than finding them built.
+    assert first.build_seconds > 10 * second.build_seconds > 0
+
+
 def test_the_modules_use_the_loaded_tensors_in_place(runner: DiffusersRunner, checkpoint: LoadedArtifact) -> None:
     _generate(runner, checkpoint)
     storages = {t.untyped_storage().data_ptr() for t in checkpoint.tensors.values()}
