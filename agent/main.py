@@ -124,6 +124,9 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     if settings.metrics_enabled and settings.metrics_port:
         metrics.serve(port=settings.metrics_port, addr=settings.metrics_addr)
 
+    runner = build_runner(settings, device)
+    # Seconds of imports, done while the disk cache is scanned, before the agent says it is ready.
+    preparing = asyncio.ensure_future(asyncio.to_thread(getattr(runner, "prepare", lambda: None)))
     downloader = Downloader(settings.download_policy())
     store = DiskStore.from_settings(settings, metrics=metrics, downloader=downloader)
     await store.start()
@@ -140,7 +143,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     weights.on_ram_evict.append(lambda key: metrics.evictions.labels("ram").inc())
     credentials.configure(credentials.CredentialResolver(
         secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
-    runner = build_runner(settings, device)
+    await preparing
     uses_weights = getattr(runner, "uses_loaded_weights", True)
     gpu_model, gpu_vram, reported_vram_budget = reported_gpu(
         uses_loaded_weights=uses_weights, seen_model=gpu_model, seen_vram_bytes=vram_total,

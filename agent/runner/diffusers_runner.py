@@ -564,6 +564,20 @@ class DiffusersRunner:
 
     uses_loaded_weights = True
 
+    def prepare(self) -> None:
+        """Import the pipeline code and build the CLIP tokenizers now (seconds of work), so the
+        first job does not wait for them. Blocking: the agent runs it in a thread at start."""
+        from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
+        from diffusers import UNet2DConditionModel  # noqa: F401
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: F401
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
+
+        for family in Family:
+            defaults = family_defaults(family)
+            for key in ("tokenizer", "tokenizer_2"):
+                if key in defaults:
+                    clip_tokenizer(**defaults[key])
+
     def forget(self, sha256: str) -> None:
         """Drop cached modules built from the artifact with `sha256` (checkpoint or VAE)."""
         with self._cache_lock:

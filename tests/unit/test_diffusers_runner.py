@@ -383,3 +383,14 @@ def test_sd15_in_fp16_decodes_with_its_own_vae() -> None:
     runner = DiffusersRunner(device="cpu")
     _generate(runner, checkpoint)
     assert runner._vaes == {}
+
+
+def test_prepare_builds_the_tokenizers_the_first_job_would_otherwise_wait_for() -> None:
+    from stoker.agent.runner.diffusers_runner import clip_tokenizer
+
+    clip_tokenizer.cache_clear()
+    DiffusersRunner(device="cpu").prepare()
+    built = clip_tokenizer.cache_info()
+    assert built.currsize >= 2  # SD 1.5's and SDXL's second tokenizer pad differently
+    DiffusersRunner(device="cpu").prepare()
+    assert clip_tokenizer.cache_info().hits > built.hits
