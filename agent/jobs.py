@@ -68,6 +68,13 @@ class JobFailed(Exception):
         self.reason, self.message, self.retryable = reason, message, retryable
 
 
+def split_runner_time(runner_s: float, build_s: float) -> tuple[float, float]:
+    """(build, inference) seconds of a runner call that took `runner_s` and says building its
+    modules took `build_s`; a claim beyond the call's own time is capped at it. Pure."""
+    build = min(max(0.0, runner_s), max(0.0, build_s))
+    return build, max(0.0, runner_s - build)
+
+
 class Cancelled(Exception):
     """The job was deleted or is no longer bound to this attempt, or the agent is stopping."""
 
@@ -432,9 +439,8 @@ class JobWorker:
             for key in pins:
                 self.store.unpin(key)
             self._leave_queue(work)
-        # The runner's time less building its modules (a one-off per checkpoint, kept out of the estimates).
-        build_s = min(infer_s, max(0.0, getattr(image, "build_seconds", 0.0)))
-        infer_s -= build_s
+        # Building the runner's modules is a one-off per checkpoint: timed apart, kept out of the estimates.
+        build_s, infer_s = split_runner_time(infer_s, getattr(image, "build_seconds", 0.0))
         self.metrics.tier_hits.labels(hit).inc()
         self.metrics.load_seconds.observe(load_s)
         self.metrics.inference_seconds.observe(infer_s)

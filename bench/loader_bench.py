@@ -46,6 +46,7 @@ from bench import report
 from stoker.agent import loader as stoker_loader
 from stoker.agent import safetensors_header
 from stoker.agent.hot_tiers import RamTier
+from stoker.testing.page_cache import evict_from_page_cache
 
 GB = 1e9
 MIB = 1 << 20
@@ -120,12 +121,7 @@ def drop_page_cache(path: pathlib.Path, *, how: str = "auto") -> str:
         except OSError:
             if how == "drop_caches":
                 raise
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict_from_page_cache(path)
     return "fadvise"
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -22,6 +24,16 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlp
         workdir=tmp_path_factory.mktemp("control-plane"), crd_dir=REPO / "crds", users=EXTRA_USERS,
     ) as cp:
         yield cp
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The helm binary: $STOKER_HELM (hack/setup.sh exports it), else the one hack/install-helm.sh installs."""
+    if env := os.environ.get("STOKER_HELM"):
+        return env
+    out = subprocess.run(["bash", str(REPO / "hack" / "install-helm.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return out.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")

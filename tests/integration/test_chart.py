@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 
@@ -11,15 +10,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "stoker"
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    if env := os.environ.get("STOKER_HELM"):
-        return env
-    out = subprocess.run(["bash", str(REPO / "hack" / "install-helm.sh")], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    return out.strip().splitlines()[-1]
 
 
 def test_chart_lints_cleanly(helm: str) -> None:

@@ -3,7 +3,6 @@ and sees the agent's cache and model folder at the agent's paths."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 
@@ -13,15 +12,6 @@ import yaml
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "stoker"
 EXAMPLE = REPO / "examples" / "comfyui" / "values.yaml"
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    if env := os.environ.get("STOKER_HELM"):
-        return env
-    out = subprocess.run(["bash", str(REPO / "hack" / "install-helm.sh")], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    return out.strip().splitlines()[-1]
 
 
 def render(helm: str, *args: str) -> subprocess.CompletedProcess[str]:

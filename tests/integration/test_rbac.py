@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 
@@ -19,15 +18,6 @@ from stoker.testing.operator_harness import operator_process, wait_for
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "stoker"
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    if env := os.environ.get("STOKER_HELM"):
-        return env
-    out = subprocess.run(["bash", str(REPO / "hack" / "install-helm.sh")], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    return out.strip().splitlines()[-1]
 
 
 def apply_chart_rbac(helm: str, namespace: str, kubectl, *values: str) -> None:  # type: ignore[no-untyped-def]

@@ -109,12 +109,21 @@ def test_repeated_jobs_reuse_the_built_pipeline(runner: DiffusersRunner, checkpo
 
 
 def test_the_time_spent_building_modules_is_reported_apart_and_only_when_they_are_built(
-        checkpoint: LoadedArtifact) -> None:
-    fresh = DiffusersRunner(device="cpu")
+        checkpoint: LoadedArtifact, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stoker.agent.runner import diffusers_runner
+
+    now = [0.0]  # a clock that only building a UNet moves (by 5 s)
+    real_build_unet = diffusers_runner.build_unet
+
+    def slow_build_unet(*args, **kwargs):  # type: ignore[no-untyped-def]
+        now[0] += 5.0
+        return real_build_unet(*args, **kwargs)
+
+    monkeypatch.setattr(diffusers_runner, "build_unet", slow_build_unet)
+    fresh = DiffusersRunner(device="cpu", clock=lambda: now[0])
     first, second = _generate(fresh, checkpoint), _generate(fresh, checkpoint)
     assert fresh.builds == 1
-    # Building a UNet, a VAE and a text encoder takes far longer than finding them built.
-    assert first.build_seconds > 10 * second.build_seconds > 0
+    assert (first.build_seconds, second.build_seconds) == (5.0, 0.0)
 
 
 def test_the_modules_use_the_loaded_tensors_in_place(runner: DiffusersRunner, checkpoint: LoadedArtifact) -> None:

@@ -28,6 +28,7 @@ from stoker.agent.loader import (
     load_file,
 )
 from stoker.agent.safetensors_header import DTYPE_ITEM_BYTES, HeaderError, HeaderProblem
+from stoker.testing.page_cache import evict_from_page_cache
 
 has_cuda = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -226,12 +227,7 @@ class TestCpuCorrectness:
     def test_a_file_evicted_from_the_page_cache_loads_intact(self, tmp_path, mode):
         path = tmp_path / "cold.safetensors"
         save_file({"w": random_tensor(torch.float16, (300_000,)), "b": random_tensor(torch.int8, (77,))}, path)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_from_page_cache(path)
         assert_same_as_safetensors(load(path, mode, chunk_bytes=65536), path)
 
     def test_a_file_without_tensors_loads_as_an_empty_model(self, tmp_path):

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from stoker.agent.loader import LoadedModel, Loader, LoadOptions
 from stoker.agent.weights import Weights
+from stoker.testing.page_cache import evict_from_page_cache
 
 has_cuda = torch.cuda.is_available()
 CPU = torch.device("cpu")
@@ -57,15 +58,6 @@ def loader():
 @pytest.fixture
 def models(tmp_path: Path) -> dict[str, Path]:
     return {k: write_model(tmp_path / f"{k}.safetensors", fill=float(i + 1)) for i, k in enumerate("abc")}
-
-
-def evict_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def cached(path: Path) -> bool:
