@@ -7,6 +7,16 @@ skew between hosts does not matter). A leader that cannot renew within
 `renew_deadline_s` stops acting before anyone else may take over. Bindings also
 carry resourceVersion preconditions, so even overlapping leaders cannot bind a job
 twice.
+
+A holder's `leaseDurationSeconds` is honoured only up to this candidate's own
+`lease_duration_s`: every operator replica runs with the same setting, so a longer
+value was written by something else (a hostile or broken client), and believing it
+would lock every standby out for as long as it says.
+
+Any exception from the client (an `ApiException`, urllib3's `MaxRetryError` while the
+API server restarts, a timeout, a bug) is one failed try: the loop goes on, and a
+leader that keeps failing loses leadership after `renew_deadline_s` like one that
+cannot reach the server.
 """
 
 from __future__ import annotations
@@ -51,6 +61,11 @@ class LeaderSettings:
     def period_s(self) -> float:
         return self.retry_period_s if self.retry_period_s is not None else max(0.2, self.lease_duration_s / 5)
 
+    @property
+    def request_timeout(self) -> tuple[float, float]:
+        """(connect, read) seconds of one Lease request: a hung connection costs one try, not the loop."""
+        return (max(1.0, self.period_s), max(1.0, self.deadline_s / 2))
+
 
 class LeaderElector:
     """Run `run(stop)` in a thread; `is_leader()` says whether to act right now."""
@@ -77,8 +92,9 @@ class LeaderElector:
         while not stop.is_set():
             try:
                 acquired = self._try_acquire_or_renew()
-            except (ApiException, OSError) as exc:
-                log.warning("leader election: cannot reach Lease %s/%s: %s", s.namespace, s.name, exc)
+            except Exception as exc:  # noqa: BLE001 - one failed try; the deadline decides the rest
+                log.warning("leader election: cannot read or write Lease %s/%s: %s", s.namespace, s.name,
+                            _describe(exc))
                 acquired = False
             now = time.monotonic()
             with self._lock:
@@ -108,7 +124,7 @@ class LeaderElector:
         s = self.settings
         now = dt.datetime.now(dt.timezone.utc)
         try:
-            lease = self.api.read_namespaced_lease(s.name, s.namespace)
+            lease = self.api.read_namespaced_lease(s.name, s.namespace, _request_timeout=s.request_timeout)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -117,7 +133,7 @@ class LeaderElector:
                 spec=client.V1LeaseSpec(holder_identity=s.identity, lease_duration_seconds=int(max(1, s.lease_duration_s)),
                                         acquire_time=now, renew_time=now, lease_transitions=0))
             try:
-                self.api.create_namespaced_lease(s.namespace, body)
+                self.api.create_namespaced_lease(s.namespace, body, _request_timeout=s.request_timeout)
             except ApiException as exc2:
                 if exc2.status == 409:
                     return False
@@ -133,7 +149,7 @@ class LeaderElector:
             spec.renew_time = now
             spec.lease_duration_seconds = int(max(1, s.lease_duration_s))
         else:
-            duration = spec.lease_duration_seconds or s.lease_duration_s
+            duration = honoured_duration_s(spec.lease_duration_seconds, own_s=s.lease_duration_s)
             if holder is not None and mono - self._observed_at < duration:
                 return False
             log.info("leader election: taking over Lease %s/%s from %s", s.namespace, s.name, holder or "nobody")
@@ -144,7 +160,8 @@ class LeaderElector:
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
         lease.spec = spec
         try:
-            self.api.replace_namespaced_lease(s.name, s.namespace, lease)  # carries resourceVersion
+            self.api.replace_namespaced_lease(s.name, s.namespace, lease,  # carries resourceVersion
+                                              _request_timeout=s.request_timeout)
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -158,13 +175,27 @@ class LeaderElector:
             self._leader = False
         metrics.LEADER.set(0)
         try:
-            lease = self.api.read_namespaced_lease(s.name, s.namespace)
+            lease = self.api.read_namespaced_lease(s.name, s.namespace, _request_timeout=s.request_timeout)
             if lease.spec is None or lease.spec.holder_identity != s.identity:
                 return
             lease.spec.holder_identity = None
             lease.spec.lease_duration_seconds = 1
             lease.spec.renew_time = dt.datetime.now(dt.timezone.utc)
-            self.api.replace_namespaced_lease(s.name, s.namespace, lease)
+            self.api.replace_namespaced_lease(s.name, s.namespace, lease, _request_timeout=s.request_timeout)
             log.info("leader election: %s released Lease %s/%s", s.identity, s.namespace, s.name)
-        except (ApiException, OSError) as exc:
-            log.warning("leader election: could not release Lease %s/%s: %s", s.namespace, s.name, exc)
+        except Exception as exc:  # noqa: BLE001 - best effort: the Lease expires anyway
+            log.warning("leader election: could not release Lease %s/%s: %s", s.namespace, s.name, _describe(exc))
+
+
+def honoured_duration_s(written_s: float | None, *, own_s: float) -> float:
+    """How long a candidate waits after the last observed renewal of another holder: the
+    holder's leaseDurationSeconds, never more than the candidate's own duration (pure)."""
+    if written_s is None or written_s <= 0:
+        return own_s
+    return min(float(written_s), own_s)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"[:300]

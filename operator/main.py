@@ -5,6 +5,11 @@ the objects) keep the in-memory `State` current. One control thread, active only
 while this process holds the leader Lease, runs the scheduling pass, the failure
 reconciler and the replica planner; their writes go through a thread pool. A standby
 keeps its watches warm and takes over when the leader stops renewing.
+
+Every thread either survives whatever the client raises (a failed pass or renewal is
+retried) or, if it ends anyway, takes the process down with exit code 1 so that the
+kubelet restarts it: an operator whose leader election or control loop died must never
+keep running as if it were fine.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ class Operator:
         self.state = state.State(placement_settings=placement_settings)
         self.stop = threading.Event()
         self.lost = threading.Event()
+        self.fatal: str | None = None
+        """Why the process must exit with an error (a thread that should run for good ended)."""
         identity = args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         lease_ns = args.leader_namespace or args.namespace or os.environ.get("POD_NAMESPACE") or "default"
         self.leader = leader.LeaderElector(
@@ -103,6 +110,32 @@ class Operator:
         self.lost.set()
         for cb in self.on_lost_callbacks:
             cb()
+
+    def fail(self, why: str) -> None:
+        """Stop everything and exit with an error (see the module docstring)."""
+        if self.fatal is None:
+            self.fatal = why
+        self.stop.set()
+        self.state.changed.set()
+        for cb in self.on_lost_callbacks:
+            cb()
+
+    def supervised(self, name: str, target: Any, *args: Any) -> threading.Thread:
+        """A daemon thread running `target(*args)` that ends the process when it dies or returns
+        while the operator is still meant to run."""
+
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException:  # noqa: BLE001 - anything at all: exit rather than limp on
+                log.critical("thread %s died; exiting so that the operator restarts", name, exc_info=True)
+                self.fail(f"thread {name} died")
+                return
+            if not self.stop.is_set() and not self.lost.is_set():
+                log.critical("thread %s ended while the operator was running; exiting", name)
+                self.fail(f"thread {name} ended")
+
+        return threading.Thread(target=run, name=name, daemon=True)
 
     def sync(self) -> None:
         """List everything once, so that the first passes of a new leader see complete state
@@ -228,8 +261,7 @@ async def _run(op: Operator) -> None:
     stop_flag = asyncio.Event()
     loop = asyncio.get_running_loop()
     op.on_lost_callbacks.append(lambda: loop.call_soon_threadsafe(stop_flag.set))
-    threads = [threading.Thread(target=op.leader.run, args=(op.stop,), name="leader", daemon=True),
-               threading.Thread(target=op.control_loop, name="control", daemon=True)]
+    threads = [op.supervised("leader", op.leader.run, op.stop), op.supervised("control", op.control_loop)]
     for t in threads:
         t.start()
     kwargs: dict[str, Any] = {"namespaces": [op.args.namespace]} if op.args.namespace else {"clusterwide": True}
@@ -264,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("stoker-operator %s starting as %s (namespace: %s)", __version__, op.leader.settings.identity,
              args.namespace or "all")
     asyncio.run(_run(op))
+    if op.fatal is not None:
+        log.error("exiting: %s", op.fatal)
+        return 1
     if op.lost.is_set():
         log.error("exiting: leadership lost")
         return 1

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import urllib3.exceptions
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -89,6 +90,9 @@ class Writer:
                     log.debug("write on %s skipped: %s", key, exc.reason)
                 else:
                     log.warning("write on %s failed: %s %s", key, exc.status, exc.reason)
+            except (urllib3.exceptions.HTTPError, OSError, TimeoutError) as exc:
+                # The API server is unreachable or restarting: the next pass tries again.
+                log.warning("write on %s failed: %s: %s", key, type(exc).__name__, str(exc)[:200])
             except Exception:  # a bug in one write must not stop the loop
                 log.exception("write on %s failed", key)
             finally:

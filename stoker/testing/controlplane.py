@@ -4,6 +4,10 @@ Used by the integration tests (as controller-runtime's envtest) and the local de
 No kubelet, scheduler or controller-manager: objects are stored and served, RBAC is
 enforced, and agents run as local processes. Binaries come from
 hack/build-control-plane.sh, built once from the Go module proxy and cached.
+
+Fault tests stop and start kube-apiserver under running clients
+(`ControlPlane.stop_apiserver`, `start_apiserver`, `restart_apiserver`): the same
+port, certificates and etcd data, as when a control-plane node restarts it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,23 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be built or started; the message carries the log tail."""
 
 
+class _Managed:
+    """One server process that can be stopped and started again with the same command line."""
+
+    def __init__(self, name: str, cmd: list[str], logfile: pathlib.Path) -> None:
+        self.name, self.cmd, self.logfile = name, cmd, logfile
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.logfile.open("ab") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
 @dataclasses.dataclass(frozen=True)
 class ControlPlane:
     """A running control plane and how to reach it."""
@@ -46,6 +67,26 @@ class ControlPlane:
     ca_file: pathlib.Path
     tokens: dict[str, str]
     kubeconfig: pathlib.Path
+    servers: dict[str, _Managed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    """The etcd and kube-apiserver processes (empty for a control plane this module did not start)."""
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver (SIGTERM, then SIGKILL after 10 s); etcd keeps running."""
+        self.servers["kube-apiserver"].stop()
+
+    def start_apiserver(self, *, timeout_s: float = 90) -> None:
+        """Start kube-apiserver again on the same port, certificates and etcd; returns once it is ready."""
+        api = self.servers["kube-apiserver"]
+        api.start()
+        assert api.proc is not None
+        _wait_ready(self.server, self.ca_file, self.tokens[ADMIN_USER], timeout_s=timeout_s,
+                    procs=[(m.name, m.proc, m.logfile) for m in self.servers.values() if m.proc is not None])
+
+    def restart_apiserver(self, *, down_s: float = 0.0, timeout_s: float = 90) -> None:
+        """Stop kube-apiserver, keep it down for `down_s` seconds, start it and wait until it is ready."""
+        self.stop_apiserver()
+        time.sleep(down_s)  # the outage itself is what the caller asked for
+        self.start_apiserver(timeout_s=timeout_s)
 
     def kubeconfig_for(self, user: str) -> pathlib.Path:
         """A kubeconfig that authenticates as `user` (a key of `tokens`)."""
@@ -130,11 +171,6 @@ def _wait_ready(server: str, ca_file: pathlib.Path, token: str, *, timeout_s: fl
     raise ControlPlaneError(f"control plane not ready after {timeout_s:.0f}s ({last}); last log lines:\n{tails}")
 
 
-def _spawn(cmd: list[str], logfile: pathlib.Path) -> subprocess.Popen[bytes]:
-    with logfile.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -180,9 +216,11 @@ def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.P
 
     etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
     etcd_log, api_log = work / "etcd.log", work / "kube-apiserver.log"
-    procs: list[tuple[str, subprocess.Popen[bytes], pathlib.Path]] = []
+    for logfile in (etcd_log, api_log):
+        logfile.write_bytes(b"")
+    servers: dict[str, _Managed] = {}
     try:
-        procs.append(("etcd", _spawn([
+        servers["etcd"] = _Managed("etcd", [
             str(bin_dir / "etcd"), "--data-dir", str(work / "etcd"),
             "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
             "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
@@ -190,8 +228,9 @@ def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.P
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
             "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
             "--unsafe-no-fsync", "--log-level", "warn",
-        ], etcd_log), etcd_log))
-        procs.append(("kube-apiserver", _spawn([
+        ], etcd_log)
+        servers["etcd"].start()
+        servers["kube-apiserver"] = _Managed("kube-apiserver", [
             str(bin_dir / "kube-apiserver"),
             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
@@ -205,13 +244,16 @@ def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.P
             "--disable-admission-plugins", "ServiceAccount",
             "--max-requests-inflight", "1000", "--max-mutating-requests-inflight", "500",
             "--v", "1", *extra_apiserver_args,
-        ], api_log), api_log))
+        ], api_log)
+        servers["kube-apiserver"].start()
+        procs = [(m.name, m.proc, m.logfile) for m in servers.values() if m.proc is not None]
         server = f"https://127.0.0.1:{api_port}"
         ca_file = certs / "apiserver.crt"
         _wait_ready(server, ca_file, tokens[ADMIN_USER], timeout_s=startup_timeout_s, procs=procs)
         kubeconfig = work / "kubeconfig"
         kubeconfig.write_text(_kubeconfig(server, ca_file, ADMIN_USER, tokens[ADMIN_USER]))
-        cp = ControlPlane(workdir=work, server=server, ca_file=ca_file, tokens=tokens, kubeconfig=kubeconfig)
+        cp = ControlPlane(workdir=work, server=server, ca_file=ca_file, tokens=tokens, kubeconfig=kubeconfig,
+                          servers=servers)
         (work / f"kubeconfig-{ADMIN_USER}").write_text(kubeconfig.read_text())
         if crd_dir is not None:
             try:
@@ -221,7 +263,7 @@ def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.P
         log.info("control plane ready at %s (kubeconfig %s)", server, kubeconfig)
         yield cp
     finally:
-        for _, proc, _ in reversed(procs):
-            _stop(proc)
+        for managed in reversed(list(servers.values())):
+            managed.stop()
         if owned:
             shutil.rmtree(work, ignore_errors=True)

@@ -147,7 +147,7 @@ class FakeAgent:
         while not self.stop_event.wait(self.cfg.renew_s):
             try:
                 self._renew()
-            except (ApiException, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - API server down or restarting: try again
                 log.warning("%s: lease renewal failed: %s", self.cfg.name, exc)
 
     # -- status
@@ -188,8 +188,9 @@ class FakeAgent:
             self.dirty.clear()
             try:
                 self._report()
-            except (ApiException, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - API server down or restarting: try again
                 log.warning("%s: status report failed: %s", self.cfg.name, exc)
+                self.dirty.set()
             self.stop_event.wait(0.1)  # debounce
 
     # -- holds
@@ -199,7 +200,7 @@ class FakeAgent:
         while not self.stop_event.wait(0.2):
             try:
                 spec = self.objects.get("CacheAgent", self.cfg.name).get("spec") or {}
-            except (ApiException, OSError):
+            except Exception:  # noqa: BLE001 - API server down or restarting: try again
                 continue
             holds = {h["model"]: h.get("tier", "disk") for h in spec.get("holds") or []}
             now = time.monotonic()
@@ -242,7 +243,7 @@ class FakeAgent:
         """The uid and generation of ModelCache `model` for a failure report ({} when it cannot be read)."""
         try:
             meta = self.objects.get("ModelCache", model).get("metadata", {})
-        except (ApiException, OSError):
+        except Exception:  # noqa: BLE001 - best effort
             return {}
         return {"uid": meta.get("uid"), "generation": meta.get("generation")}
 
@@ -335,30 +336,46 @@ class FakeAgent:
                       event: tuple[str, str] | None = None, warning: bool = False) -> bool:
         """Patch the job's status only while it is still ours, preconditioned on the version checked;
         then record `event` (reason, message) on it."""
-        for _ in range(10):
+        for _ in range(120):
             if self.stop_event.is_set():
                 return False
             try:
                 obj = self.objects.get("GenerationJob", name)
-            except ApiException:
-                return False
-            if not self._ours(obj, attempt):
-                return False
-            try:
+                if not self._ours(obj, attempt):
+                    return False
                 body = self.objects.patch_status("GenerationJob", name, status,
                                                  resource_version=obj["metadata"]["resourceVersion"])
-                if event is not None:
-                    self._event(body, *event, warning=warning)
-                return True
             except ApiException as exc:
-                if exc.status != 409:
+                if exc.status == 409:
+                    continue
+                if exc.status not in (None, 0, 500, 502, 503, 504):
                     return False
+                self.stop_event.wait(0.5)
+                continue
+            except Exception:  # noqa: BLE001 - API server down or restarting: as a real agent, keep trying
+                self.stop_event.wait(0.5)
+                continue
+            if event is not None:
+                try:
+                    self._event(body, *event, warning=warning)
+                except Exception:  # noqa: BLE001 - events are best effort
+                    pass
+            return True
         return False
 
     def _run_job(self, name: str, attempt: int) -> None:
-        try:
-            obj = self.objects.get("GenerationJob", name)
-        except ApiException:
+        for _ in range(120):
+            try:
+                obj = self.objects.get("GenerationJob", name)
+                break
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+            except Exception:  # noqa: BLE001 - API server down or restarting
+                pass
+            if self.stop_event.wait(0.5):
+                return
+        else:
             return
         spec = obj["spec"]
         model = spec["model"]

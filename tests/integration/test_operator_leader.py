@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -95,3 +96,30 @@ def test_two_operators_at_once_never_bind_a_job_twice(control_plane, namespace, 
         for op in ops:
             op.stop()
     assert_each_ran_once(objects, fleet, names + more)
+
+
+def test_a_lease_written_with_an_hour_long_duration_does_not_lock_the_operators_out(
+        control_plane, api_client, namespace, objects, fleet, tmp_path) -> None:
+    import datetime as dt
+
+    coord = client.CoordinationV1Api(api_client)
+    now = dt.datetime.now(dt.timezone.utc)
+    coord.create_namespaced_lease(namespace, client.V1Lease(
+        metadata=client.V1ObjectMeta(name="stoker-operator"),
+        spec=client.V1LeaseSpec(holder_identity="intruder", lease_duration_seconds=3600, acquire_time=now,
+                                renew_time=now)))
+    op = operator_process(control_plane.kubeconfig, namespace, tmp_path / "operator.log", identity="op-1",
+                          leader_lease_s=4.0).start()
+    try:
+        started = time.monotonic()
+        wait_for(lambda: coord.read_namespaced_lease("stoker-operator", namespace).spec.holder_identity == "op-1",
+                 timeout_s=30, message="the operator to take the Lease over")
+        waited = time.monotonic() - started
+        names = [f"job-{i}" for i in range(5)]
+        create_jobs(objects, names)
+        wait_for(lambda: len(succeeded(objects)) == len(names), timeout_s=60, message="the jobs to finish")
+    finally:
+        op.stop()
+    # Its own 4 s Lease, not the intruder's hour; the rest is process start-up and one retry period.
+    assert waited < 4.0 + 15, f"took {waited:.1f}s to take the Lease over"
+    assert coord.read_namespaced_lease("stoker-operator", namespace).spec.lease_duration_seconds <= 4
