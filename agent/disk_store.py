@@ -825,7 +825,7 @@ class DiskStore:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         result = _ScanResult()
         try:
-            index = json.loads((self.cache_dir / _INDEX).read_text())
+            index = _read_json(self.cache_dir / _INDEX)
             if not isinstance(index, dict):
                 index = {}
         except (OSError, ValueError):
@@ -873,8 +873,8 @@ class DiskStore:
             part, sidecar = partial_paths(self.models_dir / data_name)
             claimed |= {name, part.name, sidecar.name}
             try:
-                pending = json.loads((self.models_dir / name).read_text())
-                meta = json.loads(sidecar.read_text())
+                pending = _read_json(self.models_dir / name)
+                meta = _read_json(sidecar)
                 total = meta.get("total_bytes")
                 usable = part.exists() and isinstance(total, int) and part.stat().st_size <= total
                 key, digest = pending["key"], pending["source"]
@@ -888,17 +888,17 @@ class DiskStore:
         for name in sorted(names - claimed):
             path = self.models_dir / name
             log.warning("removing %s from the cache directory: it has no metadata (an incomplete download)", name)
-            if path.is_file() or path.is_symlink():
+            if not path.is_dir() or path.is_symlink():  # files, links, and FIFOs or sockets someone left
                 path.unlink(missing_ok=True)
         if self.preload_dir is not None:
-            for info in self._scan_preload(self.preload_dir):
+            for info in self._scan_preload(self.preload_dir, self._validate_header):
                 result.files.setdefault(info.key, info)
                 result.preloaded_count += 1
         return result
 
     def _check_committed(self, data: pathlib.Path, meta_path: pathlib.Path) -> _FileInfo | None:
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = _read_json(meta_path)
             key, size, digest = meta["key"], int(meta["size_bytes"]), meta.get("sha256")
             source = meta["source"]
             stat = data.stat()
@@ -920,14 +920,15 @@ class DiskStore:
         return _FileInfo(key=key, path=data, size_bytes=size, sha256=digest, source_digest=source)
 
     @staticmethod
-    def _scan_preload(preload_dir: pathlib.Path) -> list[_FileInfo]:
+    def _scan_preload(preload_dir: pathlib.Path,
+                      validate_header: Callable[[pathlib.Path], object] = safetensors_header.read_header) -> list[_FileInfo]:
         manifest_path = preload_dir / _MANIFEST
         if not manifest_path.exists():
             if preload_dir.exists() and any(preload_dir.iterdir()):
                 log.warning("preload directory %s has no %s; its files are ignored", preload_dir, _MANIFEST)
             return []
         try:
-            entries = json.loads(manifest_path.read_text())["models"]
+            entries = _read_json(manifest_path)["models"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("ignoring preloaded models: cannot read %s (%s)", manifest_path, exc)
             return []
@@ -945,6 +946,12 @@ class DiskStore:
             if "/" in file_name or file_name in ("", ".", "..") or path.parent != root or not path.is_file():
                 log.error("ignoring preloaded %s: %r is not a file directly inside %s", key, file_name, preload_dir)
                 continue
+            if str(entry.get("format") or path.suffix.lstrip(".") or "safetensors") == "safetensors":
+                try:
+                    validate_header(path)  # baked into the image, but checked like any download
+                except (safetensors_header.HeaderError, OSError) as exc:
+                    log.error("ignoring preloaded %s: %s does not validate as safetensors (%s)", key, file_name, exc)
+                    continue
             found.append(
                 _FileInfo(
                     key=key, path=path, size_bytes=path.stat().st_size, sha256=sha, source_digest=None, preloaded=True
@@ -1006,6 +1013,14 @@ def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], *, timeo
 
     loop.call_soon_threadsafe(run)
     return future.result(timeout=timeout_s)
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    """The JSON in `path`, which must be a regular file: a FIFO or device left in the cache folder
+    fails the read (OSError) instead of blocking the scan."""
+    fd = safetensors_header.open_regular(path)
+    with os.fdopen(fd, "rb") as fh:
+        return json.loads(fh.read(16 << 20))
 
 
 def _sha256_file(path: pathlib.Path) -> str:

@@ -209,6 +209,7 @@ class LoadedModel:
 
 _TORCH_DTYPES: dict[str, str] = {
     "BOOL": "bool",
+    "F4": "float4_e2m1fn_x2",  # two values per byte, as safetensors loads it
     "U8": "uint8",
     "I8": "int8",
     "F8_E5M2": "float8_e5m2",
@@ -253,14 +254,24 @@ def build_views(buffer: torch.Tensor, header: Header) -> tuple[dict[str, torch.T
     cloned: list[str] = []
     for spec in header.tensors:
         if spec.end == spec.begin:  # no bytes to share, and torch refuses views at unaligned offsets
-            tensors[spec.name] = torch.empty(spec.shape, dtype=torch_dtype(spec.dtype), device=buffer.device)
+            # A view, as safetensors makes it: torch.empty computes contiguous strides, which
+            # overflow for shapes like [0, 2**62, 2**62] that a zero-size view holds fine.
+            empty = torch.empty(0, dtype=torch.uint8, device=buffer.device)
+            tensors[spec.name] = empty.view(torch_dtype(spec.dtype)).view(_torch_shape(spec))
             continue
         raw = buffer[spec.begin : spec.end]
         if (base + spec.begin) % spec.item_bytes:
             raw = raw.clone()
             cloned.append(spec.name)
-        tensors[spec.name] = raw.view(torch_dtype(spec.dtype)).view(spec.shape)
+        tensors[spec.name] = raw.view(torch_dtype(spec.dtype)).view(_torch_shape(spec))
     return tensors, tuple(cloned)
+
+
+def _torch_shape(spec: safetensors_header.TensorSpec) -> tuple[int, ...]:
+    """The tensor's shape in torch: packed sub-byte dtypes hold two values per element of the last dimension."""
+    if safetensors_header.DTYPE_BITS[spec.dtype] < 8:
+        return (*spec.shape[:-1], spec.shape[-1] // 2)
+    return spec.shape
 
 
 # ----------------------------------------------------------------------------- host memory
@@ -400,16 +411,17 @@ class _Reader:
 
 def _read_header_fd(fd: int) -> Header:
     """Read and validate the header through an open fd (the same file the data comes from)."""
+    return safetensors_header.read_header_fd(fd)
+
+
+def _shrunk(fd: int, path: str, needed_bytes: int) -> LoaderError | None:
+    """A LoaderError when the file behind `fd` is now shorter than `needed_bytes` (else None)."""
     size = os.fstat(fd).st_size
-    head = os.pread(fd, safetensors_header.LENGTH_PREFIX_BYTES, 0)
-    length = safetensors_header.header_length(head, file_size_bytes=size)
-    body = bytearray()
-    while len(body) < length:
-        piece = os.pread(fd, length - len(body), len(head) + len(body))
-        if not piece:
-            break  # parse_header reports the truncation
-        body += piece
-    return safetensors_header.parse_header(head + bytes(body), file_size_bytes=size)
+    if size >= needed_bytes:
+        return None
+    return LoaderError(
+        f"{path} shrank to {size} bytes while it was being loaded (its header needs {needed_bytes}); "
+        "it was truncated or rewritten in place: fetch it again")
 
 
 def _set_direct(fd: int, enabled: bool) -> bool:
@@ -519,8 +531,9 @@ class Loader:
         if target.type not in ("cpu", "cuda"):
             raise LoaderError(f"cannot load {path} onto {target}: only cpu and cuda devices are supported")
         # One fd for the header and the data: a file renamed over `path` meanwhile
-        # (a re-download) cannot mix one file's header with another's bytes.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # (a re-download) cannot mix one file's header with another's bytes. Regular files
+        # only: opening a FIFO would block.
+        fd = safetensors_header.open_regular(path)
         try:
             identity = FileIdentity.from_stat(os.fstat(fd))
             header = _read_header_fd(fd)
@@ -632,15 +645,22 @@ class Loader:
             data = torch.empty(0, dtype=torch.uint8)
             keep: tuple[Any, ...] = ()
         else:
+            # A file cut short since its header was read cannot be mapped to its full size
+            # (mmap raises ValueError) and, mapped, would raise SIGBUS on the missing pages.
+            if (err := _shrunk(fd, path, size)) is not None:
+                raise err
             # ACCESS_COPY: writable for torch (no read-only buffer warning), and a write
             # changes a private copy of the page, never the cached file.
-            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            try:
+                mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            except (ValueError, OSError) as exc:
+                raise _shrunk(fd, path, size) or LoaderError(f"cannot map {path}: {exc}; check the disk") from exc
             whole = torch.frombuffer(mapped, dtype=torch.uint8)
             data = whole[header.data_offset : size]
             keep = (mapped,)
         t1 = time.perf_counter()
         if header.data_size_bytes:
-            self._populate(path, data, windows=_plan_windows(
+            self._populate(path, data, fd=fd, file_size_bytes=size, windows=_plan_windows(
                 begin=0, end=header.data_size_bytes, chunk_bytes=self.options.chunk_bytes, align_bytes=mmap.PAGESIZE
             ))
         t2 = time.perf_counter()
@@ -659,7 +679,8 @@ class Loader:
             _keepalive=keep,
         )
 
-    def _populate(self, path: str, data: torch.Tensor, *, windows: list[_Window]) -> None:
+    def _populate(self, path: str, data: torch.Tensor, *, fd: int, file_size_bytes: int,
+                  windows: list[_Window]) -> None:
         """Make sure every page of the mapping is in the page cache, reading in parallel.
 
         When the file looks cached (mincore on two pages per window; a full scan costs
@@ -677,18 +698,29 @@ class Loader:
         end = base + data.numel()
         samples = [page_base + w.file_begin for w in windows] + [base + (w.file_begin + w.need_end) // 2 for w in windows]
         if libc is not None and _all_resident(libc, samples):
+            if (shrunk := _shrunk(fd, path, file_size_bytes)) is not None:
+                raise shrunk
             return
 
         def populate(w: _Window, _cancel: threading.Event) -> None:
             lo = page_base + w.file_begin
             hi = base + w.need_end
-            if libc is not None and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_READ) == 0:
-                return
-            # Kernels before 5.14: touch one byte per page.
+            if libc is not None:
+                if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_READ) == 0:
+                    return
+                err = ctypes.get_errno()
+                if err != errno.EINVAL:  # EFAULT: pages past the end of the file; EIO: the disk
+                    raise _shrunk(fd, path, file_size_bytes) or LoaderError(
+                        f"reading {path} failed: {os.strerror(err)}; check the disk and retry")
+            # Kernels before 5.14: touch one byte per page, once the file is known to be whole.
+            if (shrunk := _shrunk(fd, path, file_size_bytes)) is not None:
+                raise shrunk
             chunk = data[max(lo - base, 0) : w.need_end]
             chunk[:: mmap.PAGESIZE].sum()
 
         self._run_all(path, windows, populate)
+        if (shrunk := _shrunk(fd, path, file_size_bytes)) is not None:
+            raise shrunk
 
     # -- CUDA: pinned ring and a copy stream
 

@@ -617,6 +617,56 @@ class TestPreload:
 
         run(main())
 
+    def test_baked_in_files_that_are_not_valid_safetensors_are_ignored_at_start(
+        self, server: ModelServer, make_store: Callable[..., DiskStore], preload_dir: pathlib.Path
+    ) -> None:
+        (preload_dir / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"x" * 64)
+        (preload_dir / "cut.safetensors").write_bytes(MODELS["m2.safetensors"][:-10])
+        manifest = json.loads((preload_dir / "manifest.json").read_text())
+        manifest["models"] += [{"key": "team/pickle", "file": "pickle.safetensors"},
+                               {"key": "team/cut", "file": "cut.safetensors"}]
+        (preload_dir / "manifest.json").write_text(json.dumps(manifest))
+
+        async def main() -> None:
+            store = make_store(preload_dir=preload_dir)
+            await store.start()
+            assert [m.key for m in store.snapshot().models] == ["team/baked"]
+            await store.close()
+
+        run(main())
+
+
+class TestNotRegularFiles:
+    def test_fifos_in_the_cache_folder_do_not_block_the_start_up_scan(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        """A FIFO opened for reading blocks until a writer comes: every file the scan reads must be
+        checked to be a regular file first (open with O_NONBLOCK, then fstat)."""
+
+        async def main() -> None:
+            store = make_store()
+            await store.start()
+            kept = await store.ensure(source(server, 0))
+            await store.close()
+            models = store.models_dir
+            os.mkfifo(models / "aaaa.safetensors.meta.json")  # metadata that is a FIFO
+            os.mkfifo(models / "bbbb.safetensors")  # data that is a FIFO, with metadata claiming it
+            (models / "bbbb.safetensors.meta.json").write_text(json.dumps(
+                {"key": "team/fifo", "source": "x", "sha256": "0" * 64, "size_bytes": 0, "format": "safetensors"}))
+            os.mkfifo(models / "cccc.safetensors.pending.json")
+            os.mkfifo(models / "stray-fifo")
+            os.mkfifo(store.cache_dir / "index.json.fifo")
+            (store.cache_dir / "index.json").unlink()
+            os.mkfifo(store.cache_dir / "index.json")
+
+            again = make_store()
+            await asyncio.wait_for(again.start(), timeout=30)
+            assert [m.key for m in again.snapshot().models] == ["team/m0"]
+            assert files_in(again) == sorted([kept.name, kept.name + ".meta.json"])
+            await again.close()
+
+        run(main())
+
 
 class TestConfiguration:
     def test_settings_come_from_flags_over_environment_over_defaults(

@@ -536,3 +536,57 @@ class TestCuda:
             with pytest.raises(DeviceOutOfMemory, match="out of memory on cuda") as info:
                 loader.load(many_windows_file, device="cuda")
         assert isinstance(info.value, RuntimeError)
+
+
+class TestFilesChangingUnderALoad:
+    """A file cut short while it loads (rewritten in place by something else): a clean LoaderError,
+    never mmap's ValueError or a SIGBUS that would kill the agent."""
+
+    @pytest.mark.parametrize("mode", CPU_MODES)
+    def test_a_file_truncated_right_after_its_header_was_read(self, many_windows_file, monkeypatch, mode):
+        real = loader_mod._read_header_fd
+
+        def read_then_truncate(fd: int):
+            header = real(fd)
+            os.truncate(many_windows_file, header.data_offset + header.data_size_bytes // 2)
+            return header
+
+        monkeypatch.setattr(loader_mod, "_read_header_fd", read_then_truncate)
+        with pytest.raises(LoaderError, match="shrank|truncated"):
+            load(many_windows_file, mode, chunk_bytes=4096)
+
+    def test_a_mapped_file_truncated_before_its_pages_are_read(self, many_windows_file, monkeypatch):
+        evict_from_page_cache(many_windows_file)
+        real = Loader._populate
+
+        def truncate_then_populate(self, path, data, **kw):
+            os.truncate(many_windows_file, 4096)
+            return real(self, path, data, **kw)
+
+        monkeypatch.setattr(Loader, "_populate", truncate_then_populate)
+        with pytest.raises(LoaderError, match="shrank"):
+            load_file(many_windows_file, cpu_strategy="mmap", chunk_bytes=4096)
+
+
+class TestOnlyRegularFiles:
+    def test_a_fifo_is_refused_at_once_instead_of_blocking_the_load(self, tmp_path):
+        fifo = tmp_path / "model.safetensors"
+        os.mkfifo(fifo)
+        outcome: list[BaseException] = []
+        t = threading.Thread(target=lambda: outcome.append(pytest.raises(HeaderError, load_file, fifo).value), daemon=True)
+        t.start()
+        t.join(timeout=20)
+        assert not t.is_alive(), "loading a FIFO blocked"
+        assert outcome and outcome[0].reason is HeaderProblem.NOT_A_FILE
+
+
+class TestEdgeFilesSafetensorsLoads:
+    @pytest.mark.parametrize("mode", CPU_MODES)
+    def test_packed_four_bit_tensors_load_as_safetensors_loads_them(self, tmp_path, mode):
+        path = write_raw(tmp_path / "f4.safetensors", [("q", "F4", [3, 4], bytes(range(6))), ("b", "U8", [2], b"\1\2")])
+        assert_same_as_safetensors(load(path, mode), path)
+
+    @pytest.mark.parametrize("mode", CPU_MODES)
+    def test_zero_size_tensors_with_huge_dimensions_load_as_safetensors_loads_them(self, tmp_path, mode):
+        path = write_raw(tmp_path / "z.safetensors", [("z", "F32", [0, 2**62, 2**62], b""), ("w", "F32", [2], b"\0" * 8)])
+        assert_same_as_safetensors(load(path, mode), path)

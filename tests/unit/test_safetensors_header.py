@@ -107,8 +107,11 @@ class TestRejectedFiles:
 
     @pytest.mark.parametrize(
         "blob",
-        [b'{"t": ', b"[1, 2]", b"  {}", b'{"a": 1, "a": 2}', b'{"\xff": 1}', b"{\"a\":" + b"[" * 100000 + b"]" * 100000 + b"}", b'{"x": ' + b"9" * 5000 + b"}"],
-        ids=["invalid", "not-an-object", "leading-space", "duplicate-key", "not-utf8", "deep-nesting", "huge-int"],
+        [b'{"t": ', b"[1, 2]", b"\xef\xbb\xbf{}", b'{"__metadata__": {}, "__metadata__": {}}', b'{"\xff": 1}',
+         b"{\"a\":" + b"[" * 100000 + b"]" * 100000 + b"}", b'{"x": ' + b"9" * 5000 + b"}", b'{"x": NaN}',
+         b'{"\\ud800": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}', b"{} \x00"],
+        ids=["invalid", "not-an-object", "byte-order-mark", "metadata-twice", "not-utf8", "deep-nesting", "huge-int",
+             "nan", "lone-surrogate", "nul-after-object"],
     )
     def test_headers_that_are_not_a_json_object_are_rejected(self, blob):
         err = rejected(struct.pack("<Q", len(blob)) + blob)
@@ -151,10 +154,12 @@ class TestRejectedFiles:
             {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
             {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]},
             {"dtype": "F32", "shape": [1]},
-            {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1},
-            [1, 2, 3],
+            ["F32", [1]],
+            "F32",
+            {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]},
         ],
-        ids=["negative-dim", "float-dim", "no-offsets", "extra-key", "not-an-object"],
+        ids=["negative-dim", "float-dim", "no-offsets", "short-sequence", "not-an-object",
+             "dimension-beyond-int64"],
     )
     def test_malformed_tensor_entries_are_rejected_naming_the_tensor(self, bad):
         err = rejected(build({"t": bad}, b"\0" * 4))
@@ -180,6 +185,148 @@ class TestRejectedFiles:
         with pytest.raises(HeaderError) as info:
             sh.read_header(path)
         assert info.value.reason is HeaderProblem.TRUNCATED and info.value.tensor == "w"
+
+
+def raw(header: bytes, data: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+F32x4 = b"\0" * 16
+ENTRY = b'{"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}'
+
+
+class TestWhatSafetensorsAccepts:
+    """Each case was checked against safetensors 0.8 (`load_file`) by hand; `TestSameVerdictAsSafetensors`
+    compares the two on generated headers."""
+
+    @pytest.mark.parametrize("header", [
+        b"  \n\t{\"a\": " + ENTRY + b"}",
+        b"{\"a\": " + ENTRY + b"} \r\n",
+        b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "extra": {"x": [1]}}}',
+        b"{\"a\": " + ENTRY + b", \"a\": " + ENTRY + b"}",
+        b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "a": ' + ENTRY + b"}",
+        b'{"a": ["F32", [4], [0, 16]]}',
+        b'{"__metadata__": {"k": "1", "k": "2"}, "a": ' + ENTRY + b"}",
+        b'{"__metadata__": null, "a": ' + ENTRY + b"}",
+        b'{"\\u0061": ' + ENTRY + b"}",
+    ], ids=["whitespace-before", "whitespace-after", "unknown-field", "same-tensor-twice", "tensor-twice-last-counts",
+            "entry-as-sequence", "metadata-key-twice", "null-metadata", "escaped-name"])
+    def test_files_that_safetensors_loads_are_accepted(self, header):
+        parsed = parse(raw(header, F32x4))
+        assert [(t.name, t.shape, t.size_bytes) for t in parsed.tensors] == [("a", (4,), 16)]
+
+    def test_a_zero_size_tensor_may_have_huge_dimensions_below_2_63(self):
+        header = json.dumps({"z": entry("F32", [0, 2**62, 2**62], 0, 0), "a": entry("F32", [4], 0, 16)}).encode()
+        assert [t.name for t in parse(raw(header, F32x4)).tensors] == ["z", "a"]
+
+    @pytest.mark.parametrize("shape", [[0, 2**63], [2**62, 2**62, 0], [2**32, 2**32]])
+    def test_a_dimension_torch_cannot_hold_or_an_overflowing_product_is_refused(self, shape):
+        header = json.dumps({"z": entry("F32", shape, 0, 0), "a": entry("F32", [4], 0, 16)}).encode()
+        err = rejected(raw(header, F32x4))
+        assert err.tensor == "z" and err.reason in (HeaderProblem.BAD_ENTRY, HeaderProblem.SIZE_MISMATCH)
+
+    def test_a_field_named_twice_in_an_entry_is_refused_once_not_wrapped(self):
+        err = rejected(raw(b'{"a": {"dtype": "F32", "dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', F32x4))
+        assert err.reason is HeaderProblem.BAD_ENTRY and err.tensor == "a" and str(err).count("twice") == 1
+        assert str(err).count("BadEntry") == 1
+
+    def test_packed_four_bit_values_need_an_even_last_dimension(self):
+        assert parse(raw(json.dumps({"q": entry("F4", [3, 2], 0, 3)}).encode(), b"\0" * 3)).tensors[0].size_bytes == 3
+        assert rejected(raw(json.dumps({"q": entry("F4", [2, 3], 0, 3)}).encode(), b"\0" * 3)).tensor == "q"
+
+
+class TestNotSafetensors:
+    def test_a_torch_zip_checkpoint_is_named_for_what_it_is(self, tmp_path):
+        path = tmp_path / "model.ckpt"
+        torch.save({"w": torch.zeros(4)}, path)
+        with pytest.raises(HeaderError) as info:
+            sh.read_header(path)
+        assert info.value.reason is HeaderProblem.NOT_SAFETENSORS and "not a safetensors file" in str(info.value)
+        assert "zip" in str(info.value) and "fetch it again" not in str(info.value)
+
+    def test_a_legacy_pickle_is_named_for_what_it_is(self, tmp_path):
+        path = tmp_path / "model.pt"
+        torch.save({"w": torch.zeros(4)}, path, _use_new_zipfile_serialization=False)
+        with pytest.raises(HeaderError) as info:
+            sh.read_header(path)
+        assert info.value.reason is HeaderProblem.NOT_SAFETENSORS and "pickle" in str(info.value)
+
+    def test_an_html_error_page_is_not_called_a_truncated_download(self, tmp_path):
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(b"<!DOCTYPE html><html><body>Sign in</body></html>")
+        with pytest.raises(HeaderError) as info:
+            sh.read_header(path)
+        assert info.value.reason is HeaderProblem.NOT_SAFETENSORS and "HTML" in str(info.value)
+
+    def test_a_fifo_is_refused_without_blocking(self, tmp_path):
+        import os
+
+        fifo = tmp_path / "x.safetensors"
+        os.mkfifo(fifo)
+        with pytest.raises(HeaderError) as info:
+            sh.read_header(fifo)  # an open() without O_NONBLOCK would hang here
+        assert info.value.reason is HeaderProblem.NOT_A_FILE
+
+
+# ----------------------------------------------------------------------------- differential
+
+_ws = st.sampled_from([b"", b" ", b"\n", b"\t\r\n  "])
+_dims = st.one_of(st.integers(0, 6), st.sampled_from([2**62, 2**63 - 1, 2**63, 2**64 - 1, 2**32]))
+
+
+@st.composite
+def odd_headers(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """Headers around the edges safetensors has rules for: whitespace, repeats, extra fields,
+    sequences, huge dimensions, metadata shapes, packed dtypes."""
+    n = draw(st.integers(0, 3))
+    parts: list[bytes] = []
+    offset = 0
+    for i in range(n):
+        dtype = draw(st.sampled_from(["U8", "F16", "F32", "F4", "BOOL", "F6_E2M3"]))
+        shape = draw(st.lists(_dims, max_size=3))
+        numel = math.prod(shape)
+        bits = sh.DTYPE_BITS.get(dtype, 6)
+        size = numel * bits // 8 if numel * bits < 2**40 else 0
+        size = draw(st.sampled_from([size, size, size + 1]))
+        name = draw(st.sampled_from([f"t{i}", "t0"]))
+        fields = [b'"dtype": ' + json.dumps(dtype).encode(), b'"shape": ' + json.dumps(shape).encode(),
+                  b'"data_offsets": ' + json.dumps([offset, offset + size]).encode()]
+        if draw(st.booleans()):
+            fields.append(draw(st.sampled_from([b'"extra": 1', b'"dtype": "U8"', b'"x": null'])))
+        if draw(st.integers(0, 5)) == 0:
+            body = b"[" + b", ".join(f.split(b": ", 1)[1] for f in fields[:3]) + b"]"
+        else:
+            body = b"{" + b", ".join(fields) + b"}"
+        parts.append(json.dumps(name).encode() + b": " + body)
+        offset += size
+    meta = draw(st.sampled_from([None, b'{"a": "b"}', b"null", b'{"a": 1}', b"[]"]))
+    if meta is not None:
+        parts.insert(draw(st.integers(0, len(parts))), b'"__metadata__": ' + meta)
+    header = draw(_ws) + b"{" + b", ".join(parts) + b"}" + draw(_ws)
+    return header, bytes(min(offset, 1 << 16))
+
+
+class TestSameVerdictAsSafetensors:
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(odd_headers())
+    def test_stoker_accepts_exactly_what_safetensors_loads(self, tmp_path, case):
+        from safetensors.torch import load_file
+
+        header, data = case
+        path = tmp_path / "case.safetensors"
+        path.write_bytes(raw(header, data))
+        try:
+            load_file(path)
+            theirs = True
+        except Exception:  # noqa: BLE001 - any refusal, from safetensors or from torch below it
+            theirs = False
+        try:
+            sh.read_header(path)
+            ours = True
+        except HeaderError:
+            ours = False
+        assert ours == theirs, f"safetensors {'loads' if theirs else 'refuses'} {header!r}"
 
 
 # ----------------------------------------------------------------------------- properties
