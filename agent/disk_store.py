@@ -68,11 +68,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from stoker.agent import safetensors_header
+from stoker.agent import faults, safetensors_header
 from stoker.agent.disk_cache import DiskCacheState, InsufficientCache
 from stoker.agent.download import (
     Credentials,
     DownloadError,
+    DownloadFailure,
     DownloadProgress,
     DownloadRequest,
     Downloader,
@@ -110,14 +111,21 @@ T = TypeVar("T")
 
 
 class DiskStoreError(Exception):
-    """A model could not be made available on disk; `reason` is machine-readable."""
+    """A model could not be made available on disk; `reason` is machine-readable.
 
-    def __init__(self, reason: str, message: str, *, key: str | None = None, retryable: bool = False) -> None:
+    `local`: the fault is this agent's (its disk or memory, see `stoker.agent.faults`), not
+    the source's; such errors are retryable elsewhere and never reported as model failures."""
+
+    def __init__(self, reason: str, message: str, *, key: str | None = None, retryable: bool = False,
+                 local: bool = False, size_bytes: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.key = key
         self.retryable = retryable
+        self.local = local
+        self.size_bytes = size_bytes
+        """The model's size as its source announced it, when that is what failed (ExceedsDiskBudget)."""
 
 
 class Priority(enum.IntEnum):
@@ -313,6 +321,7 @@ class DiskStore:
         verify_on_start: bool = False,
         validate_header: Callable[[pathlib.Path], object] = safetensors_header.read_header,
         clock: Callable[[], float] = time.time,
+        health: faults.AgentHealth | None = None,
     ) -> None:
         self.cache_dir = pathlib.Path(cache_dir)
         self.models_dir = self.cache_dir / "models"
@@ -332,10 +341,15 @@ class DiskStore:
         self._failures: dict[str, FailureView] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
+        self.health = health or faults.AgentHealth(clock=clock)
+        """Local faults of the cache volume (shared with the rest of the agent)."""
+        self._full_need_bytes = 0
+        """Size of the last download that found the volume full: free space to see before clearing DiskFull."""
 
     @classmethod
     def from_settings(
-        cls, settings: AgentSettings, *, metrics: AgentMetrics | None = None, downloader: Downloader | None = None
+        cls, settings: AgentSettings, *, metrics: AgentMetrics | None = None, downloader: Downloader | None = None,
+        health: faults.AgentHealth | None = None,
     ) -> DiskStore:
         """The disk tier as configured; the caller closes the downloader it passes (or `store.downloader`)."""
         return cls(
@@ -347,6 +361,7 @@ class DiskStore:
             max_downloads=settings.max_downloads,
             max_prefetches=settings.max_prefetches,
             verify_on_start=settings.verify_on_start,
+            health=health,
         )
 
     @property
@@ -585,11 +600,50 @@ class DiskStore:
         try:
             path = await self._download_once(flight)
         except DiskStoreError as exc:
-            if exc.reason != "Cancelled":
+            if exc.reason != "Cancelled" and not exc.local:
                 self._record_failure(exc)
             raise
         self._failures.pop(flight.source.key, None)
         return path
+
+    def _local_fault(self, key: str, message: str, *, exc: BaseException | None = None,
+                     os_errno: int | None = None, need_bytes: int = 0) -> DiskStoreError:
+        """A fault of this agent's disk or memory while fetching `key` (see `stoker.agent.faults`)."""
+        reason = faults.classify(exc, os_errno=os_errno) or faults.DISK_ERROR
+        if reason == faults.DISK_FULL:
+            self._full_need_bytes = max(need_bytes, 1 << 20)
+        self.health.fault(reason, f"cache volume {self.cache_dir}: {message}")
+        self._metrics.download_failures.labels(reason).inc()
+        log.warning("local fault while fetching %s: %s: %s", key, reason, message)
+        return DiskStoreError(
+            reason, f"{key}: {message}; a fault of this agent, not of the model's source: {faults.advice(reason)}",
+            key=key, retryable=True, local=True)
+
+    async def probe(self) -> bool:
+        """Whether the cache volume works again after a local disk fault: enough free space for the
+        download that found it full, and a small write and fsync that succeed. Clears the fault if so."""
+        need = self._full_need_bytes
+
+        def check() -> None:
+            st = os.statvfs(self.cache_dir)
+            if self.health.has(faults.DISK_FULL) and st.f_bavail * st.f_frsize < need:
+                raise OSError(28, f"{st.f_bavail * st.f_frsize} bytes free, {need} needed")  # ENOSPC
+            path = self.cache_dir / ".probe"
+            try:
+                with open(path, "wb") as fh:
+                    fh.write(bytes(64 << 10))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            finally:
+                path.unlink(missing_ok=True)
+
+        try:
+            await asyncio.to_thread(check)
+        except OSError as exc:
+            self.health.fault(faults.classify(exc) or faults.DISK_ERROR, f"cache volume {self.cache_dir}: {exc}")
+            return False
+        self.health.clear(faults.DISK_FULL, faults.DISK_ERROR)
+        return True
 
     def _record_failure(self, exc: DiskStoreError) -> None:
         key = exc.key or "?"
@@ -623,7 +677,10 @@ class DiskStore:
             log.info("resuming the interrupted download of %s", key)
         loop = asyncio.get_running_loop()
 
+        announced: list[int] = []
+
         def on_total(total_bytes: int) -> None:
+            announced.append(total_bytes)
             _call_in_loop(loop, lambda: self._reserve(key, total_bytes))
 
         def before_rename(part: pathlib.Path, sha256: str) -> None:
@@ -684,6 +741,9 @@ class DiskStore:
             raise
         except DownloadError as exc:
             self._park_or_abort(key, dest, source, keep=exc.retryable)
+            if exc.reason == DownloadFailure.IO_ERROR:  # writing the file failed here: the disk, not the source
+                raise self._local_fault(key, exc.message, os_errno=exc.os_errno,
+                                        need_bytes=flight.progress.total_bytes or source.size_bytes or 0) from None
             self._metrics.download_failures.labels(str(exc.reason)).inc()
             raise DiskStoreError(str(exc.reason), f"{key}: {exc.message}", key=key, retryable=exc.retryable) from None
         except safetensors_header.HeaderError as exc:
@@ -697,8 +757,21 @@ class DiskStore:
             ) from None
         except InsufficientCache as exc:
             self._park_or_abort(key, dest, source, keep=False)
+            size = announced[-1] if announced else (source.size_bytes or 0)
+            if size > self._state.budget_bytes:  # no eviction can ever make room here
+                self._metrics.download_failures.labels("ExceedsDiskBudget").inc()
+                raise DiskStoreError(
+                    "ExceedsDiskBudget",
+                    f"{key} is {size} bytes (as its source announced), more than this agent's whole disk budget of "
+                    f"{self._state.budget_bytes} bytes; give agents a larger budget or use a smaller model",
+                    key=key, retryable=True, size_bytes=size) from None
             self._metrics.download_failures.labels(exc.reason).inc()
             raise DiskStoreError(exc.reason, str(exc), key=key, retryable=True) from None
+        except (OSError, MemoryError) as exc:  # metadata, sidecar, fsync or rename on this agent's disk
+            with contextlib.suppress(OSError):
+                self._park_or_abort(key, dest, source, keep=False)
+            raise self._local_fault(key, f"{type(exc).__name__}: {exc}", exc=exc,
+                                    need_bytes=flight.progress.total_bytes or source.size_bytes or 0) from None
         except BaseException:
             self._park_or_abort(key, dest, source, keep=False)
             raise
@@ -712,6 +785,7 @@ class DiskStore:
         self._files[key] = _FileInfo(
             key=key, path=dest, size_bytes=result.size_bytes, sha256=result.sha256, source_digest=source.digest
         )
+        self.health.clear(faults.DISK_FULL, faults.DISK_ERROR)  # a whole file was written and synced
         self._metrics.downloaded_bytes.inc(result.transferred_bytes)
         self._metrics.download_duration.observe(result.duration_s)
         if result.transferred_bytes > 0 and result.duration_s > 0:

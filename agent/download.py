@@ -115,6 +115,7 @@ class DownloadError(Exception):
         url: str | None = None,
         status_code: int | None = None,
         attempts: int = 0,
+        os_errno: int | None = None,
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -122,6 +123,8 @@ class DownloadError(Exception):
         self.url = url
         self.status_code = status_code
         self.attempts = attempts
+        self.os_errno = os_errno
+        """For IO_ERROR: the errno of the local write that failed (ENOSPC: the disk is full)."""
 
     @property
     def retryable(self) -> bool:
@@ -772,7 +775,8 @@ class _Job:
                     rest = rest[os.write(fh.fileno(), rest):]
         except OSError as exc:
             raise DownloadError(
-                DownloadFailure.IO_ERROR, f"cannot write {self.part.name}: {exc.strerror}; check free disk space", url=self.shown_url
+                DownloadFailure.IO_ERROR, f"cannot write {self.part.name}: {exc.strerror}; check free disk space",
+                url=self.shown_url, os_errno=exc.errno,
             ) from None
         self.hasher.update(parts)
         self.offset += size

@@ -42,7 +42,7 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from stoker import kube
-from stoker.agent import output, safetensors_header
+from stoker.agent import faults, output, safetensors_header
 from stoker.agent.disk_store import DiskStore, DiskStoreError, ModelSource, Priority
 from stoker.agent.job_metrics import JobMetrics
 from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact, Runner, RunnerError
@@ -170,9 +170,12 @@ class JobWorker:
     """Watches this agent's jobs (server-side label selector) and runs each bound attempt."""
 
     def __init__(self, *, objects: kube.Objects, settings: JobSettings, store: DiskStore, weights: Weights,
-                 runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep) -> None:
+                 runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep,
+                 health: faults.AgentHealth | None = None) -> None:
         self.objects, self.settings = objects, settings
         self.store, self.weights, self.runner, self.metrics = store, weights, runner, metrics
+        self.health = health or faults.AgentHealth()
+        """Local faults of this agent (shared with the disk tier): loads that ran out of memory or hit a bad disk."""
         self.on_change = on_change
         self._sleep = sleep
         self.work: dict[str, _Work] = {}
@@ -377,6 +380,7 @@ class JobWorker:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
         work.timings["totalSeconds"] = round(time.time() - created, 3)
+        self.health.clear(faults.OUT_OF_MEMORY)  # a whole job loaded and ran
         return _Final(patch={
             "phase": "Succeeded", "cacheHit": hit, "timings": dict(work.timings), "finishedAt": kube.now_rfc3339(),
             "result": result, "progress": {"step": work.steps, "steps": work.steps}, "attemptFailure": None,
@@ -504,7 +508,10 @@ class JobWorker:
                 try:
                     model, _tier = held.enter_context(self.weights.use(source.key, path))
                 except Exception as exc:
-                    raise _as_job_failure(exc) from exc
+                    failure = _as_job_failure(exc)
+                    if isinstance(failure, JobFailed) and failure.reason in faults.LOCAL_FAULT_REASONS:
+                        self.health.fault(failure.reason, failure.message)
+                    raise failure from exc
                 tensors = model.tensors
             loaded[i] = self._artifact(source, path, name, kind, weight, tensors)
         load_s = time.perf_counter() - t0
@@ -578,11 +585,12 @@ class JobWorker:
         try:
             path = await self.store.ensure(source, priority=Priority.JOB, rank_hint_s=rank_hint_s)
         except DiskStoreError as exc:
-            if not exc.retryable:
+            if not exc.retryable or exc.size_bytes is not None:  # bad sources, and sizes no budget here holds
                 uid, generation = self._model_identity.get(source.key, (None, None))
                 self.model_failures[source.key] = ModelFailure(
-                    name=source.key.rsplit("/", 1)[-1], reason=exc.reason, message=exc.message, retryable=False,
-                    at=kube.now_rfc3339(), uid=uid, generation=generation)
+                    name=source.key.rsplit("/", 1)[-1], reason=exc.reason, message=exc.message,
+                    retryable=exc.retryable, at=kube.now_rfc3339(), uid=uid, generation=generation,
+                    size_bytes=exc.size_bytes)
                 self.on_change()
             raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from exc
         self.store.pin(source.key)  # no await since ensure returned: nothing evicted it in between
@@ -831,6 +839,8 @@ def _set_progress(work: _Work, step: int, steps: int) -> None:
 
 
 def _as_job_failure(exc: Exception) -> Exception:
+    """A load failure as the attempt's failure: capacity (retryable), a bad file (not), or a local
+    fault of this agent's disk or memory (retryable elsewhere, see `stoker.agent.faults`)."""
     kind = type(exc).__name__
     if kind in ("InsufficientCache", "DeviceOutOfMemory", "OutOfMemoryError"):
         return JobFailed("InsufficientVRAM", str(exc), retryable=True)
@@ -838,6 +848,14 @@ def _as_job_failure(exc: Exception) -> Exception:
         return JobFailed("InvalidHeader", str(exc), retryable=False)
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
         return JobFailed("InsufficientVRAM", str(exc), retryable=True)
+    if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc).lower():  # torch's host allocator
+        return JobFailed(faults.OUT_OF_MEMORY, f"{exc}; a fault of this agent, not of the model: "
+                         f"{faults.advice(faults.OUT_OF_MEMORY)}"[:2000], retryable=True)
+    cause = exc if isinstance(exc, (OSError, MemoryError)) else exc.__cause__
+    local = faults.classify(cause) if isinstance(cause, (OSError, MemoryError)) else None
+    if local is not None:
+        return JobFailed(local, f"{exc}; a fault of this agent, not of the model: {faults.advice(local)}"[:2000],
+                         retryable=True)
     return exc
 
 

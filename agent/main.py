@@ -15,7 +15,7 @@ import pydantic
 import torch
 
 from stoker import kube
-from stoker.agent import credentials, status_report
+from stoker.agent import credentials, faults, reporter, status_report
 from stoker.agent.disk_store import DiskStore
 from stoker.agent.download import Downloader, quiet_http_client_logs
 from stoker.agent.job_metrics import JobMetrics
@@ -128,7 +128,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     # Seconds of imports, done while the disk cache is scanned, before the agent says it is ready.
     preparing = asyncio.ensure_future(asyncio.to_thread(getattr(runner, "prepare", lambda: None)))
     downloader = Downloader(settings.download_policy())
-    store = DiskStore.from_settings(settings, metrics=metrics, downloader=downloader)
+    loop = asyncio.get_running_loop()
+    # Faults are noted from worker threads too (loads): kick the status writer on the loop.
+    health = faults.AgentHealth(on_change=lambda: loop.call_soon_threadsafe(kick))
+    store = DiskStore.from_settings(settings, metrics=metrics, downloader=downloader, health=health)
     await store.start()
     loader = Loader()
     loader.prepare(device)  # page-lock the pinned ring now, not inside the first job's load
@@ -152,17 +155,22 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
     identity = status_report.Identity(pod=settings.pod_name or name, node=settings.node_name or "",
                                       zone=settings.zone or "", gpu_model=gpu_model, vram_bytes=gpu_vram)
-    writer: StatusWriter
+    writer: StatusWriter | None = None
+
+    def kick() -> None:
+        if writer is not None:
+            writer.kick()
+
     worker = JobWorker(objects=objects, settings=JobSettings(
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
         results_dir=settings.results_dir,
         model_not_found_grace_s=settings.model_not_found_grace_s),
-        store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick())
+        store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=kick, health=health)
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
     orders = OrderFollower(objects=objects, name=name, store=store,
                            resolve=lambda mc: model_source(objects, mc), failures=worker.model_failures,
-                           on_change=lambda: writer.kick())
+                           on_change=kick)
 
     def vram_view() -> status_report.TierView:
         if uses_weights:
@@ -177,7 +185,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             failures=list(worker.model_failures.values()),
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
                                  disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
-            observed_generation=orders.observed_generation)
+            observed_generation=orders.observed_generation, local_faults=health.faults())
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
                           on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
@@ -188,12 +196,22 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     log.info("agent %s/%s ready on %s (%s), disk budget %d bytes, %d slot(s)",
              settings.namespace, name, device, gpu_model, settings.disk_budget_bytes, settings.job_slots)
     try:
-        await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop))
+        await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop),
+                             watch_local_faults(store, stop))
     finally:
         await store.close()
         downloader.close()
         weights.close()
         loader.close()
+
+
+async def watch_local_faults(store: DiskStore, stop: asyncio.Event, *, interval_s: float = 5.0) -> None:
+    """While the cache volume has a local fault, check every few seconds whether it works again."""
+    while not stop.is_set():
+        await reporter.wait_event(stop, interval_s)
+        if not stop.is_set() and (store.health.has(faults.DISK_FULL) or store.health.has(faults.DISK_ERROR)):
+            if await store.probe():
+                log.info("the cache volume works again; local disk faults cleared")
 
 
 def disk_view(store: DiskStore) -> status_report.DiskView:

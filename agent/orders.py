@@ -143,6 +143,7 @@ class OrderFollower:
     async def _prefetch(self, key: str) -> None:
         name = key.rsplit("/", 1)[-1]
         failure: ModelFailure | None = None
+        local = False
         identity: dict[str, Any] = {}  # of the ModelCache read: a failure names its uid and generation
         try:
             obj = await asyncio.to_thread(self.objects.get, "ModelCache", name)
@@ -156,7 +157,8 @@ class OrderFollower:
             raise
         except DiskStoreError as exc:
             failure = ModelFailure(name=name, reason=exc.reason, message=exc.message, retryable=exc.retryable,
-                                   at=kube.now_rfc3339(), **identity)
+                                   at=kube.now_rfc3339(), size_bytes=exc.size_bytes, **identity)
+            local = exc.local  # this agent's disk or memory: retried, but never reported against the model
         except Exception as exc:
             retryable = True
             if kube.is_not_found(exc):
@@ -181,6 +183,9 @@ class OrderFollower:
                                     jitter=self._jitter())
             backoff.not_before = self._clock() + delay_s
             log.warning("prefetch of %s failed (%s: %s); retrying in %.1f s", key, failure.reason, failure.message, delay_s)
-            self.failures[key] = failure
+            if local:
+                self.failures.pop(key, None)
+            else:
+                self.failures[key] = failure
         self._wake.set()
         self.on_change()

@@ -6,8 +6,10 @@ import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
 
+from stoker.agent.faults import FaultView
 from stoker.api.cacheagent import (
-    Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, ModelFailure, RunningJob, TierUsage,
+    Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, LocalFault, ModelFailure, RunningJob,
+    TierUsage,
 )
 
 
@@ -82,11 +84,14 @@ def _time(ts: float) -> str | None:
 
 def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
-                 observed_generation: int | None, queue_slots: int = 0) -> CacheAgentStatus:
+                 observed_generation: int | None, queue_slots: int = 0,
+                 local_faults: Sequence[FaultView] = (), accepting: bool = True) -> CacheAgentStatus:
     """The agent's report: each model once, at its fastest tier, LRU timestamps merged, with
     the disk tier's eviction rank (`models[].rank`, read by placement).
 
-    `queue_slots` jobs may be bound beyond the `slots` that generate at once."""
+    `queue_slots` jobs may be bound beyond the `slots` that generate at once. `local_faults`
+    make the agent `degraded`; a failure listed there is never a model failure. An agent
+    that is not `accepting` (shutting down) offers no free slots."""
     models: dict[str, CachedModel] = {}
     last_used: dict[str, float] = {}
     for e in disk.entries:
@@ -114,9 +119,13 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
                    for d in disk.downloads],
         slots=slots,
         queue_slots=queue_slots,
-        free_slots=max(0, slots + queue_slots - len(running)),
+        free_slots=max(0, slots + queue_slots - len(running)) if accepting else 0,
         running=list(running),
         model_failures=list(failures),
+        degraded=bool(local_faults),
+        local_faults=[LocalFault(reason=f.reason, message=f.message, since=_time(f.since), last_seen=_time(f.last_seen))
+                      for f in local_faults],
+        accepting=accepting,
         bandwidth=bandwidth,
         observed_generation=observed_generation,
     )

@@ -36,7 +36,7 @@ from typing import Any
 from kubernetes import client
 
 from stoker.api import GROUP, VERSION, Condition, ConditionStatus
-from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.api.protocol import AGENT_FAULT_REASONS, AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker.kube import now_rfc3339
 from stoker.operator import jobstate, metrics, sourcehealth
 from stoker.operator.scheduler import Writer
@@ -57,6 +57,8 @@ class _Transition:
 def unavailable_message(art: str, verdict: sourcehealth.SourceVerdict,
                         settings: sourcehealth.SourceHealthSettings) -> str:
     """Why a job of a Failed model fails, and what brings the model back (see sourcehealth)."""
+    if verdict.reason == sourcehealth.TOO_LARGE:
+        return f"model {art} fits on no agent: {verdict.message}; then submit the job again"
     what = f"model {art} cannot be fetched ({verdict.reason}: {verdict.message})"
     if not verdict.permanent:
         return f"{what}; submit the job again once the source is back"
@@ -161,7 +163,8 @@ class Reconciler:
                 return _Transition(st, after, "Failed", after.message or "", warning=True)
             try:
                 after = jobstate.fail(st, agent=f.agent, attempt=f.attempt, reason=f.reason, message=f.message,
-                                      retryable=f.retryable, now=now)
+                                      retryable=f.retryable, now=now,
+                                      agent_fault=f.retryable and f.reason in AGENT_FAULT_REASONS)
             except jobstate.InvalidTransition as exc:
                 log.debug("%s: ignoring attempt failure: %s", job.key, exc)
             else:
@@ -195,7 +198,11 @@ class Reconciler:
     @staticmethod
     def _outcome(before: jobstate.JobState, after: jobstate.JobState, why: str) -> _Transition:
         if after.phase is jobstate.JobPhase.PENDING:
-            return _Transition(before, after, "Requeued", f"{why}; attempt {after.attempt} of {after.max_attempts} is pending")
+            used, _ = jobstate.attempts_used(after.history)
+            last = after.history[-1] if after.history else None
+            counted = "a fault of its agent, not counted" if last is not None and last.agent_fault else "counted"
+            return _Transition(before, after, "Requeued", f"{why}; attempt {after.attempt} is pending ({counted}; "
+                               f"{used} of {after.max_attempts} allowed failures used)")
         return _Transition(before, after, "Failed", f"{after.reason}: {after.message}", warning=True)
 
     def _submit(self, job: ObservedJob, fn: Any) -> int:

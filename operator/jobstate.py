@@ -8,6 +8,14 @@
                                                       model unavailable, cancelled,
                                                       non-retryable failure)
 
+Attempts: `maxAttempts` bounds the attempts that failed through a fault of the job itself
+(its inputs, its source, a crash while running it). An attempt that ended through a fault
+of its agent (the agent vanished or stopped, its disk filled up or failed, it ran out of
+memory or room: `AttemptRecord.agent_fault`, decided by the caller) uses none of them, so
+interruptions and broken nodes never fail a job; `max_agent_faults` more such attempts
+bound a job that somehow takes agents down with it. The attempt number counts every
+attempt, so it may pass `max_attempts`.
+
 Every transition is a function from a frozen `JobState` to a new one, or raises
 `InvalidTransition`. Writes that come from an agent carry the agent name and the
 attempt number they are about; a write for another agent or an older attempt raises
@@ -30,6 +38,7 @@ __all__ = [
     "Reason",
     "StaleAttempt",
     "agent_lost",
+    "attempts_used",
     "bind",
     "cancel",
     "check_deadline",
@@ -96,6 +105,8 @@ class AttemptRecord:
     reason: str = ""
     message: str = ""
     at: float = 0.0
+    agent_fault: bool = False
+    """The attempt ended through a fault of its agent, not of the job: it uses no attempt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +118,11 @@ class JobState:
     """The agent the current attempt is bound to (Scheduled, Running), or that produced the
     result (Succeeded); None while Pending and once Failed."""
     attempt: int = 1
-    """Number of the current (or last) attempt, from 1."""
+    """Number of the current (or last) attempt, from 1 (agent faults included)."""
     max_attempts: int = 3
+    """Attempts that may fail through a fault of the job itself."""
+    max_agent_faults: int = 10
+    """Attempts that may end through faults of their agents, beyond those."""
     history: tuple[AttemptRecord, ...] = ()
     reason: str | None = None
     message: str | None = None
@@ -162,16 +176,18 @@ def succeed(state: JobState, *, agent: str, attempt: int, now: float) -> JobStat
 
 
 def fail(
-    state: JobState, *, agent: str, attempt: int, reason: str, message: str = "", retryable: bool, now: float
+    state: JobState, *, agent: str, attempt: int, reason: str, message: str = "", retryable: bool, now: float,
+    agent_fault: bool = False,
 ) -> JobState:
     """The agent reports that the current attempt failed.
 
     Retryable with attempts left -> Pending with attempt + 1 (and the agent blocked for
     this job); retryable without -> Failed/AttemptsExhausted; not retryable -> Failed
-    with the agent's reason."""
+    with the agent's reason. `agent_fault`: the failure was the agent's (see the module
+    docstring), so it uses none of the job's attempts."""
     _require_current(state, "fail", agent, attempt)
     _require(state, "fail", JobPhase.SCHEDULED, JobPhase.RUNNING)
-    record = AttemptRecord(attempt, agent, Outcome.FAILED, reason, message, now)
+    record = AttemptRecord(attempt, agent, Outcome.FAILED, reason, message, now, agent_fault=agent_fault)
     if retryable:
         return _requeue_or_exhaust(state, record, now=now)
     return _finish_failed(state, record, reason=reason, message=message or f"attempt {attempt} on {agent} failed", now=now)
@@ -186,7 +202,8 @@ def agent_lost(state: JobState, *, now: float, agent: str | None = None) -> JobS
         raise InvalidTransition(f"job in phase {state.phase.value} has no agent to lose")
     if agent is not None and agent != state.agent:
         raise StaleAttempt(f"agent {agent!r} was lost but attempt {state.attempt} is bound to {state.agent!r}; nothing to do")
-    record = AttemptRecord(state.attempt, state.agent, Outcome.REQUEUED, Reason.AGENT_LOST, f"agent {state.agent} stopped renewing its lease", now)
+    record = AttemptRecord(state.attempt, state.agent, Outcome.REQUEUED, Reason.AGENT_LOST,
+                           f"agent {state.agent} stopped renewing its lease", now, agent_fault=True)
     return _requeue_or_exhaust(state, record, now=now)
 
 
@@ -208,6 +225,13 @@ def cancel(state: JobState, *, now: float, message: str = "the GenerationJob was
     """Failed/Cancelled from any non-terminal phase; the agent must stop the attempt."""
     _require(state, "cancel", JobPhase.PENDING, JobPhase.SCHEDULED, JobPhase.RUNNING)
     return _abort(state, Reason.CANCELLED, message, now=now)
+
+
+def attempts_used(history: tuple[AttemptRecord, ...]) -> tuple[int, int]:
+    """(attempts that failed through the job's own fault, attempts that ended through their agent's)."""
+    job = sum(1 for r in history if r.outcome is Outcome.FAILED and not r.agent_fault)
+    agent = sum(1 for r in history if r.agent_fault)
+    return job, agent
 
 
 def failed_agents(state: JobState) -> frozenset[str]:
@@ -241,11 +265,13 @@ def _require_current(state: JobState, action: str, agent: str, attempt: int) -> 
 
 def _requeue_or_exhaust(state: JobState, record: AttemptRecord, *, now: float) -> JobState:
     history = state.history + (record,)
-    if state.attempt >= state.max_attempts:
+    used, agent_faults = attempts_used(history)
+    if used >= state.max_attempts or agent_faults > state.max_agent_faults:
+        why = (f"all {state.max_attempts} attempts failed" if used >= state.max_attempts else
+               f"{agent_faults} attempts ended through faults of their agents (at most {state.max_agent_faults})")
         return replace(
             state, phase=JobPhase.FAILED, agent=None, history=history, finished_at=now,
-            reason=Reason.ATTEMPTS_EXHAUSTED,
-            message=f"all {state.max_attempts} attempts failed; last: {record.reason} on {record.agent}",
+            reason=Reason.ATTEMPTS_EXHAUSTED, message=f"{why}; last: {record.reason} on {record.agent}",
         )
     return replace(
         state, phase=JobPhase.PENDING, agent=None, attempt=state.attempt + 1, history=history,

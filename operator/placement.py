@@ -101,6 +101,9 @@ class AgentView:
     ready: bool = True
     """False once the agent's Lease expired (or it never reported)."""
     cordoned: bool = False
+    can_download: bool = True
+    """False while the agent reports a fault of its cache volume (full or failing): it takes
+    only jobs whose artifacts it already holds on disk."""
     slots: int = 1
     """Generation slots: jobs the agent runs at the same time."""
     queue_slots: int = 0
@@ -448,7 +451,7 @@ class _Agent:
     __slots__ = (
         "view", "name", "vram", "ram", "disk", "downloading", "in_use", "pinned_disk",
         "held_hot", "vram_free", "disk_free", "free_slots", "gen_slots", "busy", "dl", "d2g", "r2g",
-        "victims", "version", "ranks",
+        "victims", "version", "ranks", "can_download",
     )
 
     def __init__(self, view: AgentView, settings: PlacementSettings) -> None:
@@ -474,6 +477,7 @@ class _Agent:
         """Per tier: (order, key, size, cost) of the evictable residents; disk costs before the duplicate discount."""
         self.version = 0
         self.ranks: Mapping[str, float] = view.disk_rank_s
+        self.can_download = view.can_download
 
     def tier(self, key: str) -> Tier | None:
         if key in self.vram:
@@ -648,8 +652,24 @@ class _Fleet:
     def state(self, name: str) -> _Agent:
         st = self.states.get(name)
         if st is None:
-            st = self.states[name] = _Agent(self.views[name], self.settings)
+            view = self.views[name]
+            st = self.states[name] = _Agent(view, self.settings)
+            st.disk_free = max(0.0, st.disk_free - self._committed_bytes(view))
         return st
+
+    def _committed_bytes(self, view: AgentView) -> int:
+        """Disk the agent has promised but not reserved yet: the downloads its bound jobs (in use)
+        and its held copies still need. Its report counts only what it wrote or reserved, so
+        without this a second job would be sent into room the first will take."""
+        if view.disk_capacity_bytes is None:
+            return 0
+        have = view.disk | view.preloaded
+        return sum(self.size(k) for k in sorted((view.in_use | view.held) - have) if k not in view.downloading)
+
+    def all_failed(self, failed: frozenset[str]) -> bool:
+        """Whether every eligible agent has failed this job (so none is excluded any more)."""
+        views = self.views
+        return len(failed) >= len(views) and all(name in failed for name in views)
 
     def size(self, key: str) -> int:
         info = self.sizes.get(key)
@@ -745,6 +765,10 @@ class _Fleet:
         total = sum(size for _, size in arts)
         aged = now - job.created_at > s.max_hot_wait_age_s
         failed = job.failed_agents
+        if failed and self.all_failed(failed):
+            # Each eligible agent failed it once (retryably: other failures end the job). Rather
+            # than wait for an agent that never comes, try them again: the attempts bound it.
+            failed = frozenset()
         cap = s.holder_candidates
 
         # Free agents that hold some of the job's artifacts (best tier first).
@@ -782,6 +806,11 @@ class _Fleet:
                 reserved = self._reserve(job, arts, total, [*free_cands, *cold])
                 if reserved is not None:
                     return reserved
+            largest = max(arts, key=lambda a: a[1])
+            budgets = [v.disk_capacity_bytes for v in self.views.values() if v.disk_capacity_bytes is not None]
+            if budgets and len(budgets) == len(self.views) and largest[1] > max(budgets):
+                return Unplaceable(job.key, f"{largest[0]} ({_gb(largest[1])}) is larger than every Ready agent's "
+                                            f"disk budget (largest {_gb(max(budgets))})")
             if not free_cands and not busy_cands and not cold:
                 return Unplaceable(job.key, f"no Ready agent with a free slot can fit {_gb(total)} and has not failed this job")
             return Unplaceable(job.key, f"no candidate agent can fit or make room for {_gb(total)} (models in use or held)")
@@ -904,6 +933,8 @@ class _Fleet:
                 load += size / st.r2g
             elif t is Tier.DISK:
                 load += size / st.d2g
+            elif not st.can_download:
+                return None  # its disk is full or failing: only what it holds already
             elif t is Tier.MISS:  # download in progress: space reserved, bytes remaining
                 done = st.downloading.get(key, 0)
                 part = max(0, size - done) / st.dl

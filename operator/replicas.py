@@ -455,7 +455,7 @@ def _cheapest_addition(
         have = a.has_copy(m.key)
         downloading = m.key in a.view.downloading
         if not have and not downloading:
-            if a.new_downloads >= settings.max_new_holds_per_agent:
+            if a.new_downloads >= settings.max_new_holds_per_agent or not a.view.can_download:
                 continue
         if m.key not in a.preloaded and a.held_bytes + m.size_bytes > a.budget:
             continue

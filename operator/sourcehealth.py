@@ -41,6 +41,8 @@ __all__ = [
     "SOURCE_FAILURE_REASONS",
     "SourceHealthSettings",
     "SourceVerdict",
+    "TOO_LARGE",
+    "plan_oversize",
     "plan_source_health",
 ]
 
@@ -50,9 +52,12 @@ RETRYABLE_SOURCE_REASONS = frozenset({"HTTPServerError", "HTTPTooManyRequests", 
 SOURCE_FAILURE_REASONS = RETRYABLE_SOURCE_REASONS | frozenset({
     # Not retryable: the source or the ModelCache is wrong.
     "ChecksumMismatch", "SizeMismatch", "HTTPNotFound", "HTTPForbidden", "HTTPUnauthorized", "HTTPClientError",
-    "InvalidHeader", "PickleRefused", "URLNotAllowed", "TooManyRedirects", "SizeUnknown",
+    "InvalidHeader", "InvalidSafetensors", "PickleRefused", "URLNotAllowed", "TooManyRedirects", "SizeUnknown",
 })
-"""Attempt-failure reasons that blame the model's source rather than the agent or the job."""
+"""Failure reasons that blame the model's source rather than the agent or the job: each is an
+answer from the source itself (a status, a size, bytes that do not verify) or a refusal of
+what it sent. Local faults of an agent (DiskFull, DiskError, OutOfMemory), capacity
+(InsufficientCache) and anything else an agent reports are never counted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,33 @@ def plan_source_health(
                 f"(last on {last.agent}: {last.reason} {last.message})".strip()[:1000]
                 + "; new jobs fail with ModelUnavailable until a copy appears or the failures age out",
                 len(retryable), len(agents))
+    return out
+
+
+TOO_LARGE = "TooLarge"
+
+
+def plan_oversize(
+    sizes: Mapping[str, Iterable[int]], *, budgets: Iterable[int], with_copy: Collection[str] = ()
+) -> dict[str, SourceVerdict]:
+    """Model key -> verdict for every model larger than every agent's disk budget (pure).
+
+    `sizes`: what is known of each model's size (its spec's sizeBytes hint, the size its
+    source announced to an agent that could not hold it); the largest counts. `budgets`:
+    the disk budgets of the Ready agents (none known: no verdict). A model some agent holds
+    (baked in, or on a bigger disk) is never too large."""
+    largest = max((b for b in budgets if b > 0), default=0)
+    if largest <= 0:
+        return {}
+    out: dict[str, SourceVerdict] = {}
+    for model in sorted(sizes):
+        size = max(sizes[model], default=0)
+        if size > largest and model not in with_copy:
+            out[model] = SourceVerdict(
+                TOO_LARGE,
+                f"it is {size} bytes, more than the largest disk budget of any Ready agent ({largest} bytes); "
+                "give agents a larger disk budget (agent.cache.budget) or use a smaller model",
+                failures=0, agents=0, permanent=True)
     return out
 
 

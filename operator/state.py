@@ -33,13 +33,15 @@ import pydantic
 
 from stoker.api import CacheAgent, GenerationJob, ModelCache
 from stoker.api.generationjob import Attempt, AttemptFailure
-from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.api.protocol import AGENT_FAULT_REASONS, AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker import userank
 from stoker.operator import jobstate, placement, replicas, sourcehealth
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_SIZE_BYTES = 4 << 30
+DISK_FAULTS = frozenset({"DiskFull", "DiskError"})
+"""CacheAgent localFaults that keep an agent from downloading (see stoker.agent.faults)."""
 EARLY_USES_PER_MODEL = 4096
 """Creation times kept per model for jobs seen before their ModelCache (the newest are kept)."""
 
@@ -259,7 +261,7 @@ def job_state(job: ObservedJob) -> jobstate.JobState:
     """The state machine's view of an observed job (the agent is the label while bound)."""
     history = tuple(
         jobstate.AttemptRecord(a.attempt, a.agent, jobstate.Outcome(a.outcome), a.reason, a.message,
-                               parse_time(a.finished_at) or 0.0)
+                               parse_time(a.finished_at) or 0.0, agent_fault=a.reason in AGENT_FAULT_REASONS)
         for a in job.history)
     active = job.phase in (jobstate.JobPhase.SCHEDULED, jobstate.JobPhase.RUNNING)
     agent = (job.bound_agent or job.status_agent or "") if active else None
@@ -339,8 +341,10 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
     def free(t: Any) -> int:
         return max(0, t.budget_bytes - t.used_bytes - t.reserved_bytes)
 
+    disk_fault = any(f.reason in DISK_FAULTS for f in st.local_faults)
     return placement.AgentView(
-        name=agent.name, node=st.node, zone=st.zone, ready=ready, cordoned=res.spec.cordon,
+        name=agent.name, node=st.node, zone=st.zone, ready=ready, cordoned=res.spec.cordon or not st.accepting,
+        can_download=not disk_fault,
         slots=st.slots, queue_slots=st.queue_slots, free_slots=max(0, bindable - bound),
         running_remaining_s=tuple(r.expected_remaining_seconds for r in st.running if r.expected_remaining_seconds > 0),
         vram_capacity_bytes=cap(st.vram), vram_free_bytes=free(st.vram),
@@ -365,13 +369,21 @@ def model_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> i
 
 
 def measured_sizes(agents: Iterable[ObservedAgent]) -> dict[str, int]:
-    """"namespace/model" -> size in bytes as some agent reported it (one pass over all reports)."""
+    """"namespace/model" -> size in bytes as some agent reported it (one pass over all reports): the
+    size of a copy, else the size its source announced to an agent that could not hold it."""
     out: dict[str, int] = {}
+    announced: dict[str, int] = {}
     for a in agents:
         if a.resource.status is not None:
             for m in a.resource.status.models:
                 if m.size_bytes > 0:
                     out.setdefault(f"{a.namespace}/{m.name}", m.size_bytes)
+            for f in a.resource.status.model_failures:
+                if f.size_bytes:
+                    key = f"{a.namespace}/{f.name}"
+                    announced[key] = max(announced.get(key, 0), f.size_bytes)
+    for key, size in announced.items():
+        out.setdefault(key, size)
     return out
 
 
@@ -410,6 +422,8 @@ def has_fetch_failures(job: ObservedJob) -> bool:
 
 
 def agent_fetch_failures(agent: ObservedAgent, *, now: float) -> list[sourcehealth.FetchFailure]:
+    """The agent's standing fetch failures that the source answered for (`SOURCE_FAILURE_REASONS`):
+    a full disk, a cancelled download or a missing Secret on one agent blame no source."""
     st = agent.resource.status
     if st is None:
         return []
@@ -417,7 +431,7 @@ def agent_fetch_failures(agent: ObservedAgent, *, now: float) -> list[sourceheal
         model=f"{agent.namespace}/{f.name}", agent=agent.name, reason=f.reason,
         message=f.message or f"agent {agent.name} reported {f.reason}", retryable=f.retryable,
         at=parse_time(f.at) or now, standing=True, model_uid=f.uid, model_generation=f.generation)
-        for f in st.model_failures]
+        for f in st.model_failures if f.reason in sourcehealth.SOURCE_FAILURE_REASONS]
 
 
 # --- the state -------------------------------------------------------------------
@@ -725,6 +739,32 @@ class State:
             failures.extend(job_fetch_failures(job, now=now))
         verdicts = sourcehealth.plan_source_health(failures, with_copy=with_copy, now=now, models=models,
                                                    settings=self.source_settings)
+        for namespace, (budgets, sizes) in self._known_sizes(agents, now_mono=now_mono, grace_s=grace_s).items():
+            for key, verdict in sourcehealth.plan_oversize(sizes, budgets=budgets, with_copy=with_copy).items():
+                verdicts.setdefault(key, verdict)
         with self.lock:
             self.source_failed = verdicts
         return verdicts
+
+    def _known_sizes(self, agents: list[ObservedAgent], *, now_mono: float, grace_s: float | None
+                     ) -> dict[str, tuple[list[int], dict[str, list[int]]]]:
+        """Per namespace: the disk budgets of its Ready agents, and per model what is known of its size
+        (the spec's hint, sizes the source announced to agents of the current ModelCache)."""
+        out: dict[str, tuple[list[int], dict[str, list[int]]]] = {}
+        with self.lock:
+            models = list(self.models.values())
+        for m in models:
+            hint = m.resource.spec.source.size_bytes
+            out.setdefault(m.namespace, ([], {}))[1].setdefault(m.key, []).extend([hint] if hint else [])
+        identities = {m.key: m.identity() for m in models}
+        for a in agents:
+            st = a.resource.status
+            if st is None or not self.agent_ready(a.key, now_mono=now_mono, grace_s=grace_s):
+                continue
+            budgets, sizes = out.setdefault(a.namespace, ([], {}))
+            budgets.append(st.disk.budget_bytes)
+            for f in st.model_failures:
+                key = f"{a.namespace}/{f.name}"
+                if f.size_bytes and key in identities and (f.uid is None or f.uid == identities[key].uid):
+                    sizes.setdefault(key, []).append(f.size_bytes)
+        return out

@@ -121,6 +121,21 @@ class ModelFailure(StokerModel):
     """metadata.uid of the ModelCache whose source failed (the operator ignores failures of an earlier one)."""
     generation: int | None = Field(default=None, ge=0)
     """metadata.generation of that ModelCache (the operator ignores failures of an earlier spec)."""
+    size_bytes: int | None = Field(default=None, ge=0)
+    """The model's size as its source announced it, when the failure is about size (ExceedsDiskBudget): a model larger than every agent's disk budget is marked Failed at once."""
+
+
+class LocalFault(StokerModel):
+    """A fault of the agent itself (its disk, its memory), never of a model's source."""
+
+    reason: ShortText
+    """DiskFull (no space left on the cache volume), DiskError (the volume failed a read or write) or OutOfMemory."""
+    message: LongText = ""
+    """What failed, for people."""
+    since: str | None = Field(default=None, max_length=64)
+    """When the fault was first seen (RFC 3339)."""
+    last_seen: str | None = Field(default=None, max_length=64)
+    """When it was last seen (RFC 3339); the fault clears when the agent sees the resource work again."""
 
 
 class CacheAgentStatus(StokerModel):
@@ -157,7 +172,13 @@ class CacheAgentStatus(StokerModel):
     running: list[RunningJob] = Field(default_factory=list, max_length=1000)
     """Jobs bound to the agent and not finished."""
     model_failures: list[ModelFailure] = Field(default_factory=list, max_length=1000)
-    """Recent failures to fetch or verify a model; the operator marks those ModelCaches Failed."""
+    """Recent failures to fetch or verify a model that the source answered for; the operator marks those ModelCaches Failed. Local faults are never listed here."""
+    degraded: bool = False
+    """The agent has a local fault (see localFaults): it takes no jobs that need a download, and its failures do not count against any model."""
+    local_faults: list[LocalFault] = Field(default_factory=list, max_length=16)
+    """Faults of the agent itself: a full or failing cache volume, memory exhausted."""
+    accepting: bool = True
+    """False once the agent is shutting down (SIGTERM): it finishes what runs and takes nothing new."""
     bandwidth: Bandwidths = Field(default_factory=Bandwidths)
     """Measured transfer rates."""
     observed_generation: int | None = None
@@ -180,6 +201,7 @@ class CacheAgent(Resource):
         {"name": "Models", "type": "integer", "jsonPath": ".status.modelsOnDisk"},
         {"name": "Hot", "type": "integer", "jsonPath": ".status.hotModels"},
         {"name": "Free Slots", "type": "integer", "jsonPath": ".status.freeSlots"},
+        {"name": "Degraded", "type": "boolean", "jsonPath": ".status.degraded", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )
 

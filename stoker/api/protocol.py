@@ -39,6 +39,13 @@ Field ownership (one writer per field):
   The condition clears as soon as a Ready agent reports a copy on disk, the ModelCache
   is created again or its spec changes, or the failures age out.
 
+Attempt-failure reasons that are faults of the agent, not of the job (AGENT_FAULT_REASONS):
+an attempt that ends with one of them (reported by the agent as a retryable attemptFailure,
+or AgentLost from the operator) uses none of the job's maxAttempts; the operator bounds
+them apart (stoker.operator.jobstate). Agents report local faults of their own disk or
+memory (DiskFull, DiskError, OutOfMemory) with these reasons and in CacheAgent
+status.localFaults (degraded), never in status.modelFailures.
+
 Kubernetes Events: one writer per transition, as with status fields. Whoever makes
 a transition emits its Event, as the kubelet does for the containers it runs:
 - the bound agent, on the GenerationJob: Running (it started the attempt),
@@ -62,10 +69,15 @@ LEASE_RENEW_S = 5
 OPERATOR_LEASE = "stoker-operator"
 FIELD_MANAGER_OPERATOR = "stoker-operator"
 FIELD_MANAGER_AGENT = "stoker-agent"
+AGENT_FAULT_REASONS = frozenset({
+    "AgentLost", "AgentStopping", "DiskFull", "DiskError", "OutOfMemory", "InsufficientCache", "InsufficientVRAM",
+    "ExceedsDiskBudget", "SourceChanged", "APIUnavailable",
+})
+"""Attempt-failure reasons that blame the agent, not the job (see the module docstring)."""
 
 __all__ = [
     "AGENT_LABEL", "ATTEMPT_ANNOTATION", "LEASE_DURATION_S", "LEASE_RENEW_S",
-    "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT",
+    "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT", "AGENT_FAULT_REASONS",
 ]
 
 

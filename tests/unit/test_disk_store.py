@@ -1008,3 +1008,45 @@ class TestUseRanks:
             await store.close()
 
         run(main())
+
+
+@pytest.fixture
+def small_volume(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A real 1 MiB tmpfs: a cache volume that fills up long before the disk budget says it should."""
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class TestLocalFaults:
+    def test_a_full_volume_is_a_retryable_fault_of_the_agent_that_clears_when_space_comes_back(
+        self, server: ModelServer, make_store: Callable[..., DiskStore], small_volume: pathlib.Path
+    ) -> None:
+        big = make_model(9, size_bytes=2 * 2**20)
+        server.add("big.safetensors", big)
+        big_source = ModelSource(key="team/big", url=server.url("big.safetensors"), sha256=sha(big))
+
+        async def main() -> None:
+            store = make_store(cache_dir=small_volume / "cache", budget_bytes=50 * 2**20)
+            await store.start()
+            with pytest.raises(DiskStoreError) as info:
+                await store.ensure(big_source)
+            err = info.value
+            assert (err.reason, err.retryable, err.local) == ("DiskFull", True, True)
+            assert "not of the model's source" in err.message
+            assert [f.reason for f in store.health.faults()] == ["DiskFull"]
+            assert store.snapshot().failures == (), "a full disk is no failure of the model"
+            assert store.snapshot().reserved_bytes == 0 and not list(store.models_dir.glob("*.part"))
+            assert not await store.probe(), "still too small for the file that did not fit"
+            subprocess.run(["mount", "-o", "remount,size=16m", str(small_volume)], check=True)
+            assert await store.probe() and not store.health.degraded
+            assert (await store.ensure(big_source)).read_bytes() == big
+            await store.close()
+
+        run(main())

@@ -40,10 +40,27 @@ class TestFailures:
     def test_attempts_run_out_into_attempts_exhausted(self) -> None:
         state = js.new_job(created_at=0, max_attempts=2)
         for agent in ("a", "b"):
-            state = js.agent_lost(js.bind(state, agent=agent, now=1), now=2)
+            state = js.bind(state, agent=agent, now=1)
+            state = js.fail(state, agent=agent, attempt=state.attempt, reason="RunnerFailed", retryable=True, now=2)
         assert (state.phase, state.reason, state.attempt) == (JobPhase.FAILED, Reason.ATTEMPTS_EXHAUSTED, 2)
         assert [r.agent for r in state.history] == ["a", "b"]
         assert state.finished_at == 2
+
+    def test_faults_of_agents_use_none_of_the_jobs_attempts(self) -> None:
+        state = js.new_job(created_at=0, max_attempts=1)
+        state = js.agent_lost(js.bind(state, agent="a", now=1), now=2)
+        state = js.bind(state, agent="b", now=3)
+        state = js.fail(state, agent="b", attempt=2, reason="DiskFull", retryable=True, now=4, agent_fault=True)
+        assert (state.phase, state.attempt, js.attempts_used(state.history)) == (JobPhase.PENDING, 3, (0, 2))
+        state = js.succeed(js.bind(state, agent="c", now=5), agent="c", attempt=3, now=6)
+        assert state.phase is JobPhase.SUCCEEDED and state.reason is None
+
+    def test_a_job_that_keeps_losing_its_agents_still_ends(self) -> None:
+        state = js.new_job(created_at=0, max_attempts=3)
+        for i in range(state.max_agent_faults + 1):
+            state = js.agent_lost(js.bind(state, agent=f"a{i}", now=i), now=i + 0.5)
+        assert (state.phase, state.reason) == (JobPhase.FAILED, Reason.ATTEMPTS_EXHAUSTED)
+        assert "faults of their agents" in (state.message or "")
 
     def test_a_retryable_failure_requeues_and_blocks_that_agent(self) -> None:
         state = js.fail(running("a"), agent="a", attempt=1, reason="OutOfMemory", retryable=True, now=3)
@@ -160,7 +177,8 @@ def test_invariants_hold_for_any_sequence_of_events(sequence: list[tuple[str, st
             elif kind == "succeed":
                 state = js.succeed(state, agent=agent, attempt=attempt, now=now)
             elif kind in ("fail", "fail_final"):
-                state = js.fail(state, agent=agent, attempt=attempt, reason="X", retryable=kind == "fail", now=now)
+                state = js.fail(state, agent=agent, attempt=attempt, reason="X", retryable=kind == "fail", now=now,
+                                agent_fault=kind == "fail" and now % 2 == 0)
             elif kind == "lost":
                 state = js.agent_lost(state, now=now, agent=agent)
             elif kind == "deadline":
@@ -179,7 +197,9 @@ def test_invariants_hold_for_any_sequence_of_events(sequence: list[tuple[str, st
                 assert current  # an agent's write lands only for the current attempt
         # The invariants.
         assert state.attempt >= before.attempt
-        assert 1 <= state.attempt <= state.max_attempts
+        assert 1 <= state.attempt <= state.max_attempts + state.max_agent_faults
+        used, agent_faults = js.attempts_used(state.history)
+        assert used <= state.max_attempts and agent_faults <= state.max_agent_faults + 1
         if before.terminal:
             assert state == before
         assert state.history[: len(before.history)] == before.history

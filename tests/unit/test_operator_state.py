@@ -372,3 +372,58 @@ def test_the_spec_took_effect_at_creation_or_at_the_latest_write_of_spec_in_mana
     meta = failing_model("mc", generation=2, managed=managed)["metadata"]
     assert spec_changed_at(meta, generation=2) == created_at + 30 * 60 + 1
     assert spec_changed_at({"name": "no-times"}, generation=2) is None
+
+
+# --- local faults of an agent blame no source -------------------------------------
+
+
+@pytest.mark.parametrize("reason", ["DiskFull", "DiskError", "OutOfMemory", "IOError", "InsufficientCache",
+                                    "Cancelled", "SourceChanged", "SecretNotFound"])
+def test_a_failure_the_source_did_not_answer_for_never_fails_the_model(reason: str) -> None:
+    state = ready_state()
+    state.upsert_model(failing_model("mc"))
+    state.upsert_agent(reporting_agent([{"name": "sd", "reason": reason, "message": "no space left on device",
+                                         "retryable": False, "at": "2026-01-01T01:05:00Z", "uid": "mc",
+                                         "generation": 1}]))
+    assert health(state, "2026-01-01T01:06:00Z") == set()
+
+
+def test_retryable_local_faults_in_job_histories_on_every_agent_never_fail_the_model() -> None:
+    state = ready_state()
+    state.upsert_model(failing_model("mc"))
+    history = [{"attempt": i + 1, "agent": f"a{i}", "outcome": "Failed", "reason": "DiskFull",
+                "message": "ns/sd: cannot write: No space left on device", "finishedAt": "2026-01-01T01:05:00Z"}
+               for i in range(6)]
+    state.upsert_job(job_body(status={"phase": "Pending", "attempt": 7, "history": history}))
+    assert health(state, "2026-01-01T01:06:00Z") == set()
+
+
+def test_an_agent_with_a_full_or_failing_disk_takes_no_download_and_a_shutting_down_one_nothing() -> None:
+    body = agent_body()
+    body["status"]["localFaults"] = [{"reason": "DiskFull", "message": "no space"}]
+    body["status"]["degraded"] = True
+    assert not agent_view(agent_from_body(body), ready=True, bound=0, in_use=[]).can_download
+    body["status"]["localFaults"] = [{"reason": "OutOfMemory", "message": "no memory"}]
+    assert agent_view(agent_from_body(body), ready=True, bound=0, in_use=[]).can_download
+    body["status"]["accepting"] = False
+    assert agent_view(agent_from_body(body), ready=True, bound=0, in_use=[]).cordoned
+
+
+def test_a_size_announced_beyond_every_agents_budget_fails_the_model_at_once() -> None:
+    state = ready_state()
+    state.upsert_model(failing_model("mc"))
+    body = reporting_agent([{"name": "sd", "reason": "ExceedsDiskBudget", "message": "20 GiB", "retryable": True,
+                             "at": "2026-01-01T01:05:00Z", "uid": "mc", "generation": 1, "sizeBytes": 20 << 30}])
+    body["status"]["disk"]["budgetBytes"] = 10 << 30
+    state.upsert_agent(body)
+    verdicts = state.update_source_health(now=0.0, now_mono=1.0, grace_s=15.0)
+    assert verdicts["ns/sd"].reason == "TooLarge" and verdicts["ns/sd"].permanent
+
+
+def test_a_spec_size_hint_beyond_every_budget_fails_the_model_before_any_download() -> None:
+    state = ready_state()
+    model = failing_model("mc")
+    model["spec"]["source"]["sizeBytes"] = 2 << 30
+    state.upsert_model(model)
+    state.upsert_agent(reporting_agent([]))  # budget 100 bytes
+    assert set(state.update_source_health(now=0.0, now_mono=1.0, grace_s=15.0)) == {"ns/sd"}

@@ -423,10 +423,16 @@ def check_plan(plan: PlacementPlan, jobs: list[JobView], agents: list[AgentView]
     decided = [b.job_key for b in plan.bindings] + [w.job_key for w in plan.waiting] + [u.job_key for u in plan.unplaceable]
     assert len(decided) == len(set(decided)) == plan.jobs_examined  # each job decided at most once
     per_agent: dict[str, int] = {}
+    eligible = {a.name for a in agents if a.ready and not a.cordoned}
+
+    def excluded(job: JobView, name: str) -> bool:
+        # An agent that failed the job is skipped until every eligible agent has failed it.
+        return name in job.failed_agents and not eligible <= job.failed_agents
+
     for b in plan.bindings:
         a = by_name[b.agent]
         assert a.ready and not a.cordoned
-        assert b.agent not in by_job[b.job_key].failed_agents
+        assert not excluded(by_job[b.job_key], b.agent)
         assert b.cost_s >= 0
         per_agent[b.agent] = per_agent.get(b.agent, 0) + 1
     for name, n in per_agent.items():
@@ -434,7 +440,7 @@ def check_plan(plan: PlacementPlan, jobs: list[JobView], agents: list[AgentView]
     for w in plan.waiting:
         a = by_name[w.agent]
         assert a.ready and not a.cordoned and w.wait_s > 0
-        assert w.agent not in by_job[w.job_key].failed_agents
+        assert not excluded(by_job[w.job_key], w.agent)
         if w.reserved:
             # jobs are examined in queue order: none after the reserving one may take the agent
             after = job_order_key(by_job[w.job_key], settings=settings)
@@ -502,8 +508,48 @@ def test_a_fleet_index_follows_replaced_views() -> None:
 
 
 def test_unplaceable_and_waiting_are_reported_as_such() -> None:
-    plan = plan_placement([job("j", failed_agents=frozenset({"a"}))], [agent("a")], ARTIFACTS, now=0)
+    agents = [agent("a"), agent("b", vram_capacity_bytes=GB)]  # b is too small for sdxl
+    plan = plan_placement([job("j", failed_agents=frozenset({"a"}))], agents, ARTIFACTS, now=0)
     assert isinstance(plan.unplaceable[0], Unplaceable) and plan.bindings == () and plan.waiting == ()
+
+
+class TestFaultsAndFeasibility:
+    def test_once_every_agent_failed_a_job_it_may_go_back_to_one_of_them(self) -> None:
+        agents = [agent("a"), agent("b"), agent("c", ready=False)]
+        failed = job("j", failed_agents=frozenset({"a", "b"}), attempt=3)
+        assert only(plan_bindings([failed], agents, ARTIFACTS, now=0)).agent in {"a", "b"}
+
+    def test_an_agent_that_failed_a_job_is_skipped_while_another_has_not_tried(self) -> None:
+        agents = [agent("a", vram=frozenset({"sdxl"}), disk=frozenset({"sdxl"})), agent("b", free_slots=0), agent("c")]
+        plan = plan_placement([job("j", failed_agents=frozenset({"a"}))], agents, ARTIFACTS, now=0)
+        assert [b.agent for b in plan.bindings] == ["c"]
+
+    def test_downloads_promised_to_bound_jobs_and_held_copies_are_not_offered_to_another_job(self) -> None:
+        # a's disk looks empty, but its bound job will download sdxl (in use) and it holds flux still to come.
+        busy = agent("a", disk_capacity_bytes=30 * GB, disk_free_bytes=30 * GB, in_use=frozenset({"sdxl"}),
+                     held=frozenset({"flux"}), slots=2, free_slots=1)
+        other = agent("b", disk_capacity_bytes=30 * GB, disk_free_bytes=30 * GB, download_bps=50e6)
+        b = only(plan_bindings([job("j", model="sd15")], [busy, other], ARTIFACTS, now=0))
+        assert b.agent == "b", "6.5 GB for the bound job and 24 GB for the hold leave a no room"
+
+    def test_a_job_never_goes_where_pins_leave_no_room_even_on_the_only_free_agent(self) -> None:
+        pinned = agent("a", disk_capacity_bytes=8 * GB, disk_free_bytes=1 * GB, disk=frozenset({"sd15", "sd15-alt"}),
+                       in_use=frozenset({"sd15"}), held=frozenset({"sd15-alt"}), slots=2, free_slots=1)
+        plan = plan_placement([job("j", model="sdxl")], [pinned], ARTIFACTS, now=0)
+        assert plan.bindings == () and len(plan.unplaceable) == 1
+
+    def test_a_model_larger_than_every_disk_budget_is_unplaceable_with_that_reason(self) -> None:
+        agents = [agent("a", disk_capacity_bytes=10 * GB, disk_free_bytes=10 * GB),
+                  agent("b", disk_capacity_bytes=20 * GB, disk_free_bytes=20 * GB)]
+        plan = plan_placement([job("j", model="flux")], agents, ARTIFACTS, now=0)
+        (u,) = plan.unplaceable
+        assert "flux" in u.reason and "larger than every Ready agent's disk budget" in u.reason
+
+    def test_an_agent_whose_disk_is_failing_takes_only_jobs_for_what_it_already_holds(self) -> None:
+        broken = agent("a", can_download=False, disk=frozenset({"sd15"}), download_bps=1e9)
+        healthy = agent("b", download_bps=1e6)
+        assert only(plan_bindings([job("j", model="sdxl")], [broken, healthy], ARTIFACTS, now=0)).agent == "b"
+        assert only(plan_bindings([job("k", model="sd15")], [broken, healthy], ARTIFACTS, now=0)).agent == "a"
 
 
 @settings(max_examples=40, deadline=None)

@@ -7,6 +7,7 @@ import dataclasses
 
 from hypothesis import given, settings, strategies as st
 
+from stoker.operator import sourcehealth
 from stoker.operator.sourcehealth import FetchFailure, ModelIdentity, SourceHealthSettings, plan_source_health
 
 S = SourceHealthSettings(window_s=600, min_agents=3, min_failures=6)
@@ -133,3 +134,20 @@ def test_a_model_with_a_copy_is_never_failed_and_failed_ones_have_current_eviden
         standing = [f for f in current if f.standing and not f.retryable and now - f.at <= S.permanent_max_age_s]
         assert standing or any(not f.retryable for f in recent) or (
             len({f.agent for f in recent if f.retryable}) >= S.min_agents or len(recent) >= S.min_failures)
+
+
+class TestOversize:
+    def test_a_model_larger_than_every_budget_is_failed_as_too_large(self) -> None:
+        out = sourcehealth.plan_oversize({"ns/big": [20 << 30], "ns/ok": [5 << 30]}, budgets=[10 << 30, 12 << 30])
+        assert set(out) == {"ns/big"}
+        verdict = out["ns/big"]
+        assert verdict.reason == sourcehealth.TOO_LARGE and verdict.permanent
+        assert str(20 << 30) in verdict.message and str(12 << 30) in verdict.message and "disk budget" in verdict.message
+
+    def test_one_agent_big_enough_or_a_copy_anywhere_keeps_it_placeable(self) -> None:
+        assert sourcehealth.plan_oversize({"ns/big": [20 << 30]}, budgets=[10 << 30, 30 << 30]) == {}
+        assert sourcehealth.plan_oversize({"ns/big": [20 << 30]}, budgets=[10 << 30], with_copy={"ns/big"}) == {}
+
+    def test_without_known_budgets_or_sizes_nothing_is_too_large(self) -> None:
+        assert sourcehealth.plan_oversize({"ns/big": [20 << 30]}, budgets=[]) == {}
+        assert sourcehealth.plan_oversize({"ns/x": []}, budgets=[1]) == {}
