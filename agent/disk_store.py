@@ -14,8 +14,11 @@ Layout under the cache directory (names never come from user input)::
     index.json                       use history per model (last uses, frequency rank) and the ranks
                                      of evicted models, so eviction order survives restarts
 
-`<id>` is a hash of the model key ("namespace/name") and its source (URL without
-query, expected sha256), so a changed source gets a fresh file. Downloads are shared
+`<id>` is a hash of the model key ("namespace/name"), the uid of the ModelCache it was
+fetched for and its source (URL without query, expected sha256), so a changed source,
+or a ModelCache deleted and created again under the same name, gets a fresh file: an old
+copy is never served for, nor reported as a copy of, a different ModelCache. A held old
+copy is replaced once no job uses it (the hold is on the name; it passes to the new file). Downloads are shared
 by model key: two ModelCaches with the same URL are two models (two files), which
 keeps one owner per file and lets each carry its own credentials and checks.
 
@@ -147,6 +150,8 @@ class ModelSource:
     format: str = "safetensors"
     allow_pickle: bool = False
     credentials: Credentials | None = None
+    model_uid: str | None = None
+    """metadata.uid of the ModelCache: part of the copy's identity (see the module docstring)."""
 
     def __repr__(self) -> str:
         # the query string of a presigned URL is a credential too
@@ -164,8 +169,10 @@ class ModelSource:
 
     @property
     def digest(self) -> str:
-        """Identity of the source: key, URL without query, expected digest."""
+        """Identity of the copy: key, ModelCache uid, URL without query, expected digest."""
         ident = f"{self.key}\n{redact_url(self.url)}\n{self.sha256 or ''}"
+        if self.model_uid:
+            ident += f"\n{self.model_uid}"
         return hashlib.sha256(ident.encode()).hexdigest()
 
     @property
@@ -186,6 +193,8 @@ class ModelView:
     path: pathlib.Path
     rank_s: float | None = None
     """Where eviction puts it (Unix seconds, lowest evicted first); None when preloaded."""
+    model_uid: str | None = None
+    """The ModelCache the copy was fetched for (None: baked in, or fetched before uids were kept)."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +251,7 @@ class _FileInfo:
     sha256: str | None
     source_digest: str | None
     preloaded: bool = False
+    model_uid: str | None = None
 
 
 @dataclass
@@ -503,6 +513,7 @@ class DiskStore:
                 sha256=self._files[e.key].sha256,
                 path=self._files[e.key].path,
                 rank_s=e.eviction_rank_s,
+                model_uid=self._files[e.key].model_uid,
             )
             for e in snap.entries
         )
@@ -546,6 +557,12 @@ class DiskStore:
             raise RuntimeError("DiskStore.start() must be awaited before use")
 
     def _check_source(self, source: ModelSource) -> None:
+        if source.format != "safetensors":
+            raise DiskStoreError(
+                "UnsupportedFormat",
+                f"{source.key} is in format {source.format!r}; only safetensors files can be loaded: convert it",
+                key=source.key,
+            )
         if source.format in PICKLE_FORMATS and not source.allow_pickle:
             raise DiskStoreError(
                 "PickleFormatNotAllowed",
@@ -660,14 +677,16 @@ class DiskStore:
         dest = self.models_dir / source.file_name
         old = self._files.get(key)
         if old is not None and not old.preloaded and old.source_digest != source.digest:
-            if self._state.is_pinned(key):
+            if self._state.pins.get(key, 0) > 0:
                 raise DiskStoreError(
                     "SourceChanged",
-                    f"the source of {key} changed while the old file is in use or held; retry after release",
+                    f"{key} changed (another source, or a new ModelCache of that name) while a job still uses the "
+                    "old file; retry when it ends",
                     key=key,
                     retryable=True,
                 )
-            self._state = self._state.remove(key)
+            # Held or not, the old copy is not this model's: the hold (on the name) passes to the new file.
+            self._state = self._state.remove(key, force=True)
             self._delete_files(old)
         parked = self._parked.pop(key, None)
         if parked is not None and parked[0] != source.digest:
@@ -696,6 +715,7 @@ class DiskStore:
                     "sha256": sha256,
                     "size_bytes": part.stat().st_size,
                     "format": source.format,
+                    "uid": source.model_uid,
                 },
                 fsync=True,
             )
@@ -783,7 +803,8 @@ class DiskStore:
         self._state = self._state.commit(key, now=self._clock(), size_bytes=result.size_bytes,
                                          rank_hint_s=flight.rank_hint_s)
         self._files[key] = _FileInfo(
-            key=key, path=dest, size_bytes=result.size_bytes, sha256=result.sha256, source_digest=source.digest
+            key=key, path=dest, size_bytes=result.size_bytes, sha256=result.sha256, source_digest=source.digest,
+            model_uid=source.model_uid,
         )
         self.health.clear(faults.DISK_FULL, faults.DISK_ERROR)  # a whole file was written and synced
         self._metrics.downloaded_bytes.inc(result.transferred_bytes)
@@ -991,7 +1012,9 @@ class DiskStore:
         if self._verify_on_start and _sha256_file(data) != digest:
             log.warning("removing %s (%s): sha256 does not match what was downloaded", data.name, key)
             return None
-        return _FileInfo(key=key, path=data, size_bytes=size, sha256=digest, source_digest=source)
+        uid = meta.get("uid")
+        return _FileInfo(key=key, path=data, size_bytes=size, sha256=digest, source_digest=source,
+                         model_uid=uid if isinstance(uid, str) else None)
 
     @staticmethod
     def _scan_preload(preload_dir: pathlib.Path,

@@ -363,9 +363,11 @@ class JobWorker:
         await self._take(self._admission, work)
         work.admitted = True
         work.timings["queuedSeconds"] = round(max(0.0, time.time() - created), 3)
+        # An earlier attempt's reason (why the job was requeued) does not describe this one.
         written = await self._write(work, {
             "phase": "Running", "agent": self.settings.agent, "attempt": work.attempt, "startedAt": kube.now_rfc3339(),
-            "progress": {"step": 0, "steps": work.steps}, "timings": dict(work.timings), "attemptFailure": None})
+            "progress": {"step": 0, "steps": work.steps}, "timings": dict(work.timings), "attemptFailure": None,
+            "reason": None, "message": None})
         if written is False:
             raise Cancelled()
         await self._event(work, "Running", f"attempt {work.attempt} started on {self.settings.agent}")
@@ -384,6 +386,7 @@ class JobWorker:
         return _Final(patch={
             "phase": "Succeeded", "cacheHit": hit, "timings": dict(work.timings), "finishedAt": kube.now_rfc3339(),
             "result": result, "progress": {"step": work.steps, "steps": work.steps}, "attemptFailure": None,
+            "reason": None, "message": None,
         }, outcome="succeeded", event=("Succeeded", f"image at {result['location']} ({result['bytes']} bytes, "
                                                     f"checkpoint from {hit})"))
 
@@ -536,7 +539,7 @@ class JobWorker:
             if job.spec.output.url:
                 return output.put_image(job.spec.output.url, png)
             return output.write_result(self.settings.results_dir, png, namespace=self.settings.namespace,
-                                       name=work.name, attempt=work.attempt)
+                                       name=work.name, attempt=work.attempt, job_uid=work.uid or None)
         except output.OutputError as exc:
             raise JobFailed("OutputFailed", str(exc), retryable=exc.retryable) from exc
 
@@ -705,7 +708,8 @@ class JobWorker:
                     log.info("job %s attempt %d no longer current; not writing %s", work.name, work.attempt,
                              sorted(status))
                     return False
-                work.written = await self._api(self.objects.patch_status, "GenerationJob", work.name, status,
+                work.written = await self._api(self.objects.patch_status, "GenerationJob", work.name,
+                                               ordered_times(status, obj.get("status") or {}),
                                                resource_version=obj["metadata"]["resourceVersion"])
                 return True
             except Exception as exc:
@@ -793,6 +797,23 @@ class JobWorker:
 _MODEL_REASONS = {"ChecksumMismatch", "HTTPNotFound", "HTTPForbidden", "InvalidHeader", "PickleRefused", "SizeMismatch"}
 
 
+def ordered_times(status: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """`status` with startedAt and finishedAt never before the job's scheduledAt (the operator's clock may
+    run ahead of this host's, or its write may land first): times in a job's status stay ordered. Pure."""
+    scheduled = current.get("scheduledAt")
+    if not scheduled:
+        return status
+    out = dict(status)
+    for field in ("startedAt", "finishedAt"):
+        value = out.get(field)
+        if value and kube.parse_rfc3339(value) < kube.parse_rfc3339(scheduled):
+            out[field] = scheduled
+    started = out.get("startedAt") or current.get("startedAt")
+    if out.get("finishedAt") and started and kube.parse_rfc3339(out["finishedAt"]) < kube.parse_rfc3339(started):
+        out["finishedAt"] = started
+    return out
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether repeating the API call may succeed: overload, server errors, timeouts, dropped connections."""
     if isinstance(exc, ApiException):
@@ -877,4 +898,5 @@ def model_source(objects: kube.Objects, mc: ModelCache, *, resolver: Any = None)
         except model_credentials.CredentialLookupError as exc:
             raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from None
     return ModelSource(key=f"{objects.namespace}/{mc.name}", url=src.url, sha256=src.sha256, size_bytes=src.size_bytes,
-                       format=str(mc.spec.format), allow_pickle=mc.spec.allow_pickle, credentials=credentials)
+                       format=str(mc.spec.format), allow_pickle=mc.spec.allow_pickle, credentials=credentials,
+                       model_uid=str(mc.metadata.get("uid") or "") or None)

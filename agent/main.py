@@ -219,7 +219,8 @@ def disk_view(store: DiskStore) -> status_report.DiskView:
     return status_report.DiskView(
         budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, reserved_bytes=snap.reserved_bytes,
         entries=tuple(status_report.DiskEntryView(key=m.key, size_bytes=m.size_bytes, last_used=m.last_used,
-                                                  preloaded=m.preloaded, held=m.held, rank_s=m.rank_s)
+                                                  preloaded=m.preloaded, held=m.held, rank_s=m.rank_s,
+                                                  model_uid=m.model_uid)
                       for m in snap.models),
         downloads=tuple(status_report.DownloadView(key=d.key, bytes_done=d.bytes_done, total_bytes=d.total_bytes)
                         for d in snap.downloads))

@@ -135,23 +135,36 @@ def put_image(
             http.close()
 
 
+def _clean(part: str) -> str:
+    cleaned = _SAFE_PART.sub("_", part).strip("._")
+    return cleaned[:100] or "_"
+
+
 def result_filename(*, namespace: str, name: str, attempt: int, suffix: str = ".png") -> str:
     """A file name for a job's result that cannot leave the results directory. Pure."""
-    def clean(part: str) -> str:
-        cleaned = _SAFE_PART.sub("_", part).strip("._")
-        return cleaned[:100] or "_"
-
     if attempt < 0:
         raise ValueError(f"attempt {attempt} must not be negative")
-    return f"{clean(namespace)}__{clean(name)}__{attempt}{suffix}"
+    return f"{_clean(namespace)}__{_clean(name)}__{attempt}{suffix}"
+
+
+def job_result_filename(*, namespace: str, name: str, uid: str, suffix: str = ".png") -> str:
+    """The one result file of a job (every attempt writes the same name; the uid tells a job apart
+    from an earlier one of the same name). Pure."""
+    return f"{_clean(namespace)}__{_clean(name)}__{_clean(uid)[:36]}{suffix}"
 
 
 def write_result(
-    results_dir: pathlib.Path, data: bytes, *, namespace: str, name: str, attempt: int, content_type: str = PNG
+    results_dir: pathlib.Path, data: bytes, *, namespace: str, name: str, attempt: int, content_type: str = PNG,
+    job_uid: str | None = None,
 ) -> OutputResult:
-    """Write `data` atomically as the job's result file in `results_dir`."""
+    """Write `data` atomically as the job's result file in `results_dir`.
+
+    With `job_uid`, the file is named after the job, not the attempt: a later attempt replaces
+    what an interrupted one left (renamed into place atomically), so a job has one result file."""
     root = results_dir.resolve()
-    target = root / result_filename(namespace=namespace, name=name, attempt=attempt)
+    filename = (job_result_filename(namespace=namespace, name=name, uid=job_uid) if job_uid else
+                result_filename(namespace=namespace, name=name, attempt=attempt))
+    target = root / filename
     if target.parent != root:  # unreachable with result_filename; kept as a guard
         raise OutputError(f"result path {target} escapes {root}", retryable=False)
     try:

@@ -48,6 +48,8 @@ class DiskEntryView:
     held: bool
     rank_s: float | None = None
     """The disk tier's eviction rank (Unix seconds, lowest evicted first); None when never evicted."""
+    model_uid: str | None = None
+    """The ModelCache the copy was fetched for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +98,15 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
     last_used: dict[str, float] = {}
     for e in disk.entries:
         models[e.key] = CachedModel(name=_name(e.key), tier="disk", size_bytes=e.size_bytes,
-                                    rank=_rank(e.rank_s), preloaded=e.preloaded, held=e.held)
+                                    rank=_rank(e.rank_s), preloaded=e.preloaded, held=e.held, uid=e.model_uid)
         last_used[e.key] = e.last_used
     for tier_name, tier in (("ram", ram), ("vram", vram)):
         for t in tier.entries:
             base = models.get(t.key)
             models[t.key] = CachedModel(name=_name(t.key), tier=tier_name, size_bytes=base.size_bytes if base else t.size_bytes,
                                         rank=base.rank if base else None,
-                                        preloaded=base.preloaded if base else False, held=base.held if base else False)
+                                        preloaded=base.preloaded if base else False, held=base.held if base else False,
+                                        uid=base.uid if base else None)
             last_used[t.key] = max(last_used.get(t.key, 0.0), t.last_used)
     listed = [m.model_copy(update={"last_used": _time(last_used[k])}) for k, m in sorted(models.items())]
     return CacheAgentStatus(

@@ -40,7 +40,7 @@ from stoker.api.protocol import AGENT_FAULT_REASONS, AGENT_LABEL, ATTEMPT_ANNOTA
 from stoker.kube import now_rfc3339
 from stoker.operator import jobstate, metrics, sourcehealth
 from stoker.operator.scheduler import Writer
-from stoker.operator.state import ObservedAgent, ObservedJob, State, job_state, status_patch
+from stoker.operator.state import ObservedAgent, ObservedJob, State, format_time, job_state, status_patch
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,9 @@ class Reconciler:
         overtaken by the agent, or the operator stopped in between): fill in the operator's fields."""
         patch: dict[str, Any] = {"agent": job.bound_agent, "attempt": attempt}
         if job.scheduled_at is None:
-            patch["scheduledAt"] = now_rfc3339()
+            # Bound before now; when the agent already started it, no later than that.
+            at = time.time() if job.started_at is None else min(time.time(), job.started_at)
+            patch["scheduledAt"] = format_time(at)
         if job.phase is jobstate.JobPhase.PENDING:
             patch["phase"] = "Scheduled"
         body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch,

@@ -33,8 +33,8 @@ from stoker.api import Condition, ConditionStatus
 from stoker.api.modelcache import ModelCacheStatus, ModelCopy
 from stoker.operator import metrics, replicas, sourcehealth
 from stoker.operator.scheduler import Writer
-from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_from_body, agent_view, format_time,
-                                  model_size_bytes)
+from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_from_body, agent_view, current_copies,
+                                   format_time, model_size_bytes)
 
 CONDITION_EVENTS = {
     ("Ready", True): ("TargetMet", False), ("Ready", False): ("TargetNotMet", False),
@@ -108,8 +108,9 @@ class ReplicaShell:
         for ns in sorted({m.namespace for m in models} | {a.namespace for a in agents}):
             ns_models = [m for m in models if m.namespace == ns]
             ns_agents = [a for a in agents if a.namespace == ns]
+            uids = st.model_uids()
             views = [agent_view(a, ready=st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s),
-                                bound=0, in_use=st.agent_load(a.key)[1]) for a in ns_agents]
+                                bound=0, in_use=st.agent_load(a.key)[1], model_uids=uids) for a in ns_agents]
             targets = []
             for m in ns_models:
                 spec = m.resource.spec
@@ -189,7 +190,7 @@ class ReplicaShell:
             if status is None:
                 continue
             held = any(h.model == model.name for h in a.resource.spec.holds)
-            entry = next((c for c in status.models if c.name == model.name), None)
+            entry = next((c for c in current_copies(a, {model.key: model.uid}) if c.name == model.name), None)
             if entry is not None:
                 copies.append(ModelCopy(agent=a.name, tier=entry.tier, held=held).wire())
             elif any(d.name == model.name for d in status.downloads):

@@ -35,7 +35,8 @@ from kubernetes.client.exceptions import ApiException
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker.kube import Objects
 from stoker.operator import events, metrics, placement
-from stoker.operator.state import UNKNOWN_SIZE_BYTES, ObservedJob, State, agent_view, format_time, measured_sizes
+from stoker.operator.state import (UNKNOWN_SIZE_BYTES, ObservedJob, State, agent_view, format_time, measured_sizes,
+                                   parse_time)
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,8 @@ class _Fleet:
 
     def __init__(self) -> None:
         self.index = placement.FleetIndex()
-        self.views: dict[str, tuple[tuple[str, bool, int], placement.AgentView]] = {}
-        """agent key -> (CacheAgent resourceVersion, ready, bound-jobs version), view."""
+        self.views: dict[str, tuple[tuple[str, bool, int, int], placement.AgentView]] = {}
+        """agent key -> (CacheAgent resourceVersion, ready, bound-jobs version, ModelCache uids version), view."""
         self.sizes: dict[str, placement.ArtifactInfo] = {}
         self.sizes_version = -1
 
@@ -176,7 +177,8 @@ class Scheduler:
             demand = dict(st.pending_demand.get(namespace, {}))
             failed = {k.split("/", 1)[1] for k in st.source_failed if k.startswith(f"{namespace}/")}
             if fleet.sizes_version != st.fleet_version:
-                measured = measured_sizes(a for a in st.agents.values() if a.namespace == namespace)
+                measured = measured_sizes((a for a in st.agents.values() if a.namespace == namespace),
+                                          st.model_uids())
                 fleet.sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
                     m.key, m.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES))
                     for m in st.models.values() if m.namespace == namespace}
@@ -215,15 +217,18 @@ class Scheduler:
         with st.lock:
             agents = sorted((a for a in st.agents.values() if a.namespace == namespace), key=lambda a: a.name)
             versions = {a.key: st.agent_jobs_version.get(a.key, 0) for a in agents}
+            uids_version = st.uids_version
+        uids: dict[str, str] | None = None
         out: list[placement.AgentView] = []
-        live: dict[str, tuple[tuple[str, bool, int], placement.AgentView]] = {}
+        live: dict[str, tuple[tuple[str, bool, int, int], placement.AgentView]] = {}
         for a in agents:
             ready = st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s)
-            sig = (a.resource_version, ready, versions[a.key])
+            sig = (a.resource_version, ready, versions[a.key], uids_version)
             cached = fleet.views.get(a.key)
             if cached is None or cached[0] != sig:
                 bound, in_use = st.agent_load(a.key)
-                cached = (sig, agent_view(a, ready=ready, bound=bound, in_use=in_use))
+                uids = st.model_uids() if uids is None else uids
+                cached = (sig, agent_view(a, ready=ready, bound=bound, in_use=in_use, model_uids=uids))
             live[a.key] = cached
             out.append(cached[1])
         fleet.views = live
@@ -245,6 +250,8 @@ class Scheduler:
 
     def _bind(self, job: ObservedJob, agent: str, attempt: int, tier: str, why: str) -> None:
         objs = self.writer.objects(job.namespace)
+        # The time of the binding, taken before the agent can see it: its startedAt comes later.
+        now = time.time()
         try:
             body = objs.patch("GenerationJob", job.name, {"metadata": {
                 "labels": {AGENT_LABEL: agent}, "annotations": {ATTEMPT_ANNOTATION: str(attempt)}}},
@@ -253,7 +260,6 @@ class Scheduler:
             if exc.status == 409:
                 metrics.BIND_CONFLICTS.inc()
             raise
-        now = time.time()
         metrics.BINDINGS.labels(tier=tier).inc()
         metrics.BIND_LATENCY.observe(max(0.0, now - job.created_at))
         # Take the response in at once so that no later pass sees this job as pending.
@@ -276,5 +282,8 @@ class Scheduler:
                 break
             rv = meta["resourceVersion"]
             status = {k: v for k, v in status.items() if k in ("agent", "attempt", "scheduledAt")}
+            started_s = parse_time((current.get("status") or {}).get("startedAt"))
+            if started_s is not None and started_s < now:  # the agent's clock runs behind: keep the times ordered
+                status["scheduledAt"] = format_time(started_s)
         log.debug("bound %s attempt %d to %s (%s)", job.key, attempt, agent, why)
         self.writer.event(job.ref(), reason="Scheduled", message=f"attempt {attempt} bound to {agent}: {why}")

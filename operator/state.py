@@ -96,6 +96,7 @@ class ObservedJob:
     reason: str | None
     finished_at: float | None
     scheduled_at: float | None
+    started_at: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -207,6 +208,7 @@ def job_from_body(body: Mapping[str, Any]) -> ObservedJob:
         reason=status.reason if status else None,
         finished_at=parse_time(status.finished_at) if status else None,
         scheduled_at=parse_time(status.scheduled_at) if status else None,
+        started_at=parse_time(status.started_at) if status else None,
     )
 
 
@@ -307,7 +309,21 @@ def job_view(job: ObservedJob) -> placement.JobView:
         created_at=job.created_at, failed_agents=jobstate.failed_agents(state), attempt=state.attempt)
 
 
-def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterable[str]) -> placement.AgentView:
+def current_copies(agent: ObservedAgent, model_uids: Mapping[str, str] | None) -> list[Any]:
+    """The agent's reported copies that belong to the ModelCache now under their name: a copy fetched
+    for an earlier ModelCache of the same name (another uid) is nobody's copy. Baked-in copies and
+    copies reported without a uid count for whatever ModelCache has the name."""
+    st = agent.resource.status
+    if st is None:
+        return []
+    if not model_uids:
+        return list(st.models)
+    ns = agent.namespace
+    return [m for m in st.models if m.uid is None or model_uids.get(f"{ns}/{m.name}", m.uid) == m.uid]
+
+
+def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterable[str],
+               model_uids: Mapping[str, str] | None = None) -> placement.AgentView:
     """Placement's view of an agent. Free slots come from the operator's own count of bound
     jobs (`bound`, including writes in flight) rather than the agent's debounced report;
     bindable slots are the generation slots plus the queue slots (jobs whose downloads and
@@ -324,7 +340,7 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
     bindable = st.slots + st.queue_slots
     vram, ram, disk, preloaded = set(), set(), set(), set()
     ranks: dict[str, float] = {}
-    for m in st.models:
+    for m in current_copies(agent, model_uids):
         disk.add(m.name)
         if m.rank is not None and not m.preloaded:
             ranks[m.name] = m.rank
@@ -359,23 +375,25 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
 
 
 def model_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> int:
-    """Measured size (from an agent's report) over the spec's hint over a default."""
+    """Measured size (from an agent's report of a copy of this ModelCache) over the spec's hint over a default."""
+    uids = {model.key: model.uid}
     for a in agents:
-        if a.resource.status is not None:
-            for m in a.resource.status.models:
+        if a.namespace == model.namespace:
+            for m in current_copies(a, uids):
                 if m.name == model.name and m.size_bytes > 0:
                     return m.size_bytes
     return model.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES
 
 
-def measured_sizes(agents: Iterable[ObservedAgent]) -> dict[str, int]:
+def measured_sizes(agents: Iterable[ObservedAgent], model_uids: Mapping[str, str] | None = None) -> dict[str, int]:
     """"namespace/model" -> size in bytes as some agent reported it (one pass over all reports): the
-    size of a copy, else the size its source announced to an agent that could not hold it."""
+    size of a copy of the current ModelCache, else the size its source announced to an agent that
+    could not hold it."""
     out: dict[str, int] = {}
     announced: dict[str, int] = {}
     for a in agents:
         if a.resource.status is not None:
-            for m in a.resource.status.models:
+            for m in current_copies(a, model_uids):
                 if m.size_bytes > 0:
                     out.setdefault(f"{a.namespace}/{m.name}", m.size_bytes)
             for f in a.resource.status.model_failures:
@@ -491,6 +509,9 @@ class State:
         self.synced = threading.Event()
         self.fleet_version = 0
         """Bumped on every CacheAgent or ModelCache change: the replica planner reruns when it moves."""
+        self.uids_version = 0
+        """Bumped when a ModelCache appears, goes, or is created again under its name (another uid)."""
+        self._model_uids: dict[str, str] = {}
 
     # -- watch input
 
@@ -629,13 +650,26 @@ class State:
         self._delete_fleet(self.agents, body)
 
     def upsert_model(self, body: Mapping[str, Any]) -> None:
-        self._upsert_fleet(self.models, model_from_body, body, on_stored=self._seed_use_rank)
+        self._upsert_fleet(self.models, model_from_body, body, on_stored=self._model_stored)
+
+    def _model_stored(self, model: ObservedModel) -> None:
+        if self._model_uids.get(model.key) != model.uid:
+            self._model_uids[model.key] = model.uid
+            self.uids_version += 1
+        self._seed_use_rank(model)
+
+    def model_uids(self) -> dict[str, str]:
+        """"namespace/name" -> uid of every ModelCache observed (a copy counts only for its own; see current_copies)."""
+        with self.lock:
+            return dict(self._model_uids)
 
     def delete_model(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata", {})
         key = f"{meta.get('namespace')}/{meta.get('name')}"
         with self.lock:
             self._delete_fleet(self.models, body)
+            if self._model_uids.pop(key, None) is not None:
+                self.uids_version += 1
             # A ModelCache created again under this name starts from its own (empty) status.
             self.use_ranks.pop(key, None)
             self._rank_seeded_from.pop(key, None)
@@ -728,12 +762,13 @@ class State:
             agents = list(self.agents.values())
             failing = [self.jobs[k] for k in self.fetch_failing_jobs if k in self.jobs]
             models = {k: m.identity() for k, m in self.models.items()}
+            uids = dict(self._model_uids)
         failures: list[sourcehealth.FetchFailure] = []
         with_copy: set[str] = set()
         for a in agents:
             if a.resource.status is None or not self.agent_ready(a.key, now_mono=now_mono, grace_s=grace_s):
                 continue
-            with_copy.update(f"{a.namespace}/{m.name}" for m in a.resource.status.models)
+            with_copy.update(f"{a.namespace}/{m.name}" for m in current_copies(a, uids))
             failures.extend(agent_fetch_failures(a, now=now))
         for job in failing:
             failures.extend(job_fetch_failures(job, now=now))

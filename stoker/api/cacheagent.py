@@ -69,6 +69,8 @@ class CachedModel(StokerModel):
     """Baked into the container image: free, never evicted."""
     held: bool = False
     """Held as a replica target."""
+    uid: str | None = Field(default=None, max_length=128)
+    """metadata.uid of the ModelCache the copy was fetched for. The operator counts a copy only for that ModelCache: one deleted and created again under the same name starts with no copies. Absent for baked-in models."""
 
 
 class DownloadProgress(StokerModel):

@@ -20,9 +20,6 @@ SOURCE_RULES = (
      "message": "sha256 is immutable: different bytes are a different model; create a new ModelCache"},
 )
 
-PICKLE_FORMATS = frozenset({"ckpt", "pt", "bin"})
-
-
 class ArtifactKind(enum.StrEnum):
     CHECKPOINT = "checkpoint"
     LORA = "lora"
@@ -33,10 +30,10 @@ class ArtifactKind(enum.StrEnum):
 
 
 class WeightFormat(enum.StrEnum):
+    """The formats agents can load. Pickle-based files (ckpt, pt, bin) are not among them: loading
+    them runs code from the file, and no loader here reads them, so they are refused at admission."""
+
     SAFETENSORS = "safetensors"
-    CKPT = "ckpt"
-    PT = "pt"
-    BIN = "bin"
 
 
 class SecretRef(StokerModel):
@@ -80,9 +77,9 @@ class ModelCacheSpec(StokerModel):
     kind: ArtifactKind = ArtifactKind.CHECKPOINT
     """What the artifact is: checkpoint, lora, vae, upscaler, controlnet or embedding (immutable)."""
     format: WeightFormat = WeightFormat.SAFETENSORS
-    """File format (immutable). Pickle-based formats (ckpt, pt, bin) can run code when loaded and are refused unless allowPickle is true."""
+    """File format (immutable): safetensors. Pickle-based formats (ckpt, pt, bin) run code when loaded and are not supported: convert them to safetensors first (for example with safetensors.torch.save_file)."""
     allow_pickle: bool = False
-    """Accept a pickle-based format (immutable). Only for sources you trust completely."""
+    """Has no effect: no pickle-based format is accepted, whatever its value. Kept so that existing manifests still apply (immutable)."""
     replicas: int = Field(default=1, ge=0, le=1000)
     """Keep at least this many copies on agents' disks; those copies are never evicted."""
     hot_replicas: int = Field(default=0, ge=0, le=1000)
@@ -93,12 +90,10 @@ class ModelCacheSpec(StokerModel):
     @model_validator(mode="after")
     def _check_rules(self) -> ModelCacheSpec:
         # Mirrors the CEL rules in ModelCache.spec_rules, so clients fail early too.
-        if self.format in PICKLE_FORMATS and not self.allow_pickle:
-            raise ValueError(ModelCache.spec_rules[0]["message"])
         if self.hot_replicas > self.replicas and self.autoscale is None:
-            raise ValueError(ModelCache.spec_rules[1]["message"])
+            raise ValueError(ModelCache.spec_rules[0]["message"])
         if self.autoscale is not None and self.autoscale.max_replicas < self.replicas:
-            raise ValueError(ModelCache.spec_rules[2]["message"])
+            raise ValueError(ModelCache.spec_rules[1]["message"])
         return self
 
 
@@ -167,8 +162,6 @@ class ModelCache(Resource):
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )
     spec_rules: ClassVar[tuple[dict[str, str], ...]] = (
-        {"rule": "self.format == 'safetensors' || self.allowPickle", "fieldPath": ".format", "reason": "FieldValueForbidden",
-         "message": "format is pickle-based (ckpt, pt, bin), which can run code when loaded: convert the file to safetensors, or set allowPickle: true if you trust the source completely"},
         {"rule": "self.hotReplicas <= self.replicas || has(self.autoscale)", "fieldPath": ".hotReplicas",
          "reason": "FieldValueInvalid",
          "message": "hotReplicas must not exceed replicas: every loaded copy is also a disk copy"},

@@ -130,9 +130,8 @@ def test_a_job_spec_is_immutable(kubectl, repo) -> None:
     ({"source": {"sha256": "0" * 64}}, "spec.source.sha256"),
     ({"source": {"sha256": None}}, "spec.source.sha256"),
     ({"kind": "lora"}, "spec.kind"),
-    ({"format": "ckpt", "allowPickle": True}, "spec.format"),
     ({"allowPickle": True}, "spec.allowPickle"),
-], ids=["url", "sha256", "sha256-removed", "kind", "format", "allowPickle"])
+], ids=["url", "sha256", "sha256-removed", "kind", "allowPickle"])
 def test_what_a_model_is_cannot_change_and_the_error_names_the_field(kubectl, repo, patch, field) -> None:
     kubectl("apply", "-f", str(repo / "examples" / "modelcache.yaml"))
     proc = kubectl("patch", "mc", "sd15-base", "--type=merge", "-p", json.dumps({"spec": patch}), check=False)

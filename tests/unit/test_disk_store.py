@@ -278,22 +278,46 @@ class TestSafety:
 
         run(main())
 
-    def test_pickle_formats_are_refused_unless_allowed(self, server: ModelServer, make_store: Callable[..., DiskStore]) -> None:
+    def test_pickle_formats_are_refused_even_when_allowed_since_nothing_could_load_them(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
         server.add("old.ckpt", b"not really a pickle")
 
         async def main() -> None:
             store = make_store()
             await store.start()
-            ckpt = ModelSource(key="team/old", url=server.url("old.ckpt"), format="ckpt")
-            with pytest.raises(DiskStoreError) as info:
-                await store.ensure(ckpt)
-            assert info.value.reason == "PickleFormatNotAllowed"
-            assert server.request_count() == 0
-            path = await store.ensure(ModelSource(key="team/old", url=server.url("old.ckpt"), format="ckpt", allow_pickle=True))
-            assert path.suffix == ".ckpt" and path.read_bytes() == b"not really a pickle"
+            for allow in (False, True):
+                ckpt = ModelSource(key="team/old", url=server.url("old.ckpt"), format="ckpt", allow_pickle=allow)
+                with pytest.raises(DiskStoreError) as info:
+                    await store.ensure(ckpt)
+                assert info.value.reason == "UnsupportedFormat" and "convert" in info.value.message
+            assert server.request_count() == 0 and store.snapshot().models == ()
             await store.close()
 
         run(main())
+
+    def test_a_modelcache_created_again_under_its_name_never_gets_the_old_copy(
+        self, server: ModelServer, make_store: Callable[..., DiskStore]
+    ) -> None:
+        async def main() -> None:
+            store = make_store()
+            await store.start()
+            old = source(server, 0, model_uid="uid-old")
+            first = await store.ensure(old)
+            store.hold("team/m0")  # a replica target, as the operator ordered for the old ModelCache
+            again = source(server, 0, model_uid="uid-new")  # same name, same URL, same bytes
+            second = await store.ensure(again)
+            assert second != first and not first.exists(), "the old copy was served or kept"
+            (view,) = store.snapshot().models
+            assert (view.key, view.model_uid, view.held) == ("team/m0", "uid-new", True)
+            await store.close()
+            restarted = make_store()
+            await restarted.start()
+            assert [m.model_uid for m in restarted.snapshot().models] == ["uid-new"]
+            await restarted.close()
+
+        run(main())
+        assert server.request_count("m0.safetensors") == 2
 
     def test_plain_http_is_refused_when_not_allowed(self, server: ModelServer, make_store: Callable[..., DiskStore]) -> None:
         async def main() -> None:
@@ -901,7 +925,8 @@ class TestReservingRoom:
             too_big = source(server, 1, size_bytes=2 * SIZE, sha256=None)
             with pytest.raises(DiskStoreError) as info:
                 await again.ensure(too_big)
-            assert info.value.reason == "InsufficientCache"
+            # Larger than the whole budget: said so, with the size, for the operator to fail the model.
+            assert (info.value.reason, info.value.size_bytes, info.value.retryable) == ("ExceedsDiskBudget", 2 * SIZE, True)
             assert again.snapshot().parked_partial_bytes == SIZE and part.exists()
             await again.close()
 

@@ -440,9 +440,9 @@ def test_a_new_attempt_that_arrives_while_the_old_one_runs_starts_when_the_old_o
         await h.idle()
         status = h.objects.status("again")
         assert (status["phase"], status["attempt"]) == ("Succeeded", 2)
-        assert status["result"]["location"].endswith("__again__2.png")
+        assert status["result"]["location"].endswith("__again__uid-again.png")
         assert not any(p.get("phase") == "Succeeded" and p.get("attempt") == 1 for _, p in h.objects.patches)
-        assert sorted(p.name for p in h.results.iterdir()) == ["ns__again__2.png"]
+        assert sorted(p.name for p in h.results.iterdir()) == ["ns__again__uid-again.png"]
 
     run(main())
 
@@ -875,3 +875,15 @@ def test_free_slots_count_the_queue_slots_and_every_bound_job() -> None:
         return status.slots, status.queue_slots, status.free_slots
 
     assert [free(n) for n in (0, 1, 2, 3)] == [(1, 1, 2), (1, 1, 1), (1, 1, 0), (1, 1, 0)]
+
+
+def test_times_in_a_status_never_go_before_the_binding_whatever_the_clocks() -> None:
+    from stoker.agent.jobs import ordered_times
+
+    current = {"scheduledAt": "2026-01-01T00:00:10.000000Z"}
+    out = ordered_times({"startedAt": "2026-01-01T00:00:09.500000Z", "phase": "Running"}, current)
+    assert out["startedAt"] == "2026-01-01T00:00:10.000000Z" and out["phase"] == "Running"
+    assert ordered_times({"startedAt": "2026-01-01T00:00:11Z"}, current)["startedAt"] == "2026-01-01T00:00:11Z"
+    done = ordered_times({"finishedAt": "2026-01-01T00:00:09Z"}, {**current, "startedAt": "2026-01-01T00:00:12Z"})
+    assert done["finishedAt"] == "2026-01-01T00:00:12Z"
+    assert ordered_times({"startedAt": "x"}, {}) == {"startedAt": "x"}

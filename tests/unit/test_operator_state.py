@@ -427,3 +427,28 @@ def test_a_spec_size_hint_beyond_every_budget_fails_the_model_before_any_downloa
     state.upsert_model(model)
     state.upsert_agent(reporting_agent([]))  # budget 100 bytes
     assert set(state.update_source_health(now=0.0, now_mono=1.0, grace_s=15.0)) == {"ns/sd"}
+
+
+def test_a_copy_fetched_for_an_earlier_modelcache_of_the_same_name_is_nobodys_copy() -> None:
+    state = ready_state()
+    state.upsert_model(failing_model("mc-new"))
+    body = agent_body()
+    body["status"]["models"] = [{"name": "sd", "tier": "disk", "sizeBytes": 10, "uid": "mc-old"},
+                                {"name": "baked", "tier": "disk", "sizeBytes": 10, "preloaded": True}]
+    state.upsert_agent(body)
+    view = agent_view(agent_from_body(body), ready=True, bound=0, in_use=[], model_uids=state.model_uids())
+    assert "sd" not in view.disk and "baked" in view.disk
+    body["status"]["models"][0]["uid"] = "mc-new"
+    view = agent_view(agent_from_body(body), ready=True, bound=0, in_use=[], model_uids=state.model_uids())
+    assert "sd" in view.disk
+
+
+def test_the_uids_version_moves_only_when_a_modelcache_comes_goes_or_is_created_again() -> None:
+    state = State()
+    state.upsert_model(failing_model("mc-1"))
+    v = state.uids_version
+    state.upsert_model(failing_model("mc-1", rv="2"))
+    assert state.uids_version == v
+    state.delete_model(failing_model("mc-1", rv="2"))
+    state.upsert_model(failing_model("mc-2", rv="3"))
+    assert state.uids_version == v + 2 and state.model_uids() == {"ns/sd": "mc-2"}

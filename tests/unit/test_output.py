@@ -159,3 +159,17 @@ def test_result_file_names_are_always_one_plain_path_component(namespace: str, n
     assert not filename.startswith(".")
     assert filename.endswith(f"__{attempt}.png")
     assert len(filename.encode()) < 255
+
+
+def test_every_attempt_of_a_job_writes_the_same_file_so_a_killed_attempt_leaves_no_second_result(tmp_path) -> None:
+    first = output.write_result(tmp_path, PNG + b"1", namespace="ns", name="job", attempt=1, job_uid="uid-1")
+    second = output.write_result(tmp_path, PNG + b"2", namespace="ns", name="job", attempt=2, job_uid="uid-1")
+    assert first.location == second.location and [p.name for p in tmp_path.iterdir()] == ["ns__job__uid-1.png"]
+    assert pathlib.Path(second.location).read_bytes() == PNG + b"2"
+    other = output.write_result(tmp_path, PNG, namespace="ns", name="job", attempt=1, job_uid="uid-2")
+    assert other.location != second.location, "a new job of the same name keeps its own file"
+
+
+def test_a_job_uid_cannot_steer_the_file_out_of_the_results_folder(tmp_path) -> None:
+    result = output.write_result(tmp_path / "r", PNG, namespace="ns", name="j", attempt=1, job_uid="../../x")
+    assert pathlib.Path(result.location).parent == (tmp_path / "r").resolve()
