@@ -211,26 +211,41 @@ class JobWorker:
     # ---- watching
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Run bound attempts until `stop`; then drain: attempts not generating yet are handed back at
+        once (AgentStopping, a fault of the agent), running generations get `shutdown_grace_s` to
+        finish, and whatever is left is stopped between steps and handed back."""
         self._loop = asyncio.get_running_loop()
         thread_stop = threading.Event()
-        watcher = asyncio.create_task(asyncio.to_thread(
-            kube.stream_events, self.objects.custom.list_namespaced_custom_object, stop=thread_stop,
-            on_event=self._on_event_threadsafe, group="stoker.dev", version="v1alpha1",
-            namespace=self.settings.namespace, plural="generationjobs", label_selector=self._selector))
+        # A daemon thread, not the event loop's executor: a watch request blocks until the server
+        # ends it, and the process must not wait for that to exit.
+        watcher = threading.Thread(target=kube.stream_events, args=(self.objects.custom.list_namespaced_custom_object,),
+                                   kwargs={"stop": thread_stop, "on_event": self._on_event_threadsafe,
+                                           "group": "stoker.dev", "version": "v1alpha1",
+                                           "namespace": self.settings.namespace, "plural": "generationjobs",
+                                           "label_selector": self._selector},
+                                   name="watch-jobs", daemon=True)
+        watcher.start()
         resync = asyncio.create_task(self._resync_forever(stop))
-        await stop.wait()
-        self._stopping = True
-        thread_stop.set()
-        resync.cancel()
-        for w in self.work.values():
-            w.cancel_attempt()
-        if self._tasks:  # let attempts stop between steps and say so
-            await asyncio.wait(set(self._tasks), timeout=self.settings.shutdown_grace_s)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(resync, *self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(watcher, timeout=35)
+        try:
+            await stop.wait()
+            self._stopping = True
+            resync.cancel()
+            for w in list(self.work.values()):
+                if w.stage != "running":
+                    w.cancel_attempt()
+            if self._tasks:  # the watch goes on meanwhile: a job deleted during the drain is cancelled
+                await asyncio.wait(set(self._tasks), timeout=self.settings.shutdown_grace_s)
+            for w in list(self.work.values()):
+                if w.stage != "reporting":
+                    w.cancel_attempt()
+            if self._tasks:  # let attempts stop between steps and say so
+                await asyncio.wait(set(self._tasks), timeout=10)
+        finally:
+            thread_stop.set()
+            resync.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(resync, *self._tasks, return_exceptions=True)
 
     @property
     def _selector(self) -> str:
@@ -238,7 +253,8 @@ class JobWorker:
 
     def _on_event_threadsafe(self, kind: str, obj: dict[str, Any]) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._on_event, kind, obj)
+        with contextlib.suppress(RuntimeError):  # the daemon watch thread may outlive the loop at exit
+            self._loop.call_soon_threadsafe(self._on_event, kind, obj)
 
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]

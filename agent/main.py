@@ -1,5 +1,18 @@
 """`stoker-agent`: one per GPU pod. Wires the cache tiers, loader, runner and job loop to
-the API server and runs them until SIGTERM."""
+the API server and runs them until SIGTERM.
+
+Start-up: before anything slow (torch, the disk scan, the runner's imports) the agent
+registers its CacheAgent and clears what an earlier process of the same pod reported
+(models, downloads, jobs; `accepting: false`), so a restart with a wiped cache is never
+mistaken for the old cache. It reports its real status before it first renews its Lease,
+the operator's sign that it is Ready.
+
+Shutdown (SIGTERM): it stops accepting at once (`accepting: false`, no free slots),
+hands back the jobs that have not started generating, lets running generations finish
+within `shutdown_grace_s`, reports the rest as AgentStopping (a fault of the agent, not of
+the job), then releases its Lease so that the operator requeues anything left without
+waiting for the Lease to expire. An idle agent exits within a few seconds.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +22,20 @@ import pathlib
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
-import torch
 
 from stoker import kube
-from stoker.agent import credentials, faults, reporter, status_report
-from stoker.agent.disk_store import DiskStore
-from stoker.agent.download import Downloader, quiet_http_client_logs
-from stoker.agent.job_metrics import JobMetrics
-from stoker.agent.jobs import JobSettings, JobWorker, model_source
-from stoker.agent.loader import Loader
-from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
-from stoker.agent.orders import OrderFollower
+from stoker.agent import faults, reporter, status_report
 from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
 from stoker.agent.settings import AgentSettings, SettingsError, SizeBytes
-from stoker.agent.weights import Weights
 from stoker.api.cacheagent import Bandwidths
+
+if TYPE_CHECKING:  # torch and the modules built on it are imported once the old status is cleared
+    import torch
+
+    from stoker.agent.disk_store import DiskStore
 
 log = logging.getLogger("stoker.agent")
 
@@ -64,9 +73,13 @@ class RunSettings(AgentSettings):
     """GPU name to report when the runner loads the weights on a GPU the agent does not use itself (runner comfyui); default: the GPU the agent sees, else unknown."""
     gpu_vram_bytes: SizeBytes | None = None
     """That GPU's memory, reported as the agent's VRAM capacity (runner comfyui); unset: the GPU the agent sees, else 0 (unknown: placement is not limited by it)."""
+    shutdown_grace_s: float = pydantic.Field(default=20.0, ge=0)
+    """On SIGTERM, how long running generations get to finish before they are handed back; keep it below the pod's terminationGracePeriodSeconds."""
 
 
 def pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -103,10 +116,35 @@ def build_runner(settings: RunSettings, device: torch.device):  # type: ignore[n
     return DiffusersRunner(device=device)
 
 
+CLEARED_STATUS: dict[str, Any] = {
+    "models": [], "modelsOnDisk": 0, "hotModels": 0, "downloads": [], "running": [], "freeSlots": 0,
+    "modelFailures": [], "localFaults": [], "degraded": False, "accepting": False,
+}
+"""What a starting agent writes over the status an earlier process of its pod left: it holds and runs
+nothing that the operator may count on until it has scanned its disk and reported."""
+
+
 async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     name = settings.effective_agent_name
     if not name:
         raise SettingsError("the agent needs a name: set --pod-name / STOKER_POD_NAME (the chart does) or --agent-name")
+    api = kube.api_client(settings.kubeconfig)
+    objects = kube.Objects(api, settings.namespace)
+    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
+    await asyncio.to_thread(objects.patch_status, "CacheAgent", name, CLEARED_STATUS)
+
+    import torch
+
+    from stoker.agent import credentials
+    from stoker.agent.disk_store import DiskStore
+    from stoker.agent.download import Downloader
+    from stoker.agent.job_metrics import JobMetrics
+    from stoker.agent.jobs import JobSettings, JobWorker, model_source
+    from stoker.agent.loader import Loader
+    from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
+    from stoker.agent.orders import OrderFollower
+    from stoker.agent.weights import Weights
+
     device = pick_device(settings.device)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -117,8 +155,6 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         gpu_model, vram_total = "cpu", 0
     vram_budget = settings.vram_budget_bytes or (int(vram_total * 0.8) if vram_total else 8 * 2**30)
 
-    api = kube.api_client(settings.kubeconfig)
-    objects = kube.Objects(api, settings.namespace)
     metrics = AgentMetrics()
     job_metrics = JobMetrics(metrics.registry)
     if settings.metrics_enabled and settings.metrics_port:
@@ -152,7 +188,6 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         uses_loaded_weights=uses_weights, seen_model=gpu_model, seen_vram_bytes=vram_total,
         vram_budget_bytes=vram_budget, model_setting=settings.gpu_model, vram_setting=settings.gpu_vram_bytes)
 
-    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
     identity = status_report.Identity(pod=settings.pod_name or name, node=settings.node_name or "",
                                       zone=settings.zone or "", gpu_model=gpu_model, vram_bytes=gpu_vram)
     writer: StatusWriter | None = None
@@ -163,7 +198,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
 
     worker = JobWorker(objects=objects, settings=JobSettings(
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
-        results_dir=settings.results_dir,
+        results_dir=settings.results_dir, shutdown_grace_s=settings.shutdown_grace_s,
         model_not_found_grace_s=settings.model_not_found_grace_s),
         store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=kick, health=health)
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
@@ -185,20 +220,40 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             failures=list(worker.model_failures.values()),
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
                                  disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
-            observed_generation=orders.observed_generation, local_faults=health.faults())
+            observed_generation=orders.observed_generation, local_faults=health.faults(),
+            accepting=not stop.is_set())
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
                           on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
     lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
                         renew_s=settings.lease_renew_interval_s)
+    # The real status first, then the first renewal (Ready): never Ready with an old or empty report.
+    await writer.write_if_changed(force=True)
     await asyncio.to_thread(lease.renew_once)
-    await writer.write_if_changed()
     log.info("agent %s/%s ready on %s (%s), disk budget %d bytes, %d slot(s)",
              settings.namespace, name, device, gpu_model, settings.disk_budget_bytes, settings.job_slots)
+    drained = asyncio.Event()  # SIGTERM stops new work; the Lease and reports go on until jobs are drained
+
+    async def jobs() -> None:
+        try:
+            await worker.run(stop)
+        finally:
+            drained.set()
+
+    async def announce_stop() -> None:
+        await stop.wait()
+        log.info("stopping: accepting no new jobs, finishing running ones within %.0fs", settings.shutdown_grace_s)
+        writer.kick()
+
     try:
-        await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop),
-                             watch_local_faults(store, stop))
+        await asyncio.gather(lease.run(drained), writer.run(drained), jobs(), orders.run(stop),
+                             watch_local_faults(store, stop), announce_stop())
     finally:
+        try:
+            await asyncio.wait_for(writer.write_if_changed(), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - the Lease release below is what the operator acts on
+            log.warning("final status write failed: %s", exc)
+        await asyncio.to_thread(lease.release)
         await store.close()
         downloader.close()
         weights.close()
@@ -243,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stoker-agent: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from stoker.agent.download import quiet_http_client_logs
+
     quiet_http_client_logs()
 
     async def runner() -> None:

@@ -15,6 +15,7 @@ download does, so a replica of a model in steady use is ranked by that use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -69,11 +70,20 @@ class OrderFollower:
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         thread_stop = threading.Event()
-        watcher = asyncio.create_task(asyncio.to_thread(
-            kube.stream_events, self.objects.custom.list_namespaced_custom_object, stop=thread_stop,
-            on_event=lambda kind, obj: self._loop.call_soon_threadsafe(self._on_event, kind, obj),  # type: ignore[union-attr]
-            group="stoker.dev", version="v1alpha1", namespace=self.objects.namespace, plural="cacheagents",
-            field_selector=f"metadata.name={self.name}", timeout_s=self.watch_timeout_s))
+        loop = self._loop
+
+        def on_event(kind: str, obj: dict[str, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the daemon watch thread may outlive the loop at exit
+                loop.call_soon_threadsafe(self._on_event, kind, obj)
+
+        # A daemon thread, not the loop's executor: the process must not wait for a watch request to end.
+        watcher = threading.Thread(
+            target=kube.stream_events, args=(self.objects.custom.list_namespaced_custom_object,),
+            kwargs={"stop": thread_stop, "on_event": on_event, "group": "stoker.dev", "version": "v1alpha1",
+                    "namespace": self.objects.namespace, "plural": "cacheagents",
+                    "field_selector": f"metadata.name={self.name}", "timeout_s": self.watch_timeout_s},
+            name="watch-orders", daemon=True)
+        watcher.start()
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -88,7 +98,6 @@ class OrderFollower:
             stopping.cancel()
             for task in self._fetching.values():
                 task.cancel()
-            watcher.cancel()
 
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "DELETED":

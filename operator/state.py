@@ -162,6 +162,8 @@ class LeaseRecord:
     duration_s: float
     observed_at: float
     """Operator monotonic time when renew_time last changed."""
+    held: bool = True
+    """False once the holder released it (no holderIdentity): the agent shut down."""
 
 
 def is_older(new_rv: str, old_rv: str) -> bool:
@@ -706,15 +708,16 @@ class State:
         renew = spec.get("renewTime")
         duration = float(spec.get("leaseDurationSeconds") or 0)
         rv = str(meta.get("resourceVersion", ""))
+        held = bool(spec.get("holderIdentity"))
         with self.lock:
             self.last_lease_event = now_mono
             rec = self.leases.get(key)
             if rec is not None and is_older(rv, rec.resource_version):
                 return
             if rec is None or rec.renew_time != renew:
-                self.leases[key] = LeaseRecord(rv, renew, duration, now_mono)
+                self.leases[key] = LeaseRecord(rv, renew, duration, now_mono, held)
             else:
-                rec.resource_version, rec.duration_s = rv, duration
+                rec.resource_version, rec.duration_s, rec.held = rv, duration, held
         self.changed.set()
 
     def delete_lease(self, body: Mapping[str, Any]) -> None:
@@ -729,7 +732,7 @@ class State:
         """True while the agent's Lease keeps being renewed (a renewal seen within the grace)."""
         with self.lock:
             rec = self.leases.get(agent_key)
-            if rec is None or rec.renew_time is None:
+            if rec is None or rec.renew_time is None or not rec.held:
                 return False
             limit = grace_s if grace_s is not None else (rec.duration_s or 15.0)
             if now_mono - rec.observed_at <= limit:

@@ -10,7 +10,9 @@ Field ownership (one writer per field):
   Cancelled: the operator.
 - GenerationJob status phase Running/Succeeded/Failed (non-retryable) for the current
   attempt, progress, timings, cacheHit, result, startedAt, finishedAt, attemptFailure:
-  the bound agent, and only while the label and annotation still name it and its
+  the bound agent (which also clears reason and message, left by an earlier attempt's
+  requeue, when it starts and when it succeeds; and never writes a startedAt or
+  finishedAt before scheduledAt), and only while the label and annotation still name it and its
   attempt; every agent write carries a resourceVersion precondition.
 - CacheAgent spec.holds: the operator. spec.cordon: people (kubectl patch).
 - CacheAgent status, except conditions: the agent. status.conditions (Ready): the
@@ -26,7 +28,12 @@ Field ownership (one writer per field):
   evicted first); the operator reads it for placement (AgentView.disk_rank_s).
 - Lease `<cacheagent name>` (coordination.k8s.io/v1) in the agent's namespace:
   the agent renews it every LEASE_RENEW_S; the operator marks the agent NotReady when
-  renewTime is older than leaseDurationSeconds.
+  renewTime is older than leaseDurationSeconds, or at once when the agent released it
+  (holderIdentity removed, on a clean shutdown). A starting agent clears what an earlier
+  process of its pod reported, and writes its own status before its first renewal.
+- CacheAgent status.accepting: the agent; false while it starts and once it stops (SIGTERM).
+  The operator binds nothing to an agent that is not accepting (as if cordoned).
+- CacheAgent status.degraded and localFaults: the agent (see AGENT_FAULT_REASONS below).
 - CacheAgent status.modelFailures: the agent lists every fetch or verification
   failure it still stands by (name, reason, retryable, at, and the uid and generation
   of the ModelCache it read); it drops one when a later fetch succeeds or the model's
