@@ -17,6 +17,7 @@ waiting for the Lease to expire. An idle agent exits within a few seconds.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import pathlib
 import signal
@@ -36,6 +37,12 @@ if TYPE_CHECKING:  # torch and the modules built on it are imported once the old
     import torch
 
     from stoker.agent.disk_store import DiskStore
+
+# Without the agent's extra, fail at import as the `stoker-agent` entry point expects (it names what
+# to install); the modules themselves are imported later, after the old report is cleared.
+for _module in ("torch", "safetensors", "diffusers"):
+    if importlib.util.find_spec(_module) is None:
+        raise ModuleNotFoundError(f"No module named {_module!r}", name=_module)
 
 log = logging.getLogger("stoker.agent")
 
