@@ -42,7 +42,7 @@ def job(name: str, model: str, second: int) -> dict[str, Any]:
 
 def lease(name: str) -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": "1"},
-            "spec": {"renewTime": "2026-01-01T00:00:00Z", "leaseDurationSeconds": 15}}
+            "spec": {"renewTime": "2026-01-01T00:00:00Z", "leaseDurationSeconds": 15, "holderIdentity": name}}
 
 
 def fleet(state: State, agents: list[dict[str, Any]]) -> None:

@@ -108,9 +108,9 @@ def test_deleting_a_job_forgets_it_everywhere() -> None:
     assert state.jobs == {} and state.bound["ns/a"] == set()
 
 
-def lease(name: str, renew: str, rv: str) -> dict[str, Any]:
+def lease(name: str, renew: str, rv: str, *, holder: str | None = "holder") -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv},
-            "spec": {"renewTime": renew, "leaseDurationSeconds": 15}}
+            "spec": {"renewTime": renew, "leaseDurationSeconds": 15, "holderIdentity": holder}}
 
 
 def test_an_agent_is_ready_while_its_lease_renewals_keep_arriving() -> None:
@@ -452,3 +452,25 @@ def test_the_uids_version_moves_only_when_a_modelcache_comes_goes_or_is_created_
     state.delete_model(failing_model("mc-1", rv="2"))
     state.upsert_model(failing_model("mc-2", rv="3"))
     assert state.uids_version == v + 2 and state.model_uids() == {"ns/sd": "mc-2"}
+
+
+def test_an_agent_that_released_its_lease_is_not_ready_at_once() -> None:
+    state = State()
+    state.upsert_lease(lease("a", "t1", "1"), now_mono=100.0)
+    assert state.agent_ready("ns/a", now_mono=100.5, grace_s=10.0)
+    state.upsert_lease(lease("a", "t1", "2", holder=None), now_mono=101.0)  # SIGTERM: released
+    assert not state.agent_ready("ns/a", now_mono=101.0, grace_s=10.0)
+    state.upsert_lease(lease("a", "t2", "3"), now_mono=110.0)  # restarted and renewing again
+    assert state.agent_ready("ns/a", now_mono=110.0, grace_s=10.0)
+
+
+def test_a_job_bound_to_an_agent_whose_cacheagent_is_gone_is_requeued_at_once() -> None:
+    from stoker.operator.failure import Reconciler
+
+    state = ready_state()
+    job = job_from_body(job_body(labels={"stoker.dev/agent": "gone"}, annotations={"stoker.dev/attempt": "1"},
+                                 status={"phase": "Running", "attempt": 1, "agent": "gone"}))
+    reconciler = Reconciler(state, writer=None, lease_grace_s=10.0)  # type: ignore[arg-type]
+    tr = reconciler._decide(job, job_state(job), {"ns/a": True}, {}, now=1e9 - 1)
+    assert tr is not None and tr.event == "Requeued" and tr.after.attempt == 2
+    assert tr.after.history[-1].agent_fault and "not counted" in tr.message
