@@ -54,16 +54,20 @@ def registered(objects: kube.Objects, name: str) -> bool:
 
 
 class Timeline:
-    """Every CacheAgent status and Lease change of one agent, in the order the API server stored them."""
+    """Every CacheAgent status and Lease change of one agent, in the order the API server stored them
+    (each watch starts from a listing's resourceVersion, so no change is missed)."""
 
     def __init__(self, api: client.ApiClient, namespace: str, name: str) -> None:
         self.custom, self.coord = client.CustomObjectsApi(api), client.CoordinationV1Api(api)
         self.namespace, self.name = namespace, name
         self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self.gaps = 0
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, args=(kind,), daemon=True) for kind in ("status", "lease")]
+        self._ready = {kind: threading.Event() for kind in ("status", "lease")}
+        self._threads = [threading.Thread(target=self._watch, args=(kind,), daemon=True) for kind in self._ready]
 
     def _watch(self, kind: str) -> None:
+        selector = f"metadata.name={self.name}"
         if kind == "status":
             fn, args = self.custom.list_namespaced_custom_object, ("stoker.dev", "v1alpha1", self.namespace, "cacheagents")
         else:
@@ -71,20 +75,29 @@ class Timeline:
         version = None
         while not self._stop.is_set():
             try:
-                for ev in watch.Watch().stream(fn, *args, field_selector=f"metadata.name={self.name}",
-                                               resource_version=version, timeout_seconds=2):
+                if version is None:
+                    listing = fn(*args, field_selector=selector)
+                    version = listing["metadata"]["resourceVersion"] if isinstance(listing, dict) else \
+                        listing.metadata.resource_version
+                    self._ready[kind].set()
+                for ev in watch.Watch().stream(fn, *args, field_selector=selector, resource_version=version,
+                                               timeout_seconds=2):
                     obj = ev["object"]
                     if isinstance(obj, dict):  # a CacheAgent
                         version, data = obj["metadata"]["resourceVersion"], (obj.get("status") or {})
                     else:  # a V1Lease
                         version, data = obj.metadata.resource_version, obj.spec.to_dict()
                     self.events.append((int(version), kind, data))
-            except Exception:  # noqa: BLE001 - a dropped watch: start again
+            except Exception as exc:  # noqa: BLE001 - a dropped watch: start again, and say there may be a gap
+                print(f"timeline watch of {kind}: {exc!r}")
+                self.gaps += 1
                 version = None
 
     def __enter__(self) -> Timeline:
         for t in self._threads:
             t.start()
+        for ready in self._ready.values():
+            assert ready.wait(30), "the timeline's watches did not start"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -113,16 +126,17 @@ def test_a_restarted_agent_clears_its_old_report_before_it_says_it_is_ready(
             first.kill()
         shutil.rmtree(tmp_path / "agent-r" / "cache")  # a new node, or an emptyDir lost with the pod
         with Timeline(api_client, namespace, "agent-r") as timeline:
-            time.sleep(1)  # the watches are open before the new process starts
-            cut = max((v for v, _, _ in timeline.events), default=0)
+            cut = 0  # the watches started from listings taken after the kill: every event is the new process's
             second = Process(first.cmd, tmp_path / "agent-r-2.log").start()
             try:
-                wait_for(lambda: registered(objects, "agent-r"), timeout_s=180,
-                         message=lambda: f"the restarted agent to be ready\n{second.tail()}")
+                # (The old report says ready too: wait for the new process's own first renewal.)
+                wait_for(lambda: any(k == "lease" and d.get("holder_identity") for _, k, d in timeline.events),
+                         timeout_s=240, message=lambda: f"the restarted agent to renew its Lease\n{second.tail()}")
                 time.sleep(3)
             finally:
                 second.stop()
         after = [e for e in timeline.ordered() if e[0] > cut]
+    assert timeline.gaps == 0, "a watch dropped: the timeline may have missed a change"
     statuses = [(v, d) for v, k, d in after if k == "status"]
     renewals = [(v, d) for v, k, d in after if k == "lease" and d.get("holder_identity")]
     assert statuses and renewals, after
