@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
+import yaml
 from kubernetes import client
 
 from stoker import kube
@@ -71,5 +74,14 @@ def test_the_agent_probes_follow_its_lease_renewals(helm: str, control_plane, na
         wait_for(lambda: probe(port, "/healthz")[0] == 200 and probe(port, "/readyz")[0] == 200, timeout_s=40,
                  message="the probes to recover with the renewals")
         assert agent.alive
+
+        # SIGTERM: the drain ends well within the grace period the chart gives the agent pod.
+        grace_s = yaml.safe_load((CHART / "values.yaml").read_text())["agent"]["terminationGracePeriodSeconds"]
+        started = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        agent.proc.wait(timeout=grace_s)
+        drain_s = time.monotonic() - started
+        print(f"agent drained in {drain_s:.1f}s after SIGTERM (chart grace period {grace_s}s)")
+        assert drain_s < grace_s
     finally:
         agent.stop()
