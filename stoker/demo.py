@@ -79,8 +79,8 @@ def _metrics_summary(ports: dict[str, int]) -> str:
     hits = sum(v for a in agents for k, v in a.items() if k.startswith("stoker_agent_cache_hits_total{"))
     misses = sum(v for a in agents for k, v in a.items() if k.startswith("stoker_agent_cache_misses_total{"))
     bound = ", ".join(f"{tier} {int(n)}" for tier, n in sorted(tiers.items()) if n) or "none"
-    return (f"metrics: jobs bound by checkpoint tier: {bound}; downloaded {downloaded / 2**20:.1f} MiB; "
-            f"cache hits {int(hits)}, misses {int(misses)}")
+    return (f"metrics: jobs bound, by their checkpoint's tier at binding: {bound}; "
+            f"downloaded {downloaded / 2**20:.1f} MiB; cache hits {int(hits)}, misses {int(misses)}")
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -25,7 +25,7 @@ def test_the_demo_runs_every_job_to_a_png_and_prints_the_summary(tmp_path: pathl
     # Metrics are on: the URLs are printed, and the summary comes from the processes' /metrics.
     assert "operator http://127.0.0.1:" in proc.stdout and "agent-1 http://127.0.0.1:" in proc.stdout
     summary = next(line for line in proc.stdout.splitlines() if line.startswith("metrics: jobs bound"))
-    bound = re.search(r"tier: (.*?);", summary).group(1)
+    bound = re.search(r"at binding: (.*?);", summary).group(1)
     assert sum(int(part.split()[1]) for part in bound.split(", ")) == 3, summary
     header = next(line for line in proc.stdout.splitlines() if line.startswith("JOB "))
     for column in ("AGENT", "HIT", "DOWNLOAD s", "WAIT s", "LOAD s", "BUILD s", "INFER s", "TOTAL s"):
