@@ -630,7 +630,7 @@ class DiskStore:
         if reason == faults.DISK_FULL:
             self._full_need_bytes = max(need_bytes, 1 << 20)
         self.health.fault(reason, f"cache volume {self.cache_dir}: {message}")
-        self._metrics.download_failures.labels(reason).inc()
+        self._metrics.count_download_failure(reason)
         log.warning("local fault while fetching %s: %s: %s", key, reason, message)
         return DiskStoreError(
             reason, f"{key}: {message}; a fault of this agent, not of the model's source: {faults.advice(reason)}",
@@ -764,11 +764,11 @@ class DiskStore:
             if exc.reason == DownloadFailure.IO_ERROR:  # writing the file failed here: the disk, not the source
                 raise self._local_fault(key, exc.message, os_errno=exc.os_errno,
                                         need_bytes=flight.progress.total_bytes or source.size_bytes or 0) from None
-            self._metrics.download_failures.labels(str(exc.reason)).inc()
+            self._metrics.count_download_failure(exc.reason)
             raise DiskStoreError(str(exc.reason), f"{key}: {exc.message}", key=key, retryable=exc.retryable) from None
         except safetensors_header.HeaderError as exc:
             self._park_or_abort(key, dest, source, keep=False)
-            self._metrics.download_failures.labels("InvalidSafetensors").inc()
+            self._metrics.count_download_failure("InvalidSafetensors")
             raise DiskStoreError(
                 "InvalidSafetensors",
                 f"{key}: the downloaded file is not a valid safetensors file ({exc}); it was discarded. "
@@ -779,13 +779,13 @@ class DiskStore:
             self._park_or_abort(key, dest, source, keep=False)
             size = announced[-1] if announced else (source.size_bytes or 0)
             if size > self._state.budget_bytes:  # no eviction can ever make room here
-                self._metrics.download_failures.labels("ExceedsDiskBudget").inc()
+                self._metrics.count_download_failure("ExceedsDiskBudget")
                 raise DiskStoreError(
                     "ExceedsDiskBudget",
                     f"{key} is {size} bytes (as its source announced), more than this agent's whole disk budget of "
                     f"{self._state.budget_bytes} bytes; give agents a larger budget or use a smaller model",
                     key=key, retryable=True, size_bytes=size) from None
-            self._metrics.download_failures.labels(exc.reason).inc()
+            self._metrics.count_download_failure(exc.reason)
             raise DiskStoreError(exc.reason, str(exc), key=key, retryable=True) from None
         except (OSError, MemoryError) as exc:  # metadata, sidecar, fsync or rename on this agent's disk
             with contextlib.suppress(OSError):

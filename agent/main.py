@@ -138,7 +138,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         raise SettingsError("the agent needs a name: set --pod-name / STOKER_POD_NAME (the chart does) or --agent-name")
     api = kube.api_client(settings.kubeconfig)
     objects = kube.Objects(api, settings.namespace)
-    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
+    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name, fleet=settings.fleet)
     await asyncio.to_thread(objects.patch_status, "CacheAgent", name, CLEARED_STATUS)
 
     import torch
@@ -146,7 +146,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     from stoker.agent import credentials
     from stoker.agent.disk_store import DiskStore
     from stoker.agent.download import Downloader
-    from stoker.agent.job_metrics import JobMetrics
+    from stoker.agent.health import Health
+    from stoker.agent.health import serve as serve_health
     from stoker.agent.jobs import JobSettings, JobWorker, model_source
     from stoker.agent.loader import Loader
     from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
@@ -164,9 +165,13 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     vram_budget = settings.vram_budget_bytes or (int(vram_total * 0.8) if vram_total else 8 * 2**30)
 
     metrics = AgentMetrics()
-    job_metrics = JobMetrics(metrics.registry)
-    if settings.metrics_enabled and settings.metrics_port:
+    metrics.job_slots.set(settings.job_slots)
+    if settings.metrics_enabled:
         metrics.serve(port=settings.metrics_port, addr=settings.metrics_addr)
+    # Answers from the start: the startup probe waits on /readyz while the disk cache is scanned.
+    probes = Health(stale_after_s=settings.lease_duration_s, failing_renewals_limit_s=settings.liveness_failing_renewals_s)
+    if settings.health_port is not None:
+        serve_health(probes, port=settings.health_port, addr=settings.health_addr)
 
     runner = build_runner(settings, device)
     # Seconds of imports, done while the disk cache is scanned, before the agent says it is ready.
@@ -208,7 +213,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
         results_dir=settings.results_dir, shutdown_grace_s=settings.shutdown_grace_s,
         model_not_found_grace_s=settings.model_not_found_grace_s),
-        store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=kick, health=health)
+        store=store, weights=metered_weights, runner=runner, metrics=metrics.jobs, on_change=kick, health=health)
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
     orders = OrderFollower(objects=objects, name=name, store=store,
@@ -232,14 +237,17 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             accepting=not stop.is_set())
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
-                          on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
+                          on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name,
+                                                      fleet=settings.fleet))
     lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
-                        renew_s=settings.lease_renew_interval_s)
+                        renew_s=settings.lease_renew_interval_s, on_attempt=lambda ok: probes.renewal(ok=ok))
     # The real status first, then the first renewal (Ready): never Ready with an old or empty report.
     await writer.write_if_changed(force=True)
     await asyncio.to_thread(lease.renew_once)
+    probes.renewal(ok=True)
     log.info("agent %s/%s ready on %s (%s), disk budget %d bytes, %d slot(s)",
              settings.namespace, name, device, gpu_model, settings.disk_budget_bytes, settings.job_slots)
+    probes.started()
     drained = asyncio.Event()  # SIGTERM stops new work; the Lease and reports go on until jobs are drained
 
     async def jobs() -> None:
@@ -250,6 +258,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
 
     async def announce_stop() -> None:
         await stop.wait()
+        probes.stopping()
         log.info("stopping: accepting no new jobs, finishing running ones within %.0fs", settings.shutdown_grace_s)
         writer.kick()
 
