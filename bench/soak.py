@@ -221,18 +221,29 @@ class Soak:
                               capture_output=True, text=True)
         return done.returncode == 0
 
+    def _credential_args(self) -> list[str]:
+        """The token's Secret declared for the model server's host, where agents bind credentials to hosts."""
+        from stoker.agent.settings import AgentSettings
+
+        if "credentials" not in AgentSettings.model_fields:
+            return []
+        return ["--credentials", json.dumps([{"secret": SECRET, "hosts": ["127.0.0.1"]}])]
+
     def _start_agent(self, name: str) -> None:
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
-        self.agents[name] = Process([
+        self.agents[name] = Process([*self._agent_command(name)], log).start()
+
+    def _agent_command(self, name: str) -> list[str]:
+        return [
             str(BIN / "stoker-agent"), "--kubeconfig", str(self.cp.kubeconfig), "--namespace", NAMESPACE,
             "--pod-name", name, "--node-name", f"node-{name}", "--cache-dir", str(self.cache_dir(name)),
             "--results-dir", str(self.results_dir), "--allow-http", "--metrics-port", "0", "--device", "cpu",
             "--disk-budget-bytes", str(self.budget_bytes), "--vram-budget-bytes", "256MiB",
             "--secrets-dir", str(self.work / "secrets"), "--lease-duration-s", str(self.plan.agent_lease_s),
             "--lease-renew-interval-s", "2", "--status-min-interval-s", "0.5", "--torch-threads", "1",
-            "--shutdown-grace-s", "20",
-        ], log).start()
+            "--shutdown-grace-s", "20", *self._credential_args(),
+        ]
 
     def _start_operator(self, identity: str) -> None:
         log = self.work / "logs" / f"{identity}.log"
