@@ -148,7 +148,7 @@ def test_a_killed_agent_loses_its_job_to_another_after_the_lease_grace(
 def test_a_job_failing_on_every_agent_ends_with_attempts_exhausted(operator, agents, objects) -> None:
     model(objects, "sd-flaky")
     for name in ("agent-a", "agent-b", "agent-c"):
-        agents(name, failing_models={"sd-flaky": "InsufficientVRAM"}, job_seconds=0.05)
+        agents(name, failing_models={"sd-flaky": "GenerationFailed"}, job_seconds=0.05)
     job(objects, "unlucky", "sd-flaky", maxAttempts=2)
     done = wait_for(lambda: finished(objects, "unlucky"), timeout_s=30, message="the job to fail")
     assert done["phase"] == "Failed"
