@@ -125,8 +125,8 @@ def build_runner(settings: RunSettings, device: torch.device):  # type: ignore[n
 
 
 CLEARED_STATUS: dict[str, Any] = {
-    "models": [], "modelsOnDisk": 0, "hotModels": 0, "downloads": [], "running": [], "freeSlots": 0,
-    "modelFailures": [], "localFaults": [], "degraded": False, "accepting": False,
+    "models": [], "modelsOnDisk": 0, "hotModels": 0, "downloads": [], "running": [], "slots": 0, "queueSlots": 0,
+    "freeSlots": 0, "modelFailures": [], "localFaults": [], "degraded": False, "accepting": False,
 }
 """What a starting agent writes over the status an earlier process of its pod left: it holds and runs
 nothing that the operator may count on until it has scanned its disk and reported."""

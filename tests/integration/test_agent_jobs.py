@@ -407,8 +407,10 @@ def test_a_job_rebound_to_the_same_agent_runs_its_new_attempt_and_only_that_one_
     status = finished(objects, "rebound")
     assert status["phase"] == "Succeeded", status
     assert status["attempt"] == 2
-    assert status["result"]["location"].endswith("__rebound__2.png")
-    assert not list(agent["results"].glob("*__rebound__1.png"))
+    uid = objects.get("GenerationJob", "rebound")["metadata"]["uid"]
+    assert status["result"]["location"].endswith(f"__rebound__{uid}.png")
+    assert [p.name for p in agent["results"].glob("*__rebound__*")] == [f"{objects.namespace}__rebound__{uid}.png"], \
+        "one result file per job"
     in_log(agent["proc"], "job rebound attempt 1 cancelled")
 
 
