@@ -164,6 +164,8 @@ class Soak:
         self.server: ModelServer | None = None
         self.results_dir = work / "results"
         self.created = 0
+        self.restarting: set[str] = set()
+        """Processes the chaos schedule is restarting itself (the kubelet stand-in leaves them alone)."""
 
     # ---- setup --------------------------------------------------------------------
 
@@ -328,6 +330,19 @@ class Soak:
             if sizes[m["name"]] != self.model_sizes[m["name"]]:
                 self.results.partial.append(f"{agent} reported {m['name']} with {sizes[m['name']]} bytes on disk")
 
+    def kubelet(self) -> None:
+        """Restart any operator or agent process that exited on its own (an operator that lost its
+        leadership exits with an error so that its kubelet restarts it)."""
+        while not self.stop.wait(1.0):
+            for table, start in ((self.operators, self._start_operator), (self.agents, self._start_agent)):
+                for name, proc in list(table.items()):
+                    if proc.alive or name in self.restarting or self.stop.is_set():
+                        continue
+                    code = proc.proc.returncode if proc.proc is not None else None
+                    self.results.notes.append(f"{name} exited on its own (code {code}) and was restarted")
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} exited (code {code}); restarting", flush=True)
+                    start(name)
+
     # ---- load ---------------------------------------------------------------------
 
     def feed(self, until: float) -> None:
@@ -391,6 +406,7 @@ class Soak:
         wipe = self.rng.random() < self.plan.wipe_fraction
         bound = self._bound_to(name)
         killed = time.monotonic()
+        self.restarting.add(name)
         self.agents[name].kill()
         self.fault("agent kill -9 (cache wiped)" if wipe else "agent kill -9")
         if wipe:
@@ -401,6 +417,7 @@ class Soak:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         self.stop.wait(self.rng.uniform(2.0, 6.0))
         self._start_agent(name)
+        self.restarting.discard(name)
         threading.Thread(target=self._measure_requeue, args=(name, bound, killed), daemon=True).start()
 
     def _bound_to(self, agent: str) -> list[str]:
@@ -449,6 +466,7 @@ class Soak:
             holder, renew = None, None
         victim = holder if holder in self.operators else self.rng.choice(sorted(self.operators))
         killed = time.monotonic()
+        self.restarting.add(victim)
         self.operators[victim].kill()
         self.fault("operator kill -9 (leader)" if victim == holder else "operator kill -9")
         waiter = threading.Thread(target=self._wait_leader, args=(killed,),
@@ -456,6 +474,7 @@ class Soak:
         waiter.start()
         self.stop.wait(5.0)
         self._start_operator(victim)
+        self.restarting.discard(victim)
         waiter.join()
 
     def restart_apiserver(self) -> None:
@@ -569,7 +588,8 @@ def run(plan: Plan, work: pathlib.Path) -> Results:
                   f"{plan.minutes:.1f} min", flush=True)
             start = time.monotonic()
             until = start + plan.minutes * 60
-            for target, args in ((soak.watch_jobs, ()), (soak.sample, ()), (soak.chaos, (start, until))):
+            for target, args in ((soak.watch_jobs, ()), (soak.sample, ()), (soak.chaos, (start, until)),
+                                 (soak.kubelet, ())):
                 t = threading.Thread(target=target, args=args, daemon=True)
                 t.start()
                 threads.append(t)
