@@ -38,7 +38,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pydantic
-import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from stoker import kube
@@ -829,11 +828,7 @@ def ordered_times(status: dict[str, Any], current: dict[str, Any]) -> dict[str, 
     return out
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether repeating the API call may succeed: overload, server errors, timeouts, dropped connections."""
-    if isinstance(exc, ApiException):
-        return exc.status in (None, 0, 408, 429, 500, 502, 503, 504)
-    return isinstance(exc, (urllib3.exceptions.HTTPError, OSError, TimeoutError))
+is_transient = kube.is_transient
 
 
 async def _give_back(slots: asyncio.Semaphore, acquire: asyncio.Future[Any]) -> None:

@@ -23,7 +23,7 @@ import os
 import pathlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
@@ -138,8 +138,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         raise SettingsError("the agent needs a name: set --pod-name / STOKER_POD_NAME (the chart does) or --agent-name")
     api = kube.api_client(settings.kubeconfig)
     objects = kube.Objects(api, settings.namespace)
-    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name, fleet=settings.fleet)
-    await asyncio.to_thread(objects.patch_status, "CacheAgent", name, CLEARED_STATUS)
+    await until_answered(stop, "registering the CacheAgent", lambda: asyncio.to_thread(
+        register, objects, name=name, pod_name=settings.pod_name or name, fleet=settings.fleet))
+    await until_answered(stop, "clearing the previous report", lambda: asyncio.to_thread(
+        objects.patch_status, "CacheAgent", name, CLEARED_STATUS))
 
     import torch
 
@@ -242,8 +244,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
                         renew_s=settings.lease_renew_interval_s, on_attempt=lambda ok: probes.renewal(ok=ok))
     # The real status first, then the first renewal (Ready): never Ready with an old or empty report.
-    await writer.write_if_changed(force=True)
-    await asyncio.to_thread(lease.renew_once)
+    await until_answered(stop, "writing the first report", lambda: writer.write_if_changed(force=True))
+    await until_answered(stop, "renewing the Lease", lambda: asyncio.to_thread(lease.renew_once))
     probes.renewal(ok=True)
     log.info("agent %s/%s ready on %s (%s), disk budget %d bytes, %d slot(s)",
              settings.namespace, name, device, gpu_model, settings.disk_budget_bytes, settings.job_slots)
@@ -275,6 +277,21 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         downloader.close()
         weights.close()
         loader.close()
+
+
+async def until_answered(stop: asyncio.Event, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    """`await call()`, retried with backoff while the API server does not answer (it may be
+    restarting): an agent starting meanwhile waits for it rather than exiting."""
+    delay = 0.5
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not kube.is_transient(exc) or stop.is_set():
+                raise
+            log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+        await reporter.wait_event(stop, delay)
+        delay = min(10.0, delay * 2)
 
 
 async def watch_local_faults(store: DiskStore, stop: asyncio.Event, *, interval_s: float = 5.0) -> None:

@@ -8,6 +8,7 @@ import os
 import uuid
 from typing import Any
 
+import urllib3.exceptions
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -47,6 +48,14 @@ def is_conflict(exc: BaseException) -> bool:
 
 def is_not_found(exc: BaseException) -> bool:
     return isinstance(exc, ApiException) and exc.status == 404
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether repeating the API call may succeed: overload, server errors, timeouts, dropped connections
+    (urllib3's MaxRetryError while the API server restarts)."""
+    if isinstance(exc, ApiException):
+        return exc.status in (None, 0, 408, 429, 500, 502, 503, 504)
+    return isinstance(exc, (urllib3.exceptions.HTTPError, OSError, TimeoutError))
 
 
 class Objects:
