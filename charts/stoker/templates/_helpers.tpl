@@ -1,5 +1,10 @@
+{{/* The image of one component: (dict "root" $ "image" .Values.<component>.image) */}}
 {{- define "stoker.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ .image.repository }}:{{ .image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion }}
+{{- end -}}
+
+{{- define "stoker.pullPolicy" -}}
+{{ .image.pullPolicy | default .root.Values.image.pullPolicy }}
 {{- end -}}
 
 {{- define "stoker.labels" -}}
