@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -225,6 +226,9 @@ def _containerd_config(work: pathlib.Path, root: pathlib.Path, pause_image: str)
           stream_server_address = "127.0.0.1"
           stream_server_port = "0"
           netns_mounts_under_state_dir = true
+          # Lowering oom_score_adj needs CAP_SYS_RESOURCE, which root lacks on some sandboxed hosts:
+          # keep pods at or above containerd's own score.
+          restrict_oom_score_adj = true
           enable_selinux = false
           disable_apparmor = true
           [plugins."io.containerd.grpc.v1.cri".cni]
@@ -368,6 +372,27 @@ def _unmount_all(path: pathlib.Path) -> None:
         _run(["umount", "-l", target], check=False)
 
 
+def _remove_kube_iptables_rules() -> None:
+    """Remove the KUBE-* chains the kubelet and kube-proxy added, and the jumps into them
+    (kube-proxy --cleanup leaves the kubelet's KUBE-FIREWALL)."""
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            continue
+        dump = _run([f"{tool}-save"], check=False).stdout
+        table, chains = "", []
+        for line in dump.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith(":KUBE-"):
+                chains.append((table, line[1:].split()[0]))
+            elif line.startswith("-A ") and " -j KUBE-" in line and not line.split()[1].startswith("KUBE-"):
+                _run([tool, "-t", table, "-D", *shlex.split(line)[1:]], check=False)
+        for table, chain in chains:
+            _run([tool, "-t", table, "-F", chain], check=False)
+        for table, chain in chains:
+            _run([tool, "-t", table, "-X", chain], check=False)
+
+
 def _remove_pod_cgroups() -> None:
     """Remove the kubelet's (now empty) kubepods cgroups from every hierarchy."""
     for top in pathlib.Path("/sys/fs/cgroup").glob("*/kubepods"):
@@ -491,6 +516,8 @@ def run_cluster(*, images: Mapping[str, str], workdir: pathlib.Path | None = Non
                 "--authorization-kubeconfig", str(kubeconfig["system:kube-controller-manager"]),
                 "--bind-address", "127.0.0.1", "--secure-port", str(ports[0]), "--leader-elect=false",
                 "--root-ca-file", str(certs["ca"]), "--cluster-name", "stoker-e2e",
+                # Each controller acts as its own service account (the bootstrap RBAC roles).
+                "--use-service-account-credentials",
                 "--service-cluster-ip-range", SERVICE_CIDR, "--allocate-node-cidrs=false",
                 "--controllers", "*,-nodeipam,-bootstrapsigner,-tokencleaner", "--v", "1"])
             spawn("kube-scheduler", [
@@ -531,6 +558,7 @@ def run_cluster(*, images: Mapping[str, str], workdir: pathlib.Path | None = Non
             controlplane._stop(proc)
         if kube_proxy is not None:  # remove the KUBE-* chains it added
             _run([str(kube_proxy), "--cleanup"], check=False, timeout_s=60)
+        _remove_kube_iptables_rules()
         _unmount_all(work)
         _unmount_all(root)
         _remove_pod_cgroups()
