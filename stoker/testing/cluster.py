@@ -246,8 +246,7 @@ def _containerd_config(work: pathlib.Path, root: pathlib.Path, pause_image: str)
     return path
 
 
-def _ctr(work: pathlib.Path, *args: str, timeout_s: float = 120, check: bool = True,
-         input_bytes: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def _ctr(work: pathlib.Path, *args: str, timeout_s: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     return _run(["ctr", "--address", str(work / "containerd.sock"), "--namespace", "k8s.io", *args],
                 timeout_s=timeout_s, check=check)
 

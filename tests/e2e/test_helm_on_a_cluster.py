@@ -127,10 +127,10 @@ def job_status(cluster: Cluster, name: str) -> dict[str, Any]:
     return kubectl_json(cluster, "get", "generationjob", name).get("status") or {}
 
 
-def submit(cluster: Cluster, receiver: Receiver, name: str, *, steps: int = 4) -> None:
+def submit(cluster: Cluster, receiver: Receiver, name: str, *, steps: int = 4, size: int = 64) -> None:
     job = {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob", "metadata": {"name": name},
            "spec": {"model": "tiny-sd15", "output": {"url": f"{receiver.url}/out/{name}.png"},
-                    "params": {"prompt": "a lighthouse", "steps": steps, "width": 64, "height": 64,
+                    "params": {"prompt": "a lighthouse", "steps": steps, "width": size, "height": size,
                                "seed": 7, "sampler": "euler"}}}
     cluster.kubectl("-n", NAMESPACE, "apply", "-f", "-", input_text=json.dumps(job))
 
@@ -210,19 +210,20 @@ def test_helm_upgrade_of_the_cache_budget_rolls_the_agents(cluster, helm, images
 
 def test_deleting_an_agent_pod_mid_job_requeues_the_job_and_it_finishes(cluster, receiver, steps) -> None:
     with steps("agent pod deleted mid-job → job requeued and finished"):
-        submit(cluster, receiver, "interrupted", steps=400)
+        submit(cluster, receiver, "interrupted", steps=150, size=256)
         running = wait_for(lambda: (s := job_status(cluster, "interrupted")).get("phase") == "Running"
                            and (s.get("progress") or {}).get("step", 0) >= 1 and s,
                            timeout_s=600, interval_s=0.5,
                            message=lambda: f"the job to be generating\n{diagnostics(cluster)}")
         first_agent = running["agent"]
-        cluster.kubectl("-n", NAMESPACE, "delete", "pod", first_agent, "--wait=false")
+        # A node reclaimed at short notice: SIGTERM, one second, SIGKILL.
+        cluster.kubectl("-n", NAMESPACE, "delete", "pod", first_agent, "--grace-period=1", "--wait=false")
         status = wait_for(lambda: (s := job_status(cluster, "interrupted")).get("phase") in ("Succeeded", "Failed")
                           and s, timeout_s=1200, interval_s=1,
                           message=lambda: f"the requeued job to finish\n{diagnostics(cluster)}")
     assert status["phase"] == "Succeeded", f"{status}\n{diagnostics(cluster)}"
     assert status["agent"] != first_agent
-    assert [h["agent"] for h in status["history"]][:1] == [first_agent]
+    assert first_agent in [h.get("agent") for h in status["history"]], status["history"]
     assert receiver.received["/out/interrupted.png"].startswith(PNG_MAGIC)
 
 
