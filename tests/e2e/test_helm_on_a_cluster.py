@@ -82,26 +82,29 @@ def helm_cmd(helm: str, cluster: Cluster, *args: str, timeout_s: float = 600) ->
 
 
 def chart_values(images: dict[str, str], cluster: Cluster, *, budget: str) -> list[str]:
+    """helm flags: the local images (never pulled), small CPU agents, short Lease times."""
     operator_repo, operator_tag = images["operator"].rsplit(":", 1)
     agent_repo, agent_tag = images["agent"].rsplit(":", 1)
     values = {
         "image.pullPolicy": "Never",
-        "operator.image.repository": operator_repo, "operator.image.tag": operator_tag,
-        "agent.image.repository": agent_repo, "agent.image.tag": agent_tag,
-        "operator.replicas": "1", "operator.leaseGraceSeconds": "8",
+        "operator.image.repository": operator_repo, "agent.image.repository": agent_repo,
+        "operator.replicas": 1, "operator.leaseGraceSeconds": 8,
         "operator.resources.requests.cpu": "50m", "operator.resources.requests.memory": "64Mi",
-        "agent.replicas": "2", "agent.gpusPerPod": "0", "agent.allowHttp": "true",
+        "agent.replicas": 2, "agent.gpusPerPod": 0, "agent.allowHttp": True,
         "agent.allowedHosts[0]": cluster.gateway_ip,
         "agent.cache.budget": budget, "agent.cache.sizeLimit": "1Gi", "agent.ramBudget": "256Mi",
         "agent.resources.requests.cpu": "100m", "agent.resources.requests.memory": "256Mi",
         "agent.resources.limits.memory": "3Gi",
     }
+    strings = {"operator.image.tag": operator_tag, "agent.image.tag": agent_tag}
     env = {"STOKER_DEVICE": "cpu", "STOKER_TORCH_THREADS": "1", "STOKER_VRAM_BUDGET_BYTES": "1GiB",
            "STOKER_LEASE_DURATION_S": "6", "STOKER_LEASE_RENEW_INTERVAL_S": "1"}
     for i, (name, value) in enumerate(env.items()):
-        values[f"agent.extraEnv[{i}].name"] = name
-        values[f"agent.extraEnv[{i}].value"] = value
-    return [arg for key, value in values.items() for arg in ("--set-string", f"{key}={value}")]
+        strings[f"agent.extraEnv[{i}].name"] = name
+        strings[f"agent.extraEnv[{i}].value"] = value
+    flags = [arg for key, value in values.items()
+             for arg in ("--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}")]
+    return flags + [arg for key, value in strings.items() for arg in ("--set-string", f"{key}={value}")]
 
 
 def kubectl_json(cluster: Cluster, *args: str) -> Any:
