@@ -259,20 +259,23 @@ def import_images(work: pathlib.Path, images: Mapping[str, str], *, timeout_s: f
     for ref in images.values():
         if ref in present:
             continue
-        push = subprocess.Popen(["buildah", "push", "--quiet", ref, f"docker-archive:/dev/stdout:{ref}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert push.stdout is not None
-        try:
+        with subprocess.Popen(["buildah", "push", "--quiet", ref, f"docker-archive:/dev/stdout:{ref}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as push:
+            assert push.stdout is not None and push.stderr is not None
             load = subprocess.run(["ctr", "--address", str(work / "containerd.sock"), "--namespace", "k8s.io",
                                    "images", "import", "--no-unpack=false", "-"], stdin=push.stdout,
                                   capture_output=True, text=True, timeout=timeout_s)
-        finally:
             push.stdout.close()
-            push_err = push.stderr.read().decode(errors="replace") if push.stderr else ""
+            push_err = push.stderr.read().decode(errors="replace")
             push.wait(timeout=60)
         if push.returncode != 0 or load.returncode != 0:
             raise ClusterError(f"importing {ref} into containerd failed: {push_err.strip()} {load.stderr.strip()}")
         imported.append(ref)
+    # Older builds of the same images share all but their last layer; drop their tags so
+    # that containerd's garbage collector frees what only they used.
+    stale = [ref for ref in present if ref.startswith("localhost/stoker-") and ref not in images.values()]
+    if stale:
+        _ctr(work, "images", "rm", *stale, check=False)
     return imported
 
 
