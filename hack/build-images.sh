@@ -21,11 +21,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONSAFEPATH=1
 CACHE="${STOKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stoker}/images"
+WHEELS="${STOKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stoker}/wheels"  # shared with hack/setup.sh
 SUITE=bookworm
 PIP_VERSION=25.3           # runs the installs inside the image; not part of the image
 UID_GID=10001:10001
 PYTHON="${PYTHON:-$PWD/.venv/bin/python}"
-mkdir -p "$CACHE/wheels" "$CACHE/base"
+mkdir -p "$WHEELS" "$CACHE/base"
 log() { printf '[images] %s\n' "$*" >&2; }
 for tool in buildah podman mmdebstrap runc; do
   command -v "$tool" >/dev/null || { log "error: $tool is missing; run: bash hack/setup-node.sh"; exit 1; }
@@ -60,14 +61,24 @@ if ! have_image "$BASE"; then
 fi
 
 # ---- 2. Python dependencies ------------------------------------------------------------
-wheels_for() {  # download (once) the wheels of one lock file into the shared wheel folder
-  local lock=$1 stamp
-  stamp="$CACHE/wheels/.done-$(cat "$lock" | hash_of)-$PIP_VERSION"
-  [ -f "$stamp" ] && return
+have_wheels() {  # every pin of the lock file already has its wheel in $WHEELS
+  local name version
+  while IFS='=' read -r name _ version; do
+    case $name in ''|'#'*) continue ;; esac
+    name=$(echo "$name" | tr 'A-Z-.' 'a-z__')
+    compgen -G "$WHEELS/$name-$version-*.whl" >/dev/null \
+      || compgen -G "$WHEELS/$(echo "$name" | tr '_' '-')-$version-*.whl" >/dev/null || return 1
+  done < "$1"
+  compgen -G "$WHEELS/pip-$PIP_VERSION-py3-none-any.whl" >/dev/null
+}
+
+wheels_for() {  # download the missing wheels of one lock file into the shared wheel folder
+  local lock=$1
+  have_wheels "$lock" && return
   log "downloading the wheels of $lock from PyPI"
   # The image's Python (Debian's 3.11) has the same tags as the one running pip.
-  "$PYTHON" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: -d "$CACHE/wheels" -r "$lock" "pip==$PIP_VERSION" >&2
-  touch "$stamp"
+  "$PYTHON" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: -d "$WHEELS" \
+    -r "$lock" "pip==$PIP_VERSION" >&2
 }
 
 deps_image() {  # deps_image NAME LOCK: base + /opt/stoker venv with LOCK's pins
@@ -78,11 +89,11 @@ deps_image() {  # deps_image NAME LOCK: base + /opt/stoker venv with LOCK's pins
     wheels_for "$lock"
     log "installing $lock into the $name image's venv"
     ctr=$(buildah from "${FROM_OPTS[@]}" "$BASE")
-    grep -v '^#' "$lock" > "$CACHE/wheels/.install-$name.txt"
-    buildah run "${RUN_OPTS[@]}" -v "$CACHE/wheels:/wheels:ro" "$ctr" -- sh -ec "
+    grep -v '^#' "$lock" > "$CACHE/install-$name.txt"
+    buildah run "${RUN_OPTS[@]}" -v "$WHEELS:/wheels:ro" -v "$CACHE/install-$name.txt:/install.txt:ro" "$ctr" -- sh -ec "
       python3 -m venv --without-pip /opt/stoker
       /opt/stoker/bin/python /wheels/pip-$PIP_VERSION-py3-none-any.whl/pip install --disable-pip-version-check \
-        --no-cache-dir --no-index --no-deps --quiet --find-links /wheels -r /wheels/.install-$name.txt" >&2
+        --no-cache-dir --no-index --no-deps --quiet --find-links /wheels -r /install.txt" >&2
     buildah commit --quiet --timestamp 0 "$ctr" "$ref" >/dev/null
     buildah rm "$ctr" >/dev/null
   fi
@@ -114,7 +125,7 @@ app_image() {  # app_image NAME LOCK ENTRYPOINT DESCRIPTION
     app_wheel
     log "adding Stoker $version ($revision) to the $name image"
     ctr=$(buildah from "${FROM_OPTS[@]}" "$deps")
-    buildah run "${RUN_OPTS[@]}" -v "$CACHE/wheels:/wheels:ro" -v "$wheel_dir:/app:ro" "$ctr" -- \
+    buildah run "${RUN_OPTS[@]}" -v "$WHEELS:/wheels:ro" -v "$wheel_dir:/app:ro" "$ctr" -- \
       /opt/stoker/bin/python "/wheels/pip-$PIP_VERSION-py3-none-any.whl/pip" install --disable-pip-version-check \
         --no-cache-dir --no-index --no-deps --quiet /app/stoker-"$version"-py3-none-any.whl >&2
     buildah config --user "$UID_GID" --workingdir /tmp --entrypoint "[\"/opt/stoker/bin/$entry\"]" --cmd '' \

@@ -29,7 +29,12 @@ fi
 stamp=".venv/.stoker-lock-$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   log "installing pinned Python packages (first time: a few minutes, torch is large)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.lock >&2
+  # Through a wheel folder that the image build (hack/build-images.sh) shares: each wheel
+  # comes from PyPI once, for the .venv and the images alike.
+  wheels="${STOKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stoker}/wheels"
+  mkdir -p "$wheels"
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps -d "$wheels" -r requirements.lock >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-index --find-links "$wheels" -r requirements.lock >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . >&2
   rm -f .venv/.stoker-lock-* && touch "$stamp"
 fi
