@@ -4,7 +4,7 @@
 # mmdebstrap (the image build), catatonit (the pause image), iptables and conntrack
 # (kube-proxy). Needs root and Debian's apt; skips packages that are already installed.
 set -euo pipefail
-PACKAGES=(containerd runc containernetworking-plugins buildah podman skopeo mmdebstrap catatonit iptables conntrack
+PACKAGES=(containerd runc containernetworking-plugins buildah podman mmdebstrap catatonit iptables conntrack
           uidmap)
 missing=()
 for pkg in "${PACKAGES[@]}"; do

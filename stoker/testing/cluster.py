@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import io
 import json
 import logging
 import os
@@ -32,7 +31,6 @@ import pathlib
 import shlex
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import textwrap
 import time
@@ -123,7 +121,7 @@ def check_host() -> None:
     if os.geteuid() != 0:
         raise ClusterError("the test cluster needs root (it creates a bridge, mounts and cgroups)")
     _script_output("setup-node.sh", timeout_s=1800)
-    missing = [tool for tool in ("containerd", "runc", "ctr", "ip", "iptables", "openssl", "buildah", "skopeo")
+    missing = [tool for tool in ("containerd", "runc", "ctr", "ip", "iptables", "openssl", "buildah")
                if shutil.which(tool) is None]
     if missing:
         raise ClusterError(f"missing tools: {', '.join(missing)}; run: bash hack/setup-node.sh")
@@ -254,53 +252,29 @@ def _ctr(work: pathlib.Path, *args: str, timeout_s: float = 120, check: bool = T
                 timeout_s=timeout_s, check=check)
 
 
-def _layout_blob(layout: pathlib.Path, digest: str) -> pathlib.Path:
-    algorithm, hexdigest = digest.split(":", 1)
-    return layout / "blobs" / algorithm / hexdigest
+def import_images(work: pathlib.Path, images: Mapping[str, str], *, timeout_s: float = 1800) -> list[str]:
+    """Copy the images from the local containers storage into containerd's k8s.io namespace,
+    skipping those it already holds (their tags are content hashes). Returns the imported ones.
 
-
-def import_images(work: pathlib.Path, images: Mapping[str, str], *, layout: pathlib.Path,
-                  timeout_s: float = 1800) -> list[str]:
-    """Copy the images from the local containers storage into containerd's k8s.io namespace.
-
-    Each image goes through an OCI layout kept in `layout` (skopeo reuses the blobs it
-    already wrote there), and containerd is sent only the blobs it does not hold yet: after
-    a source change that is the small app layer, not the gigabytes of Python packages under
-    it. Images containerd already holds are skipped (their tags are content hashes).
-    Returns the imported references."""
+    An image with a new tag is streamed whole (docker-archive): containerd keeps the blobs
+    and unpacked layers it already has, but the stream still carries every layer, so a
+    changed app layer on the agent image costs minutes (its Python packages are gigabytes)."""
     present = set(_ctr(work, "images", "ls", "-q").stdout.split())
     imported = []
     for ref in images.values():
         if ref in present:
             continue
-        name = ref.rsplit("/", 1)[-1].replace(":", "-")  # an OCI layout reference name
-        copy = _run(["skopeo", "copy", "--quiet", f"containers-storage:{ref}", f"oci:{layout}:{name}"],
-                    check=False, timeout_s=timeout_s)
-        if copy.returncode != 0:
-            raise ClusterError(f"copying {ref} out of the containers storage failed: {copy.stderr.strip()}")
-        index = json.loads((layout / "index.json").read_text())
-        [entry] = [m for m in index["manifests"]
-                   if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == name]
-        manifest = json.loads(_layout_blob(layout, entry["digest"]).read_text())
-        have = set(_ctr(work, "content", "ls", "-q").stdout.split())
-        blobs = [entry["digest"], manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
-        archive = work / "import.tar"
-        with tarfile.open(archive, "w") as tar:
-            tar.add(layout / "oci-layout", arcname="oci-layout")
-            # containerd names the image after this annotation.
-            named = {**entry, "annotations": {"org.opencontainers.image.ref.name": ref}}
-            data = json.dumps({"schemaVersion": 2, "manifests": [named]}).encode()
-            info = tarfile.TarInfo("index.json")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-            for digest in blobs:
-                if digest not in have:
-                    blob = _layout_blob(layout, digest)
-                    tar.add(blob, arcname=str(blob.relative_to(layout)))
-        try:
-            _ctr(work, "images", "import", str(archive), timeout_s=timeout_s)
-        finally:
-            archive.unlink(missing_ok=True)
+        with subprocess.Popen(["buildah", "push", "--quiet", ref, f"docker-archive:/dev/stdout:{ref}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as push:
+            assert push.stdout is not None and push.stderr is not None
+            load = subprocess.run(["ctr", "--address", str(work / "containerd.sock"), "--namespace", "k8s.io",
+                                   "images", "import", "-"], stdin=push.stdout,
+                                  capture_output=True, text=True, timeout=timeout_s)
+            push.stdout.close()
+            push_err = push.stderr.read().decode(errors="replace")
+            push.wait(timeout=60)
+        if push.returncode != 0 or load.returncode != 0:
+            raise ClusterError(f"importing {ref} into containerd failed: {push_err.strip()} {load.stderr.strip()}")
         imported.append(ref)
     # Older builds of the same images share all but their last layer; drop their tags so
     # that containerd's garbage collector frees what only they used.
@@ -553,7 +527,7 @@ def _run_cluster(*, images: Mapping[str, str], workdir: pathlib.Path | None, crd
                      timeout_s=60, interval_s=0.2)
             timings["containerd"] = time.perf_counter() - t
             t = time.perf_counter()
-            imported = import_images(work, images, layout=cache / "node" / "oci-layout")
+            imported = import_images(work, images)
             timings["image import"] = time.perf_counter() - t
             log.info("imported %s into the node (%.1fs)", imported or "nothing new", timings["image import"])
 
