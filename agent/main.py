@@ -18,6 +18,7 @@ from stoker import kube
 from stoker.agent import credentials, status_report
 from stoker.agent.disk_store import DiskStore
 from stoker.agent.download import Downloader, quiet_http_client_logs
+from stoker.agent.hot_holds import HotHolds
 from stoker.agent.job_metrics import JobMetrics
 from stoker.agent.jobs import JobSettings, JobWorker, model_source
 from stoker.agent.loader import Loader
@@ -160,9 +161,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick())
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
+    hot = HotHolds(metered_weights)
     orders = OrderFollower(objects=objects, name=name, store=store,
                            resolve=lambda mc: model_source(objects, mc), failures=worker.model_failures,
-                           on_change=lambda: writer.kick())
+                           on_change=lambda: writer.kick(), hot=hot)
 
     def vram_view() -> status_report.TierView:
         if uses_weights:
@@ -177,7 +179,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             failures=list(worker.model_failures.values()),
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
                                  disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
-            observed_generation=orders.observed_generation)
+            observed_generation=orders.observed_generation, hot=orders.hot_models())
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
                           on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
@@ -190,6 +192,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     try:
         await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop))
     finally:
+        await asyncio.to_thread(hot.release_all)
         await store.close()
         downloader.close()
         weights.close()

@@ -82,11 +82,13 @@ def _time(ts: float) -> str | None:
 
 def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
-                 observed_generation: int | None, queue_slots: int = 0) -> CacheAgentStatus:
+                 observed_generation: int | None, queue_slots: int = 0,
+                 hot: Mapping[str, str] | None = None) -> CacheAgentStatus:
     """The agent's report: each model once, at its fastest tier, LRU timestamps merged, with
     the disk tier's eviction rank (`models[].rank`, read by placement).
 
-    `queue_slots` jobs may be bound beyond the `slots` that generate at once."""
+    `queue_slots` jobs may be bound beyond the `slots` that generate at once; `hot` maps the
+    keys of the hot replicas kept loaded to their tier (`models[].hot`)."""
     models: dict[str, CachedModel] = {}
     last_used: dict[str, float] = {}
     for e in disk.entries:
@@ -100,7 +102,9 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
                                         rank=base.rank if base else None,
                                         preloaded=base.preloaded if base else False, held=base.held if base else False)
             last_used[t.key] = max(last_used.get(t.key, 0.0), t.last_used)
-    listed = [m.model_copy(update={"last_used": _time(last_used[k])}) for k, m in sorted(models.items())]
+    hot = hot or {}
+    listed = [m.model_copy(update={"last_used": _time(last_used[k]), "hot": hot.get(k)})
+              for k, m in sorted(models.items())]
     return CacheAgentStatus(
         pod=identity.pod, node=identity.node, zone=identity.zone,
         gpu=GpuInfo(model=identity.gpu_model, vram_bytes=identity.vram_bytes),

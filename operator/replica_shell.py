@@ -168,7 +168,9 @@ class ReplicaShell:
                     self.writer.event(models[k].ref(), reason="ReplicaAdded", message=f"agent {agent.name} holds a copy ({how})")
             for k in orders.load_hot:
                 if k in models:
-                    self.writer.event(models[k].ref(), reason="HotReplicaAdded", message=f"agent {agent.name} keeps it loaded")
+                    self.writer.event(models[k].ref(), reason="HotReplicaAdded", message=(
+                        f"agent {agent.name} is ordered to keep it loaded; it loads it once its copy is on disk "
+                        "(condition Ready counts the copies it reports loaded)"))
             for k in orders.release:
                 if k in models:
                     self.writer.event(models[k].ref(), reason="ReplicaReleased",

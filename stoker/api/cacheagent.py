@@ -19,8 +19,8 @@ class HoldOrder(StokerModel):
 
     model: ObjectName
     """ModelCache name in the agent's namespace."""
-    tier: Literal["disk", "vram"] = "disk"
-    """disk: download and never evict from disk; vram: also keep it loaded."""
+    tier: Literal["disk", "ram", "vram"] = "disk"
+    """disk: download and never evict from disk; vram: also keep it loaded in GPU memory (a hot replica); ram: also keep a pinned host copy (on an agent without a RAM tier: loaded, as for vram)."""
 
 
 class CacheAgentSpec(StokerModel):
@@ -69,6 +69,8 @@ class CachedModel(StokerModel):
     """Baked into the container image: free, never evicted."""
     held: bool = False
     """Held as a replica target."""
+    hot: Literal["vram", "ram"] | None = None
+    """Kept loaded in this tier as a hot replica (a hold order with that tier): never evicted while the order stands."""
 
 
 class DownloadProgress(StokerModel):
