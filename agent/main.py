@@ -14,7 +14,7 @@ from typing import Literal
 import pydantic
 import torch
 
-from stoker import kube
+from stoker import kube, logs
 from stoker.agent import credentials, status_report
 from stoker.agent.disk_store import DiskStore
 from stoker.agent.download import Downloader, quiet_http_client_logs
@@ -63,6 +63,8 @@ class RunSettings(AgentSettings):
     """A ComfyUI prompt not finished after this long is interrupted and the attempt fails, retryable (runner comfyui)."""
     gpu_model: str | None = None
     """GPU name to report when the runner loads the weights on a GPU the agent does not use itself (runner comfyui); default: the GPU the agent sees, else unknown."""
+    log_format: Literal["text", "json"] = "text"
+    """text, or json: one object per line, with the agent's name and each job's name and model as fields."""
     gpu_vram_bytes: SizeBytes | None = None
     """That GPU's memory, reported as the agent's VRAM capacity (runner comfyui); unset: the GPU the agent sees, else 0 (unknown: placement is not limited by it)."""
 
@@ -226,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"stoker-agent: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(level=settings.log_level, fmt=settings.log_format, component="stoker-agent",
+                   static={"agent": settings.effective_agent_name or ""})
     quiet_http_client_logs()
 
     async def runner() -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
 
+from stoker.units import format_usage
 from stoker.api.cacheagent import (
     Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, ModelFailure, RunningJob, TierUsage,
 )
@@ -112,6 +113,8 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         ram=TierUsage(budget_bytes=ram.budget_bytes, used_bytes=ram.used_bytes, reserved_bytes=ram.reserved_bytes),
         vram=TierUsage(budget_bytes=vram.budget_bytes, used_bytes=vram.used_bytes, reserved_bytes=vram.reserved_bytes),
         models=listed,
+        disk_usage=format_usage(disk.used_bytes, disk.budget_bytes),
+        vram_usage=format_usage(vram.used_bytes, vram.budget_bytes),
         models_on_disk=len(disk.entries),
         hot_models=len(vram.entries),
         downloads=[DownloadProgress(name=_name(d.key), bytes_done=d.bytes_done, bytes_total=d.total_bytes)

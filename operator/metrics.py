@@ -32,6 +32,10 @@ REQUEUES = prom.Counter(
     "stoker_requeues_total", "Jobs sent back to Pending, by reason.", ["reason"], registry=REGISTRY)
 JOB_FAILURES = prom.Counter(
     "stoker_job_failures_total", "Jobs the operator failed, by reason.", ["reason"], registry=REGISTRY)
+UNSCHEDULABLE = prom.Counter(
+    "stoker_unschedulable_total", "Pending jobs reported as impossible to place, by reason (one of "
+    "ModelCacheNotFound, NoReadyAgent, TooLargeForAnyAgent, InsufficientVRAM, Unschedulable).", ["reason"],
+    registry=REGISTRY)
 REPLICA_SHORTFALL = prom.Gauge(
     "stoker_replica_shortfall", "Held disk copies missing across all ModelCaches (targets not met yet).",
     registry=REGISTRY)
