@@ -42,7 +42,7 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from stoker import kube
-from stoker.agent import output, safetensors_header
+from stoker.agent import output, results_dir, safetensors_header
 from stoker.agent.disk_store import DiskStore, DiskStoreError, ModelSource, Priority
 from stoker.agent.job_metrics import JobMetrics
 from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact, Runner, RunnerError
@@ -131,6 +131,8 @@ class JobSettings:
     """Jobs taken in beyond `slots`; their downloads and loads overlap the running generations.
     Jobs bound beyond `slots + queue_slots` wait without downloading or staging."""
     results_dir: pathlib.Path = pathlib.Path("results")
+    results_max_bytes: int = 1 << 30
+    results_max_age_s: float | None = 24 * 3600.0
     model_not_found_grace_s: float = 10.0
     progress_interval_s: float = 1.0
     resync_interval_s: float = 30.0
@@ -572,8 +574,11 @@ class JobWorker:
         try:
             if job.spec.output.url:
                 return output.put_image(job.spec.output.url, png)
-            return output.write_result(self.settings.results_dir, png, namespace=self.settings.namespace,
-                                       name=work.name, attempt=work.attempt)
+            written = output.write_result(self.settings.results_dir, png, namespace=self.settings.namespace,
+                                          name=work.name, attempt=work.attempt)
+            results_dir.clean(self.settings.results_dir, max_bytes=self.settings.results_max_bytes,
+                              max_age_s=self.settings.results_max_age_s)
+            return written
         except output.OutputError as exc:
             raise JobFailed("OutputFailed", str(exc), retryable=exc.retryable) from exc
 

@@ -25,6 +25,7 @@ from stoker.agent.loader import Loader
 from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
 from stoker.agent.orders import OrderFollower
 from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
+from stoker.agent.results_dir import ResultsServer
 from stoker.agent.settings import AgentSettings, SettingsError, SizeBytes
 from stoker.agent.weights import Weights
 from stoker.api.cacheagent import Bandwidths
@@ -38,7 +39,15 @@ class RunSettings(AgentSettings):
     kubeconfig: str | None = None
     """Path of a kubeconfig; in a pod the service account is used."""
     results_dir: pathlib.Path = pathlib.Path("/var/lib/stoker/results")
-    """Where images go for jobs without an output URL."""
+    """Where images go for jobs without an output URL (when no results store is configured)."""
+    results_max_bytes: SizeBytes = 1 * 2**30
+    """The results folder is kept under this size: the oldest images go first (the newest always stays)."""
+    results_max_age_s: float | None = pydantic.Field(default=24 * 3600.0, gt=0)
+    """Images older than this are removed from the results folder."""
+    results_serve: bool = True
+    """Serve the results folder read-only at /results/<file> on results_port, for `stoker get image` through the API server's pod proxy."""
+    results_port: int = pydantic.Field(default=8081, ge=0, le=65535)
+    """Port of the results endpoint (0 picks a free one)."""
     device: str = "auto"
     """cuda, cuda:N, cpu, or auto (the first GPU when there is one)."""
     ram_budget_bytes: SizeBytes = 32 * 2**30
@@ -158,7 +167,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     writer: StatusWriter
     worker = JobWorker(objects=objects, settings=JobSettings(
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
-        results_dir=settings.results_dir,
+        results_dir=settings.results_dir, results_max_bytes=settings.results_max_bytes,
+        results_max_age_s=settings.results_max_age_s,
         model_not_found_grace_s=settings.model_not_found_grace_s),
         store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick())
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
@@ -174,6 +184,11 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         # The runner's own GPU holds the loaded copies; the agent's tier stays empty.
         return status_report.TierView(budget_bytes=reported_vram_budget, used_bytes=0, reserved_bytes=0, entries=())
 
+    results_server = None
+    if settings.results_serve:
+        results_server = ResultsServer(settings.results_dir, port=settings.results_port,
+                                       addr=settings.metrics_addr).start()
+
     def build():  # type: ignore[no-untyped-def]
         return status_report.build_status(
             identity=identity, disk=disk_view(store), ram=tier_view(weights.ram, 0), vram=vram_view(),
@@ -181,7 +196,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             failures=list(worker.model_failures.values()),
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
                                  disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
-            observed_generation=orders.observed_generation, hot=orders.hot_models())
+            observed_generation=orders.observed_generation, hot=orders.hot_models(),
+            results_port=results_server.port if results_server is not None else None)
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
                           on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
@@ -194,6 +210,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     try:
         await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop))
     finally:
+        if results_server is not None:
+            results_server.close()
         await asyncio.to_thread(hot.release_all)
         await store.close()
         downloader.close()

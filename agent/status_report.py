@@ -84,7 +84,7 @@ def _time(ts: float) -> str | None:
 def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
                  observed_generation: int | None, queue_slots: int = 0,
-                 hot: Mapping[str, str] | None = None) -> CacheAgentStatus:
+                 hot: Mapping[str, str] | None = None, results_port: int | None = None) -> CacheAgentStatus:
     """The agent's report: each model once, at its fastest tier, LRU timestamps merged, with
     the disk tier's eviction rank (`models[].rank`, read by placement).
 
@@ -126,4 +126,5 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         model_failures=list(failures),
         bandwidth=bandwidth,
         observed_generation=observed_generation,
+        results_port=results_port,
     )

@@ -168,6 +168,8 @@ class CacheAgentStatus(StokerModel):
     """Measured transfer rates."""
     observed_generation: int | None = None
     """The spec generation whose orders the agent has taken in."""
+    results_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of the agent's read-only results endpoint (GET /results/<file>), reached through the API server's pod proxy by `stoker get image`; absent when it is off."""
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
     """Ready (the agent's Lease is being renewed). Written by the operator."""
 
