@@ -181,8 +181,11 @@ class JobWorker:
     """Watches this agent's jobs (server-side label selector) and runs each bound attempt."""
 
     def __init__(self, *, objects: kube.Objects, settings: JobSettings, store: DiskStore, weights: Weights,
-                 runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep) -> None:
+                 runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep,
+                 results_store: Any = None) -> None:
         self.objects, self.settings = objects, settings
+        self.results_store = results_store
+        """S3ResultsStore for jobs without an output URL, or None: the results folder."""
         self.store, self.weights, self.runner, self.metrics = store, weights, runner, metrics
         self.on_change = on_change
         self._sleep = sleep
@@ -574,6 +577,9 @@ class JobWorker:
         try:
             if job.spec.output.url:
                 return output.put_image(job.spec.output.url, png)
+            if self.results_store is not None:
+                return self.results_store.put(png, namespace=self.settings.namespace, name=work.name,
+                                              attempt=work.attempt)
             written = output.write_result(self.settings.results_dir, png, namespace=self.settings.namespace,
                                           name=work.name, attempt=work.attempt)
             results_dir.clean(self.settings.results_dir, max_bytes=self.settings.results_max_bytes,

@@ -48,6 +48,16 @@ class RunSettings(AgentSettings):
     """Serve the results folder read-only at /results/<file> on results_port, for `stoker get image` through the API server's pod proxy."""
     results_port: int = pydantic.Field(default=8081, ge=0, le=65535)
     """Port of the results endpoint (0 picks a free one)."""
+    results_s3_endpoint: str | None = None
+    """S3-compatible results store: base URL of the S3 API (https; http only with allow_http). Jobs without an output URL go there instead of the results folder."""
+    results_s3_bucket: str | None = None
+    """Bucket of the results store."""
+    results_s3_region: str = "us-east-1"
+    """Region the requests are signed for."""
+    results_s3_prefix: str = ""
+    """Key prefix of every image (images are <prefix><namespace>/<job>/<attempt>.png)."""
+    results_s3_credentials_dir: pathlib.Path | None = pathlib.Path("/var/run/stoker/results-store")
+    """Mounted Secret with accessKeyId and secretAccessKey (and optionally sessionToken), sent only to the endpoint's host; without it requests are unsigned."""
     device: str = "auto"
     """cuda, cuda:N, cpu, or auto (the first GPU when there is one)."""
     ram_budget_bytes: SizeBytes = 32 * 2**30
@@ -129,6 +139,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         gpu_model, vram_total = "cpu", 0
     vram_budget = settings.vram_budget_bytes or (int(vram_total * 0.8) if vram_total else 8 * 2**30)
 
+    results_store = build_results_store(settings)
     api = kube.api_client(settings.kubeconfig)
     objects = kube.Objects(api, settings.namespace)
     metrics = AgentMetrics()
@@ -170,7 +181,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         results_dir=settings.results_dir, results_max_bytes=settings.results_max_bytes,
         results_max_age_s=settings.results_max_age_s,
         model_not_found_grace_s=settings.model_not_found_grace_s),
-        store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick())
+        store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick(),
+        results_store=results_store)
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
     hot = HotHolds(metered_weights)
@@ -217,6 +229,28 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         downloader.close()
         weights.close()
         loader.close()
+
+
+def build_results_store(settings: RunSettings):  # type: ignore[no-untyped-def]
+    """The configured S3-compatible results store, or None (images go to the results folder)."""
+    if not settings.results_s3_endpoint and not settings.results_s3_bucket:
+        return None
+    if not settings.results_s3_endpoint or not settings.results_s3_bucket:
+        raise SettingsError("the results store needs both results_s3_endpoint and results_s3_bucket")
+    from stoker.agent import results_store
+
+    try:
+        s3 = results_store.S3Settings(endpoint=settings.results_s3_endpoint, bucket=settings.results_s3_bucket,
+                                      region=settings.results_s3_region, prefix=settings.results_s3_prefix,
+                                      allow_http=settings.allow_http)
+        folder = settings.results_s3_credentials_dir
+        creds = (results_store.read_credentials(folder, host=s3.host)
+                 if folder is not None and folder.is_dir() else None)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    log.info("images go to the results store %s/%s%s (%s)", s3.endpoint, s3.bucket,
+             f"/{s3.prefix}" if s3.prefix else "", "signed" if creds else "unsigned: no credentials mounted")
+    return results_store.S3ResultsStore(s3, creds)
 
 
 def disk_view(store: DiskStore) -> status_report.DiskView:

@@ -75,7 +75,7 @@ def explain(exc: ApiException, what: str) -> CliError:
     if exc.status == 404:
         return CliError(f"{what} not found")
     if exc.status == 403:
-        return CliError(f"forbidden: your identity may not access {what} (ask for the chart's stoker-user role)")
+        return CliError(f"forbidden: your identity may not access {what}; ask for RBAC on the stoker.dev resources")
     if exc.status == 409:
         return CliError(f"{what} already exists")
     if exc.status == 422:

@@ -89,14 +89,15 @@ def top(cluster: Cluster, args: argparse.Namespace, console: Console) -> int:
                        for d in r["downloads"]) or "-"
         t.add_row(r["agent"], ready, r["gpu"], r["vram"], r["disk"], f"{r['busy']}/{r['slots']}", str(r["queued"]),
                   dl, ", ".join(r["hot"]) or "-")
-    console.print(t)
+    out = Console()  # tables to stdout; `console` (stderr) is for progress and messages
+    out.print(t)
     m = Table(title=f"Models in {cluster.namespace}", title_justify="left")
     for col in ("MODEL", "READY", "COPIES DISK/RAM/VRAM", "TARGET DISK/HOT", "DEMAND (JOBS/MIN)"):
         m.add_column(col, no_wrap=True)
     for r in models:
         m.add_row(r["model"], "Failed" if r["failed"] else r["ready"], f"{r['disk']}/{r['ram']}/{r['vram']}",
                   f"{r['desired'] or r['replicas']}/{r['hotReplicas']}", f"{r['demand']:.2f}")
-    console.print(m)
+    out.print(m)
     return EXIT_OK
 
 
@@ -111,7 +112,7 @@ def models(cluster: Cluster, args: argparse.Namespace, console: Console) -> int:
     for r in rows:
         t.add_row(r["model"], r["kind"], "Failed" if r["failed"] else r["ready"], r["size"], str(r["disk"]),
                   str(r["vram"]), f"{r['desired'] or r['replicas']}", str(r["hotReplicas"]), f"{r['demand']:.2f}")
-    console.print(t)
+    Console().print(t)
     return EXIT_OK
 
 

@@ -4,8 +4,10 @@
 - an http(s) URL (a PUT target given in the job, or a results store): fetched with GET;
   a presigned PUT URL's signature is not kept in status, so such a location is readable
   only when the bucket allows it, and the CLI says so;
-- `s3://bucket/key` (the agents' results store): fetched from the store the user's own
-  S3 settings point at (`STOKER_S3_ENDPOINT`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`);
+- for an object in the agents' S3-compatible results store (its URL, path-style), a GET
+  refused without credentials is signed with the user's own (`AWS_ACCESS_KEY_ID`,
+  `AWS_SECRET_ACCESS_KEY`, optional `AWS_SESSION_TOKEN`, region from `AWS_REGION`), sent
+  to that URL's host only;
 - a path on the agent's results volume: read directly when this machine has it (agents
   running locally, as in `stoker demo`), else fetched from the agent's read-only results
   endpoint through the API server's pod proxy
@@ -17,6 +19,7 @@ Every image is checked against status.result.sha256 before it is written.
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 from typing import Any
 
@@ -37,10 +40,6 @@ def fetch_image(cluster: Cluster, job: dict[str, Any]) -> bytes:
     location = str(result["location"])
     if location.startswith(("http://", "https://")):
         data = _http_get(location)
-    elif location.startswith("s3://"):
-        from stoker.client import s3_fetch
-
-        data = s3_fetch.get_object(location)
     else:
         data = _from_results_volume(cluster, job, location)
     digest = hashlib.sha256(data).hexdigest()
@@ -53,11 +52,21 @@ def fetch_image(cluster: Cluster, job: dict[str, Any]) -> bytes:
 def _http_get(url: str) -> bytes:
     try:
         response = httpx.get(url, timeout=60.0, follow_redirects=False)
+        if response.status_code in (401, 403) and os.environ.get("AWS_ACCESS_KEY_ID") \
+                and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            from httpx_auth import AWS4Auth
+
+            token = {"security_token": os.environ["AWS_SESSION_TOKEN"]} if os.environ.get("AWS_SESSION_TOKEN") else {}
+            auth = AWS4Auth(access_id=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                            service="s3", **token)
+            response = httpx.get(url, timeout=60.0, follow_redirects=False, auth=auth)
     except httpx.HTTPError as exc:
         raise CliError(f"cannot fetch {url}: {type(exc).__name__}") from None
     if response.status_code in (401, 403):
-        raise CliError(f"{url} answered {response.status_code}: the image went to a URL this machine may not read "
-                       "(a presigned PUT URL allows only the upload); fetch it with your own credentials")
+        raise CliError(f"{url} answered {response.status_code}: the image went to a URL this machine may not read; "
+                       "for the results store set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (a presigned PUT URL "
+                       "allows only the upload)")
     if not response.is_success:
         raise CliError(f"{url} answered {response.status_code}")
     return response.content
