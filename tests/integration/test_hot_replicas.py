@@ -43,6 +43,7 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
 
 
+@pytest.mark.timeout(900)  # three agent processes start and stop on a loaded 2-core machine
 def test_raising_hot_replicas_loads_copies_on_distinct_agents_and_lowering_it_unloads_them(
         control_plane, objects, namespace, tmp_path) -> None:
     checkpoint = tiny_models.write_tiny_sd15(tmp_path / "tiny-sd15.safetensors", seed=5)
@@ -101,9 +102,9 @@ def test_raising_hot_replicas_loads_copies_on_distinct_agents_and_lowering_it_un
             wait_for(lambda: len(events("HotReplicaAdded")) == 2 and len(events("HotReplicaReleased")) == 2,
                      timeout_s=30, message=lambda: f"the Events: {events('HotReplicaAdded')} {events('HotReplicaReleased')}")
             assert all("ordered to keep it loaded" in m for m in events("HotReplicaAdded"))
+            for what, seconds in timings.items():
+                print(f"hot replicas: {what}: {seconds:.2f} s")
         finally:
             for p in agents:
                 p.stop()
             op.stop()
-    for what, seconds in timings.items():
-        print(f"hot replicas: {what}: {seconds:.2f} s")
