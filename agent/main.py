@@ -44,8 +44,8 @@ class RunSettings(AgentSettings):
     """The results folder is kept under this size: the oldest images go first (the newest always stays)."""
     results_max_age_s: float | None = pydantic.Field(default=24 * 3600.0, gt=0)
     """Images older than this are removed from the results folder."""
-    results_serve: bool = True
-    """Serve the results folder read-only at /results/<file> on results_port, for `stoker get image` through the API server's pod proxy."""
+    results_serve: bool = False
+    """Serve the results folder read-only at /results/<file> on results_port, for `stoker get image` through the API server's pod proxy (the chart turns it on)."""
     results_port: int = pydantic.Field(default=8081, ge=0, le=65535)
     """Port of the results endpoint (0 picks a free one)."""
     results_s3_endpoint: str | None = None

@@ -44,6 +44,8 @@ def register(sub: Any) -> None:
     s.add_argument("--priority", type=int)
     s.add_argument("--timeout", type=int, help="spec.timeoutSeconds: the job fails if not done this long after creation")
     s.add_argument("--ttl", type=int, help="spec.ttlSecondsAfterFinished")
+    s.add_argument("--output-url", help="spec.output.url: PUT the image there (e.g. a presigned URL) instead of the "
+                                        "agents' results store or folder")
     s.add_argument("--name", help="job name (default: generated from the model name)")
     s.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it finishes")
     s.add_argument("--wait-timeout", type=float, default=3600.0, help="give up waiting after this many seconds")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,6 +44,8 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
     spec: dict[str, Any] = {"model": args.model, "params": params}
     if args.lora:
         spec["loras"] = args.lora
+    if getattr(args, "output_url", None):
+        spec["output"] = {"url": args.output_url}
     for flag, key in (("vae", "vae"), ("priority", "priority"), ("timeout", "timeoutSeconds"),
                       ("ttl", "ttlSecondsAfterFinished")):
         if getattr(args, flag) is not None:
@@ -177,10 +177,3 @@ def get_image(cluster: Cluster, args: argparse.Namespace, console: Console) -> i
     console.print(f"wrote {out} ({len(data)} bytes)", highlight=False)
     return EXIT_OK
 
-
-def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def random_suffix() -> str:
-    return uuid.uuid4().hex[:5]
