@@ -34,7 +34,7 @@ from kubernetes.client.exceptions import ApiException
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker.kube import Objects
 from stoker.operator import events, metrics, placement
-from stoker.operator.state import ObservedJob, State, agent_view, format_time, guessed_size_bytes, measured_sizes
+from stoker.operator.state import ObservedJob, State, agent_view, format_time, measured_sizes, unknown_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,11 @@ class Scheduler:
             failed = {k.split("/", 1)[1] for k in st.source_failed if k.startswith(f"{namespace}/")}
             if fleet.sizes_version != st.fleet_version:
                 measured = measured_sizes(a for a in st.agents.values() if a.namespace == namespace)
+                # A guess must never make a job infeasible: an unknown size is capped at half the
+                # largest VRAM budget (placement refuses agents whose VRAM the job's files exceed).
+                vram = max((v.vram_capacity_bytes for v in views if v.vram_capacity_bytes), default=None)
                 fleet.sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
-                    m.key, m.resource.spec.source.size_bytes or guessed_size_bytes(m)))
+                    m.key, m.resource.spec.source.size_bytes or unknown_size_bytes(m, vram_bytes=vram)))
                     for m in st.models.values() if m.namespace == namespace}
                 fleet.sizes_version = st.fleet_version
         by_key: dict[str, ObservedJob] = {}

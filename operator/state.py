@@ -49,6 +49,14 @@ shown as a size (ModelCache status.sizeSource says Unknown)."""
 
 def guessed_size_bytes(model: ObservedModel) -> int:
     return UNKNOWN_SIZE_BY_KIND.get(str(model.resource.spec.kind), UNKNOWN_SIZE_BYTES)
+
+
+def unknown_size_bytes(model: ObservedModel, *, vram_bytes: int | None) -> int:
+    """What placement assumes for a file of unknown size: the kind's typical size, at most half
+    of `vram_bytes` (the largest VRAM budget in the namespace), so that a guess never makes a
+    job fit nowhere; the download measures the real size."""
+    guess = guessed_size_bytes(model)
+    return guess if not vram_bytes else min(guess, vram_bytes // 2)
 EARLY_USES_PER_MODEL = 4096
 """Creation times kept per model for jobs seen before their ModelCache (the newest are kept)."""
 

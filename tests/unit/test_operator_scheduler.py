@@ -135,3 +135,13 @@ def test_jobs_whose_model_source_failed_are_left_for_the_reconciler() -> None:
     state.source_failed = {"ns/bad": SourceVerdict("HTTPServerError", "down", 3, 3)}
     Scheduler(state, writer, lease_grace_s=30.0).schedule_once(now=NOW, now_mono=1.0)  # type: ignore[arg-type]
     assert writer.submitted == ["ns/fine"]
+
+
+def test_a_checkpoint_of_unknown_size_is_not_planned_beyond_the_largest_vram_budget() -> None:
+    state, writer = State(), RecordingWriter()
+    small = agent("small")
+    small["status"]["vram"] = {"budgetBytes": 1 << 30}  # a guess of 4 GiB would fit nowhere
+    fleet(state, [small])
+    state.upsert_job(job("cold", "sd", 0))
+    sched = Scheduler(state, writer, lease_grace_s=30.0)  # type: ignore[arg-type]
+    assert sched.schedule_once(now=NOW, now_mono=1.0) == 1 and writer.submitted == ["ns/cold"]
