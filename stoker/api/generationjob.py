@@ -319,12 +319,14 @@ class GenerationJob(Resource):
         {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
-        # The binding label: set by the one binding write, before any status write.
-        {"name": "Agent", "type": "string", "jsonPath": ".metadata.labels.stoker\\.dev/agent"},
+        # Written by the agent's first status write when it accepts the attempt, and kept once the job
+        # finished (the binding label, in -o wide, is there from the binding until the job finishes).
+        {"name": "Agent", "type": "string", "jsonPath": ".status.agent"},
         {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
         {"name": "Hit", "type": "string", "jsonPath": ".status.cacheHit"},
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Bound To", "type": "string", "jsonPath": ".metadata.labels.stoker\\.dev/agent", "priority": 1},
         {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority", "priority": 1},
         {"name": "Max Attempts", "type": "integer", "jsonPath": ".spec.maxAttempts", "priority": 1},
         {"name": "Queued", "type": "number", "jsonPath": ".status.timings.queuedSeconds", "priority": 1,
