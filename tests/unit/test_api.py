@@ -28,6 +28,9 @@ def test_committed_crd_yaml_matches_the_generator(folder: str) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_valid_examples_parse_as_api_types(path: pathlib.Path) -> None:
     for doc in documents(path):
+        if doc["kind"] == "HorizontalPodAutoscaler":  # drives a ModelCache through its scale subresource
+            assert doc["spec"]["scaleTargetRef"]["kind"] in KINDS
+            continue
         obj = KINDS[doc["kind"]].model_validate(doc)
         assert obj.name == doc["metadata"]["name"]
 
