@@ -109,6 +109,15 @@ def test_stoker_submit_waits_for_the_image_in_the_store_and_get_image_fetches_it
             top = stoker(control_plane.kubeconfig, "top", "-n", namespace)
             print(top.stdout + top.stderr)
             assert top.returncode == 0 and "agent-s3" in top.stdout and "tiny" in top.stdout
+            listed = stoker(control_plane.kubeconfig, "models", "-n", namespace, "-o", "json")
+            assert listed.returncode == 0 and '"model": "tiny"' in listed.stdout, listed.stderr
+            # cordon, drain (nothing bound: drained at once), uncordon; an unknown agent is exit 1 with a message
+            assert stoker(control_plane.kubeconfig, "drain", "agent-s3", "-n", namespace, "--timeout", "30").returncode == 0
+            assert objects.get("CacheAgent", "agent-s3")["spec"]["cordon"] is True
+            assert stoker(control_plane.kubeconfig, "uncordon", "agent-s3", "-n", namespace).returncode == 0
+            assert objects.get("CacheAgent", "agent-s3")["spec"]["cordon"] is False
+            missing = stoker(control_plane.kubeconfig, "cordon", "agent-nope", "-n", namespace)
+            assert missing.returncode == 1 and "not found" in missing.stderr, missing.stderr
         finally:
             agent.stop()
             op.stop()
