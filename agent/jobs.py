@@ -489,7 +489,6 @@ class JobWorker:
             self._leave_queue(work)
         # Building the runner's modules is a one-off per checkpoint: timed apart, kept out of the estimates.
         build_s, infer_s = split_runner_time(infer_s, getattr(image, "build_seconds", 0.0))
-        self.metrics.tier_hits.labels(hit).inc()
         self.metrics.load_seconds.observe(load_s)
         self.metrics.inference_seconds.observe(infer_s)
         self.estimates.observe(work.model, load_s=load_s, inference_s=infer_s, steps=request.steps)

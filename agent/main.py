@@ -18,8 +18,9 @@ from stoker import kube, logs
 from stoker.agent import credentials, status_report
 from stoker.agent.disk_store import DiskStore
 from stoker.agent.download import Downloader, quiet_http_client_logs
+from stoker.agent.health import Health
+from stoker.agent.health import serve as serve_health
 from stoker.agent.hot_holds import HotHolds
-from stoker.agent.job_metrics import JobMetrics
 from stoker.agent.jobs import JobSettings, JobWorker, model_source
 from stoker.agent.loader import Loader
 from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
@@ -143,9 +144,13 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     api = kube.api_client(settings.kubeconfig)
     objects = kube.Objects(api, settings.namespace)
     metrics = AgentMetrics()
-    job_metrics = JobMetrics(metrics.registry)
-    if settings.metrics_enabled and settings.metrics_port:
+    metrics.job_slots.set(settings.job_slots)
+    if settings.metrics_enabled:
         metrics.serve(port=settings.metrics_port, addr=settings.metrics_addr)
+    # Answers from the start: the startup probe waits on /readyz while the disk cache is scanned.
+    health = Health(stale_after_s=settings.lease_duration_s, failing_renewals_limit_s=settings.liveness_failing_renewals_s)
+    if settings.health_port is not None:
+        serve_health(health, port=settings.health_port, addr=settings.health_addr)
 
     runner = build_runner(settings, device)
     # Seconds of imports, done while the disk cache is scanned, before the agent says it is ready.
@@ -172,7 +177,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         uses_loaded_weights=uses_weights, seen_model=gpu_model, seen_vram_bytes=vram_total,
         vram_budget_bytes=vram_budget, model_setting=settings.gpu_model, vram_setting=settings.gpu_vram_bytes)
 
-    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
+    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name, fleet=settings.fleet)
     identity = status_report.Identity(pod=settings.pod_name or name, node=settings.node_name or "",
                                       zone=settings.zone or "", gpu_model=gpu_model, vram_bytes=gpu_vram)
     writer: StatusWriter
@@ -181,7 +186,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         results_dir=settings.results_dir, results_max_bytes=settings.results_max_bytes,
         results_max_age_s=settings.results_max_age_s,
         model_not_found_grace_s=settings.model_not_found_grace_s),
-        store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick(),
+        store=store, weights=metered_weights, runner=runner, metrics=metrics.jobs, on_change=lambda: writer.kick(),
         results_store=results_store)
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
@@ -212,16 +217,22 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             results_port=results_server.port if results_server is not None else None)
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
-                          on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
+                          on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name,
+                                                      fleet=settings.fleet))
     lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
-                        renew_s=settings.lease_renew_interval_s)
+                        renew_s=settings.lease_renew_interval_s, on_attempt=lambda ok: health.renewal(ok=ok))
     await asyncio.to_thread(lease.renew_once)
+    health.renewal(ok=True)
     await writer.write_if_changed()
+    health.started()
+    stop_task = asyncio.ensure_future(stop.wait())
+    stop_task.add_done_callback(lambda _: health.stopping())
     log.info("agent %s/%s ready on %s (%s), disk budget %d bytes, %d slot(s)",
              settings.namespace, name, device, gpu_model, settings.disk_budget_bytes, settings.job_slots)
     try:
         await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop))
     finally:
+        stop_task.cancel()
         if results_server is not None:
             results_server.close()
         await asyncio.to_thread(hot.release_all)

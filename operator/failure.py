@@ -38,6 +38,7 @@ from kubernetes import client
 from stoker.api import GROUP, VERSION, Condition, ConditionStatus
 from stoker.api.conditions import job_conditions
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker import metrics as shared_metrics
 from stoker.kube import now_rfc3339
 from stoker.operator import jobstate, metrics, sourcehealth
 from stoker.operator.scheduler import Writer
@@ -86,6 +87,7 @@ class Reconciler:
             agents = list(st.agents.values())
             inflight = set(st.inflight)
         ready = {a.key: st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s) for a in agents}
+        metrics.AGENTS.set(len(agents))
         metrics.READY_AGENTS.set(sum(ready.values()))
         started = 0
         for a in agents:
@@ -225,11 +227,11 @@ class Reconciler:
         if patch:
             body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch, resource_version=rv)
             self.state.upsert_job(body)
-        reason = str(tr.after.reason or tr.event)
+        # Agents write their own reasons: only known ones become label values.
         if tr.event == "Requeued":
-            metrics.REQUEUES.labels(reason=str(tr.after.reason or "Unknown")).inc()
+            metrics.REQUEUES.labels(reason=shared_metrics.reason_label(tr.after.reason)).inc()
         elif tr.after.phase is jobstate.JobPhase.FAILED:
-            metrics.JOB_FAILURES.labels(reason=reason).inc()
+            metrics.JOB_FAILURES.labels(reason=shared_metrics.reason_label(tr.after.reason or tr.event)).inc()
         log.info("%s: %s (%s)", job.key, tr.event, tr.message)
         self.writer.event(job.ref(), reason=tr.event, message=tr.message, warning=tr.warning)
 

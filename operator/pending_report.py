@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
+from stoker import metrics as shared_metrics
 from stoker.api.conditions import job_conditions
 from stoker.kube import now_rfc3339
 from stoker.operator import jobstate, metrics, unschedulable
@@ -102,6 +103,6 @@ class PendingReporter:
         body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch,
                                                                resource_version=job.resource_version)
         self.state.upsert_job(body)
-        metrics.JOB_FAILURES.labels(reason=d.reason.value).inc()
+        metrics.JOB_FAILURES.labels(reason=shared_metrics.reason_label(d.reason.value)).inc()
         log.info("%s: Failed (%s: %s)", job.key, d.reason.value, d.message, extra={"job": job.key, "model": job.model})
         self.writer.event(job.ref(), reason="Failed", message=f"{d.reason.value}: {d.message}", warning=True)

@@ -35,7 +35,7 @@ from stoker.api import CacheAgent, GenerationJob, ModelCache
 from stoker.api.generationjob import Attempt, AttemptFailure
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker import userank
-from stoker.operator import jobstate, placement, replicas, sourcehealth
+from stoker.operator import jobstate, metrics, placement, replicas, sourcehealth
 
 log = logging.getLogger(__name__)
 
@@ -536,6 +536,7 @@ class State:
                 old = None
             if old is not None:
                 self._unindex(old)
+                metrics.count_finished(old, job)
             self.jobs[job.key] = job
             self._index(job)
             if job.uid not in self._seen_uids:

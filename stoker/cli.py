@@ -13,13 +13,15 @@ from stoker import __version__
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    """Write the CRD YAML generated from stoker.api into each output folder."""
+    """Write the CRD YAML generated from stoker.api into each output folder, and the same CRDs
+    as Helm templates into the chart."""
     from stoker import crdgen
 
-    files = crdgen.render_crds()
+    outputs = [(pathlib.Path(out), crdgen.render_crds()) for out in args.out]
+    if args.chart_templates:
+        outputs.append((pathlib.Path(args.chart_templates), crdgen.render_chart_crds()))
     stale = []
-    for out in args.out:
-        folder = pathlib.Path(out)
+    for folder, files in outputs:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
             path = folder / name
@@ -55,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     crds = sub.add_parser("crds", help="generate the CRD YAML from the API types")
-    crds.add_argument("--out", nargs="+", default=["crds", "charts/stoker/crds"], help="output folders")
+    crds.add_argument("--out", nargs="+", default=["crds"], help="output folders of the plain CRD YAML")
+    crds.add_argument("--chart-templates", default="charts/stoker/templates/crds",
+                      help="folder of the chart's CRD templates ('' to skip)")
     crds.add_argument("--check", action="store_true", help="fail if the files differ instead of writing them")
     crds.set_defaults(func=cmd_crds)
 

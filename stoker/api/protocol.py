@@ -56,6 +56,12 @@ Field ownership (one writer per field):
   The condition clears as soon as a Ready agent reports a copy on disk, the ModelCache
   is created again or its spec changes, or the failures age out.
 
+Fleets: an operator started with --fleet NAME (chart value `fleet`) manages only the
+GenerationJobs, ModelCaches and CacheAgents labelled FLEET_LABEL=NAME; without --fleet, only
+those without the label. Users label their jobs and models; an agent started with --fleet
+labels the CacheAgent it creates. So two installations in one namespace never act on each
+other's objects (each also has its own leader Lease, --leader-lease-name).
+
 Kubernetes Events: one writer per transition, as with status fields. Whoever makes
 a transition emits its Event, as the kubelet does for the containers it runs:
 - the bound agent, on the GenerationJob: Running (it started the attempt),
@@ -76,6 +82,7 @@ from __future__ import annotations
 from stoker.api.base import AGENT_LABEL, GROUP
 
 ATTEMPT_ANNOTATION = f"{GROUP}/attempt"
+FLEET_LABEL = f"{GROUP}/fleet"
 LEASE_DURATION_S = 15
 LEASE_RENEW_S = 5
 OPERATOR_LEASE = "stoker-operator"
@@ -83,9 +90,14 @@ FIELD_MANAGER_OPERATOR = "stoker-operator"
 FIELD_MANAGER_AGENT = "stoker-agent"
 
 __all__ = [
-    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "LEASE_DURATION_S", "LEASE_RENEW_S",
+    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "FLEET_LABEL", "fleet_selector", "LEASE_DURATION_S", "LEASE_RENEW_S",
     "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT",
 ]
+
+
+def fleet_selector(fleet: str | None) -> str:
+    """The label selector of one fleet's objects (no fleet: the objects without the label)."""
+    return f"{FLEET_LABEL}={fleet}" if fleet else f"!{FLEET_LABEL}"
 
 
 def bound_attempt(job: dict, agent: str) -> int | None:
