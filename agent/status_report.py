@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 
 from stoker.agent.faults import FaultView
+from stoker.units import format_usage
 from stoker.api.cacheagent import (
     Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, LocalFault, ModelFailure, RunningJob,
     TierUsage,
@@ -87,13 +88,15 @@ def _time(ts: float) -> str | None:
 def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
                  observed_generation: int | None, queue_slots: int = 0,
-                 local_faults: Sequence[FaultView] = (), accepting: bool = True) -> CacheAgentStatus:
+                 local_faults: Sequence[FaultView] = (), accepting: bool = True,
+                 hot: Mapping[str, str] | None = None, results_port: int | None = None) -> CacheAgentStatus:
     """The agent's report: each model once, at its fastest tier, LRU timestamps merged, with
     the disk tier's eviction rank (`models[].rank`, read by placement).
 
-    `queue_slots` jobs may be bound beyond the `slots` that generate at once. `local_faults`
-    make the agent `degraded`; a failure listed there is never a model failure. An agent
-    that is not `accepting` (shutting down) offers no free slots."""
+    `queue_slots` jobs may be bound beyond the `slots` that generate at once; `hot` maps the
+    keys of the hot replicas kept loaded to their tier (`models[].hot`). `local_faults` make
+    the agent `degraded`; a failure listed there is never a model failure. An agent that is
+    not `accepting` (shutting down) offers no free slots."""
     models: dict[str, CachedModel] = {}
     last_used: dict[str, float] = {}
     for e in disk.entries:
@@ -108,7 +111,9 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
                                         preloaded=base.preloaded if base else False, held=base.held if base else False,
                                         uid=base.uid if base else None)
             last_used[t.key] = max(last_used.get(t.key, 0.0), t.last_used)
-    listed = [m.model_copy(update={"last_used": _time(last_used[k])}) for k, m in sorted(models.items())]
+    hot = hot or {}
+    listed = [m.model_copy(update={"last_used": _time(last_used[k]), "hot": hot.get(k)})
+              for k, m in sorted(models.items())]
     return CacheAgentStatus(
         pod=identity.pod, node=identity.node, zone=identity.zone,
         gpu=GpuInfo(model=identity.gpu_model, vram_bytes=identity.vram_bytes),
@@ -116,6 +121,8 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         ram=TierUsage(budget_bytes=ram.budget_bytes, used_bytes=ram.used_bytes, reserved_bytes=ram.reserved_bytes),
         vram=TierUsage(budget_bytes=vram.budget_bytes, used_bytes=vram.used_bytes, reserved_bytes=vram.reserved_bytes),
         models=listed,
+        disk_usage=format_usage(disk.used_bytes, disk.budget_bytes),
+        vram_usage=format_usage(vram.used_bytes, vram.budget_bytes),
         models_on_disk=len(disk.entries),
         hot_models=len(vram.entries),
         downloads=[DownloadProgress(name=_name(d.key), bytes_done=d.bytes_done, bytes_total=d.total_bytes)
@@ -131,4 +138,5 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         accepting=accepting,
         bandwidth=bandwidth,
         observed_generation=observed_generation,
+        results_port=results_port,
     )

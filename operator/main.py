@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from stoker import __version__
+from stoker import __version__, logs
 from stoker.operator.placement import PlacementSettings
 
 log = logging.getLogger("stoker.operator")
@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "start latency for fewer bytes pulled from model sources (>= 1, default %(default)s, the "
                         "placement core's; env STOKER_DOWNLOAD_WEIGHT)")
     p.add_argument("--write-threads", type=int, default=16, help="concurrent API writes")
+    p.add_argument("--missing-model-grace-s", type=float,
+                   default=float(os.environ.get("STOKER_MISSING_MODEL_GRACE_S") or 60.0),
+                   help="a job naming a ModelCache that does not exist fails with ModelCacheNotFound this long after "
+                        "its creation, unless its spec.missingModelGraceSeconds says otherwise (default %(default)s; "
+                        "env STOKER_MISSING_MODEL_GRACE_S)")
+    p.add_argument("--job-ttl-s", type=float, default=float(os.environ["STOKER_JOB_TTL_S"])
+                   if os.environ.get("STOKER_JOB_TTL_S") else None,
+                   help="delete finished jobs that set no ttlSecondsAfterFinished this long after they finish "
+                        "(default: keep them; env STOKER_JOB_TTL_S)")
+    p.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("STOKER_LOG_FORMAT") or "text",
+                   help="text, or json: one object per line with job, model and agent as fields (env STOKER_LOG_FORMAT)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return p
 
@@ -97,7 +108,7 @@ class Operator:
 
     def __init__(self, args: argparse.Namespace, api: Any) -> None:
         from stoker.api.protocol import OPERATOR_LEASE
-        from stoker.operator import failure, leader, placement, replica_shell, scheduler, state
+        from stoker.operator import failure, leader, pending_report, placement, replica_shell, scheduler, state
 
         self.args = args
         self.api = api
@@ -117,7 +128,10 @@ class Operator:
         self.writer.objects("default")  # import the client's API modules now, not in the first pass
         grace = args.lease_grace_s
         self.scheduler = scheduler.Scheduler(self.state, self.writer, lease_grace_s=grace, settings=placement_settings)
-        self.reconciler = failure.Reconciler(self.state, self.writer, lease_grace_s=grace)
+        self.reconciler = failure.Reconciler(self.state, self.writer, lease_grace_s=grace, default_ttl_s=args.job_ttl_s)
+        self.pending = pending_report.PendingReporter(
+            self.state, self.writer, lease_grace_s=grace, missing_grace_s=args.missing_model_grace_s,
+            placement_messages=lambda: dict(self.scheduler.unplaceable))
         self.replicas = replica_shell.ReplicaShell(self.state, self.writer, lease_grace_s=grace)
         self.on_lost_callbacks: list[Any] = []
         self._synced = False
@@ -184,7 +198,7 @@ class Operator:
                      len(self.state.pending), len(self.state.agents), len(self.state.models), len(self.state.leases))
 
     def control_loop(self) -> None:
-        last_reconcile = last_replicas = last_summary = 0.0
+        last_reconcile = last_replicas = last_summary = last_pending = 0.0
         last_fleet = -1
         while not self.stop.is_set():
             self.state.changed.wait(0.25)
@@ -211,6 +225,9 @@ class Operator:
                 if (mono - last_replicas >= 2.0 and fleet != last_fleet) or mono - last_replicas >= 10.0:
                     last_replicas, last_fleet = mono, fleet
                     self.replicas.apply_once()
+                if mono - last_pending >= 1.0:
+                    last_pending = mono
+                    self.pending.report_once()
                 t3 = time.perf_counter()
                 if mono - last_summary >= 10.0:
                     last_summary = mono
@@ -309,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.download_weight >= 1.0:
         parser.error(f"--download-weight must be >= 1 (1 = a download costs only its time), got {args.download_weight}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=args.log_format,
+                   component="stoker-operator")
     for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.kubeconfig:

@@ -49,6 +49,10 @@ REQUEUES = prom.Counter(
 JOB_FAILURES = prom.Counter(
     "stoker_job_failures_total", "Jobs the operator failed, by reason (a fixed set; others are counted as 'other').",
     ["reason"], registry=REGISTRY)
+UNSCHEDULABLE = prom.Counter(
+    "stoker_unschedulable_total", "Pending jobs reported as impossible to place, by reason (one of "
+    "ModelCacheNotFound, NoReadyAgent, TooLargeForAnyAgent, InsufficientVRAM, Unschedulable).", ["reason"],
+    registry=REGISTRY)
 REPLICA_SHORTFALL = prom.Gauge(
     "stoker_replica_shortfall", "Held disk copies missing across all ModelCaches (targets not met yet).",
     registry=REGISTRY)

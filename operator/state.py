@@ -42,6 +42,23 @@ log = logging.getLogger(__name__)
 UNKNOWN_SIZE_BYTES = 4 << 30
 DISK_FAULTS = frozenset({"DiskFull", "DiskError"})
 """CacheAgent localFaults that keep an agent from downloading (see stoker.agent.faults)."""
+UNKNOWN_SIZE_BY_KIND = {"checkpoint": 4 << 30, "lora": 256 << 20, "vae": 320 << 20, "embedding": 1 << 20,
+                        "upscaler": 128 << 20, "controlnet": 1536 << 20}
+"""Placement's guess for a file whose size no agent measured and no spec gives: typical sizes of
+the kind (LoRAs 10-400 MB), so a LoRA without sizeBytes is not planned as a 4 GiB file. Never
+shown as a size (ModelCache status.sizeSource says Unknown)."""
+
+
+def guessed_size_bytes(model: ObservedModel) -> int:
+    return UNKNOWN_SIZE_BY_KIND.get(str(model.resource.spec.kind), UNKNOWN_SIZE_BYTES)
+
+
+def unknown_size_bytes(model: ObservedModel, *, vram_bytes: int | None) -> int:
+    """What placement assumes for a file of unknown size: the kind's typical size, at most half
+    of `vram_bytes` (the largest VRAM budget in the namespace), so that a guess never makes a
+    job fit nowhere; the download measures the real size."""
+    guess = guessed_size_bytes(model)
+    return guess if not vram_bytes else min(guess, vram_bytes // 2)
 EARLY_USES_PER_MODEL = 4096
 """Creation times kept per model for jobs seen before their ModelCache (the newest are kept)."""
 
@@ -97,6 +114,12 @@ class ObservedJob:
     finished_at: float | None
     scheduled_at: float | None
     started_at: float | None = None
+    generation: int = 1
+    conditions: tuple[dict[str, Any], ...] = ()
+    """status.conditions as on the server (every writer rewrites the whole list)."""
+    message: str | None = None
+    missing_grace_s: float | None = None
+    """spec.missingModelGraceSeconds (None: the operator's default)."""
 
     @property
     def terminal(self) -> bool:
@@ -106,6 +129,14 @@ class ObservedJob:
     def pending(self) -> bool:
         """Waiting for a binding: unbound, not finished, and not mid-unbind (phase Pending)."""
         return self.bound_agent is None and self.phase is jobstate.JobPhase.PENDING
+
+    @property
+    def roles(self) -> tuple[tuple[str, str], ...]:
+        """(ModelCache name, role) of every file the job names, checkpoint first."""
+        out = [(self.model, "model"), *((name, "lora") for name in self.loras)]
+        if self.vae is not None:
+            out.append((self.vae, "vae"))
+        return tuple(dict.fromkeys(out))
 
     @property
     def artifacts(self) -> tuple[str, ...]:
@@ -211,6 +242,10 @@ def job_from_body(body: Mapping[str, Any]) -> ObservedJob:
         finished_at=parse_time(status.finished_at) if status else None,
         scheduled_at=parse_time(status.scheduled_at) if status else None,
         started_at=parse_time(status.started_at) if status else None,
+        generation=int(meta.get("generation") or 1),
+        conditions=tuple(c.wire() for c in status.conditions) if status else (),
+        message=status.message if status else None,
+        missing_grace_s=(None if spec.missing_model_grace_seconds is None else float(spec.missing_model_grace_seconds)),
     )
 
 
@@ -300,7 +335,7 @@ def status_patch(before: jobstate.JobState, after: jobstate.JobState) -> dict[st
         patch["finishedAt"] = format_time(after.finished_at)
     if after.phase is jobstate.JobPhase.PENDING and before.phase is not jobstate.JobPhase.PENDING:
         # The next attempt starts clean; the old one's report lives in history.
-        patch.update({"attemptFailure": None, "scheduledAt": None, "startedAt": None, "progress": None})
+        patch.update({"attemptFailure": None, "scheduledAt": None, "startedAt": None, "progress": None, "stage": None})
     return patch
 
 
@@ -378,13 +413,20 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
 
 def model_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> int:
     """Measured size (from an agent's report of a copy of this ModelCache) over the spec's hint over a default."""
+    return known_size_bytes(model, agents)[0] or guessed_size_bytes(model)
+
+
+def known_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> tuple[int | None, str]:
+    """(size, where it comes from): measured by an agent (a copy of this ModelCache), the spec's
+    hint, or (None, unknown)."""
     uids = {model.key: model.uid}
     for a in agents:
         if a.namespace == model.namespace:
             for m in current_copies(a, uids):
                 if m.name == model.name and m.size_bytes > 0:
-                    return m.size_bytes
-    return model.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES
+                    return m.size_bytes, "Measured"
+    hint = model.resource.spec.source.size_bytes
+    return (hint, "Spec") if hint else (None, "Unknown")
 
 
 def measured_sizes(agents: Iterable[ObservedAgent], model_uids: Mapping[str, str] | None = None) -> dict[str, int]:

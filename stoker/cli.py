@@ -1,4 +1,5 @@
-"""The `stoker` command: generate CRDs, run the local demo, run the fleet simulator."""
+"""The `stoker` command: submit jobs and fetch images, look at the fleet (stoker.client), and the
+project's tools: generate CRDs, run the local demo, run the fleet simulator."""
 
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the control plane running until Ctrl-C")
     demo.set_defaults(func=cmd_demo)
 
+    from stoker.client import cli as client_cli
+
+    client_cli.register(sub)
+
     sim = sub.add_parser("sim", help="fleet simulator comparing placement policies", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
     sim.set_defaults(func=cmd_sim)
@@ -81,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The simulator owns its flags; argparse.REMAINDER would let the top-level parser claim them.
         return cmd_sim(argparse.Namespace(sim_args=argv[1:]))
     args = build_parser().parse_args(argv)
+    if getattr(args, "client", None) is not None:
+        from stoker.client import cli as client_cli
+
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+        return client_cli.run(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args))

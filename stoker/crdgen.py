@@ -76,6 +76,8 @@ def build_crd(resource: type[Resource]) -> dict[str, Any]:
         spec.setdefault("x-kubernetes-validations", []).extend(resource.spec_rules)
     status = build_schema(props["status"], defs)
     status.pop("default", None)
+    if resource.status_default is not None:
+        status["default"] = copy.deepcopy(resource.status_default)
     schema: dict[str, Any] = {
         "type": "object",
         "description": (resource.__doc__ or resource.kind_name).strip().splitlines()[0],
@@ -109,7 +111,7 @@ def build_crd(resource: type[Resource]) -> dict[str, Any]:
                 "name": VERSION,
                 "served": True,
                 "storage": True,
-                "subresources": {"status": {}},
+                "subresources": {"status": {}, **({"scale": dict(resource.scale)} if resource.scale else {})},
                 "additionalPrinterColumns": [dict(c) for c in resource.printer_columns],
                 "schema": {"openAPIV3Schema": schema},
             }],

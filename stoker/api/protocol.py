@@ -5,19 +5,37 @@ Field ownership (one writer per field):
   operator. Present exactly while the job is bound (Scheduled or Running). The binding
   is one merge patch on the main resource carrying metadata.resourceVersion, so a stale
   cache or a second operator can never bind a job twice.
-- GenerationJob status phase Pending/Scheduled, agent, attempt, history, scheduledAt,
+- GenerationJob status phase Pending: the API server, from creation (a CRD default on
+  status); the operator when it requeues an attempt. The operator also writes history,
+  attempt and agent when it requeues, the reason/message of a pending job it cannot place
+  (ModelCacheNotFound, NoReadyAgent, TooLargeForAnyAgent, InsufficientVRAM, Unschedulable),
   and terminal Failed for AttemptsExhausted / DeadlineExceeded / ModelUnavailable /
-  Cancelled: the operator.
-- GenerationJob status phase Running/Succeeded/Failed (non-retryable) for the current
-  attempt, progress, timings, cacheHit, result, startedAt, finishedAt, attemptFailure:
-  the bound agent (which also clears reason and message, left by an earlier attempt's
-  requeue, when it starts and when it succeeds; and never writes a startedAt or
-  finishedAt before scheduledAt), and only while the label and annotation still name it and its
-  attempt; every agent write carries a resourceVersion precondition.
+  ModelCacheNotFound / Cancelled. (While a binding's status write still follows the
+  binding patch, that write fills in phase Scheduled, agent, attempt and scheduledAt; it
+  is being removed from the hot path, and the agent's accept write covers them.)
+- GenerationJob status, for the current attempt, by the bound agent, only while the label
+  and annotation still name it and its attempt: phase Scheduled when it accepts the
+  attempt (stage Queued; this first write records agent, attempt, scheduledAt and the
+  Scheduled condition, and clears reason/message; an attempt admitted at once skips it and
+  its first write says Running), Running, stage (Queued, Downloading, Loading, Generating,
+  Uploading) and progress (debounced: at most one write per progress interval, only when
+  the summary changed), timings, cacheHit, result, startedAt, finishedAt, attemptFailure,
+  and Succeeded/Failed (non-retryable). The agent clears reason and message (left by an
+  earlier attempt's requeue) when an attempt starts and when it succeeds, and never writes
+  a startedAt or finishedAt before scheduledAt. Every agent write carries a
+  resourceVersion precondition.
+- GenerationJob status.conditions (Scheduled, Running, Succeeded, Failed; see
+  stoker.api.conditions): whoever moves the job writes the whole list, computed from the
+  list on the object it read, with that object's resourceVersion as a precondition, so
+  no writer drops another's condition.
 - CacheAgent spec.holds: the operator. spec.cordon: people (kubectl patch).
-- CacheAgent status, except conditions: the agent. status.conditions (Ready): the
-  operator, from the agent's Lease.
-- ModelCache status: the operator.
+- CacheAgent status, except conditions: the agent, including models[].hot for the hot
+  replicas it keeps loaded (a hold at tier vram or ram is loaded once on disk and kept,
+  a hold lowered or released is unloaded unless a job uses it). status.conditions (Ready):
+  the operator, from the agent's Lease.
+- ModelCache status: the operator, including the scale subresource's status.replicas
+  (held copies on disk) and status.selector; spec.replicas: people, `kubectl scale`, or
+  a HorizontalPodAutoscaler through the scale subresource.
 - Use ranks (`stoker.userank`; seconds on the Unix clock, higher = used more and more
   recently, 2 h half-life). ModelCache status.useRank and useRankCountedThrough: the
   operator, counting every GenerationJob once at its creation (a restarted operator
@@ -63,8 +81,10 @@ Kubernetes Events: one writer per transition, as with status fields. Whoever mak
 a transition emits its Event, as the kubelet does for the containers it runs:
 - the bound agent, on the GenerationJob: Running (it started the attempt),
   Succeeded, and a Warning named after the reason when its attempt fails;
-- the operator, on the GenerationJob: Scheduled, Requeued, Failed (AttemptsExhausted,
-  DeadlineExceeded, ModelUnavailable, Cancelled), Expired (ttlSecondsAfterFinished);
+- the operator, on the GenerationJob: Scheduled, Requeued, FailedScheduling (Warning,
+  with the reason a pending job cannot be placed), Failed (AttemptsExhausted,
+  DeadlineExceeded, ModelUnavailable, ModelCacheNotFound, Cancelled), Expired
+  (ttlSecondsAfterFinished, or the operator's default TTL);
   on the ModelCache: ReplicaAdded, ReplicaReleased, HotReplicaAdded,
   HotReplicaReleased, TargetMet / TargetNotMet, CopiesExist / NoCopies, SourceFailed /
   SourceRecovered; on the CacheAgent: AgentReady / AgentNotReady.

@@ -225,7 +225,7 @@ def test_a_bound_job_becomes_a_png_of_the_requested_size_with_timings(agent, obj
     for key in ("queuedSeconds", "downloadSeconds", "slotWaitSeconds", "loadSeconds", "buildSeconds", "inferenceSeconds",
                 "uploadSeconds", "totalSeconds"):
         assert status["timings"][key] >= 0, key
-    assert status["progress"] == {"step": 3, "steps": 3}
+    assert status["progress"] == {"step": 3, "steps": 3, "summary": ""} and "stage" not in status
     assert result["seed"] == 7
     ca = objects.get("CacheAgent", AGENT)["status"]
     names = {m["name"]: m for m in ca["models"]}

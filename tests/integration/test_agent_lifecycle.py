@@ -183,7 +183,7 @@ def test_sigterm_drains_the_running_job_and_hands_the_queued_one_back_at_once(
         objects.create("ModelCache", model_cache(server, checkpoint))
         op = operator_process(control_plane.kubeconfig, namespace, tmp_path / "operator.log", lease_grace_s=3.0).start()
         a = real_agent_process(control_plane.kubeconfig, objects, "agent-a", tmp_path,
-                               extra=("--shutdown-grace-s", "120")).start()
+                               "--shutdown-grace-s", "120").start()
         b = real_agent_process(control_plane.kubeconfig, objects, "agent-b", tmp_path).start()
 
         def status(name: str) -> dict[str, Any]:

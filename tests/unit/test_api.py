@@ -38,6 +38,9 @@ def test_the_chart_crd_templates_carry_the_same_crds_as_crds_folder() -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_valid_examples_parse_as_api_types(path: pathlib.Path) -> None:
     for doc in documents(path):
+        if doc["kind"] == "HorizontalPodAutoscaler":  # drives a ModelCache through its scale subresource
+            assert doc["spec"]["scaleTargetRef"]["kind"] in KINDS
+            continue
         obj = KINDS[doc["kind"]].model_validate(doc)
         assert obj.name == doc["metadata"]["name"]
 
