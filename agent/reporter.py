@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from stoker import kube
+from stoker.agent import pools
 from stoker.api import API_VERSION
 from stoker.api.cacheagent import CacheAgentStatus
 from stoker.api.protocol import LEASE_DURATION_S, LEASE_RENEW_S
@@ -72,6 +74,7 @@ class LeaseKeeper:
         self.coordination = client.CoordinationV1Api(api)
         self.namespace, self.name = namespace, name
         self.duration_s, self.renew_s = duration_s, renew_s
+        self.renewals = 0
         # (a floor, so a short test interval does not time out an answer that is merely slow)
         self.request_timeout = (min(kube.REQUEST_TIMEOUT_S[0], max(1.0, renew_s)), max(2.0, renew_s))
 
@@ -90,16 +93,26 @@ class LeaseKeeper:
                 spec=client.V1LeaseSpec(holder_identity=self.name, lease_duration_seconds=self.duration_s,
                                         acquire_time=now, renew_time=now)), _request_timeout=self.request_timeout)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def run_blocking(self, stop: threading.Event) -> None:
+        """Renew every `renew_s` until `stop` is set (on a thread of its own: nothing else the
+        agent does, however stuck, can delay the heartbeat)."""
         while not stop.is_set():
             try:
-                await asyncio.to_thread(self.renew_once)
+                self.renew_once()
+                self.renewals += 1
             except Exception as exc:  # keep trying: a missed renewal is what the grace period is for
                 log.warning("lease renewal failed: %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.renew_s)
-            except TimeoutError:
-                pass
+            stop.wait(self.renew_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        thread_stop = threading.Event()
+        renewing = pools.run_in_thread(self.run_blocking, thread_stop, name="lease")
+        try:
+            await stop.wait()
+        finally:
+            thread_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(renewing), timeout=self.renew_s + 5)
 
 
 # Status fields the operator writes (one writer per field, stoker.api.protocol): never sent by
