@@ -673,7 +673,6 @@ class DiskStore:
             sha256=source.sha256,
             size_bytes=source.size_bytes,
             credentials=source.credentials,
-            require_size=True,
             resume_key=source.digest,
         )
         try:

@@ -360,11 +360,6 @@ class JobWorker:
                 f"({problems}); the CRD and the agent may be of different versions: upgrade the agent or recreate "
                 "the job", retryable=False))
         work.steps = job.spec.params.steps
-        if job.spec.output.url:  # before any download or GPU work: a bad URL fails the job once
-            try:
-                output.check_output_url(job.spec.output.url, self.settings.output_policy)
-            except output.OutputError as exc:
-                return self._failure(work, JobFailed(exc.reason, str(exc), retryable=False))
         created = kube.parse_rfc3339(obj["metadata"]["creationTimestamp"]).timestamp()
         # Beyond slots + queue_slots a job waits here, still Scheduled, downloading and holding nothing.
         await self._take(self._admission, work)
@@ -376,6 +371,11 @@ class JobWorker:
         if written is False:
             raise Cancelled()
         await self._event(work, "Running", f"attempt {work.attempt} started on {self.settings.agent}")
+        if job.spec.output.url:  # before any download or GPU work: a bad URL fails the job once
+            try:
+                output.check_output_url(job.spec.output.url, self.settings.output_policy)
+            except output.OutputError as exc:
+                return self._failure(work, JobFailed(exc.reason, str(exc), retryable=False))
         done = asyncio.Event()
         progress = asyncio.create_task(self._report_progress(work, done))
         try:
@@ -395,6 +395,8 @@ class JobWorker:
 
     def _failure(self, work: _Work, exc: JobFailed) -> _Final:
         log.warning("job %s attempt %d failed: %s: %s", work.name, work.attempt, exc.reason, exc.message)
+        # the CRD bounds both (stoker.api.generationjob): cut to fit rather than have the write refused
+        exc = JobFailed(_fit(exc.reason, 128), _fit(exc.message, 2048), retryable=exc.retryable)
         if exc.retryable or exc.reason in _MODEL_REASONS:  # the operator decides: retry elsewhere, or fail
             patch: dict[str, Any] = {"attemptFailure": {
                 "attempt": work.attempt, "agent": self.settings.agent, "reason": exc.reason, "message": exc.message,
@@ -838,6 +840,10 @@ async def _give_back(slots: asyncio.Semaphore, acquire: asyncio.Future[Any]) -> 
     except asyncio.CancelledError:
         return  # it had not: Semaphore.acquire gives back a wake-up it could not take
     slots.release()
+
+
+def _fit(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _uid(obj: dict[str, Any]) -> str:

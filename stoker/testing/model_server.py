@@ -102,6 +102,7 @@ class ModelServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        self.host = host
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
         self._lock = threading.Lock()
@@ -141,7 +142,7 @@ class ModelServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name.lstrip('/')}"

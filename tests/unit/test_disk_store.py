@@ -307,19 +307,18 @@ class TestSafety:
 
         run(main())
 
-    def test_a_server_that_does_not_announce_the_size_needs_a_size_hint(
+    def test_a_server_that_does_not_announce_the_size_is_fine_space_is_reserved_as_bytes_arrive(
         self, server: ModelServer, make_store: Callable[..., DiskStore]
     ) -> None:
         server.faults.send_content_length = False
 
         async def main() -> None:
-            store = make_store()
+            store = make_store(budget_bytes=int(1.5 * SIZE))
             await store.start()
-            with pytest.raises(DiskStoreError) as info:
-                await store.ensure(source(server, 0))
-            assert info.value.reason == "SizeUnknown"
-            path = await store.ensure(source(server, 0, size_bytes=SIZE))
-            assert path.stat().st_size == SIZE
+            path = await store.ensure(source(server, 0))
+            assert path.read_bytes() == MODELS["m0.safetensors"]
+            snap = store.snapshot()
+            assert (snap.used_bytes, snap.reserved_bytes) == (SIZE, 0)
             await store.close()
 
         run(main())
