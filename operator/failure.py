@@ -217,9 +217,9 @@ class Reconciler:
             self.state.upsert_job(body)
         reason = str(tr.after.reason or tr.event)
         if tr.event == "Requeued":
-            metrics.REQUEUES.labels(reason=str(tr.after.reason or "Unknown")).inc()
+            metrics.REQUEUES.labels(reason=metrics.reason_label(tr.after.reason)).inc()
         elif tr.after.phase is jobstate.JobPhase.FAILED:
-            metrics.JOB_FAILURES.labels(reason=reason).inc()
+            metrics.JOB_FAILURES.labels(reason=metrics.reason_label(reason)).inc()
         log.info("%s: %s (%s)", job.key, tr.event, tr.message)
         self.writer.event(job.ref(), reason=tr.event, message=tr.message, warning=tr.warning)
 

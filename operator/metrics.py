@@ -63,3 +63,27 @@ def serve(port: int, *, addr: str = "0.0.0.0") -> None:
         return
     prom.start_http_server(port, addr=addr, registry=REGISTRY)
     log.info("serving metrics on %s:%d", addr, port)
+
+
+# Failure reasons come from agents as text; a label value from outside this set would let any
+# writer of a job's status add a time series. Others are counted as "Other".
+KNOWN_REASONS = frozenset({
+    # the operator's own (stoker.operator.jobstate.Reason)
+    "AttemptsExhausted", "DeadlineExceeded", "ModelUnavailable", "Cancelled", "AgentLost",
+    # the agents' (downloads, credentials, outputs, files, runners, the job loop)
+    "ChecksumMismatch", "SizeMismatch", "HTTPNotFound", "HTTPForbidden", "HTTPUnauthorized", "HTTPClientError",
+    "HTTPServerError", "HTTPTooManyRequests", "ConnectionFailed", "Timeout", "DeadlineExceeded", "SizeUnknown",
+    "URLNotAllowed", "TooManyRedirects", "IOError", "InvalidRequest", "InsufficientCache", "InvalidSafetensors",
+    "InvalidHeader", "PickleFormatNotAllowed", "PickleRefused", "SourceChanged",
+    "CredentialNotAllowed", "CredentialHostNotAllowed", "SecretNotFound", "SecretForbidden", "SecretUnreadable",
+    "SecretKeyMissing", "InvalidCredential",
+    "OutputFailed", "InvalidOutputURL", "OutputURLNotAllowed",
+    "ModelNotFound", "InvalidModelKind", "InvalidSpec", "InsufficientVRAM", "UnsupportedCheckpoint",
+    "UnsupportedLora", "UnsupportedVae", "InvalidParameters", "GenerationFailed", "BackendUnavailable",
+    "BackendFailed", "AgentError", "AgentStopping", "APIUnavailable", "StatusRejected",
+})
+
+
+def reason_label(reason: str | None) -> str:
+    """`reason` as a metric label value: itself when it is a known reason, else "Other"."""
+    return reason if reason in KNOWN_REASONS else "Other"
