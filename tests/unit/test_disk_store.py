@@ -168,10 +168,12 @@ class TestEnsure:
             await store.start()
             task = asyncio.create_task(store.ensure(source(server, 0)))
             await until(lambda: any(0 < d.bytes_done < SIZE for d in store.snapshot().downloads))
-            (download,) = store.snapshot().downloads
+            snap = store.snapshot()
+            (download,) = snap.downloads
             assert download.key == "team/m0" and download.total_bytes == SIZE and download.running
-            assert store.snapshot().reserved_bytes == SIZE
-            assert store.snapshot().models == ()
+            # reserved as the bytes arrive: ahead of them, never more than the file
+            assert download.bytes_done <= snap.reserved_bytes <= SIZE
+            assert snap.models == ()
             await task
             await store.close()
 

@@ -161,6 +161,25 @@ class TestOtherAgents:
                 says="bound to it")
 
 
+class TestEvents:
+    def test_an_agent_records_events_only_under_its_own_name(self, iso_ns, api_client, registered) -> None:  # type: ignore[no-untyped-def]
+        admin = kube.Objects(api_client, iso_ns)
+        admin.create("GenerationJob", job_body("event-job"))
+        job = admin.get("GenerationJob", "event-job")
+        core = client.CoreV1Api(registered["agent-a"].api_client())
+
+        def event(component: str) -> object:
+            return core.create_namespaced_event(iso_ns, client.CoreV1Event(
+                metadata=client.V1ObjectMeta(name=f"event-job.{uuid.uuid4().hex[:8]}"),
+                involved_object=client.V1ObjectReference(api_version=API, kind="GenerationJob", name="event-job",
+                                                         namespace=iso_ns, uid=job["metadata"]["uid"]),
+                reason="Succeeded", message="forged", type="Normal", source=client.V1EventSource(component=component)))
+
+        event("stoker-agent/agent-a")  # its own
+        refused(lambda: event("stoker-operator"), says="may record Events only as stoker-agent/agent-a")
+        refused(lambda: event("stoker-agent/agent-b"), says="only as stoker-agent/agent-a")
+
+
 class TestOperatorLease:
     def test_an_agent_cannot_take_the_operators_leader_lease(self, iso_ns, api_client, registered) -> None:  # type: ignore[no-untyped-def]
         leases = client.CoordinationV1Api(registered["agent-a"].api_client())
