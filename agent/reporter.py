@@ -18,20 +18,21 @@ from stoker import kube
 from stoker.agent import pools
 from stoker.api import API_VERSION
 from stoker.api.cacheagent import CacheAgentStatus
-from stoker.api.protocol import LEASE_DURATION_S, LEASE_RENEW_S
+from stoker.api.protocol import FLEET_LABEL, LEASE_DURATION_S, LEASE_RENEW_S
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def register(objects: kube.Objects, *, name: str, pod_name: str) -> dict[str, Any]:
+def register(objects: kube.Objects, *, name: str, pod_name: str, fleet: str | None = None) -> dict[str, Any]:
     """Create this agent's CacheAgent, or adopt the one a previous run left.
 
     The CacheAgent is owned by the agent's Pod, so it goes away with the Pod. The agent
     only creates it and writes its status (it has no right to patch the object itself):
     one left by an earlier Pod of the same name is adopted as it is, and when the garbage
-    collector removes it with that Pod, `StatusWriter` registers again.
+    collector removes it with that Pod, `StatusWriter` registers again. With a `fleet`, the
+    CacheAgent carries its label, so that only that fleet's operator manages it.
     """
     owner: list[dict[str, Any]] = []
     try:
@@ -46,7 +47,8 @@ def register(objects: kube.Objects, *, name: str, pod_name: str) -> dict[str, An
     try:
         obj = objects.create("CacheAgent", {
             "apiVersion": API_VERSION, "kind": "CacheAgent",
-            "metadata": {"name": name, "ownerReferences": owner}, "spec": {},
+            "metadata": {"name": name, "ownerReferences": owner, **({"labels": {FLEET_LABEL: fleet}} if fleet else {})},
+            "spec": {},
         })
         log.info("registered CacheAgent %s/%s", objects.namespace, name)
     except ApiException as exc:
@@ -70,11 +72,15 @@ class LeaseKeeper:
     """
 
     def __init__(self, api: client.ApiClient, *, namespace: str, name: str,
-                 duration_s: int = LEASE_DURATION_S, renew_s: float = LEASE_RENEW_S) -> None:
+                 duration_s: int = LEASE_DURATION_S, renew_s: float = LEASE_RENEW_S,
+                 on_attempt: Callable[[bool], object] | None = None) -> None:
         self.coordination = client.CoordinationV1Api(api)
         self.namespace, self.name = namespace, name
         self.duration_s, self.renew_s = duration_s, renew_s
+        self.on_attempt = on_attempt
+        """Called with whether each renewal attempt succeeded (the agent's health endpoint)."""
         self.renewals = 0
+        self._loop_seen = time.monotonic()
         # (a floor, so a short test interval does not time out an answer that is merely slow)
         self.request_timeout = (min(kube.REQUEST_TIMEOUT_S[0], max(1.0, renew_s)), max(2.0, renew_s))
 
@@ -94,21 +100,37 @@ class LeaseKeeper:
                                         acquire_time=now, renew_time=now)), _request_timeout=self.request_timeout)
 
     def run_blocking(self, stop: threading.Event) -> None:
-        """Renew every `renew_s` until `stop` is set (on a thread of its own: nothing else the
-        agent does, however stuck, can delay the heartbeat)."""
+        """Renew every `renew_s` until `stop` is set, on a thread of its own: no download, delivery
+        or API call, however stuck, can delay the heartbeat. Only a stuck event loop stops it, as
+        it should: then the agent cannot run its jobs."""
         while not stop.is_set():
+            ok = False
             try:
+                if time.monotonic() - self._loop_seen > self.duration_s:
+                    # The agent's event loop has been stuck for a whole Lease: stop vouching for it
+                    # (its jobs move elsewhere; the liveness probe sees no attempts and restarts it).
+                    log.warning("lease not renewed: the agent's event loop has not run for %.0f s",
+                                time.monotonic() - self._loop_seen)
+                    stop.wait(self.renew_s)
+                    continue
                 self.renew_once()
                 self.renewals += 1
+                ok = True
             except Exception as exc:  # keep trying: a missed renewal is what the grace period is for
                 log.warning("lease renewal failed: %s", exc)
+            if self.on_attempt is not None:
+                self.on_attempt(ok)
             stop.wait(self.renew_s)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Renew on a thread of its own while this coroutine shows that the event loop runs."""
         thread_stop = threading.Event()
         renewing = pools.run_in_thread(self.run_blocking, thread_stop, name="lease")
         try:
-            await stop.wait()
+            while not stop.is_set():
+                self._loop_seen = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.renew_s / 2)
         finally:
             thread_stop.set()
             with contextlib.suppress(Exception):
