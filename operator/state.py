@@ -643,10 +643,6 @@ class State:
             for art in job.artifacts:
                 if demand[art] <= 0:
                     del demand[art]
-            if not demand:
-                del self.pending_demand[job.namespace]
-            if not queue:
-                del self.queues[job.namespace]
         if job.bound_agent is not None:
             agent_key = f"{job.namespace}/{job.bound_agent}"
             keys = self.bound.get(agent_key)
