@@ -424,7 +424,8 @@ class JobWorker:
         done = f"image at {result['location']} ({result['bytes']} bytes, checkpoint from {hit})"
         return _Final(patch={
             "phase": "Succeeded", "cacheHit": hit, "timings": dict(work.timings), "finishedAt": kube.now_rfc3339(),
-            "result": result, "progress": {"step": work.steps, "steps": work.steps, "summary": ""}, "stage": None,
+            "result": result, "progress": {"step": work.steps, "steps": work.steps, "summary": "", "downloadedBytes": None,
+                         "downloadBytes": None}, "stage": None,
             "attemptFailure": None,
         }, outcome="succeeded", event=("Succeeded", done), phase="Succeeded", message=done)
 
@@ -444,7 +445,8 @@ class JobWorker:
                 "retryable": exc.retryable}, "timings": dict(work.timings)}
         else:
             patch = {"phase": "Failed", "reason": exc.reason, "message": exc.message, "timings": dict(work.timings),
-                     "finishedAt": kube.now_rfc3339(), "stage": None, "progress": {"summary": ""}}
+                     "finishedAt": kube.now_rfc3339(), "stage": None,
+                     "progress": {"summary": "", "downloadedBytes": None, "downloadBytes": None}}
             return _Final(patch=patch, outcome="failed", event=(exc.reason, exc.message), warning=True, phase="Failed",
                           reason=exc.reason, message=exc.message)
         return _Final(patch=patch, outcome="failed", event=(exc.reason, exc.message), warning=True)

@@ -110,6 +110,7 @@ class ModelServer:
         self._directory = directory
         self._drops_done = 0
         self._fails_done = 0
+        self._host = host
         self._httpd = _QuietServer((host, port), _make_handler(self))
         self._httpd.daemon_threads = True
         for name, content in (files or {}).items():
