@@ -17,6 +17,7 @@ waiting for the Lease to expire. An idle agent exits within a few seconds.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import logging
 import os
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pydantic
 
 from stoker import kube, logs
-from stoker.agent import faults, reporter, status_report
+from stoker.agent import faults, pools, reporter, status_report
 from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
 from stoker.agent.results_dir import ResultsServer
 from stoker.agent.settings import AgentSettings, SettingsError, SizeBytes
@@ -154,9 +155,15 @@ nothing that the operator may count on until it has scanned its disk and reporte
 
 
 async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
-    name = settings.effective_agent_name
+    # The CacheAgent and the Lease are named after the pod: the chart's admission policy lets an
+    # agent write only the objects named after the pod its service-account token is bound to.
+    name = settings.pod_name
     if not name:
-        raise SettingsError("the agent needs a name: set --pod-name / STOKER_POD_NAME (the chart does) or --agent-name")
+        raise SettingsError("the agent needs its pod's name: set --pod-name / STOKER_POD_NAME (the chart does)")
+    # Short API calls only: downloads, deliveries, generations, watches and the Lease have threads of their own.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="api"))
+    threads = pools.Pools.sized(downloads=settings.max_downloads, jobs=settings.job_slots + settings.queue_slots)
     api = kube.api_client(settings.kubeconfig)
     objects = kube.Objects(api, settings.namespace)
     await until_answered(stop, "registering the CacheAgent", lambda: asyncio.to_thread(
@@ -205,7 +212,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     # Faults are noted from worker threads too (loads): kick the status writer on the loop.
     health = faults.AgentHealth(on_change=lambda: loop.call_soon_threadsafe(kick))
-    store = DiskStore.from_settings(settings, metrics=metrics, downloader=downloader, health=health)
+    store = DiskStore.from_settings(settings, metrics=metrics, downloader=downloader, health=health,
+                                    download_pool=threads.downloads)
     await store.start()
     loader = Loader()
     loader.prepare(device)  # page-lock the pinned ring now, not inside the first job's load
@@ -218,8 +226,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         metrics.watch_tier("ram", weights.ram.snapshot)
     weights.on_evict.append(lambda key: metrics.evictions.labels("vram").inc())
     weights.on_ram_evict.append(lambda key: metrics.evictions.labels("ram").inc())
-    credentials.configure(credentials.CredentialResolver(
-        secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
+    credentials.configure(credentials.CredentialResolver.from_grants(
+        settings.credentials, secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     await preparing
     uses_weights = getattr(runner, "uses_loaded_weights", True)
     gpu_model, gpu_vram, reported_vram_budget = reported_gpu(
@@ -237,10 +245,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     worker = JobWorker(objects=objects, settings=JobSettings(
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
         results_dir=settings.results_dir, results_max_bytes=settings.results_max_bytes,
-        results_max_age_s=settings.results_max_age_s, shutdown_grace_s=settings.shutdown_grace_s,
-        model_not_found_grace_s=settings.model_not_found_grace_s),
+        results_max_age_s=settings.results_max_age_s, output_policy=settings.output_policy(),
+        shutdown_grace_s=settings.shutdown_grace_s, model_not_found_grace_s=settings.model_not_found_grace_s),
         store=store, weights=metered_weights, runner=runner, metrics=metrics.jobs, on_change=kick, health=health,
-        results_store=results_store)
+        results_store=results_store, threads=threads)
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
     hot = HotHolds(metered_weights)
@@ -273,8 +281,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
                           on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name,
                                                       fleet=settings.fleet))
-    lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
-                        renew_s=settings.lease_renew_interval_s, on_attempt=lambda ok: probes.renewal(ok=ok))
+    # its own connections too: a renewal never waits for a connection another call holds
+    lease = LeaseKeeper(kube.api_client(settings.kubeconfig), namespace=settings.namespace, name=name,
+                        duration_s=int(settings.lease_duration_s), renew_s=settings.lease_renew_interval_s,
+                        on_attempt=lambda ok: probes.renewal(ok=ok))
     # The real status first, then the first renewal (Ready): never Ready with an old or empty report.
     await until_answered(stop, "writing the first report", lambda: writer.write_if_changed(force=True))
     await until_answered(stop, "renewing the Lease", lambda: asyncio.to_thread(lease.renew_once))
@@ -312,6 +322,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         downloader.close()
         weights.close()
         loader.close()
+        threads.shutdown()
 
 
 async def until_answered(stop: asyncio.Event, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -387,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stoker-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(level=settings.log_level, fmt=settings.log_format, component="stoker-agent",
-                   static={"agent": settings.effective_agent_name or ""})
+                   static={"agent": settings.pod_name or ""})
     from stoker.agent.download import quiet_http_client_logs
 
     quiet_http_client_logs()

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stoker import kube
+from stoker.agent import pools
 from stoker.agent.disk_store import DiskStore, DiskStoreError
 from stoker.agent.hot_holds import HotHolds
 from stoker.api.cacheagent import CacheAgentSpec, ModelFailure
@@ -86,14 +87,11 @@ class OrderFollower:
             with contextlib.suppress(RuntimeError):  # the daemon watch thread may outlive the loop at exit
                 loop.call_soon_threadsafe(self._on_event, kind, obj)
 
-        # A daemon thread, not the loop's executor: the process must not wait for a watch request to end.
-        watcher = threading.Thread(
-            target=kube.stream_events, args=(self.objects.custom.list_namespaced_custom_object,),
-            kwargs={"stop": thread_stop, "on_event": on_event, "group": "stoker.dev", "version": "v1alpha1",
-                    "namespace": self.objects.namespace, "plural": "cacheagents",
-                    "field_selector": f"metadata.name={self.name}", "timeout_s": self.watch_timeout_s},
-            name="watch-orders", daemon=True)
-        watcher.start()
+        watcher = pools.run_in_thread(
+            kube.stream_events, self.objects.custom.list_namespaced_custom_object, stop=thread_stop,
+            on_event=on_event, group="stoker.dev", version="v1alpha1", namespace=self.objects.namespace,
+            plural="cacheagents", field_selector=f"metadata.name={self.name}", timeout_s=self.watch_timeout_s,
+            name="watch-orders")
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -108,6 +106,7 @@ class OrderFollower:
             stopping.cancel()
             for task in self._fetching.values():
                 task.cancel()
+            watcher.cancel()
             if self._unloading:
                 await asyncio.gather(*self._unloading, return_exceptions=True)
 
