@@ -46,7 +46,7 @@ CREDENTIALS = "agent.credentialSecrets=" + json.dumps([
     (["hub-token"], "agent.credentialSecrets[0] (hub-token) has no hosts"),
     ([{"name": "hub-token"}], "agent.credentialSecrets hub-token has no hosts"),
     ([{"name": "hub-token", "hosts": []}], "agent.credentialSecrets hub-token has no hosts"),
-    ([{"name": "hub-token", "hosts": ["h.example"], "via": "smoke"}], "via must be mount, api or env"),
+    ([{"name": "hub-token", "hosts": ["h.example"], "via": "smoke"}], "value must be one of 'mount', 'api', 'env'"),
     ([{"name": "hub-token", "hosts": ["h.example"], "via": "env"}], "via env needs env"),
 ])
 def test_the_chart_refuses_a_credential_secret_without_the_hosts_it_may_be_sent_to(
