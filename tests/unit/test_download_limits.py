@@ -159,7 +159,7 @@ class TestSpaceAsBytesArrive:
             await full_cache(store, server)
             with pytest.raises(DiskStoreError) as info:
                 await store.ensure(source(server, 3, size_bytes=95 * 2**20, sha256=None))
-            assert info.value.reason == "InsufficientCache"
+            assert info.value.reason == "ExceedsDiskBudget" and info.value.size_bytes == 95 * 2**20
             assert len(store.snapshot().models) == 3 and store.snapshot().reserved_bytes == 0
             await store.close()
 
