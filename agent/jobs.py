@@ -51,7 +51,7 @@ from stoker.api.base import AGENT_LABEL
 from stoker.api.cacheagent import ModelFailure, RunningJob
 from stoker.api.generationjob import GenerationJob
 from stoker.api.modelcache import ModelCache
-from stoker.api.protocol import bound_attempt
+from stoker.api.protocol import bound_attempt, scheduled_at
 
 log = logging.getLogger(__name__)
 
@@ -360,8 +360,10 @@ class JobWorker:
         await self._take(self._admission, work)
         work.admitted = True
         work.timings["queuedSeconds"] = round(max(0.0, time.time() - created), 3)
+        started = kube.now_rfc3339()
         written = await self._write(work, {
-            "phase": "Running", "agent": self.settings.agent, "attempt": work.attempt, "startedAt": kube.now_rfc3339(),
+            "phase": "Running", "agent": self.settings.agent, "attempt": work.attempt, "startedAt": started,
+            "scheduledAt": scheduled_at(obj, started),
             "progress": {"step": 0, "steps": work.steps}, "timings": dict(work.timings), "attemptFailure": None})
         if written is False:
             raise Cancelled()

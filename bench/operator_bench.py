@@ -36,7 +36,7 @@ sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
 from kubernetes import client, config, watch  # noqa: E402
 
 from bench.report import describe_machine, write_section  # noqa: E402
-from stoker.api.protocol import AGENT_LABEL  # noqa: E402
+from stoker.api.protocol import AGENT_LABEL, LEASE_LABEL  # noqa: E402
 from stoker.kube import Objects  # noqa: E402
 from stoker.testing import controlplane  # noqa: E402
 from stoker.testing.operator_harness import operator_process, wait_for  # noqa: E402
@@ -81,7 +81,7 @@ def setup_namespace(api: client.ApiClient, ns: str, *, agents: int, models: int,
                 "bandwidth": {"downloadBps": 2e9, "diskToGpuBps": 3e9, "ramToGpuBps": 25e9}})
             now = dt.datetime.now(dt.timezone.utc)
             coord.create_namespaced_lease(ns, client.V1Lease(
-                metadata=client.V1ObjectMeta(name=name),
+                metadata=client.V1ObjectMeta(name=name, labels={LEASE_LABEL: "agent"}),
                 spec=client.V1LeaseSpec(holder_identity=name, lease_duration_seconds=15, renew_time=now)))
 
         list(pool.map(agent, range(agents)))

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stoker import __version__
+from stoker.api.protocol import LEASE_LABEL
 from stoker.operator.placement import PlacementSettings
 
 log = logging.getLogger("stoker.operator")
@@ -114,13 +115,13 @@ class Operator:
         custom = client.CustomObjectsApi(self.api)
         ns = self.args.namespace
 
-        def items(group: str, version: str, plural: str) -> list[dict[str, Any]]:
+        def items(group: str, version: str, plural: str, **kwargs: Any) -> list[dict[str, Any]]:
             if ns:
-                return custom.list_namespaced_custom_object(group, version, ns, plural)["items"]
-            return custom.list_cluster_custom_object(group, version, plural)["items"]
+                return custom.list_namespaced_custom_object(group, version, ns, plural, **kwargs)["items"]
+            return custom.list_cluster_custom_object(group, version, plural, **kwargs)["items"]
 
         now_mono = time.monotonic()
-        for body in items("coordination.k8s.io", "v1", "leases"):
+        for body in items("coordination.k8s.io", "v1", "leases", label_selector=LEASE_LABEL):
             self.state.upsert_lease(body, now_mono=now_mono)
         for body in items(GROUP, VERSION, "cacheagents"):
             self.state.upsert_agent(body)
@@ -225,6 +226,9 @@ async def _run(op: Operator) -> None:
     settings.posting.enabled = False
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
+    # Only the agents' (and operators') Leases: a cluster has many others (every node's, every
+    # controller's), renewed every few seconds, which the API server would otherwise send here.
+    settings.watching.label_selectors["coordination.k8s.io", "leases"] = LEASE_LABEL
     stop_flag = asyncio.Event()
     loop = asyncio.get_running_loop()
     op.on_lost_callbacks.append(lambda: loop.call_soon_threadsafe(stop_flag.set))

@@ -1,11 +1,12 @@
 """The scheduling loop: gather pending jobs and agents, plan with placement, write bindings (shell).
 
-A binding is one merge patch on the GenerationJob (label stoker.dev/agent and
-annotation stoker.dev/attempt) carrying the resourceVersion the plan was made from,
-so a stale cache or a second operator can never bind a job twice (409: skip, the
-watch will catch up). Then the status patch (phase Scheduled, agent, attempt,
-scheduledAt), preconditioned on the version the binding produced: if the agent has
-already moved the job on, the reconciler fills in the operator's fields instead.
+A binding is one write: a merge patch on the GenerationJob (label stoker.dev/agent,
+annotations stoker.dev/attempt and stoker.dev/scheduled-at) carrying the
+resourceVersion the plan was made from, so a stale cache or a second operator can
+never bind a job twice (409: skip, the watch will catch up). The operator writes no
+status for it: the bound agent records phase Scheduled when it accepts the job, and
+the state machine counts a labelled job as bound whatever its status says. The
+Scheduled Event is written in the background, after the burst of bindings.
 
 Writes go through a thread pool (the kubernetes client is synchronous) so that one
 pass can bind many jobs at once; a job whose binding is in flight is left out of
@@ -31,7 +32,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION, SCHEDULED_AT_ANNOTATION, UNBOUND_ANNOTATION
 from stoker.kube import Objects
 from stoker.operator import events, metrics, placement
 from stoker.operator.state import UNKNOWN_SIZE_BYTES, ObservedJob, State, agent_view, format_time, measured_sizes
@@ -241,36 +242,20 @@ class Scheduler:
 
     def _bind(self, job: ObservedJob, agent: str, attempt: int, tier: str, why: str) -> None:
         objs = self.writer.objects(job.namespace)
+        now = time.time()
         try:
             body = objs.patch("GenerationJob", job.name, {"metadata": {
-                "labels": {AGENT_LABEL: agent}, "annotations": {ATTEMPT_ANNOTATION: str(attempt)}}},
+                "labels": {AGENT_LABEL: agent},
+                "annotations": {ATTEMPT_ANNOTATION: str(attempt), SCHEDULED_AT_ANNOTATION: format_time(now),
+                                UNBOUND_ANNOTATION: None}}},
                 resource_version=job.resource_version)
         except ApiException as exc:
             if exc.status == 409:
                 metrics.BIND_CONFLICTS.inc()
             raise
-        now = time.time()
         metrics.BINDINGS.labels(tier=tier).inc()
-        metrics.BIND_LATENCY.observe(max(0.0, now - job.created_at))
+        metrics.BIND_LATENCY.observe(max(0.0, time.time() - job.created_at))
         # Take the response in at once so that no later pass sees this job as pending.
         self.state.upsert_job(body)
-        status = {"phase": "Scheduled", "agent": agent, "attempt": attempt, "scheduledAt": format_time(now),
-                  "reason": None, "message": None}
-        rv = body["metadata"]["resourceVersion"]
-        for _ in range(3):
-            try:
-                self.state.upsert_job(objs.patch_status("GenerationJob", job.name, status, resource_version=rv))
-                break
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-            # The agent moved the job on (Running) before this write: fill in only the operator's fields.
-            current = objs.get("GenerationJob", job.name)
-            meta = current["metadata"]
-            if ((meta.get("labels") or {}).get(AGENT_LABEL) != agent
-                    or (meta.get("annotations") or {}).get(ATTEMPT_ANNOTATION) != str(attempt)):
-                break
-            rv = meta["resourceVersion"]
-            status = {k: v for k, v in status.items() if k in ("agent", "attempt", "scheduledAt")}
         log.debug("bound %s attempt %d to %s (%s)", job.key, attempt, agent, why)
         self.writer.event(job.ref(), reason="Scheduled", message=f"attempt {attempt} bound to {agent}: {why}")

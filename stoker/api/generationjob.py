@@ -255,7 +255,7 @@ class GenerationJobStatus(StokerModel):
     phase: JobPhase = JobPhase.PENDING
     """Pending, Scheduled, Running, Succeeded or Failed."""
     agent: str | None = None
-    """CacheAgent the current attempt is bound to."""
+    """CacheAgent the current attempt is bound to (recorded by the agent; the stoker.dev/agent label binds it)."""
     attempt: int = Field(default=0, ge=0)
     """Current attempt number (0 before the first binding)."""
     history: list[Attempt] = Field(default_factory=list, max_length=100)
@@ -275,7 +275,7 @@ class GenerationJobStatus(StokerModel):
     message: str | None = None
     """Detail of the failure and what to do."""
     scheduled_at: str | None = None
-    """When the current attempt was bound (RFC 3339)."""
+    """When the current attempt was bound (RFC 3339), as the binding's stoker.dev/scheduled-at annotation says; recorded by the agent."""
     started_at: str | None = None
     """When the current attempt started running."""
     finished_at: str | None = None
@@ -293,7 +293,8 @@ class GenerationJob(Resource):
     printer_columns: ClassVar[tuple[dict[str, str], ...]] = (
         {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Agent", "type": "string", "jsonPath": ".status.agent"},
+        # The binding label: set by the binding itself, before the agent writes any status.
+        {"name": "Agent", "type": "string", "jsonPath": ".metadata.labels.stoker\\.dev/agent"},
         {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
         {"name": "Hit", "type": "string", "jsonPath": ".status.cacheHit"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -1,17 +1,25 @@
 """How the operator and the agents talk through the API server.
 
 Field ownership (one writer per field):
-- GenerationJob metadata label AGENT_LABEL and annotation ATTEMPT_ANNOTATION: the
-  operator. Present exactly while the job is bound (Scheduled or Running). The binding
-  is one merge patch on the main resource carrying metadata.resourceVersion, so a stale
-  cache or a second operator can never bind a job twice.
-- GenerationJob status phase Pending/Scheduled, agent, attempt, history, scheduledAt,
-  and terminal Failed for AttemptsExhausted / DeadlineExceeded / ModelUnavailable /
-  Cancelled: the operator.
-- GenerationJob status phase Running/Succeeded/Failed (non-retryable) for the current
-  attempt, progress, timings, cacheHit, result, startedAt, finishedAt, attemptFailure:
-  the bound agent, and only while the label and annotation still name it and its
-  attempt; every agent write carries a resourceVersion precondition.
+- GenerationJob metadata label AGENT_LABEL and annotations ATTEMPT_ANNOTATION and
+  SCHEDULED_AT_ANNOTATION: the operator. Present exactly while the job is bound. The
+  binding is the operator's only write per job on the scheduling path: one merge patch
+  on the main resource carrying metadata.resourceVersion (so a stale cache or a second
+  operator can never bind a job twice) that sets the label and both annotations and
+  removes UNBOUND_ANNOTATION. A bound job's status stays as it was (phase Pending on a
+  first attempt) until its agent accepts it; `kubectl get gj` shows the agent from the
+  label meanwhile.
+- GenerationJob annotation UNBOUND_ANNOTATION ("<agent>/<attempt>"): the operator, in
+  the same patch that removes a binding, so that an unbind whose status write was lost
+  (the operator stopped in between) is finished from what the object still says.
+- GenerationJob status phase Pending, attempt (on requeue), history, and terminal
+  Failed for AttemptsExhausted / DeadlineExceeded / ModelUnavailable / Cancelled: the
+  operator.
+- GenerationJob status phase Scheduled/Running/Succeeded/Failed (non-retryable) for the
+  current attempt, agent, attempt, scheduledAt (copied from SCHEDULED_AT_ANNOTATION, never
+  later than the write itself), progress, timings, cacheHit, result, startedAt,
+  finishedAt, attemptFailure: the bound agent, and only while the label and annotation
+  still name it and its attempt; every agent write carries a resourceVersion precondition.
 - CacheAgent spec.holds: the operator. spec.cordon: people (kubectl patch).
 - CacheAgent status, except conditions: the agent. status.conditions (Ready): the
   operator, from the agent's Lease.
@@ -24,9 +32,11 @@ Field ownership (one writer per field):
   one that downloads the model starts its copy's rank from it. CacheAgent
   status.models[].rank: the agent, its own disk eviction rank of each model (lowest
   evicted first); the operator reads it for placement (AgentView.disk_rank_s).
-- Lease `<cacheagent name>` (coordination.k8s.io/v1) in the agent's namespace:
-  the agent renews it every LEASE_RENEW_S; the operator marks the agent NotReady when
-  renewTime is older than leaseDurationSeconds.
+- Lease `<cacheagent name>` (coordination.k8s.io/v1) in the agent's namespace, labelled
+  LEASE_LABEL=agent: the agent renews it every LEASE_RENEW_S (and sets the label on every
+  renewal); the operator marks the agent NotReady when renewTime is older than
+  leaseDurationSeconds. The operator watches only Leases carrying LEASE_LABEL (its own
+  leader Lease is labelled LEASE_LABEL=operator), in its own namespace.
 - CacheAgent status.modelFailures: the agent lists every fetch or verification
   failure it still stands by (name, reason, retryable, at, and the uid and generation
   of the ModelCache it read); it drops one when a later fetch succeeds or the model's
@@ -54,9 +64,14 @@ aggregate repeats (count, first and last timestamp) instead of dropping them.
 
 from __future__ import annotations
 
+import datetime as _dt
+
 from stoker.api.base import AGENT_LABEL, GROUP
 
 ATTEMPT_ANNOTATION = f"{GROUP}/attempt"
+SCHEDULED_AT_ANNOTATION = f"{GROUP}/scheduled-at"
+UNBOUND_ANNOTATION = f"{GROUP}/unbound"
+LEASE_LABEL = f"{GROUP}/lease"
 LEASE_DURATION_S = 15
 LEASE_RENEW_S = 5
 OPERATOR_LEASE = "stoker-operator"
@@ -64,8 +79,9 @@ FIELD_MANAGER_OPERATOR = "stoker-operator"
 FIELD_MANAGER_AGENT = "stoker-agent"
 
 __all__ = [
-    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "LEASE_DURATION_S", "LEASE_RENEW_S",
-    "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT",
+    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "SCHEDULED_AT_ANNOTATION", "UNBOUND_ANNOTATION", "LEASE_LABEL",
+    "LEASE_DURATION_S", "LEASE_RENEW_S",
+    "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT", "bound_attempt", "scheduled_at",
 ]
 
 
@@ -81,3 +97,18 @@ def bound_attempt(job: dict, agent: str) -> int | None:
         return int(meta.get("annotations", {}).get(ATTEMPT_ANNOTATION, ""))
     except ValueError:
         return None
+
+
+def scheduled_at(job: dict, now: str) -> str:
+    """The status.scheduledAt a bound agent records: the binding's SCHEDULED_AT_ANNOTATION, or
+    `now` (RFC 3339) when that is missing or later, so that scheduledAt never follows startedAt
+    whatever the clocks of operator and agent say."""
+    value = (job.get("metadata", {}).get("annotations") or {}).get(SCHEDULED_AT_ANNOTATION)
+    if not value:
+        return now
+    try:
+        parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        current = _dt.datetime.fromisoformat(now.replace("Z", "+00:00"))
+    except ValueError:
+        return now
+    return value if parsed <= current else now

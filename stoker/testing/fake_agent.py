@@ -37,7 +37,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from stoker.api import GROUP, VERSION
-from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION, LEASE_LABEL, scheduled_at
 from stoker.kube import Objects, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ class FakeAgentConfig:
     flaky_sources: dict[str, str] = dataclasses.field(default_factory=dict)
     """model -> retryable source reason (e.g. HTTPServerError): every fetch of it fails that way."""
     download_bps: float = 200e6
+    accept_jobs: bool = True
+    """False: never looks at the jobs bound to it (it only reports and renews its Lease)."""
 
 
 class FakeAgent:
@@ -108,8 +110,9 @@ class FakeAgent:
                 raise FakeAgentError(f"cannot create CacheAgent {self.cfg.namespace}/{self.cfg.name}: {exc.reason}") from exc
         self._report()
         self._renew()
-        for target, name in ((self._lease_loop, "lease"), (self._watch_jobs, "jobs"),
-                             (self._holds_loop, "holds"), (self._status_loop, "status")):
+        loops = ((self._lease_loop, "lease"), (self._watch_jobs, "jobs"), (self._holds_loop, "holds"),
+                 (self._status_loop, "status"))
+        for target, name in loops if self.cfg.accept_jobs else (loops[0], *loops[2:]):
             t = threading.Thread(target=target, name=f"{self.cfg.name}-{name}", daemon=True)
             t.start()
             self.threads.append(t)
@@ -131,6 +134,7 @@ class FakeAgent:
         name, ns = self.cfg.name, self.cfg.namespace
         try:
             lease = self.coord.read_namespaced_lease(name, ns)
+            lease.metadata.labels = {**(lease.metadata.labels or {}), LEASE_LABEL: "agent"}
             lease.spec.renew_time = now
             lease.spec.lease_duration_seconds = self.cfg.lease_duration_s
             lease.spec.holder_identity = name
@@ -139,7 +143,7 @@ class FakeAgent:
             if exc.status != 404:
                 raise
             self.coord.create_namespaced_lease(ns, client.V1Lease(
-                metadata=client.V1ObjectMeta(name=name, namespace=ns),
+                metadata=client.V1ObjectMeta(name=name, namespace=ns, labels={LEASE_LABEL: "agent"}),
                 spec=client.V1LeaseSpec(holder_identity=name, lease_duration_seconds=self.cfg.lease_duration_s,
                                         acquire_time=now, renew_time=now)))
 
@@ -377,7 +381,10 @@ class FakeAgent:
                 self._write_status(name, attempt, {"phase": "Failed", "reason": self.cfg.bad_sources[bad],
                                                    "message": f"model {bad} cannot be fetched", "finishedAt": now_rfc3339()})
                 return
-            if not self._write_status(name, attempt, {"phase": "Running", "startedAt": now_rfc3339(), "cacheHit": hit,
+            started = now_rfc3339()
+            if not self._write_status(name, attempt, {"phase": "Running", "agent": self.cfg.name, "attempt": attempt,
+                                                      "startedAt": started, "scheduledAt": scheduled_at(obj, started),
+                                                      "cacheHit": hit,
                                                       "progress": {"step": 0, "steps": spec["params"].get("steps", 20)}},
                                       event=("Running", f"attempt {attempt} started on {self.cfg.name} ({hit} hit)")):
                 return
