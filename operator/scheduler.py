@@ -12,12 +12,14 @@ Writes go through a thread pool (the kubernetes client is synchronous) so that o
 pass can bind many jobs at once; a job whose binding is in flight is left out of
 later passes until the watch shows it bound.
 
-A pass uses placement's fast paths: the pending queue comes already sorted from
-`State` (kept sorted by `placement.job_order_key` as jobs arrive and leave) and is read
-lazily, only as far as free slots last; the pending demand per artifact is kept
-incrementally; each namespace keeps a `placement.FleetIndex`, and an agent's
-`AgentView` object is reused until its CacheAgent version, readiness or bound jobs
-change, so the index re-indexes only agents that changed.
+A pass costs in proportion to what changed: the pending queue comes already sorted
+from `State` (kept sorted by `placement.job_order_key` as jobs arrive and leave) and is
+read lazily, only as far as free slots last; the pending demand per artifact is kept
+incrementally; each namespace keeps a `planner.Planner`, which remembers each waiting
+job's outcome until something it was computed from changes, and keeps its promised
+start (a job whose agent overruns it goes elsewhere); an agent's `AgentView` object is
+reused until its CacheAgent version, readiness or bound jobs change, which is what tells
+the planner (and its fleet index) that the agent changed.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from kubernetes.client.exceptions import ApiException
 
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION, SCHEDULED_AT_ANNOTATION, UNBOUND_ANNOTATION
 from stoker.kube import Objects
-from stoker.operator import events, metrics, placement
+from stoker.operator import events, metrics, placement, planner
 from stoker.operator.state import UNKNOWN_SIZE_BYTES, ObservedJob, State, agent_view, format_time, measured_sizes
 
 log = logging.getLogger(__name__)
@@ -119,12 +121,12 @@ class Writer:
 
 
 class _Fleet:
-    """One namespace's agents as placement saw them last: the reused views and the index."""
+    """One namespace's agents as placement saw them last: the reused views and the planner."""
 
-    __slots__ = ("index", "views", "sizes", "sizes_version")
+    __slots__ = ("planner", "views", "sizes", "sizes_version")
 
-    def __init__(self) -> None:
-        self.index = placement.FleetIndex()
+    def __init__(self, settings: placement.PlacementSettings) -> None:
+        self.planner = planner.Planner(settings)
         self.views: dict[str, tuple[tuple[str, bool, int], placement.AgentView]] = {}
         """agent key -> (CacheAgent resourceVersion, ready, bound-jobs version), view."""
         self.sizes: dict[str, placement.ArtifactInfo] = {}
@@ -164,7 +166,9 @@ class Scheduler:
 
     def _schedule_namespace(self, namespace: str, *, now: float, now_mono: float) -> int:
         st = self.state
-        fleet = self._fleets.setdefault(namespace, _Fleet())
+        fleet = self._fleets.get(namespace)
+        if fleet is None:
+            fleet = self._fleets[namespace] = _Fleet(self.settings)
         views = self._agent_views(namespace, fleet, now_mono)
         if not any(v.free_slots > 0 and v.ready and not v.cordoned for v in views):
             return 0
@@ -174,10 +178,13 @@ class Scheduler:
             failed = {k.split("/", 1)[1] for k in st.source_failed if k.startswith(f"{namespace}/")}
             if fleet.sizes_version != st.fleet_version:
                 measured = measured_sizes(a for a in st.agents.values() if a.namespace == namespace)
-                fleet.sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
+                sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
                     m.key, m.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES))
                     for m in st.models.values() if m.namespace == namespace}
+                if sizes != fleet.sizes:  # the same object while unchanged: the planner's memory rests on it
+                    fleet.sizes = sizes
                 fleet.sizes_version = st.fleet_version
+            pending = len(st.pending)
         by_key: dict[str, ObservedJob] = {}
         may_act = self.writer.may_act
 
@@ -194,8 +201,10 @@ class Scheduler:
                 by_key[key] = job
                 yield view
 
-        plan = placement.plan_placement(eligible(), views, fleet.sizes, now=now, settings=self.settings,
-                                        jobs_sorted=True, demand=demand, index=fleet.index)
+        plan = fleet.planner.plan(eligible(), views, fleet.sizes, now=now, jobs_sorted=True, demand=demand)
+        if fleet.planner.remembered > 2 * pending + 1000:
+            with st.lock:
+                fleet.planner.retain(st.pending_views)  # jobs deleted or failed while pending
         total = 0
         for b in plan.bindings:
             if self._start_binding(by_key[b.job_key], b):
