@@ -726,7 +726,8 @@ class _Fleet:
         changed the free agents after the pass began."""
         self.observer: PassObserver | None = None
         self.effects: list[tuple[str, str, float]] = []
-        """(agent, what, value) of what the job being placed did to the fleet, for `replay`."""
+        """(agent, what, value) of what the job being placed did to the fleet: for `replay` (a job
+        that waits), or to tell what changed (a binding)."""
 
     # -- state access
 
@@ -1300,6 +1301,7 @@ class _Fleet:
         st = opt.agent
         st.log += ((job.key, "bind", opt.start_s + run_s),)
         self.cold_log += ((job.key, "bind", st.name),)
+        self.effects.append((st.name, "bind", opt.start_s + run_s))  # never replayed: the job leaves the queue
         st.free_slots -= 1
         self.free_total -= 1
         heapq.heappush(st.busy, opt.start_s + run_s)
@@ -1333,13 +1335,14 @@ class _Fleet:
 
     # -- what a job does to the fleet, recorded so that a planner with memory can replay it
 
-    def _apply_wait(self, st: _Agent, job_key: str, done_s: float) -> None:
+    def _apply_wait(self, st: _Agent, job_key: str, done_s: float, *, record: bool = True) -> None:
         """The job waits for `st`: it takes the agent's next slot, until `done_s`."""
         heapq.heapreplace(st.busy, done_s)
         st.log += ((job_key, "wait", done_s),)
-        self.effects.append((st.name, "wait", done_s))
+        if record:
+            self.effects.append((st.name, "wait", done_s))
 
-    def _apply_reserve(self, st: _Agent, job_key: str, done_s: float) -> None:
+    def _apply_reserve(self, st: _Agent, job_key: str, done_s: float, *, record: bool = True) -> None:
         """The job reserves `st` (see `_reserve`): its free slots are held back, and the job runs until `done_s`."""
         self.free_total -= st.free_slots
         st.free_slots = 0
@@ -1348,7 +1351,8 @@ class _Fleet:
         heapq.heappush(st.busy, done_s)
         st.log += ((job_key, "reserve", done_s),)
         self.cold_log += ((job_key, "reserve", st.name),)
-        self.effects.append((st.name, "reserve", done_s))
+        if record:
+            self.effects.append((st.name, "reserve", done_s))
 
     def replay(self, job_key: str, effects: Iterable[tuple[str, str, float]]) -> None:
         """Do to the fleet again what placing `job_key` did in an earlier pass whose inputs (as far
@@ -1358,9 +1362,9 @@ class _Fleet:
             if st is None:
                 st = self.states[name] = _Agent(self.views[name], self.settings)
             if what == "wait":
-                self._apply_wait(st, job_key, value)
+                self._apply_wait(st, job_key, value, record=False)
             elif what == "reserve":
-                self._apply_reserve(st, job_key, value)
+                self._apply_reserve(st, job_key, value, record=False)
             else:
                 raise PlacementError(f"cannot replay {what!r} for job {job_key!r}")
 

@@ -284,6 +284,13 @@ class Planner:
         """Artifact keys whose holders or demand changed in this pass."""
         self._fleet_epoch = 0
         """The last pass in which any agent, or any demand, changed."""
+        self._last_seq: list[tuple[str, tuple[tuple[str, str, float], ...]]] = []
+        """The jobs of the last pass in order, with what each did to the fleet."""
+        self._last_pos: dict[str, int] = {}
+        self._links: tuple[float, float] = (0.0, 0.0)
+        self._dirty: set[str] = set()
+        """Agents that may differ, at the current point of this pass, from the same point of the
+        last one: a new view, or a job before this point that did something else to them."""
 
     # -- the queue's memory
 
@@ -339,7 +346,11 @@ class Planner:
         self.stats.passes += 1
         self._note_changes(agent_list, sizes, demand)
         fleet = placement.open_pass(agent_list, sizes, now=now, demand=demand, settings=s, index=self.index)
+        self._links = (fleet.max_dl, fleet.max_d2g)
         observer = _Observer(fleet)
+        last_seq, last_pos, ptr = self._last_seq, self._last_pos, 0
+        seq: list[tuple[str, tuple[tuple[str, str, float], ...]]] = []
+        dirty = self._dirty
         bindings: list[Binding] = []
         waiting: list[Waiting] = []
         unplaceable: list[Unplaceable] = []
@@ -350,7 +361,21 @@ class Planner:
                 raise PlacementError(f"job {job.key!r} appears twice in one placement pass; pass each pending job once")
             seen.add(job.key)
             examined += 1
-            outcome = self._place(fleet, observer, job, now)
+            # Jobs of the last pass that are not here (bound, gone) did something this pass does not.
+            old_at = last_pos.get(job.key)
+            if old_at is not None and old_at >= ptr:
+                for _, gone in last_seq[ptr:old_at]:
+                    dirty.update(name for name, _, _ in gone)
+                ptr = old_at + 1
+                before = last_seq[old_at][1]
+            else:
+                before = None
+            outcome, effects = self._place(fleet, observer, job, now)
+            if effects != before:
+                dirty.update(name for name, _, _ in effects)
+                if before:
+                    dirty.update(name for name, _, _ in before)
+            seq.append((job.key, effects))
             if isinstance(outcome, Binding):
                 bindings.append(outcome)
             elif isinstance(outcome, Waiting):
@@ -359,9 +384,11 @@ class Planner:
                 unplaceable.append(outcome)
             if fleet.free_total <= 0:
                 break
+        self._last_seq, self._last_pos = seq, {key: i for i, (key, _) in enumerate(seq)}
         return PlacementPlan(tuple(bindings), tuple(waiting), tuple(unplaceable), examined)
 
-    def _place(self, fleet: placement._Fleet, observer: _Observer, job: JobView, now: float) -> Outcome:
+    def _place(self, fleet: placement._Fleet, observer: _Observer, job: JobView, now: float
+               ) -> tuple[Outcome, tuple[tuple[str, str, float], ...]]:
         promise = self._promises.get(job.key)
         overrun = 0.0
         if promise is not None and self.promise_settings is not None:
@@ -370,7 +397,7 @@ class Planner:
         if entry is not None and not overrun and (entry.job is job or entry.job == job) and self._holds(entry, fleet, job, now):
             fleet.replay(job.key, entry.effects)
             self.stats.reused += 1
-            return entry.outcome
+            return entry.outcome, entry.effects
         placed = job
         if overrun:
             assert promise is not None
@@ -383,14 +410,15 @@ class Planner:
         finally:
             fleet.observer = None
         self.stats.placed += 1
+        effects = tuple(fleet.effects)
         if isinstance(outcome, Binding):
             self._entries.pop(job.key, None)
             self._promises.pop(job.key, None)
-            return outcome
+            return outcome, effects
         reads, runner_up = observer.finish(outcome.agent if isinstance(outcome, Waiting) else None)
         self._entries[job.key] = _Entry(
-            job=job, outcome=outcome, effects=tuple(fleet.effects), pass_no=self._pass, now=now,
-            victim_now=fleet.victim_now, aged=self._aged(job, now), links=(fleet.max_dl, fleet.max_d2g),
+            job=job, outcome=outcome, effects=effects, pass_no=self._pass, now=now,
+            victim_now=fleet.victim_now, aged=self._aged(job, now), links=self._links,
             reads=reads, keys=list(observer.keys.values()), fleet=observer.whole_fleet, cold_log=fleet.cold_log,
             truncated=observer.cut, runner_up=runner_up,
         )
@@ -399,7 +427,7 @@ class Planner:
                 self._promises[job.key] = Promise(outcome.agent, now, outcome.wait_s)
         else:
             self._promises.pop(job.key, None)
-        return outcome
+        return outcome, effects
 
     def _aged(self, job: JobView, now: float) -> bool:
         return now - job.created_at > self.settings.max_hot_wait_age_s
@@ -409,27 +437,39 @@ class Planner:
     def _holds(self, entry: _Entry, fleet: placement._Fleet, job: JobView, now: float) -> bool:
         """Whether placing the job again would give the remembered outcome (updating the entry
         where the outcome stays but what it rests on moved)."""
-        if entry.aged != self._aged(job, now) or entry.links != (fleet.max_dl, fleet.max_d2g):
+        if entry.aged != (now - job.created_at > self.settings.max_hot_wait_age_s) or entry.links != self._links:
             return False
         if entry.fleet and (entry.victim_now != fleet.victim_now or self._fleet_epoch > entry.pass_no
                             or fleet.cold_log != entry.cold_log):
             return False
-        if isinstance(entry.outcome, Waiting) and entry.outcome.reserved and entry.now != now:
+        if entry.now != now and isinstance(entry.outcome, Waiting) and entry.outcome.reserved:
             return False  # its reason tells how long the job has been pending
-        winner = entry.winner()
         newcomers: list[str] = []
         key_epoch = self._key_epoch
+        any_gained = bool(fleet.gained)
+        n = entry.pass_no
         for i, (key, gained, holders) in enumerate(entry.keys):
-            now_gained = fleet.gained_of(key)
-            if key_epoch.get(key, 0) <= entry.pass_no and now_gained == gained:
+            now_gained = fleet.gained_of(key) if any_gained else ()
+            if key_epoch.get(key, 0) <= n and now_gained == gained:
                 continue
-            if winner is None:
+            if entry.winner() is None:
                 return False
             current = frozenset(fleet.holder_names(key))
             newcomers.extend(current - holders)
             entry.keys[i] = (key, now_gained, current)
-        changed = [read for read in entry.reads if self._changed(entry, fleet, read)]
+        if n == self._pass - 1:
+            # Validated in the last pass: only agents that may differ from then, and victims whose
+            # demand or copies moved, need a closer look.
+            dirty, moved, clock_moved = self._dirty, self._moved, entry.victim_now != fleet.victim_now
+            changed = [read for read in entry.reads
+                       if (read.name in dirty or (read.decays and clock_moved)
+                           or (read.victim_keys and not moved.isdisjoint(read.victim_keys))
+                           or (read.victim_gained or any_gained) and read.victim_keys)
+                       and self._changed(entry, fleet, read)]
+        else:
+            changed = [read for read in entry.reads if self._changed(entry, fleet, read)]
         if changed or newcomers:
+            winner = entry.winner()
             views = fleet.views
             for read in changed:
                 if read.name not in views or (read.deep and read.option is _FULL):
@@ -447,8 +487,10 @@ class Planner:
 
     def _changed(self, entry: _Entry, fleet: placement._Fleet, read: _Read) -> bool:
         """Whether anything the placement read of this agent may have moved since."""
-        if fleet.views.get(read.name) is not read.view or fleet.log_of(read.name) != read.log:
-            return True
+        if entry.pass_no != self._pass - 1 or read.name in self._dirty:
+            # (Else the agent is as it was at this job's turn in the last pass, when the entry held.)
+            if fleet.views.get(read.name) is not read.view or fleet.log_of(read.name) != read.log:
+                return True
         if read.decays and entry.victim_now != fleet.victim_now:
             return True
         keys = read.victim_keys
@@ -586,11 +628,14 @@ class Planner:
         views: dict[str, AgentView] = {}
         key_epoch = self._key_epoch
         changed = False
+        dirty: set[str] = set()
+        self._dirty = dirty
         for v in agents:
             views[v.name] = v
             old = old_views.get(v.name)
             if old is not v:
                 changed = True
+                dirty.add(v.name)
                 # Which agents hold a key: only a change of membership counts (tiers and waits are facts of
                 # the agents, checked as such).
                 if old is None or (old.ready, old.cordoned) != (v.ready, v.cordoned):
@@ -601,6 +646,7 @@ class Planner:
             for name, old in old_views.items():
                 if name not in views:
                     changed = True
+                    dirty.add(name)
                     moved.update(old.keys)
         for key in moved:
             key_epoch[key] = n
