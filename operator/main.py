@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from stoker import __version__
-from stoker.api.protocol import LEASE_LABEL
 from stoker.operator.placement import PlacementSettings
 
 log = logging.getLogger("stoker.operator")
@@ -111,6 +110,7 @@ class Operator:
         from kubernetes import client
 
         from stoker.api import GROUP, VERSION
+        from stoker.api.protocol import LEASE_LABEL
 
         custom = client.CustomObjectsApi(self.api)
         ns = self.args.namespace
@@ -218,6 +218,8 @@ def register_cleanup(registry: Any, op: Operator) -> None:
 
 async def _run(op: Operator) -> None:
     import kopf
+
+    from stoker.api.protocol import LEASE_LABEL
 
     registry = kopf.OperatorRegistry()
     register_watches(registry, op.state)

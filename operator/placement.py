@@ -189,10 +189,10 @@ class JobView:
     attempt: int = 1
     expected_run_s: float | None = None
     """Expected generation time once loaded; None: the settings' default."""
-    overruns: tuple[tuple[str, float], ...] = ()
-    """(agent, seconds): agents that already broke the start time promised to this job while it
-    waited for them, and by how much so far. Waiting for such an agent costs that much more (its
-    estimate has been too low by at least that); see `stoker.operator.planner`."""
+    overrun_s: float = 0.0
+    """Seconds by which the start time promised to this job, when it was left waiting for a busy
+    agent, has already passed (see `stoker.operator.planner`). Waiting for any busy agent costs that
+    much more: the estimates it waited on have proved too low by at least that."""
 
     @property
     def artifact_keys(self) -> tuple[str, ...]:
@@ -888,7 +888,6 @@ class _Fleet:
     def place(self, job: JobView, *, now: float) -> Binding | Waiting | Unplaceable:
         s = self.settings
         self.effects = []
-        overruns = dict(job.overruns) if job.overruns else None
         keys = job.artifact_keys
         arts = tuple((k, self.size(k)) for k in keys)
         total = sum(size for _, size in arts)
@@ -908,7 +907,7 @@ class _Fleet:
                 free_cands[name] = None
         best: _Option | None = None
         for name in free_cands:
-            best = self._better(best, arts, self.state(name), total, overruns)
+            best = self._better(best, arts, self.state(name), total, job.overrun_s)
         # Busy agents holding the checkpoint: waiting only pays off for the checkpoint
         # (LoRAs and VAEs load in well under a second), and only for a job not pending long.
         busy_cands = self.busy_holders(keys[0], 2 * cap, failed) if not aged else []
@@ -920,7 +919,7 @@ class _Fleet:
                 if self.observer is not None:
                     self.observer.bound(wait_lb)
                 break  # sorted by wait: no busy agent left can beat the best
-            best = self._better(best, arts, self.state(name), total, overruns)
+            best = self._better(best, arts, self.state(name), total, job.overrun_s)
         # Free agents best ranked for a cold load. Each must download the checkpoint when no
         # free agent holds it, which costs at least `cold_floor`: an option already cheaper
         # than that makes them pointless (the common case of a job queued for a busy holder).
@@ -929,7 +928,7 @@ class _Fleet:
         if model_has_free_holder or best is None or best.cost_s >= cold_floor:
             self._add_cold_candidates(cold, free_cands, failed, total)
             for name in cold:
-                best = self._better(best, arts, self.state(name), total, overruns)
+                best = self._better(best, arts, self.state(name), total, job.overrun_s)
         elif self.observer is not None:
             self.observer.bound(cold_floor)
         if best is None:
@@ -981,16 +980,16 @@ class _Fleet:
         )
 
     def _better(self, best: _Option | None, arts: tuple[tuple[str, int], ...], st: _Agent, total: int,
-                overruns: Mapping[str, float] | None = None) -> _Option | None:
+                overrun_s: float = 0.0) -> _Option | None:
         if best is not None:
             # Bound first: an option whose cost before evictions already exceeds the best cannot win,
             # and valuing evictions is most of the work.
-            floor = self._floor(arts, st, total, overruns)
+            floor = self._floor(arts, st, total, overrun_s)
             if floor is None or floor > best.cost_s:
                 if self.observer is not None:
                     self.observer.floor(st.name, floor)
                 return best
-        opt = self._option(arts, st, total, overruns)
+        opt = self._option(arts, st, total, overrun_s)
         if self.observer is not None:
             self.observer.option(st.name, opt)
         if opt is None:
@@ -1000,13 +999,13 @@ class _Fleet:
         return best
 
     def _option(self, arts: tuple[tuple[str, int], ...], st: _Agent, total: int,
-                overruns: Mapping[str, float] | None) -> _Option | None:
+                overrun_s: float) -> _Option | None:
         """Running the job on `st` (or None: it does not fit)."""
         if not self._fits(st.view, total):
             return None
         bind = st.bind_wait_s()
-        if bind > 0 and overruns:
-            bind += overruns.get(st.name, 0.0)  # it broke its promise to this job: wait that much longer
+        if bind > 0:
+            bind += overrun_s  # waiting broke a promise to this job: wait that much longer
         # It cannot start before it is bound (an agent reserved in this pass has fewer jobs than slots).
         return self._evaluate(arts, st, max(st.start_wait_s(), bind), bind, ignore_in_use=bind > 0)
 
@@ -1024,7 +1023,7 @@ class _Fleet:
         its `cost_s` and `signature()` are what placing the job weighs."""
         arts = tuple((k, self.size(k)) for k in job.artifact_keys)
         return self._option(arts, self.state(name), sum(size for _, size in arts),
-                            dict(job.overruns) if job.overruns else None)
+                            job.overrun_s)
 
     def wait_lower_bound(self, name: str) -> float:
         """Seconds until agent `name` could start one more job, as far as the pass knows."""
@@ -1076,15 +1075,15 @@ class _Fleet:
         loading would evict), cheap to compute; None: it does not fit."""
         arts = tuple((k, self.size(k)) for k in job.artifact_keys)
         return self._floor(arts, self.state(name), sum(size for _, size in arts),
-                           dict(job.overruns) if job.overruns else None)
+                           job.overrun_s)
 
     def _floor(self, arts: tuple[tuple[str, int], ...], st: _Agent, total: int,
-               overruns: Mapping[str, float] | None) -> float | None:
+               overrun_s: float) -> float | None:
         if not self._fits(st.view, total):
             return None
         bind = st.bind_wait_s()
-        if bind > 0 and overruns:
-            bind += overruns.get(st.name, 0.0)
+        if bind > 0:
+            bind += overrun_s
         wait = max(st.start_wait_s(), bind)
         load, fetch, _, _, penalty, _, _, _ = self._loads(arts, st)
         return max(wait, bind + fetch) + load - fetch + penalty

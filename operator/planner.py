@@ -25,13 +25,13 @@ a test checks that pass by pass on a simulated fleet. The caller must reuse an a
 `AgentView` object while the agent is unchanged (the operator reuses a view until its
 CacheAgent changes): a new object counts as a change.
 
-Promises: a job left waiting for a busy agent is promised the start time that wait implied.
-If it is still pending `margin_s + margin_share * wait` after that time, the agent broke its
-promise (its estimate was wrong: a job stuck there, a stale report), and the job is placed
-again with the overrun counted: waiting for that agent costs that much more
-(`JobView.overruns`), and more with every pass, so the job goes elsewhere as soon as that
-is cheaper instead of waiting out `max_hot_wait_age_s`. A promise is kept, not renewed,
-while the job waits for the same agent; waiting for another agent makes a new one.
+Promises: a job first left waiting for a busy agent is promised the start time that wait
+implied. If it is still pending `margin_s + margin_share * wait` after that time, the
+promise is broken (the estimate was wrong: a job stuck on that agent, a stale report), and
+the job is placed again with the overrun counted: waiting for any busy agent costs that
+much more (`JobView.overrun_s`), and more with every pass, so the job goes where it can
+start now as soon as that is cheaper, instead of waiting out `max_hot_wait_age_s` or
+hopping from one stuck holder to the next. The promise stays with the job until it is bound.
 """
 
 from __future__ import annotations
@@ -401,7 +401,7 @@ class Planner:
         placed = job
         if overrun:
             assert promise is not None
-            placed = dataclasses.replace(job, overruns=((promise.agent, overrun),))
+            placed = dataclasses.replace(job, overrun_s=overrun)
             self.stats.broken_promises += 1
         observer.reset()
         fleet.observer = observer
@@ -423,7 +423,7 @@ class Planner:
             truncated=observer.cut, runner_up=runner_up,
         )
         if isinstance(outcome, Waiting) and not outcome.reserved:
-            if promise is None or promise.agent != outcome.agent:
+            if promise is None:
                 self._promises[job.key] = Promise(outcome.agent, now, outcome.wait_s)
         else:
             self._promises.pop(job.key, None)

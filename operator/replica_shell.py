@@ -31,10 +31,10 @@ from kubernetes.client.exceptions import ApiException
 from stoker import userank
 from stoker.api import Condition, ConditionStatus
 from stoker.api.modelcache import ModelCacheStatus, ModelCopy
-from stoker.operator import metrics, replicas, sourcehealth
+from stoker.operator import metrics, placement, replicas, sourcehealth
 from stoker.operator.scheduler import Writer
 from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_from_body, agent_view, format_time,
-                                  model_size_bytes)
+                                  measured_sizes, model_size_bytes)
 
 CONDITION_EVENTS = {
     ("Ready", True): ("TargetMet", False), ("Ready", False): ("TargetNotMet", False),
@@ -44,6 +44,27 @@ CONDITION_EVENTS = {
 """(condition type, new status) -> (Event reason, is a warning)."""
 
 log = logging.getLogger(__name__)
+
+
+def copies_by_model(agents: list[ObservedAgent]) -> dict[str, list[dict[str, Any]]]:
+    """Model name -> the ModelCache status `copies` entries (by agent name): one pass over the agents."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for a in sorted(agents, key=lambda a: a.name):
+        status = a.resource.status
+        if status is None:
+            continue
+        held = {h.model for h in a.resource.spec.holds}
+        seen: set[str] = set()
+        for entry in status.models:
+            if entry.name not in seen:
+                seen.add(entry.name)
+                out.setdefault(entry.name, []).append(
+                    ModelCopy(agent=a.name, tier=entry.tier, held=entry.name in held).wire())
+        for d in status.downloads:
+            if d.name not in seen:
+                seen.add(d.name)
+                out.setdefault(d.name, []).append(ModelCopy(agent=a.name, tier="downloading", held=d.name in held).wire())
+    return out
 
 
 def _round_rate(value: float) -> float:
@@ -94,6 +115,7 @@ class ReplicaShell:
         self.settings = settings
         self.demand_refresh_s = demand_refresh_s
         self._status_written: dict[str, float] = {}
+        self._views: dict[str, tuple[tuple[str, bool, int], placement.AgentView]] = {}
 
     def apply_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
         now = time.time() if now is None else now
@@ -105,18 +127,20 @@ class ReplicaShell:
             failed = dict(st.source_failed)
         started = 0
         shortfall = hot_shortfall = 0
+        # Views of agents that are gone are dropped with this pass.
+        self._views = {a.key: self._views[a.key] for a in agents if a.key in self._views}
         for ns in sorted({m.namespace for m in models} | {a.namespace for a in agents}):
             ns_models = [m for m in models if m.namespace == ns]
             ns_agents = [a for a in agents if a.namespace == ns]
-            views = [agent_view(a, ready=st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s),
-                                bound=0, in_use=st.agent_load(a.key)[1]) for a in ns_agents]
+            views = [self._view(a, now_mono) for a in ns_agents]
+            measured = measured_sizes(ns_agents)
             targets = []
             for m in ns_models:
                 spec = m.resource.spec
                 auto = None if spec.autoscale is None else replicas.Autoscale(
                     max_replicas=spec.autoscale.max_replicas, target_jobs_per_minute=spec.autoscale.target_jobs_per_minute)
                 targets.append(replicas.ModelTarget(
-                    key=m.name, size_bytes=model_size_bytes(m, ns_agents), replicas=spec.replicas,
+                    key=m.name, size_bytes=measured.get(m.key) or model_size_bytes(m, ()), replicas=spec.replicas,
                     hot_replicas=spec.hot_replicas, autoscale=auto,
                     demand_per_minute=st.demand_per_minute(m.key, now=now), failed=m.key in failed))
             plan = replicas.plan_replicas(targets, views, now=now, settings=self.settings)
@@ -124,10 +148,14 @@ class ReplicaShell:
             model_by_name = {m.name: m for m in ns_models}
             for orders in plan.orders:
                 started += self._apply_orders(by_name[orders.agent], orders, model_by_name)
+            copies = copies_by_model(ns_agents)
             for ms in plan.models:
                 shortfall += ms.shortfall
                 hot_shortfall += ms.hot_shortfall
-                started += self._apply_status(model_by_name[ms.key], ms, ns_agents, failed.get(m_key(ns, ms.key)), now)
+                model = model_by_name[ms.key]
+                started += self._apply_status(model, ms, copies.get(ms.key, []),
+                                              measured.get(model.key) or model_size_bytes(model, ()),
+                                              failed.get(m_key(ns, ms.key)), now)
         metrics.REPLICA_SHORTFALL.set(shortfall)
         metrics.HOT_REPLICA_SHORTFALL.set(hot_shortfall)
         return started
@@ -181,19 +209,21 @@ class ReplicaShell:
 
         return int(self.writer.submit(key, agent.resource_version, write))
 
-    def _apply_status(self, model: ObservedModel, ms: replicas.ModelReplicaStatus, agents: list[ObservedAgent],
-                      failure: sourcehealth.SourceVerdict | None, now: float) -> int:
-        copies: list[dict[str, Any]] = []
-        for a in sorted(agents, key=lambda a: a.name):
-            status = a.resource.status
-            if status is None:
-                continue
-            held = any(h.model == model.name for h in a.resource.spec.holds)
-            entry = next((c for c in status.models if c.name == model.name), None)
-            if entry is not None:
-                copies.append(ModelCopy(agent=a.name, tier=entry.tier, held=held).wire())
-            elif any(d.name == model.name for d in status.downloads):
-                copies.append(ModelCopy(agent=a.name, tier="downloading", held=held).wire())
+    def _view(self, agent: ObservedAgent, now_mono: float) -> placement.AgentView:
+        """The agent's view for replica planning (every slot free), reused while the agent, its
+        readiness and its bound jobs are unchanged."""
+        st = self.state
+        ready = st.agent_ready(agent.key, now_mono=now_mono, grace_s=self.lease_grace_s)
+        with st.lock:
+            sig = (agent.resource_version, ready, st.agent_jobs_version.get(agent.key, 0))
+        cached = self._views.get(agent.key)
+        if cached is None or cached[0] != sig:
+            cached = (sig, agent_view(agent, ready=ready, bound=0, in_use=st.agent_load(agent.key)[1]))
+            self._views[agent.key] = cached
+        return cached[1]
+
+    def _apply_status(self, model: ObservedModel, ms: replicas.ModelReplicaStatus, copies: list[dict[str, Any]],
+                      size_bytes: int, failure: sourcehealth.SourceVerdict | None, now: float) -> int:
         last_used = self.state.last_used.get(model.key)
         rank = self.state.use_rank(model.key)
         old = model.resource.status or ModelCacheStatus()
@@ -227,7 +257,7 @@ class ReplicaShell:
                                     else f"{c['reason']}: {c['message']}", warning))
         new = {
             "observedGeneration": model.generation,
-            "sizeBytes": model_size_bytes(model, agents),
+            "sizeBytes": size_bytes,
             "desiredReplicas": ms.desired,
             "desiredHotReplicas": ms.desired_hot,
             "copies": {"disk": ms.on_disk, "ram": ms.in_ram, "vram": ms.in_vram},

@@ -139,20 +139,24 @@ def test_a_waiting_job_is_placed_again_only_when_what_it_read_changes() -> None:
     assert again.waiting[0].wait_s == 9.0
 
 
-def test_a_broken_promise_sends_the_job_elsewhere_long_before_the_hot_wait_limit() -> None:
-    # The holder keeps saying 5 s (a job stuck there): waiting looks cheaper than a download elsewhere.
-    fleet = busy_holder_and_cold_agent()
+def test_a_broken_promise_sends_the_job_where_it_can_start_long_before_the_hot_wait_limit() -> None:
+    # Two holders keep saying 5 s (jobs stuck there): waiting looks cheaper than a download elsewhere.
+    hot, cold = busy_holder_and_cold_agent()
+    fleet = [hot, dataclasses.replace(hot, name="hot-2"), cold]
     job = JobView("j", "m0", created_at=0.0)
     planner = Planner(promises=PromiseSettings(margin_s=10.0, margin_share=0.5))
-    assert isinstance(planner.plan([job], fleet, ARTS, now=0.0).waiting[0], Waiting)
+    plan = planner.plan([job], fleet, ARTS, now=0.0)
+    assert plan.waiting[0].agent == "hot"
     promise = planner.promise("j")
     assert promise is not None and (promise.agent, promise.start_s) == ("hot", 5.0)
-    t, plan = 0.0, planner.plan([job], fleet, ARTS, now=0.0)
+    t = 0.0
     while not plan.bindings:
         t += 1.0
         plan = planner.plan([job], fleet, ARTS, now=t)
         # Without promises the job would wait until max_hot_wait_age_s.
         assert placement.plan_placement([job], fleet, ARTS, now=t).waiting
+        assert not plan.waiting or plan.waiting[0].agent == "hot", "it does not hop to the next stuck holder"
+    # Broken 12.5 s after the promised start; a few seconds of overrun outweigh the download.
     assert plan.bindings[0].agent == "cold"
-    assert 5.0 + 12.5 < t < 60.0 < PlacementSettings().max_hot_wait_age_s
+    assert 5.0 + 12.5 < t < 30.0 < PlacementSettings().max_hot_wait_age_s
     assert planner.stats.broken_promises > 0 and planner.promise("j") is None
