@@ -869,7 +869,9 @@ class _Fleet:
         return heapq.nsmallest(limit, out) if len(out) > limit else out
 
     def busy_holders(self, key: str, limit: int, failed: frozenset[str]) -> list[tuple[float, int, str]]:
-        """The `limit` smallest (wait lower bound, tier rank, name) of busy agents that hold `key`."""
+        """Up to `limit` (wait lower bound, tier rank, name) of busy agents that hold `key`, the first
+        found in fleet order: a popular checkpoint has thousands of holders in a large fleet, and
+        reading every one's wait for every job costs more than the choice among them gains."""
         out: list[tuple[float, int, str]] = []
         free = self.free_names
         if self.observer is not None:
@@ -880,8 +882,9 @@ class _Fleet:
             t = self.tier_of(name, key)
             if t is not None:
                 out.append((self._wait_lower_bound(name), _TIER_RANK[t], name))
-        # Which ones does not depend on the order agents were indexed in.
-        return heapq.nsmallest(limit, out) if len(out) > limit else out
+                if len(out) >= limit:
+                    break
+        return out
 
     # -- one job
 
