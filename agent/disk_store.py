@@ -77,8 +77,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from stoker.agent import faults, safetensors_header
-from stoker.agent import pools, safetensors_header
+from stoker.agent import faults, pools, safetensors_header
 from stoker.agent.disk_cache import DiskCacheState, InsufficientCache
 from stoker.agent.download import (
     Credentials,

@@ -51,7 +51,7 @@ from stoker.api.cacheagent import ModelFailure, RunningJob
 from stoker.api.conditions import job_conditions
 from stoker.api.generationjob import GenerationJob, Stage
 from stoker.api.modelcache import ModelCache
-from stoker.api.protocol import bound_attempt
+from stoker.api.protocol import bound_attempt, scheduled_at
 
 log = logging.getLogger(__name__)
 
@@ -391,9 +391,9 @@ class JobWorker:
         work.keys = tuple(dict.fromkeys(f"{self.settings.namespace}/{n}" for n in (
             spec.model, *(lr.name for lr in spec.loras), *([spec.vae] if spec.vae else []))))
         created = kube.parse_rfc3339(obj["metadata"]["creationTimestamp"]).timestamp()
-        accepted = {"agent": self.settings.agent, "attempt": work.attempt, "reason": None, "message": None}
-        if not (obj.get("status") or {}).get("scheduledAt"):
-            accepted["scheduledAt"] = kube.now_rfc3339()
+        # The binding (label and annotations) is the operator's only write: this agent records it in the status.
+        accepted = {"agent": self.settings.agent, "attempt": work.attempt, "reason": None, "message": None,
+                    "scheduledAt": scheduled_at(obj, kube.now_rfc3339())}
         if self._admission.locked():
             # Beyond slots + queue_slots a job waits here, Scheduled and Queued, downloading and holding nothing.
             # (A job admitted at once skips this write: its first write says Running.)

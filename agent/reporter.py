@@ -18,7 +18,7 @@ from stoker import kube
 from stoker.agent import pools
 from stoker.api import API_VERSION
 from stoker.api.cacheagent import CacheAgentStatus
-from stoker.api.protocol import FLEET_LABEL, LEASE_DURATION_S, LEASE_RENEW_S
+from stoker.api.protocol import FLEET_LABEL, LEASE_DURATION_S, LEASE_LABEL, LEASE_RENEW_S
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ class LeaseKeeper:
 
     def renew_once(self) -> None:
         now = dt.datetime.now(dt.timezone.utc)
-        body = {"spec": {"holderIdentity": self.name, "leaseDurationSeconds": self.duration_s,
+        # The label on every renewal too: the operator watches only labelled Leases.
+        body = {"metadata": {"labels": {LEASE_LABEL: "agent"}},
+                "spec": {"holderIdentity": self.name, "leaseDurationSeconds": self.duration_s,
                          "renewTime": kube.now_rfc3339(now)}}
         try:
             self.coordination.patch_namespaced_lease(self.name, self.namespace, body,
@@ -95,7 +97,7 @@ class LeaseKeeper:
             if exc.status != 404:
                 raise
             self.coordination.create_namespaced_lease(self.namespace, client.V1Lease(
-                metadata=client.V1ObjectMeta(name=self.name),
+                metadata=client.V1ObjectMeta(name=self.name, labels={LEASE_LABEL: "agent"}),
                 spec=client.V1LeaseSpec(holder_identity=self.name, lease_duration_seconds=self.duration_s,
                                         acquire_time=now, renew_time=now)), _request_timeout=self.request_timeout)
 

@@ -16,7 +16,9 @@ on generated headers):
   ``[dtype, shape, data_offsets]``, as serde reads a struct;
 - a tensor named twice: the last entry counts (serde fills a map); a field named twice
   inside an entry, or ``__metadata__`` twice, is refused; metadata keys named twice
-  keep the last value;
+  keep the last value; an entry a later one replaces must still have the form of one;
+- an empty tensor whose dimensions multiply past 2**63 is accepted only if torch makes
+  one of that shape (its stride rules are its own; this rare case asks it);
 - refused: a header that is not UTF-8 or not JSON (NaN, lone surrogates, a byte-order
   mark), dtypes torch cannot hold, a dimension of 2**63 or more (torch's int64 sizes;
   safetensors then fails inside torch), shapes whose element or byte count overflows
@@ -85,6 +87,9 @@ DTYPE_BITS: Mapping[str, int] = types.MappingProxyType(
         "F64": 64,
     }
 )
+
+_SERDE_DTYPES = frozenset(DTYPE_BITS) | {"F6_E2M3", "F6_E3M2"}
+"""Every dtype safetensors 0.8 decodes (22); the F6 ones torch cannot hold, so no file may use them."""
 
 #: Bytes per element of the whole-byte dtypes (F4, two elements per byte, is not listed).
 DTYPE_ITEM_BYTES: Mapping[str, int] = types.MappingProxyType({k: v // 8 for k, v in DTYPE_BITS.items() if v >= 8})
@@ -330,17 +335,20 @@ _sub = operator.sub
 class _Object(dict):  # type: ignore[type-arg]
     """A decoded JSON object that remembers which of its keys appeared more than once."""
 
-    __slots__ = ("repeated",)
+    __slots__ = ("repeated", "replaced")
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> _Object:
     obj = _Object()
     repeated: set[str] = set()
+    replaced: list[tuple[str, Any]] = []
     for key, value in pairs:
         if key in obj:
             repeated.add(key)
+            replaced.append((key, obj[key]))
         obj[key] = value  # the last one counts, as serde fills a map
     obj.repeated = repeated
+    obj.replaced = replaced
     return obj
 
 
@@ -348,12 +356,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _may_repeat_keys(blob: bytes, tensors: int) -> bool:
-    """Whether the header could name a key twice where it matters (cheap byte counts; escapes
-    could spell a key differently, so any backslash means maybe)."""
-    if b"\\" in blob or blob.count(b'"__metadata__"') > 1:
+def _may_repeat_keys(blob: bytes, raw: dict[str, Any]) -> bool:
+    """Whether the header could name a key twice (cheap counts): every key in the decoded objects
+    is followed by one colon, so a colon more in the text is a key the decoding replaced (or a
+    colon inside a string, or a nested object, which only costs the exact check). Escapes could
+    spell a name differently, or as a string that is not Unicode, so any backslash means maybe."""
+    if b"\\" in blob:
         return True
-    return any(blob.count(b'"%s"' % f.encode()) != tensors for f in _FIELDS)
+    keys = len(raw) + sum([len(v) for v in raw.values() if type(v) is dict])
+    return blob.count(b":") != keys
 
 
 def _decode_json(blob: bytes) -> dict[str, Any]:
@@ -370,8 +381,7 @@ def _decode_json(blob: bytes) -> dict[str, Any]:
         raw = json.loads(text, parse_constant=_reject_constant)
         if not isinstance(raw, dict):
             raise HeaderError(HeaderProblem.BAD_JSON, "the header JSON is not an object; the file is corrupt")
-        tensors = len(raw) - (_METADATA_KEY in raw)
-        if _may_repeat_keys(blob, tensors):
+        if _may_repeat_keys(blob, raw):
             raw = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_pairs)
             _check_repeats(raw)
     except RecursionError as err:
@@ -388,6 +398,9 @@ def _check_repeats(raw: _Object) -> None:
     Unicode scalar values (lone surrogates from \\u escapes), which serde refuses."""
     if _METADATA_KEY in raw.repeated:
         raise HeaderError(HeaderProblem.BAD_JSON, f"the header names {_METADATA_KEY} twice; the file is corrupt")
+    for name, entry in raw.replaced:
+        if name != _METADATA_KEY:
+            _check_replaced(name, entry)
     for name, entry in raw.items():
         _check_text(name)
         if isinstance(entry, _Object):
@@ -403,6 +416,26 @@ def _check_repeats(raw: _Object) -> None:
                     _check_text(key)
                     if isinstance(value, str):
                         _check_text(value)
+
+
+def _check_replaced(name: str, entry: Any) -> None:
+    """A tensor entry that a later one of the same name replaces: serde still decodes it, so it
+    must have the form of an entry (fields once each, a known dtype, a shape and two offsets of
+    unsigned integers), though nothing else about it matters."""
+    if isinstance(entry, _Object) and entry.repeated.intersection(_FIELDS):
+        raise HeaderError(HeaderProblem.BAD_ENTRY, f"tensor {name!r} names "
+                          f"{sorted(entry.repeated.intersection(_FIELDS))[0]} twice; the file is corrupt", tensor=name)
+    if isinstance(entry, dict) and all(f in entry for f in _FIELDS):
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    elif isinstance(entry, list) and len(entry) == 3:
+        dtype, shape, offsets = entry
+    else:
+        dtype = shape = offsets = None
+    if not (type(dtype) is str and dtype in _SERDE_DTYPES and type(shape) is list
+            and all(_is_index(d) and d <= _U64_MAX for d in shape) and type(offsets) is list and len(offsets) == 2
+            and all(_is_index(o) and o <= _U64_MAX for o in offsets)):
+        raise HeaderError(HeaderProblem.BAD_ENTRY, f"tensor {name!r} is named twice and its first entry is not a valid "
+                          f"tensor entry ({entry!r:.200}); the file is corrupt", tensor=name)
 
 
 def _check_text(text: str) -> None:
@@ -463,14 +496,15 @@ def _parse_entry(name: str, entry: Any) -> TensorSpec:
         )
     # safetensors multiplies left to right in u64 (a 0 ends the risk of overflow); torch holds int64 sizes.
     numel = 1
-    for d in shape:
+    last = len(shape) - 1
+    for i, d in enumerate(shape):
         if type(d) is not int or d < 0:
             raise HeaderError(
                 HeaderProblem.BAD_ENTRY,
                 f"tensor {name!r} has shape {shape!r:.200}; a shape is a list of non-negative integers",
                 tensor=name,
             )
-        if d >= _DIM_LIMIT:
+        if (d // 2 if bits < 8 and i == last else d) >= _DIM_LIMIT:  # torch holds packed F4 two to an element
             raise HeaderError(
                 HeaderProblem.BAD_ENTRY,
                 f"tensor {name!r} has a dimension of {d}, not below 2**63; torch cannot hold it, the file is corrupt",
@@ -483,6 +517,13 @@ def _parse_entry(name: str, entry: Any) -> TensorSpec:
                 f"tensor {name!r} has shape {shape!r:.200}, whose element count overflows 64 bits; the file is corrupt",
                 tensor=name,
             )
+    if numel == 0 and not _torch_can_shape_empty([*shape[:-1], shape[-1] // 2] if bits < 8 else shape):
+        raise HeaderError(
+            HeaderProblem.SIZE_MISMATCH,
+            f"tensor {name!r} has shape {shape!r:.200}, whose strides overflow 64 bits (torch cannot make an empty "
+            "tensor of that shape); the file is corrupt",
+            tensor=name,
+        )
     nbits = numel * bits
     if nbits > _U64_MAX:
         raise HeaderError(
@@ -515,6 +556,26 @@ def _parse_entry(name: str, entry: Any) -> TensorSpec:
             tensor=name,
         )
     return TensorSpec(name, dtype, tuple(shape), begin, end)
+
+
+def _torch_can_shape_empty(shape: list[int]) -> bool:
+    """Whether torch makes an empty tensor of `shape`, as safetensors asks it to. Its stride and
+    size arithmetic for such shapes has rules of its own, so past 2**63 it is asked (rare: an
+    empty tensor with huge dimensions)."""
+    extent = 1
+    for d in shape:
+        extent *= max(d, 1)
+    if extent <= _DIM_LIMIT - 1:
+        return True
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the agent always has torch
+        return True
+    try:
+        torch.empty(0, dtype=torch.uint8).reshape(shape)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _check_layout(specs: list[TensorSpec], *, data_size_bytes: int) -> None:

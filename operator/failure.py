@@ -14,13 +14,19 @@ state machine (`jobstate`), decides what the operator must write:
   fetching, instead of spending its remaining attempts;
 - a finished job loses its binding label (so its agent's watch drops it), gets its
   last attempt recorded in history, and is deleted after ttlSecondsAfterFinished;
-- half-done writes from a crashed operator (label without status, or status without
-  label) are completed.
+- an unbind cut short by a crashed operator (label removed, status not yet written) is
+  completed.
 
-Unbinding writes the label removal first (preconditioned on the observed version) and
-the status second: an agent stops as soon as the label no longer names it, and the
-scheduler never binds a job whose phase is not Pending. Deleting a GenerationJob
-cancels it: the label disappears with the object and the agent's watch sees it go.
+A bound job is Scheduled for the state machine from the moment its label names an
+agent, whatever its status says: the binding is one write, and the agent records
+phase Scheduled when it accepts the job (see stoker.api.protocol). Nothing here writes
+status to complete a binding.
+
+Unbinding writes the label removal first (preconditioned on the observed version, and
+recording the removed binding in UNBOUND_ANNOTATION) and the status second: an agent
+stops as soon as the label no longer names it, and the scheduler binds no job whose
+unbind is unfinished. Deleting a GenerationJob cancels it: the label disappears with
+the object and the agent's watch sees it go.
 
 Events (see stoker/api/protocol.py for who emits which): Requeued, Failed (the
 operator's own reasons), Expired (TTL deletion), AgentReady / AgentNotReady.
@@ -38,11 +44,11 @@ from kubernetes import client
 from stoker.api import GROUP, VERSION, Condition, ConditionStatus
 from stoker.api.conditions import job_conditions
 from stoker import metrics as shared_metrics
-from stoker.api.protocol import AGENT_FAULT_REASONS, AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.api.protocol import AGENT_FAULT_REASONS, AGENT_LABEL, ATTEMPT_ANNOTATION, SCHEDULED_AT_ANNOTATION, UNBOUND_ANNOTATION
 from stoker.kube import now_rfc3339
 from stoker.operator import jobstate, metrics, sourcehealth
 from stoker.operator.scheduler import Writer
-from stoker.operator.state import ObservedAgent, ObservedJob, State, format_time, job_state, status_patch
+from stoker.operator.state import ObservedAgent, ObservedJob, State, format_time, job_state, status_patch, unbound_value
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +152,6 @@ class Reconciler:
         tr = self._decide(job, before, ready, failed_models, now)
         if tr is not None:
             return self._submit(job, lambda: self._apply(job, tr))
-        if job.bound_agent is not None and (job.status_agent != job.bound_agent or job.status_attempt != before.attempt
-                                            or job.phase is jobstate.JobPhase.PENDING):
-            return self._submit(job, lambda: self._complete_binding(job, before.attempt))
         return 0
 
     def _decide(self, job: ObservedJob, st: jobstate.JobState, ready: dict[str, bool],
@@ -156,7 +159,7 @@ class Reconciler:
         after = jobstate.check_deadline(st, now=now)
         if after is not st:
             return _Transition(st, after, "Failed", after.message or "deadline exceeded", warning=True)
-        active = job.phase in (jobstate.JobPhase.SCHEDULED, jobstate.JobPhase.RUNNING)
+        active = st.phase in (jobstate.JobPhase.SCHEDULED, jobstate.JobPhase.RUNNING)
         bound = job.bound_agent
         f = job.attempt_failure
         if active and f is not None and f.attempt == st.attempt and f.agent == st.agent:
@@ -216,9 +219,14 @@ class Reconciler:
         return int(self.writer.submit(job.key, job.resource_version, fn))
 
     def _unlabel(self, job: ObservedJob) -> str:
-        """Remove the binding label and annotation; returns the new resourceVersion."""
+        """Remove the binding (label and annotations), recording which one it was; returns the new
+        resourceVersion."""
+        assert job.bound_agent is not None
+        attempt = max(1, job.bound_attempt or 0, job.status_attempt)
         body = self.writer.objects(job.namespace).patch("GenerationJob", job.name, {"metadata": {
-            "labels": {AGENT_LABEL: None}, "annotations": {ATTEMPT_ANNOTATION: None}}},
+            "labels": {AGENT_LABEL: None},
+            "annotations": {ATTEMPT_ANNOTATION: None, SCHEDULED_AT_ANNOTATION: None,
+                            UNBOUND_ANNOTATION: unbound_value(job.bound_agent, attempt)}}},
             resource_version=job.resource_version)
         self.state.upsert_job(body)
         return str(body["metadata"]["resourceVersion"])
@@ -241,20 +249,6 @@ class Reconciler:
             metrics.JOB_FAILURES.labels(reason=shared_metrics.reason_label(tr.after.reason or tr.event)).inc()
         log.info("%s: %s (%s)", job.key, tr.event, tr.message)
         self.writer.event(job.ref(), reason=tr.event, message=tr.message, warning=tr.warning)
-
-    def _complete_binding(self, job: ObservedJob, attempt: int) -> None:
-        """The label names an agent but the status does not say so yet (the Scheduled write was
-        overtaken by the agent, or the operator stopped in between): fill in the operator's fields."""
-        patch: dict[str, Any] = {"agent": job.bound_agent, "attempt": attempt}
-        if job.scheduled_at is None:
-            # Bound before now; when the agent already started it, no later than that.
-            at = time.time() if job.started_at is None else min(time.time(), job.started_at)
-            patch["scheduledAt"] = format_time(at)
-        if job.phase is jobstate.JobPhase.PENDING:
-            patch["phase"] = "Scheduled"
-        body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch,
-                                                               resource_version=job.resource_version)
-        self.state.upsert_job(body)
 
     @staticmethod
     def _missing_last_record(job: ObservedJob) -> bool:
@@ -283,7 +277,7 @@ class Reconciler:
             if job.finished_at is not None:
                 patch.pop("finishedAt", None)
             if job.status_agent != agent or job.status_attempt != st.attempt:
-                patch.update(agent=agent, attempt=st.attempt)  # the agent finished before the Scheduled write landed
+                patch.update(agent=agent, attempt=st.attempt)  # the agent finished without recording them
             body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch, resource_version=rv)
             self.state.upsert_job(body)
         return run

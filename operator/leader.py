@@ -31,7 +31,7 @@ from collections.abc import Callable
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from stoker.api.protocol import OPERATOR_LEASE
+from stoker.api.protocol import LEASE_LABEL, OPERATOR_LEASE
 from stoker.operator import metrics
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class LeaderElector:
             if exc.status != 404:
                 raise
             body = client.V1Lease(
-                metadata=client.V1ObjectMeta(name=s.name, namespace=s.namespace),
+                metadata=client.V1ObjectMeta(name=s.name, namespace=s.namespace, labels={LEASE_LABEL: "operator"}),
                 spec=client.V1LeaseSpec(holder_identity=s.identity, lease_duration_seconds=int(max(1, s.lease_duration_s)),
                                         acquire_time=now, renew_time=now, lease_transitions=0))
             try:
@@ -159,6 +159,8 @@ class LeaderElector:
             spec.lease_duration_seconds = int(max(1, s.lease_duration_s))
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
         lease.spec = spec
+        # Labelled, so that the operators' Lease watch (which selects on the label) sees every renewal.
+        lease.metadata.labels = {**(lease.metadata.labels or {}), LEASE_LABEL: "operator"}
         try:
             self.api.replace_namespaced_lease(s.name, s.namespace, lease,  # carries resourceVersion
                                               _request_timeout=s.request_timeout)

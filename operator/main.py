@@ -173,7 +173,7 @@ class Operator:
         from kubernetes import client
 
         from stoker.api import GROUP, VERSION
-        from stoker.api.protocol import fleet_selector
+        from stoker.api.protocol import LEASE_LABEL, fleet_selector
 
         custom = client.CustomObjectsApi(self.api)
         ns = self.args.namespace
@@ -185,7 +185,7 @@ class Operator:
             return custom.list_cluster_custom_object(group, version, plural, label_selector=selector)["items"]
 
         now_mono = time.monotonic()
-        for body in items("coordination.k8s.io", "v1", "leases"):
+        for body in items("coordination.k8s.io", "v1", "leases", LEASE_LABEL):
             self.state.upsert_lease(body, now_mono=now_mono)
         for body in items(GROUP, VERSION, "cacheagents", fleet):
             self.state.upsert_agent(body)
@@ -294,6 +294,8 @@ def register_cleanup(registry: Any, op: Operator) -> None:
 async def _run(op: Operator) -> None:
     import kopf
 
+    from stoker.api.protocol import LEASE_LABEL
+
     registry = kopf.OperatorRegistry()
     register_watches(registry, op.state, fleet=op.args.fleet)
     register_cleanup(registry, op)
@@ -301,6 +303,9 @@ async def _run(op: Operator) -> None:
     settings.posting.enabled = False
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
+    # Only the agents' (and operators') Leases: a cluster has many others (every node's, every
+    # controller's), renewed every few seconds, which the API server would otherwise send here.
+    settings.watching.label_selectors["coordination.k8s.io", "leases"] = LEASE_LABEL
     stop_flag = asyncio.Event()
     loop = asyncio.get_running_loop()
     op.on_lost_callbacks.append(lambda: loop.call_soon_threadsafe(stop_flag.set))

@@ -45,6 +45,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from stoker.userank import DEFAULT_HALF_LIFE_S, add_use
 
@@ -54,6 +55,7 @@ __all__ = [
     "Binding",
     "FleetIndex",
     "JobView",
+    "PassObserver",
     "PlacementError",
     "PlacementPlan",
     "PlacementSettings",
@@ -61,8 +63,11 @@ __all__ = [
     "Unplaceable",
     "Waiting",
     "effective_priority",
+    "count_demand",
     "head_start_s",
+    "in_queue_order",
     "job_order_key",
+    "open_pass",
     "plan_bindings",
     "plan_placement",
 ]
@@ -151,6 +156,14 @@ class AgentView:
     ram_to_gpu_bps: float | None = None
     _keys: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
     """Memo of every key the agent has in some tier (computed on first use; the view is immutable)."""
+    _first_free: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    """Memo of (default remaining seconds, the wait for one more job) (see `_first_free_s`)."""
+    _victims: dict[bool, tuple[list[object], tuple[tuple[float, str, int, float], ...]]] | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False)
+    _cold_rank: tuple[object, tuple[int, ...] | None, tuple[str, ...], float] | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False)
+    """Memo of the agent's rank for a cold load (see `_Fleet._cold_rank`)."""
+    """Memo of the eviction victims of each tier and what they were valued with (see `_Fleet._victims`)."""
 
     @property
     def keys(self) -> frozenset[str]:
@@ -179,6 +192,10 @@ class JobView:
     attempt: int = 1
     expected_run_s: float | None = None
     """Expected generation time once loaded; None: the settings' default."""
+    overrun_s: float = 0.0
+    """Seconds by which the start time promised to this job, when it was left waiting for a busy
+    agent, has already passed (see `stoker.operator.planner`). Waiting for any busy agent costs that
+    much more: the estimates it waited on have proved too low by at least that."""
 
     @property
     def artifact_keys(self) -> tuple[str, ...]:
@@ -231,6 +248,11 @@ class PlacementSettings:
     evict_use_cap: float = 8.0
     victim_half_life_s: float = DEFAULT_HALF_LIFE_S
     """Decay of a use when valuing victims by `AgentView.disk_rank_s`; the agents' own (`stoker.userank`)."""
+    victim_clock_step_s: float = 60.0
+    """Victims are valued at `now` rounded down to a multiple of this: a use loses under 1 % of
+    its weight in a minute (with the 2 h half-life), and plans made a second apart then value
+    victims alike, so a planner that keeps outcomes between passes (`stoker.operator.planner`)
+    need not redo them every pass."""
     evict_duplicate_factor: float = 0.25
     """Disk victims another Ready agent also holds cost this share: losing a duplicate
     loses no model from the fleet, so duplicates are evicted first."""
@@ -243,9 +265,9 @@ class PlacementSettings:
     """Free agents, best ranked for a cold load, evaluated exactly for every job besides
     the holders of its artifacts (so a job always sees some non-holders too)."""
     holder_candidates: int = 16
-    """Most free holders of a job's artifacts evaluated per job (best tier first), and most
-    busy holders of its checkpoint considered for waiting (shortest wait first). With more
-    holders than that, the first ones found in fleet order are used."""
+    """Most free holders of a job's artifacts evaluated per job (best tier first, then by name), and
+    most busy holders of its checkpoint considered for waiting (shortest wait first). With more busy
+    holders than twice that, the first ones found in fleet order are considered."""
     reference_size_bytes: int = 4 * _GIB
     """Size used to rank free agents for cold loads independently of the job."""
     unknown_size_bytes: int = 4 * _GIB
@@ -257,7 +279,7 @@ class PlacementSettings:
                 raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
         if self.cold_candidates < 1 or self.holder_candidates < 1:
             raise PlacementError("PlacementSettings.cold_candidates and holder_candidates must be >= 1")
-        for name in ("aging_per_s", "max_head_start_s", "victim_half_life_s"):
+        for name in ("aging_per_s", "max_head_start_s", "victim_half_life_s", "victim_clock_step_s"):
             if not getattr(self, name) > 0:
                 raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
         if not self.download_weight >= 1.0:
@@ -379,12 +401,12 @@ def plan_placement(
     if jobs_sorted:
         job_list = jobs
         if demand is None:
-            demand = _demand(jobs) if isinstance(jobs, Sequence) else {}
+            demand = count_demand(jobs) if isinstance(jobs, Sequence) else {}
     else:
         pending = jobs if isinstance(jobs, Sequence) else tuple(jobs)
-        job_list = _in_queue_order(pending, settings)
+        job_list = in_queue_order(pending, settings)
         if demand is None:
-            demand = _demand(pending)
+            demand = count_demand(pending)
     fleet = _Fleet(agents, sizes, demand, settings, index, now=now)
     bindings: list[Binding] = []
     waiting: list[Waiting] = []
@@ -408,10 +430,57 @@ def plan_placement(
     return PlacementPlan(tuple(bindings), tuple(waiting), tuple(unplaceable), examined)
 
 
+class PassObserver(Protocol):
+    """What a planner with memory (`stoker.operator.planner`) learns about each placement in a
+    pass: everything outside the job itself that the outcome was computed from."""
+
+    def agent(self, name: str) -> None:
+        """The placement read agent `name` in full (its view and what earlier jobs of the pass did to it)."""
+
+    def option(self, name: str, option: _Option | None) -> None:
+        """It weighed running the job on agent `name`, read in full, and got `option` (None: no fit)."""
+
+    def bound(self, cost_s: float) -> None:
+        """It skipped options because none of them could cost less than `cost_s`."""
+
+    def floor(self, name: str, floor_s: float | None) -> None:
+        """It did not weigh agent `name`, read in full: its option costs at least `floor_s` (None: no fit)."""
+
+    def fact(self, name: str, what: str, arg: str, value: object) -> None:
+        """It read one fact of agent `name`: its tier of `arg` ("tier") or its wait for a slot ("wait")."""
+
+    def holders(self, key: str, names: Iterable[str]) -> None:
+        """It depended on which agents hold `key`, and on whether each of `names` has a free slot."""
+
+    def victims(self, name: str, vram: bool, keys: tuple[str, ...], decays: bool) -> None:
+        """It valued eviction victims `keys` on agent `name` (by demand, and by the victim clock when `decays`)."""
+
+    def cold(self) -> None:
+        """It used the ranking of all free agents for a cold load."""
+
+    def truncated(self) -> None:
+        """It left out busy holders beyond `holder_candidates` (by their waits)."""
+
+
+def open_pass(
+    agents: Sequence[AgentView],
+    artifacts: Mapping[str, ArtifactInfo],
+    *,
+    now: float,
+    demand: Mapping[str, int],
+    settings: PlacementSettings,
+    index: FleetIndex,
+) -> _Fleet:
+    """The virtual fleet of one pass, for a caller that places jobs one at a time (a planner with
+    memory): `place(job, now=now)` each job in `job_order_key` order while `free_total > 0`,
+    or `replay(job_key, effects)` a job's remembered placement. `plan_placement` is this loop."""
+    return _Fleet(agents, artifacts, demand, settings, index, now=now)
+
+
 # --- internals -------------------------------------------------------------------
 
 
-def _in_queue_order(jobs: Sequence[JobView], settings: PlacementSettings) -> Iterator[JobView]:
+def in_queue_order(jobs: Sequence[JobView], settings: PlacementSettings) -> Iterator[JobView]:
     """`jobs` in `job_order_key` order, lazily: a heap costs O(n) up front and O(log n)
     per job taken, where a full sort would cost O(n log n) even when a pass binds few."""
     heap = [(*job_order_key(j, settings=settings), i) for i, j in enumerate(jobs)]
@@ -420,7 +489,7 @@ def _in_queue_order(jobs: Sequence[JobView], settings: PlacementSettings) -> Ite
         yield jobs[heapq.heappop(heap)[3]]
 
 
-def _demand(jobs: Iterable[JobView]) -> dict[str, int]:
+def count_demand(jobs: Iterable[JobView]) -> dict[str, int]:
     """Pending jobs per artifact key: evicting a model others wait for costs more."""
     counts: Counter[str] = Counter(j.model for j in jobs)
     counts.update(k for j in jobs if j.loras or j.vae is not None for k in j.artifact_keys[1:])
@@ -451,7 +520,7 @@ class _Agent:
     __slots__ = (
         "view", "name", "vram", "ram", "disk", "downloading", "in_use", "pinned_disk",
         "held_hot", "vram_free", "disk_free", "free_slots", "gen_slots", "busy", "dl", "d2g", "r2g",
-        "victims", "version", "ranks", "can_download",
+        "victims", "version", "ranks", "can_download", "log",
     )
 
     def __init__(self, view: AgentView, settings: PlacementSettings) -> None:
@@ -478,6 +547,9 @@ class _Agent:
         self.version = 0
         self.ranks: Mapping[str, float] = view.disk_rank_s
         self.can_download = view.can_download
+        self.log: tuple[tuple[str, str, float], ...] = ()
+        """What jobs earlier in the pass did to this agent: (job key, what, value) in order. With
+        the view it was copied from, it determines the agent's virtual state (see `_Fleet.log_of`)."""
 
     def tier(self, key: str) -> Tier | None:
         if key in self.vram:
@@ -525,6 +597,12 @@ class _Option:
     @property
     def evicts(self) -> tuple[str, ...]:
         return self.evict_vram + self.evict_disk
+
+    def signature(self) -> tuple[object, ...]:
+        """Every field but the agent state (what a placement decides from)."""
+        return (self.wait_s, self.bind_s, self.fetch_s, self.load_s, self.evict_s, self.tier, self.evict_vram,
+                self.evict_disk, self.vram_add, self.disk_add, self.evicted_vram_bytes, self.evicted_disk_bytes,
+                self.loaded, self.downloaded, self.fetch_penalty_s)
 
     @property
     def start_s(self) -> float:
@@ -619,6 +697,8 @@ class _Fleet:
         self.sizes = sizes
         self.demand = demand
         self.now = now
+        self.victim_now = math.floor(now / settings.victim_clock_step_s) * settings.victim_clock_step_s
+        """The clock victims are valued on (see `PlacementSettings.victim_clock_step_s`)."""
         agent_list = agents if isinstance(agents, Sequence) else tuple(agents)
         self.index = index
         if index is not None:
@@ -643,13 +723,21 @@ class _Fleet:
         # Fastest links among free agents: a lower bound of any cold load (see `place`).
         self.max_dl = max((v.download_bps or settings.default_download_bps for v in free_views), default=1.0)
         self.max_d2g = max((v.disk_to_gpu_bps or settings.default_disk_to_gpu_bps for v in free_views), default=1.0)
-        heap = [(self._cold_rank(self.state(v.name)), v.name, 0) for v in free_views]
-        heapq.heapify(heap)
-        self.cold_heap = heap
+        self._cold_heap: list[tuple[float, str, int]] | None = None
+        """Free agents by `_cold_rank`, built when a job first needs cold candidates (see `_cold`)."""
+        self.cold_log: tuple[tuple[str, str, str], ...] = ()
+        """(job key, what, agent) of every binding and reservation so far in the pass: what
+        changed the free agents after the pass began."""
+        self.observer: PassObserver | None = None
+        self.effects: list[tuple[str, str, float]] = []
+        """(agent, what, value) of what the job being placed did to the fleet: for `replay` (a job
+        that waits), or to tell what changed (a binding)."""
 
     # -- state access
 
     def state(self, name: str) -> _Agent:
+        if self.observer is not None:
+            self.observer.agent(name)
         st = self.states.get(name)
         if st is None:
             view = self.views[name]
@@ -670,6 +758,30 @@ class _Fleet:
         """Whether every eligible agent has failed this job (so none is excluded any more)."""
         views = self.views
         return len(failed) >= len(views) and all(name in failed for name in views)
+    def log_of(self, name: str) -> tuple[tuple[str, str, float], ...]:
+        """What earlier jobs of this pass did to agent `name` (empty when nothing)."""
+        st = self.states.get(name)
+        return () if st is None else st.log
+
+    def gained_of(self, key: str) -> tuple[str, ...]:
+        """Agents that got `key` earlier in this pass (bindings that load it)."""
+        gained = self.gained.get(key)
+        return () if not gained else tuple(gained)
+
+    def _cold(self) -> list[tuple[float, str, int]]:
+        """The heap of free agents ranked for a cold load, built on first use. Free agents change
+        only through bindings (which push fresh entries), so building it late gives the entries
+        an early build would still hold valid."""
+        heap = self._cold_heap
+        if heap is None:
+            observer, self.observer = self.observer, None  # building it is not a read by the job at hand
+            try:
+                heap = [(self._cold_rank(self.state(n)), n, self.state(n).version) for n in self.free_names]
+            finally:
+                self.observer = observer
+            heapq.heapify(heap)
+            self._cold_heap = heap
+        return heap
 
     def size(self, key: str) -> int:
         info = self.sizes.get(key)
@@ -678,23 +790,55 @@ class _Fleet:
     def _cold_rank(self, st: _Agent) -> float:
         """Job-independent estimate of loading a reference-sized model on a free agent: the
         queue wait, the transfer, and what making room would evict (in steady state every
-        disk is full, and the value of the victims is what tells agents apart)."""
+        disk is full, and the value of the victims is what tells agents apart). Kept on the
+        agent's view while its disk victims are valued alike."""
+        s = self.settings
+        if st.version != 0:
+            return self._cold_rank_of(st)[0]
+        view = st.view
+        need_room = st.disk_free < s.reference_size_bytes
+        ranked = need_room and bool(st.ranks)
+        basis: object = self._victim_memo(st, vram=False, ranked=ranked)[0] if need_room else s
+        remembered = view._cold_rank
+        if remembered is not None and remembered[0] is basis and (
+                not ranked or remembered[1] == self._capped_demand(remembered[2])):
+            return remembered[3]
+        rank, walked = self._cold_rank_of(st)
+        if need_room:
+            memo = view._victims
+            basis = memo[False][0] if memo is not None and False in memo else None
+        if basis is not None:
+            object.__setattr__(view, "_cold_rank", (basis, self._capped_demand(walked) if ranked else None, walked, rank))
+        return rank
+
+    def _capped_demand(self, keys: tuple[str, ...]) -> tuple[int, ...]:
+        cap = self.settings.evict_demand_cap
+        return tuple(min(self.demand.get(k, 0), cap) for k in keys)
+
+    def _cold_rank_of(self, st: _Agent) -> tuple[float, tuple[str, ...]]:
+        """The rank, and the disk residents it valued."""
         s = self.settings
         ref = s.reference_size_bytes
         rank = st.start_wait_s() + ref / st.dl + ref / st.d2g
         if st.vram_free < ref:
             rank += s.evict_cold_weight * ref / st.d2g
+        walked: tuple[str, ...] = ()
         if st.disk_free < ref:
             # Without the duplicate discount: counting copies for every free agent would cost a
             # fleet-wide index on every pass; the exact evaluation of a candidate applies it.
             got = self._evict(st, vram=False, need=int(ref - st.disk_free), exclude=(), ignore_in_use=False,
                               duplicates=False)
+            ranked = self._victims(st, vram=False)
+            walked = tuple(k for _, k, _, _ in (ranked[:got[3]] if got is not None else ranked))
             rank += got[0] if got is not None else ref / st.dl
-        return rank
+        return rank, walked
 
     def tier_of(self, name: str, key: str) -> Tier | None:
         st = self.states.get(name)
-        return st.tier(key) if st is not None else _view_tier(self.views[name], key)
+        tier = st.tier(key) if st is not None else _view_tier(self.views[name], key)
+        if self.observer is not None:
+            self.observer.fact(name, "tier", key, tier)
+        return tier
 
     def holder_names(self, key: str) -> Iterable[str]:
         """Eligible agents that held `key` when the pass started, plus those that gained it
@@ -720,7 +864,9 @@ class _Fleet:
         return len(holders) if isinstance(holders, (dict, list)) else sum(1 for _ in holders)
 
     def free_holders(self, key: str, limit: int, failed: frozenset[str]) -> list[tuple[int, str]]:
-        """Up to `limit` (tier rank, name) of agents with a free slot that hold `key`."""
+        """The `limit` smallest (tier rank, name) of agents with a free slot that hold `key`."""
+        if self.observer is not None:
+            self.observer.holders(key, self.holder_names(key))
         free_dict = self.free_memo.get(key)
         if free_dict is None:
             holders = self.holder_names(key)
@@ -738,14 +884,17 @@ class _Fleet:
             t = self.tier_of(name, key)
             if t is not None:
                 out.append((_TIER_RANK[t], name))
-                if len(out) >= limit:
-                    break
-        return out
+        # The best `limit` by tier then name: which ones does not depend on the order agents were indexed in.
+        return heapq.nsmallest(limit, out) if len(out) > limit else out
 
     def busy_holders(self, key: str, limit: int, failed: frozenset[str]) -> list[tuple[float, int, str]]:
-        """Up to `limit` (wait lower bound, tier rank, name) of busy agents that hold `key`."""
+        """Up to `limit` (wait lower bound, tier rank, name) of busy agents that hold `key`, the first
+        found in fleet order: a popular checkpoint has thousands of holders in a large fleet, and
+        reading every one's wait for every job costs more than the choice among them gains."""
         out: list[tuple[float, int, str]] = []
         free = self.free_names
+        if self.observer is not None:
+            self.observer.holders(key, self.holder_names(key))
         for name in self.holder_names(key):
             if name in free or name in failed:
                 continue
@@ -760,11 +909,14 @@ class _Fleet:
 
     def place(self, job: JobView, *, now: float) -> Binding | Waiting | Unplaceable:
         s = self.settings
+        self.effects = []
         keys = job.artifact_keys
         arts = tuple((k, self.size(k)) for k in keys)
         total = sum(size for _, size in arts)
         aged = now - job.created_at > s.max_hot_wait_age_s
         failed = job.failed_agents
+        if failed and self.observer is not None:
+            self.observer.cold()  # whether every agent failed the job depends on the whole fleet
         if failed and self.all_failed(failed):
             # Each eligible agent failed it once (retryably: other failures end the job). Rather
             # than wait for an agent that never comes, try them again: the attempts bound it.
@@ -783,15 +935,19 @@ class _Fleet:
                 free_cands[name] = None
         best: _Option | None = None
         for name in free_cands:
-            best = self._better(best, arts, self.state(name), total)
+            best = self._better(best, arts, self.state(name), total, job.overrun_s)
         # Busy agents holding the checkpoint: waiting only pays off for the checkpoint
         # (LoRAs and VAEs load in well under a second), and only for a job not pending long.
         busy_cands = self.busy_holders(keys[0], 2 * cap, failed) if not aged else []
         busy_cands.sort()
+        if self.observer is not None and len(busy_cands) > cap:
+            self.observer.truncated()
         for wait_lb, _, name in busy_cands[:cap]:
             if best is not None and wait_lb >= best.cost_s:
+                if self.observer is not None:
+                    self.observer.bound(wait_lb)
                 break  # sorted by wait: no busy agent left can beat the best
-            best = self._better(best, arts, self.state(name), total)
+            best = self._better(best, arts, self.state(name), total, job.overrun_s)
         # Free agents best ranked for a cold load. Each must download the checkpoint when no
         # free agent holds it, which costs at least `cold_floor`: an option already cheaper
         # than that makes them pointless (the common case of a job queued for a busy holder).
@@ -800,7 +956,9 @@ class _Fleet:
         if model_has_free_holder or best is None or best.cost_s >= cold_floor:
             self._add_cold_candidates(cold, free_cands, failed, total)
             for name in cold:
-                best = self._better(best, arts, self.state(name), total)
+                best = self._better(best, arts, self.state(name), total, job.overrun_s)
+        elif self.observer is not None:
+            self.observer.bound(cold_floor)
         if best is None:
             if aged:
                 reserved = self._reserve(job, arts, total, [*free_cands, *cold])
@@ -817,12 +975,10 @@ class _Fleet:
         run_s = job.expected_run_s if job.expected_run_s is not None else s.default_run_s
         st = best.agent
         if best.bind_s > 0:
+            waiting, done_s = self.waiting_on(job, best)
             # Reserve the agent's next free slot so later jobs in this pass see the queue.
-            heapq.heapreplace(st.busy, best.start_s + run_s)
-            return Waiting(
-                job.key, st.name, best.wait_s, best.cost_s,
-                f"waiting {best.wait_s:.1f}s for busy agent {st.name} ({best.tier} hit) is cheaper than loading elsewhere",
-            )
+            self._apply_wait(st, job.key, done_s)
+            return waiting
         self._commit(job, best, run_s)
         return Binding(
             job.key, st.name, best.cost_s, best.tier, _reason(best),
@@ -845,36 +1001,73 @@ class _Fleet:
         if best is None:
             return None
         st = best.agent
-        self.free_total -= st.free_slots
-        st.free_slots = 0
-        st.version += 1
-        self._drop_free(st)
         s = self.settings
         wait = max(st.busy) if st.busy else s.default_remaining_s
         # The job takes the agent once those jobs finish: later jobs in the pass see it busy.
         run_s = job.expected_run_s if job.expected_run_s is not None else s.default_run_s
-        heapq.heappush(st.busy, wait + best.load_s + run_s)
+        self._apply_reserve(st, job.key, wait + best.load_s + run_s)
         return Waiting(
             job.key, st.name, wait, best.cost_s + wait,
             f"pending {_age_s(job, self.now):.0f}s; agent {st.name} reserved until the jobs pinning what must make room finish",
             reserved=True,
         )
 
-    def _better(self, best: _Option | None, arts: tuple[tuple[str, int], ...], st: _Agent, total: int) -> _Option | None:
-        if not self._fits(st.view, total):
-            return best
-        bind = st.bind_wait_s()
-        # It cannot start before it is bound (an agent reserved in this pass has fewer jobs than slots).
-        opt = self._evaluate(arts, st, max(st.start_wait_s(), bind), bind, ignore_in_use=bind > 0)
+    def _better(self, best: _Option | None, arts: tuple[tuple[str, int], ...], st: _Agent, total: int,
+                overrun_s: float = 0.0) -> _Option | None:
+        if best is not None:
+            # Bound first: an option whose cost before evictions already exceeds the best cannot win,
+            # and valuing evictions is most of the work.
+            floor = self._floor(arts, st, total, overrun_s)
+            if floor is None or floor > best.cost_s:
+                if self.observer is not None:
+                    self.observer.floor(st.name, floor)
+                return best
+        opt = self._option(arts, st, total, overrun_s)
+        if self.observer is not None:
+            self.observer.option(st.name, opt)
         if opt is None:
             return best
         if best is None or (opt.cost_s, opt.agent.name) < (best.cost_s, best.agent.name):
             return opt
         return best
 
+    def _option(self, arts: tuple[tuple[str, int], ...], st: _Agent, total: int,
+                overrun_s: float) -> _Option | None:
+        """Running the job on `st` (or None: it does not fit)."""
+        if not self._fits(st.view, total):
+            return None
+        bind = st.bind_wait_s()
+        if bind > 0:
+            bind += overrun_s  # waiting broke a promise to this job: wait that much longer
+        # It cannot start before it is bound (an agent reserved in this pass has fewer jobs than slots).
+        return self._evaluate(arts, st, max(st.start_wait_s(), bind), bind, ignore_in_use=bind > 0)
+
+    def waiting_on(self, job: JobView, opt: _Option) -> tuple[Waiting, float]:
+        """The outcome of `job` waiting for the busy agent of `opt`, and when the job would be done there."""
+        run_s = job.expected_run_s if job.expected_run_s is not None else self.settings.default_run_s
+        name = opt.agent.name
+        return Waiting(
+            job.key, name, opt.wait_s, opt.cost_s,
+            f"waiting {opt.wait_s:.1f}s for busy agent {name} ({opt.tier} hit) is cheaper than loading elsewhere",
+        ), opt.start_s + run_s
+
+    def option_for(self, job: JobView, name: str) -> _Option | None:
+        """The option of running `job` on agent `name` as the pass stands (None: it does not fit);
+        its `cost_s` and `signature()` are what placing the job weighs."""
+        arts = tuple((k, self.size(k)) for k in job.artifact_keys)
+        return self._option(arts, self.state(name), sum(size for _, size in arts),
+                            job.overrun_s)
+
+    def wait_lower_bound(self, name: str) -> float:
+        """Seconds until agent `name` could start one more job, as far as the pass knows."""
+        return self._wait_lower_bound(name)
+
     def _wait_lower_bound(self, name: str) -> float:
         st = self.states.get(name)
-        return st.start_wait_s() if st is not None else _first_free_s(self.views[name], self.settings)
+        wait = st.start_wait_s() if st is not None else _first_free_s(self.views[name], self.settings)
+        if self.observer is not None:
+            self.observer.fact(name, "wait", "", wait)
+        return wait
 
     def _fits(self, view: AgentView, total: int) -> bool:
         if view.vram_capacity_bytes is not None and total > view.vram_capacity_bytes:
@@ -887,7 +1080,9 @@ class _Fleet:
         """Take the best few free agents from the cold heap (skipping stale entries)."""
         want = self.settings.cold_candidates
         popped: list[tuple[float, str, int]] = []
-        heap = self.cold_heap
+        if self.observer is not None:
+            self.observer.cold()
+        heap = self._cold()
         scanned = 0
         limit = 4 * want + len(failed)
         while heap and want > 0 and scanned < limit:
@@ -908,9 +1103,32 @@ class _Fleet:
         for entry in popped:
             heapq.heappush(heap, entry)
 
-    def _evaluate(
-        self, arts: tuple[tuple[str, int], ...], st: _Agent, wait: float, bind: float, *, ignore_in_use: bool
-    ) -> _Option | None:
+    def option_floor(self, job: JobView, name: str) -> float | None:
+        """A lower bound of the cost of running `job` on agent `name` (its option without what
+        loading would evict), cheap to compute; None: it does not fit."""
+        arts = tuple((k, self.size(k)) for k in job.artifact_keys)
+        return self._floor(arts, self.state(name), sum(size for _, size in arts),
+                           job.overrun_s)
+
+    def _floor(self, arts: tuple[tuple[str, int], ...], st: _Agent, total: int,
+               overrun_s: float) -> float | None:
+        if not self._fits(st.view, total):
+            return None
+        bind = st.bind_wait_s()
+        if bind > 0:
+            bind += overrun_s
+        wait = max(st.start_wait_s(), bind)
+        loads = self._loads(arts, st)
+        if loads is None:
+            return None
+        load, fetch, _, _, penalty, _, _, _ = loads
+        return max(wait, bind + fetch) + load - fetch + penalty
+
+    def _loads(
+        self, arts: tuple[tuple[str, int], ...], st: _Agent
+    ) -> tuple[float, float, int, int, float, list[str], list[str], Tier] | None:
+        """(load, fetch, VRAM needed, disk needed, download penalty, loaded, downloaded, checkpoint tier);
+        None when the agent would have to download something but cannot (a full or failing disk)."""
         load = 0.0
         fetch = 0.0
         vram_need = 0
@@ -946,6 +1164,15 @@ class _Fleet:
                 penalty += (self.settings.download_weight - 1.0) * size / st.dl
                 disk_need += size
                 downloaded.append(key)
+        return load, fetch, vram_need, disk_need, penalty, loaded, downloaded, tier
+
+    def _evaluate(
+        self, arts: tuple[tuple[str, int], ...], st: _Agent, wait: float, bind: float, *, ignore_in_use: bool
+    ) -> _Option | None:
+        loads = self._loads(arts, st)
+        if loads is None:
+            return None  # its disk is full or failing: only what it holds already
+        load, fetch, vram_need, disk_need, penalty, loaded, downloaded, tier = loads
         evict_s = 0.0
         evict_vram: list[str] = []
         evict_disk: list[str] = []
@@ -956,14 +1183,14 @@ class _Fleet:
                               ignore_in_use=ignore_in_use or wait > 0)
             if got is None:
                 return None
-            cost, evict_vram, ev_vram = got
+            cost, evict_vram, ev_vram, _ = got
             evict_s += cost
         if disk_need > st.disk_free:
             got = self._evict(st, vram=False, need=disk_need - st.disk_free, exclude=set(k for k, _ in arts),
                               ignore_in_use=ignore_in_use)
             if got is None:
                 return None
-            cost, evict_disk, ev_disk = got
+            cost, evict_disk, ev_disk, _ = got
             evict_s += cost
         return _Option(
             st, wait, bind, fetch, load, evict_s, tier, tuple(evict_vram), tuple(evict_disk),
@@ -972,18 +1199,30 @@ class _Fleet:
             loaded=tuple(loaded), downloaded=tuple(downloaded), fetch_penalty_s=penalty,
         )
 
-    def _victims(self, st: _Agent, *, vram: bool) -> tuple[tuple[float, str, int, float], ...]:
+    def _victims(self, st: _Agent, *, vram: bool) -> tuple[tuple[float, str, int, float | None], ...]:
         """Evictable residents of a tier in the order the agent evicts them: (order, key, size, cost).
 
         Disk victims follow the agent's own rank when it reports one (`disk_rank_s`), and
         are cheapest per byte first otherwise. A victim costs its re-fetch time times a
         weight: a little for any model, more per recent use and per pending job that
-        wants it, much less when another agent also holds it."""
+        wants it, much less when another agent also holds it. Disk victims in rank order
+        carry, instead of their cost, the use part of their weight (None without a rank):
+        their order does not depend on demand, and `_victim_cost` finishes the cost for
+        the few that are looked at."""
         cached = st.victims.get(vram)
         if cached is not None:
             return cached
         s = self.settings
-        out: list[tuple[float, str, int, float]] = []
+        ranked = not vram and bool(st.ranks)
+        memo_key: list[object] | None = None
+        if st.version == 0:
+            # The agent as its view shows it: the view keeps its victims between passes while they are
+            # valued alike (same settings, sizes and victim clock, and demand unless in rank order).
+            memo_key, hit = self._victim_memo(st, vram=vram, ranked=ranked)
+            if hit is not None:
+                st.victims[vram] = hit
+                return hit
+        out: list[tuple[float, str, int, float | None]] = []
         if vram:
             for key in st.vram:
                 size = self.size(key)
@@ -993,43 +1232,103 @@ class _Fleet:
                     weight += s.evict_hot_target_weight
                 cost = weight * refetch
                 out.append((cost / max(1, size), key, size, cost))
-        else:
+        elif ranked:
             ranks = st.ranks
+            for key in st.disk:
+                if key in st.pinned_disk:
+                    continue
+                rank = ranks.get(key)
+                use: float | None = None
+                if rank is not None:
+                    uses = 2.0 ** min(32.0, (rank - self.victim_now) / s.victim_half_life_s)
+                    use = s.evict_use_weight * min(uses, s.evict_use_cap)
+                out.append((-math.inf if rank is None else rank, key, self.size(key), use))
+        else:
             for key in st.disk:
                 if key in st.pinned_disk:
                     continue
                 size = self.size(key)
                 weight = s.evict_cold_weight + s.evict_demand_weight * min(self.demand.get(key, 0), s.evict_demand_cap)
-                rank = ranks.get(key) if ranks else None
-                if rank is not None:
-                    uses = 2.0 ** min(32.0, (rank - self.now) / s.victim_half_life_s)
-                    weight += s.evict_use_weight * min(uses, s.evict_use_cap)
                 cost = weight * size / st.dl  # less for a duplicate: see `_evict`
-                order = (-math.inf if rank is None else rank) if ranks else cost / max(1, size)
-                out.append((order, key, size, cost))
+                out.append((cost / max(1, size), key, size, cost))
         out.sort()
         result = tuple(out)
         st.victims[vram] = result
+        if memo_key is not None:
+            memo = st.view._victims
+            if memo is None:
+                memo = {}
+                object.__setattr__(st.view, "_victims", memo)
+            memo[vram] = (memo_key, result)
         return result
+
+    def _victim_cost(self, st: _Agent, key: str, size: int, use: float | None) -> float:
+        """The cost of evicting disk victim `key` (in rank order) from `st`: see `_victims`."""
+        s = self.settings
+        weight = s.evict_cold_weight + s.evict_demand_weight * min(self.demand.get(key, 0), s.evict_demand_cap)
+        if use is not None:
+            weight += use
+        return weight * size / st.dl  # less for a duplicate: see `_evict`
+
+    def _victim_memo(self, st: _Agent, *, vram: bool, ranked: bool
+                     ) -> tuple[list[object], tuple[tuple[float, str, int, float | None], ...] | None]:
+        """What the victims of an unchanged agent's tier are valued with beyond its view
+        (settings, sizes, victim clock, and demand for each resident unless in rank order), and
+        the victims its view remembers when they were valued with the same."""
+        memo = st.view._victims
+        hit = memo.get(vram) if memo is not None else None
+        clock = self.victim_now if ranked else None
+        demand = self.demand
+        if hit is not None:
+            key = hit[0]
+            if key[0] is self.settings and key[1] is self.sizes and key[2] == clock:
+                if ranked or key[3] is demand:
+                    return key, hit[1]  # type: ignore[return-value]
+                cap = self.settings.evict_demand_cap
+                wants = tuple(min(demand.get(k, 0), cap) for k in (st.vram if vram else st.disk))
+                if wants == key[4]:
+                    key[3] = demand  # the same for these residents: compare by identity next time
+                    return key, hit[1]  # type: ignore[return-value]
+                return [self.settings, self.sizes, clock, demand, wants], None
+        if ranked:
+            return [self.settings, self.sizes, clock, None, None], None
+        cap = self.settings.evict_demand_cap
+        wants = tuple(min(demand.get(k, 0), cap) for k in (st.vram if vram else st.disk))
+        return [self.settings, self.sizes, clock, demand, wants], None
 
     def _evict(
         self, st: _Agent, *, vram: bool, need: int, exclude: Iterable[str], ignore_in_use: bool,
         duplicates: bool = True,
-    ) -> tuple[float, list[str], int] | None:
+    ) -> tuple[float, list[str], int, int] | None:
+        """(cost, victims, bytes freed, residents looked at) of making `need` bytes of room, or None."""
         cost = 0.0
         freed = 0
         victims: list[str] = []
         discount = self.settings.evict_duplicate_factor if duplicates and not vram else 1.0
-        for _, key, size, c in self._victims(st, vram=vram):
+        ranked = self._victims(st, vram=vram)
+        by_rank = not vram and bool(st.ranks)
+        observer = self.observer
+        if observer is not None and not by_rank:
+            # Ordered by cost, which the demand for every resident moves.
+            observer.victims(st.name, vram, tuple(k for _, k, _, _ in ranked), False)
+        walked = 0
+        for _, key, size, c in ranked:
+            walked += 1
             if key in exclude or (not ignore_in_use and key in st.in_use):
                 continue
+            if by_rank:
+                c = self._victim_cost(st, key, size, c)
+            assert c is not None
             # Counting copies costs a fleet lookup: done only for the victims actually taken.
             cost += c * discount if discount != 1.0 and self.copies(key) > 1 else c
             freed += size
             victims.append(key)
             if freed >= need:
-                return cost, victims, freed
-        return None
+                break
+        if observer is not None and by_rank:
+            # Ordered by the agent's ranks: only the residents walked were valued (by demand and clock).
+            observer.victims(st.name, vram, tuple(k for _, k, _, _ in ranked[:walked]), True)
+        return (cost, victims, freed, walked) if freed >= need else None
 
     def _drop_free(self, st: _Agent) -> None:
         """The agent has no free slot left: forget it as a free candidate."""
@@ -1041,6 +1340,9 @@ class _Fleet:
 
     def _commit(self, job: JobView, opt: _Option, run_s: float) -> None:
         st = opt.agent
+        st.log += ((job.key, "bind", opt.start_s + run_s),)
+        self.cold_log += ((job.key, "bind", st.name),)
+        self.effects.append((st.name, "bind", opt.start_s + run_s))  # never replayed: the job leaves the queue
         st.free_slots -= 1
         self.free_total -= 1
         heapq.heappush(st.busy, opt.start_s + run_s)
@@ -1069,8 +1371,43 @@ class _Fleet:
                     self.free_memo[key][st.name] = None
         if st.free_slots <= 0:
             self._drop_free(st)
-        else:
-            heapq.heappush(self.cold_heap, (self._cold_rank(st), st.name, st.version))
+        elif self._cold_heap is not None:
+            heapq.heappush(self._cold_heap, (self._cold_rank(st), st.name, st.version))
+
+    # -- what a job does to the fleet, recorded so that a planner with memory can replay it
+
+    def _apply_wait(self, st: _Agent, job_key: str, done_s: float, *, record: bool = True) -> None:
+        """The job waits for `st`: it takes the agent's next slot, until `done_s`."""
+        heapq.heapreplace(st.busy, done_s)
+        st.log += ((job_key, "wait", done_s),)
+        if record:
+            self.effects.append((st.name, "wait", done_s))
+
+    def _apply_reserve(self, st: _Agent, job_key: str, done_s: float, *, record: bool = True) -> None:
+        """The job reserves `st` (see `_reserve`): its free slots are held back, and the job runs until `done_s`."""
+        self.free_total -= st.free_slots
+        st.free_slots = 0
+        st.version += 1
+        self._drop_free(st)
+        heapq.heappush(st.busy, done_s)
+        st.log += ((job_key, "reserve", done_s),)
+        self.cold_log += ((job_key, "reserve", st.name),)
+        if record:
+            self.effects.append((st.name, "reserve", done_s))
+
+    def replay(self, job_key: str, effects: Iterable[tuple[str, str, float]]) -> None:
+        """Do to the fleet again what placing `job_key` did in an earlier pass whose inputs (as far
+        as that placement read them) were the same: its outcome is the same too."""
+        for name, what, value in effects:
+            st = self.states.get(name)
+            if st is None:
+                st = self.states[name] = _Agent(self.views[name], self.settings)
+            if what == "wait":
+                self._apply_wait(st, job_key, value, record=False)
+            elif what == "reserve":
+                self._apply_reserve(st, job_key, value, record=False)
+            else:
+                raise PlacementError(f"cannot replay {what!r} for job {job_key!r}")
 
 
 def _age_s(job: JobView, now: float) -> float:
@@ -1100,8 +1437,13 @@ def _start_wait(busy: list[float], gen_slots: int) -> float:
 
 
 def _first_free_s(view: AgentView, settings: PlacementSettings) -> float:
-    """Lower bound of the wait on an untouched agent, without building its state."""
-    return _start_wait(_busy_times(view, settings), max(1, view.slots))
+    """Lower bound of the wait on an untouched agent, without building its state (kept on the view)."""
+    memo = view._first_free
+    if memo is not None and memo[0] == settings.default_remaining_s:
+        return memo[1]
+    wait = _start_wait(_busy_times(view, settings), max(1, view.slots))
+    object.__setattr__(view, "_first_free", (settings.default_remaining_s, wait))
+    return wait
 
 
 def _vram_free(view: AgentView) -> float:

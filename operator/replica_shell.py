@@ -21,6 +21,7 @@ SourceRecovered (Failed).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -31,10 +32,10 @@ from kubernetes.client.exceptions import ApiException
 from stoker import userank
 from stoker.api import Condition, ConditionStatus
 from stoker.api.modelcache import ModelCacheStatus, ModelCopy
-from stoker.operator import metrics, replicas, sourcehealth
+from stoker.operator import metrics, placement, replicas, sourcehealth
 from stoker.operator.scheduler import Writer
 from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_from_body, agent_view, current_copies,
-                                   format_time, known_size_bytes, model_size_bytes)
+                                   format_time, measured_sizes, model_size_bytes)
 from stoker.units import format_bytes
 
 CONDITION_EVENTS = {
@@ -48,6 +49,42 @@ log = logging.getLogger(__name__)
 
 MODEL_LABEL = "stoker.dev/model"
 """The scale subresource's selector names the model with this label (HPA requires a selector)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Copies:
+    """One ModelCache's copies as the agents report them."""
+
+    entries: list[dict[str, Any]]
+    """The status `copies` entries (by agent name)."""
+    size_bytes: int | None = None
+    """The size of a copy as an agent measured it (None: no agent reported one)."""
+
+
+def copies_by_model(agents: list[ObservedAgent], model_uids: dict[str, str]) -> dict[str, Copies]:
+    """Model name -> its copies on `agents` (one namespace's): one pass over the agents. A copy fetched
+    for an earlier ModelCache of the same name (another uid) is nobody's copy (see current_copies)."""
+    entries: dict[str, list[dict[str, Any]]] = {}
+    sizes: dict[str, int] = {}
+    for a in sorted(agents, key=lambda a: a.name):
+        status = a.resource.status
+        if status is None:
+            continue
+        held = {h.model for h in a.resource.spec.holds}
+        seen: set[str] = set()
+        for entry in current_copies(a, model_uids):
+            if entry.name not in seen:
+                seen.add(entry.name)
+                entries.setdefault(entry.name, []).append(
+                    ModelCopy(agent=a.name, tier=entry.tier, held=entry.name in held).wire())
+                if entry.size_bytes > 0:
+                    sizes.setdefault(entry.name, entry.size_bytes)
+        for d in status.downloads:
+            if d.name not in seen:
+                seen.add(d.name)
+                entries.setdefault(d.name, []).append(
+                    ModelCopy(agent=a.name, tier="downloading", held=d.name in held).wire())
+    return {name: Copies(found, sizes.get(name)) for name, found in entries.items()}
 
 
 def _round_rate(value: float) -> float:
@@ -98,6 +135,7 @@ class ReplicaShell:
         self.settings = settings
         self.demand_refresh_s = demand_refresh_s
         self._status_written: dict[str, float] = {}
+        self._views: dict[str, tuple[tuple[str, bool, int], placement.AgentView]] = {}
 
     def apply_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
         now = time.time() if now is None else now
@@ -109,19 +147,21 @@ class ReplicaShell:
             failed = dict(st.source_failed)
         started = 0
         shortfall = hot_shortfall = 0
+        # Views of agents that are gone are dropped with this pass.
+        self._views = {a.key: self._views[a.key] for a in agents if a.key in self._views}
         for ns in sorted({m.namespace for m in models} | {a.namespace for a in agents}):
             ns_models = [m for m in models if m.namespace == ns]
             ns_agents = [a for a in agents if a.namespace == ns]
             uids = st.model_uids()
-            views = [agent_view(a, ready=st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s),
-                                bound=0, in_use=st.agent_load(a.key)[1], model_uids=uids) for a in ns_agents]
+            views = [self._view(a, now_mono, uids) for a in ns_agents]
+            measured = measured_sizes(ns_agents, uids)
             targets = []
             for m in ns_models:
                 spec = m.resource.spec
                 auto = None if spec.autoscale is None else replicas.Autoscale(
                     max_replicas=spec.autoscale.max_replicas, target_jobs_per_minute=spec.autoscale.target_jobs_per_minute)
                 targets.append(replicas.ModelTarget(
-                    key=m.name, size_bytes=model_size_bytes(m, ns_agents), replicas=spec.replicas,
+                    key=m.name, size_bytes=measured.get(m.key) or model_size_bytes(m, ()), replicas=spec.replicas,
                     hot_replicas=spec.hot_replicas, autoscale=auto,
                     demand_per_minute=st.demand_per_minute(m.key, now=now), failed=m.key in failed))
             plan = replicas.plan_replicas(targets, views, now=now, settings=self.settings)
@@ -129,10 +169,12 @@ class ReplicaShell:
             model_by_name = {m.name: m for m in ns_models}
             for orders in plan.orders:
                 started += self._apply_orders(by_name[orders.agent], orders, model_by_name)
+            copies = copies_by_model(ns_agents, uids)
             for ms in plan.models:
                 shortfall += ms.shortfall
                 hot_shortfall += ms.hot_shortfall
-                started += self._apply_status(model_by_name[ms.key], ms, ns_agents, failed.get(m_key(ns, ms.key)), now)
+                started += self._apply_status(model_by_name[ms.key], ms, copies.get(ms.key, Copies([])),
+                                              failed.get(m_key(ns, ms.key)), now)
         metrics.REPLICA_SHORTFALL.set(shortfall)
         metrics.HOT_REPLICA_SHORTFALL.set(hot_shortfall)
         return started
@@ -188,19 +230,22 @@ class ReplicaShell:
 
         return int(self.writer.submit(key, agent.resource_version, write))
 
-    def _apply_status(self, model: ObservedModel, ms: replicas.ModelReplicaStatus, agents: list[ObservedAgent],
+    def _view(self, agent: ObservedAgent, now_mono: float, model_uids: dict[str, str]) -> placement.AgentView:
+        """The agent's view for replica planning (every slot free), reused while the agent, its
+        readiness, its bound jobs and the ModelCache uids are unchanged."""
+        st = self.state
+        ready = st.agent_ready(agent.key, now_mono=now_mono, grace_s=self.lease_grace_s)
+        with st.lock:
+            sig = (agent.resource_version, ready, st.agent_jobs_version.get(agent.key, 0), st.uids_version)
+        cached = self._views.get(agent.key)
+        if cached is None or cached[0] != sig:
+            cached = (sig, agent_view(agent, ready=ready, bound=0, in_use=st.agent_load(agent.key)[1],
+                                      model_uids=model_uids))
+            self._views[agent.key] = cached
+        return cached[1]
+
+    def _apply_status(self, model: ObservedModel, ms: replicas.ModelReplicaStatus, copies: Copies,
                       failure: sourcehealth.SourceVerdict | None, now: float) -> int:
-        copies: list[dict[str, Any]] = []
-        for a in sorted(agents, key=lambda a: a.name):
-            status = a.resource.status
-            if status is None:
-                continue
-            held = any(h.model == model.name for h in a.resource.spec.holds)
-            entry = next((c for c in current_copies(a, {model.key: model.uid}) if c.name == model.name), None)
-            if entry is not None:
-                copies.append(ModelCopy(agent=a.name, tier=entry.tier, held=held).wire())
-            elif any(d.name == model.name for d in status.downloads):
-                copies.append(ModelCopy(agent=a.name, tier="downloading", held=held).wire())
         last_used = self.state.last_used.get(model.key)
         rank = self.state.use_rank(model.key)
         old = model.resource.status or ModelCacheStatus()
@@ -232,7 +277,9 @@ class ReplicaShell:
                 reason, warning = CONDITION_EVENTS[(c["type"], now_true)]
                 transitions.append((reason, c["message"] if c["type"] != "Failed" or not now_true
                                     else f"{c['reason']}: {c['message']}", warning))
-        size, size_source = known_size_bytes(model, agents)
+        hint = model.resource.spec.source.size_bytes
+        size, size_source = ((copies.size_bytes, "Measured") if copies.size_bytes else
+                             (hint, "Spec") if hint else (None, "Unknown"))
         held_on_disk = max(0, ms.desired - ms.shortfall)
         hot_loaded = max(0, ms.desired_hot - ms.hot_shortfall)
         new = {
@@ -246,7 +293,7 @@ class ReplicaShell:
             "ready": f"{held_on_disk}/{ms.desired}" + (f" hot {hot_loaded}/{ms.desired_hot}" if ms.desired_hot else ""),
             "desiredHotReplicas": ms.desired_hot,
             "copies": {"disk": ms.on_disk, "ram": ms.in_ram, "vram": ms.in_vram},
-            "agents": copies,
+            "agents": copies.entries,
             "demandJobsPerMinute": _round_rate(ms.demand_per_minute),
             "lastUsed": format_time(last_used) if last_used else None,
             # A pair from one snapshot: the rank counts no job created after that time (see stoker.userank).

@@ -1,22 +1,25 @@
 """The scheduling loop: gather pending jobs and agents, plan with placement, write bindings (shell).
 
-A binding is one merge patch on the GenerationJob (label stoker.dev/agent and
-annotation stoker.dev/attempt) carrying the resourceVersion the plan was made from,
-so a stale cache or a second operator can never bind a job twice (409: skip, the
-watch will catch up). Then the status patch (phase Scheduled, agent, attempt,
-scheduledAt), preconditioned on the version the binding produced: if the agent has
-already moved the job on, the reconciler fills in the operator's fields instead.
+A binding is one write: a merge patch on the GenerationJob (label stoker.dev/agent,
+annotations stoker.dev/attempt and stoker.dev/scheduled-at) carrying the
+resourceVersion the plan was made from, so a stale cache or a second operator can
+never bind a job twice (409: skip, the watch will catch up). The operator writes no
+status for it: the bound agent records phase Scheduled when it accepts the job, and
+the state machine counts a labelled job as bound whatever its status says. The
+Scheduled Event is written in the background, after the burst of bindings.
 
 Writes go through a thread pool (the kubernetes client is synchronous) so that one
 pass can bind many jobs at once; a job whose binding is in flight is left out of
 later passes until the watch shows it bound.
 
-A pass uses placement's fast paths: the pending queue comes already sorted from
-`State` (kept sorted by `placement.job_order_key` as jobs arrive and leave) and is read
-lazily, only as far as free slots last; the pending demand per artifact is kept
-incrementally; each namespace keeps a `placement.FleetIndex`, and an agent's
-`AgentView` object is reused until its CacheAgent version, readiness or bound jobs
-change, so the index re-indexes only agents that changed.
+A pass costs in proportion to what changed: the pending queue comes already sorted
+from `State` (kept sorted by `placement.job_order_key` as jobs arrive and leave) and is
+read lazily, only as far as free slots last; the pending demand per artifact is kept
+incrementally; each namespace keeps a `planner.Planner`, which remembers each waiting
+job's outcome until something it was computed from changes, and keeps its promised
+start (a job whose agent overruns it goes elsewhere); an agent's `AgentView` object is
+reused until its CacheAgent version, readiness or bound jobs change, which is what tells
+the planner (and its fleet index) that the agent changed.
 """
 
 from __future__ import annotations
@@ -32,11 +35,10 @@ import urllib3.exceptions
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION, SCHEDULED_AT_ANNOTATION, UNBOUND_ANNOTATION
 from stoker.kube import Objects
-from stoker.operator import events, metrics, placement
-from stoker.operator.state import (ObservedJob, State, agent_view, format_time, measured_sizes, parse_time,
-                                   unknown_size_bytes)
+from stoker.operator import events, metrics, placement, planner
+from stoker.operator.state import ObservedJob, State, agent_view, format_time, measured_sizes, unknown_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +125,12 @@ class Writer:
 
 
 class _Fleet:
-    """One namespace's agents as placement saw them last: the reused views and the index."""
+    """One namespace's agents as placement saw them last: the reused views and the planner."""
 
-    __slots__ = ("index", "views", "sizes", "sizes_version")
+    __slots__ = ("planner", "views", "sizes", "sizes_version")
 
-    def __init__(self) -> None:
-        self.index = placement.FleetIndex()
+    def __init__(self, settings: placement.PlacementSettings) -> None:
+        self.planner = planner.Planner(settings)
         self.views: dict[str, tuple[tuple[str, bool, int, int], placement.AgentView]] = {}
         """agent key -> (CacheAgent resourceVersion, ready, bound-jobs version, ModelCache uids version), view."""
         self.sizes: dict[str, placement.ArtifactInfo] = {}
@@ -170,7 +172,9 @@ class Scheduler:
 
     def _schedule_namespace(self, namespace: str, *, now: float, now_mono: float) -> int:
         st = self.state
-        fleet = self._fleets.setdefault(namespace, _Fleet())
+        fleet = self._fleets.get(namespace)
+        if fleet is None:
+            fleet = self._fleets[namespace] = _Fleet(self.settings)
         views = self._agent_views(namespace, fleet, now_mono)
         if not any(v.free_slots > 0 and v.ready and not v.cordoned for v in views):
             return 0
@@ -184,10 +188,13 @@ class Scheduler:
                 # A guess must never make a job infeasible: an unknown size is capped at half the
                 # largest VRAM budget (placement refuses agents whose VRAM the job's files exceed).
                 vram = max((v.vram_capacity_bytes for v in views if v.vram_capacity_bytes), default=None)
-                fleet.sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
+                sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
                     m.key, m.resource.spec.source.size_bytes or unknown_size_bytes(m, vram_bytes=vram)))
                     for m in st.models.values() if m.namespace == namespace}
+                if sizes != fleet.sizes:  # the same object while unchanged: the planner's memory rests on it
+                    fleet.sizes = sizes
                 fleet.sizes_version = st.fleet_version
+            pending = len(st.pending)
         by_key: dict[str, ObservedJob] = {}
         may_act = self.writer.may_act
 
@@ -206,8 +213,10 @@ class Scheduler:
                 by_key[key] = job
                 yield view
 
-        plan = placement.plan_placement(eligible(), views, fleet.sizes, now=now, settings=self.settings,
-                                        jobs_sorted=True, demand=demand, index=fleet.index)
+        plan = fleet.planner.plan(eligible(), views, fleet.sizes, now=now, jobs_sorted=True, demand=demand)
+        if fleet.planner.remembered > 2 * pending + 1000:
+            with st.lock:
+                fleet.planner.retain(st.pending_views)  # jobs deleted or failed while pending
         total = 0
         for b in plan.bindings:
             self.unplaceable.pop(b.job_key, None)
@@ -218,9 +227,9 @@ class Scheduler:
         if len(self.unplaceable) > 100_000:
             self.unplaceable.clear()
         self.last_plan = (plan.jobs_examined, len(plan.bindings), len(plan.waiting), len(plan.unplaceable))
-        if plan.bindings:
-            log.info("%s: binding %d of %d pending jobs examined (%d waiting for a busy agent, %d unplaceable)",
-                     namespace, len(plan.bindings), plan.jobs_examined, len(plan.waiting), len(plan.unplaceable))
+        if plan.bindings:  # (one line per pass, many a second under load: the 10 s summary says it at INFO)
+            log.debug("%s: binding %d of %d pending jobs examined (%d waiting for a busy agent, %d unplaceable)",
+                      namespace, len(plan.bindings), plan.jobs_examined, len(plan.waiting), len(plan.unplaceable))
         return total
 
     def _agent_views(self, namespace: str, fleet: _Fleet, now_mono: float) -> list[placement.AgentView]:
@@ -262,41 +271,21 @@ class Scheduler:
 
     def _bind(self, job: ObservedJob, agent: str, attempt: int, tier: str, why: str) -> None:
         objs = self.writer.objects(job.namespace)
-        # The time of the binding, taken before the agent can see it: its startedAt comes later.
         now = time.time()
         try:
             body = objs.patch("GenerationJob", job.name, {"metadata": {
-                "labels": {AGENT_LABEL: agent}, "annotations": {ATTEMPT_ANNOTATION: str(attempt)}}},
+                "labels": {AGENT_LABEL: agent},
+                "annotations": {ATTEMPT_ANNOTATION: str(attempt), SCHEDULED_AT_ANNOTATION: format_time(now),
+                                UNBOUND_ANNOTATION: None}}},
                 resource_version=job.resource_version)
         except ApiException as exc:
             if exc.status == 409:
                 metrics.BIND_CONFLICTS.inc()
             raise
         metrics.BINDINGS.labels(tier=tier).inc()
-        metrics.BIND_LATENCY.observe(max(0.0, now - job.created_at))
+        metrics.BIND_LATENCY.observe(max(0.0, time.time() - job.created_at))
         # Take the response in at once so that no later pass sees this job as pending.
         self.state.upsert_job(body)
-        status = {"phase": "Scheduled", "agent": agent, "attempt": attempt, "scheduledAt": format_time(now),
-                  "reason": None, "message": None}
-        rv = body["metadata"]["resourceVersion"]
-        for _ in range(3):
-            try:
-                self.state.upsert_job(objs.patch_status("GenerationJob", job.name, status, resource_version=rv))
-                break
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-            # The agent moved the job on (Running) before this write: fill in only the operator's fields.
-            current = objs.get("GenerationJob", job.name)
-            meta = current["metadata"]
-            if ((meta.get("labels") or {}).get(AGENT_LABEL) != agent
-                    or (meta.get("annotations") or {}).get(ATTEMPT_ANNOTATION) != str(attempt)):
-                break
-            rv = meta["resourceVersion"]
-            status = {k: v for k, v in status.items() if k in ("agent", "attempt", "scheduledAt")}
-            started_s = parse_time((current.get("status") or {}).get("startedAt"))
-            if started_s is not None and started_s < now:  # the agent's clock runs behind: keep the times ordered
-                status["scheduledAt"] = format_time(started_s)
         log.info("bound %s attempt %d to %s (%s hit): %s", job.key, attempt, agent, tier, why,
                  extra={"job": job.key, "agent": agent, "model": job.model, "attempt": attempt})
         self.writer.event(job.ref(), reason="Scheduled", message=f"attempt {attempt} bound to {agent}: {why}")

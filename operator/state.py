@@ -33,7 +33,8 @@ import pydantic
 
 from stoker.api import CacheAgent, GenerationJob, ModelCache
 from stoker.api.generationjob import Attempt, AttemptFailure
-from stoker.api.protocol import AGENT_FAULT_REASONS, AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.api.protocol import (AGENT_FAULT_REASONS, AGENT_LABEL, ATTEMPT_ANNOTATION, SCHEDULED_AT_ANNOTATION,
+                                 UNBOUND_ANNOTATION)
 from stoker import userank
 from stoker.operator import jobstate, metrics, placement, replicas, sourcehealth
 
@@ -113,6 +114,7 @@ class ObservedJob:
     reason: str | None
     finished_at: float | None
     scheduled_at: float | None
+    """When the current attempt was bound: the agent's status.scheduledAt, else the binding's annotation."""
     started_at: float | None = None
     generation: int = 1
     conditions: tuple[dict[str, Any], ...] = ()
@@ -120,15 +122,26 @@ class ObservedJob:
     message: str | None = None
     missing_grace_s: float | None = None
     """spec.missingModelGraceSeconds (None: the operator's default)."""
+    unbound_from: tuple[str, int] | None = None
+    """(agent, attempt) of the binding the operator last removed (UNBOUND_ANNOTATION)."""
 
     @property
     def terminal(self) -> bool:
         return self.phase.terminal
 
     @property
+    def unbinding(self) -> bool:
+        """The binding was removed but the status write that goes with it (the attempt's history
+        record) never landed: the operator stopped in between. The reconciler finishes it."""
+        if self.unbound_from is None or self.bound_agent is not None or self.terminal:
+            return False
+        attempt = self.unbound_from[1]
+        return self.status_attempt <= attempt and not any(h.attempt == attempt for h in self.history)
+
+    @property
     def pending(self) -> bool:
-        """Waiting for a binding: unbound, not finished, and not mid-unbind (phase Pending)."""
-        return self.bound_agent is None and self.phase is jobstate.JobPhase.PENDING
+        """Waiting for a binding: unbound, not finished, and not mid-unbind."""
+        return self.bound_agent is None and self.phase is jobstate.JobPhase.PENDING and not self.unbinding
 
     @property
     def roles(self) -> tuple[tuple[str, str], ...]:
@@ -222,6 +235,7 @@ def job_from_body(body: Mapping[str, Any]) -> ObservedJob:
         bound_attempt = int(annotations[ATTEMPT_ANNOTATION]) if ATTEMPT_ANNOTATION in annotations else None
     except ValueError:
         bound_attempt = None
+    unbound_from = parse_unbound(annotations.get(UNBOUND_ANNOTATION))
     status = job.status
     spec = job.spec
     ns, name = job.namespace, job.name
@@ -240,13 +254,30 @@ def job_from_body(body: Mapping[str, Any]) -> ObservedJob:
         attempt_failure=status.attempt_failure if status else None,
         reason=status.reason if status else None,
         finished_at=parse_time(status.finished_at) if status else None,
-        scheduled_at=parse_time(status.scheduled_at) if status else None,
+        scheduled_at=(parse_time(status.scheduled_at) if status else None) or (
+            parse_time(annotations.get(SCHEDULED_AT_ANNOTATION)) if labels.get(AGENT_LABEL) else None),
         started_at=parse_time(status.started_at) if status else None,
         generation=int(meta.get("generation") or 1),
         conditions=tuple(c.wire() for c in status.conditions) if status else (),
         message=status.message if status else None,
         missing_grace_s=(None if spec.missing_model_grace_seconds is None else float(spec.missing_model_grace_seconds)),
+        unbound_from=unbound_from,
     )
+
+
+def unbound_value(agent: str, attempt: int) -> str:
+    """The UNBOUND_ANNOTATION value recording that `agent`'s binding for `attempt` was removed."""
+    return f"{agent}/{attempt}"
+
+
+def parse_unbound(value: str | None) -> tuple[str, int] | None:
+    if not value or "/" not in value:
+        return None
+    agent, _, attempt = value.rpartition("/")
+    try:
+        return (agent, int(attempt)) if agent else None
+    except ValueError:
+        return None
 
 
 def agent_from_body(body: Mapping[str, Any]) -> ObservedAgent:
@@ -297,16 +328,28 @@ def spec_changed_at(meta: Mapping[str, Any], *, generation: int) -> float | None
 
 
 def job_state(job: ObservedJob) -> jobstate.JobState:
-    """The state machine's view of an observed job (the agent is the label while bound)."""
+    """The state machine's view of an observed job (the agent is the label while bound).
+
+    A bound job is Scheduled for the state machine even while its status still says Pending:
+    the binding is the label alone, and the agent records phase Scheduled when it accepts the
+    job. A job whose unbind was cut short counts as still bound to the agent it was taken from
+    (see `ObservedJob.unbinding`), so that the unbind is finished with its history record."""
     history = tuple(
         jobstate.AttemptRecord(a.attempt, a.agent, jobstate.Outcome(a.outcome), a.reason, a.message,
                                parse_time(a.finished_at) or 0.0, agent_fault=a.reason in AGENT_FAULT_REASONS)
         for a in job.history)
-    active = job.phase in (jobstate.JobPhase.SCHEDULED, jobstate.JobPhase.RUNNING)
-    agent = (job.bound_agent or job.status_agent or "") if active else None
-    attempt = max(1, job.bound_attempt or 0, job.status_attempt)
+    bound_agent, bound_attempt = job.bound_agent, job.bound_attempt
+    if job.unbinding:
+        assert job.unbound_from is not None
+        bound_agent, bound_attempt = job.unbound_from
+    phase = job.phase
+    if phase is jobstate.JobPhase.PENDING and bound_agent is not None:
+        phase = jobstate.JobPhase.SCHEDULED
+    active = phase in (jobstate.JobPhase.SCHEDULED, jobstate.JobPhase.RUNNING)
+    agent = (job.bound_agent or job.status_agent or bound_agent or "") if active else None
+    attempt = max(1, bound_attempt or 0, job.status_attempt)
     return jobstate.JobState(
-        phase=job.phase, agent=agent,
+        phase=phase, agent=agent,
         attempt=attempt, max_attempts=max(job.max_attempts, 1), history=history, reason=job.reason,
         created_at=job.created_at, deadline=job.created_at + job.timeout_s,
         bound_at=job.scheduled_at, finished_at=job.finished_at,

@@ -1,10 +1,18 @@
-"""Shared test configuration: markers by folder, GPU skipping."""
+"""Shared test configuration: markers by folder, GPU skipping, repeatable generated examples."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
+from hypothesis import settings
+
+# The same generated examples on every run, so that a failure is one anyone can reproduce;
+# STOKER_HYPOTHESIS_PROFILE=explore searches new ones.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("STOKER_HYPOTHESIS_PROFILE", "repeatable"))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

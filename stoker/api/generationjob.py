@@ -285,7 +285,7 @@ class GenerationJobStatus(StokerModel):
     stage: Stage | None = None
     """What the bound agent is doing: Queued, Downloading, Loading, Generating or Uploading; absent when no agent has the job."""
     agent: str | None = None
-    """CacheAgent the current attempt is bound to."""
+    """CacheAgent the current attempt is bound to (recorded by the agent; the stoker.dev/agent label binds it)."""
     attempt: int = Field(default=0, ge=0)
     """Current attempt number (0 before the first binding)."""
     history: list[Attempt] = Field(default_factory=list, max_length=100)
@@ -305,7 +305,7 @@ class GenerationJobStatus(StokerModel):
     message: Message | None = None
     """Detail of the reason and what to do."""
     scheduled_at: str | None = None
-    """When the current attempt was bound (RFC 3339)."""
+    """When the current attempt was bound (RFC 3339), as the binding's stoker.dev/scheduled-at annotation says; recorded by the agent."""
     started_at: str | None = None
     """When the current attempt started running."""
     finished_at: str | None = None
@@ -325,7 +325,7 @@ class GenerationJob(Resource):
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
         # Written by the agent's first status write when it accepts the attempt, and kept once the job
-        # finished (the binding label, in -o wide, is there from the binding until the job finishes).
+        # finished (the binding label, Bound To in -o wide, is there from the binding until the job finishes).
         {"name": "Agent", "type": "string", "jsonPath": ".status.agent"},
         {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
         {"name": "Hit", "type": "string", "jsonPath": ".status.cacheHit"},

@@ -1,23 +1,29 @@
 """How the operator and the agents talk through the API server.
 
 Field ownership (one writer per field):
-- GenerationJob metadata label AGENT_LABEL and annotation ATTEMPT_ANNOTATION: the
-  operator. Present exactly while the job is bound (Scheduled or Running). The binding
-  is one merge patch on the main resource carrying metadata.resourceVersion, so a stale
-  cache or a second operator can never bind a job twice.
+- GenerationJob metadata label AGENT_LABEL and annotations ATTEMPT_ANNOTATION and
+  SCHEDULED_AT_ANNOTATION: the operator. Present exactly while the job is bound (Scheduled
+  or Running). The binding is the operator's only write per job on the scheduling path:
+  one merge patch on the main resource carrying metadata.resourceVersion (so a stale cache
+  or a second operator can never bind a job twice) that sets the label and both
+  annotations and removes UNBOUND_ANNOTATION. A bound job's status stays as it was (phase
+  Pending on a first attempt) until its agent accepts it; `kubectl get gj` shows the agent
+  from the label meanwhile.
+- GenerationJob annotation UNBOUND_ANNOTATION ("<agent>/<attempt>"): the operator, in
+  the same patch that removes a binding, so that an unbind whose status write was lost
+  (the operator stopped in between) is finished from what the object still says.
 - GenerationJob status phase Pending: the API server, from creation (a CRD default on
   status); the operator when it requeues an attempt. The operator also writes history,
   attempt and agent when it requeues, the reason/message of a pending job it cannot place
   (ModelCacheNotFound, NoReadyAgent, TooLargeForAnyAgent, InsufficientVRAM, Unschedulable),
   and terminal Failed for AttemptsExhausted / DeadlineExceeded / ModelUnavailable /
-  ModelCacheNotFound / Cancelled. (While a binding's status write still follows the
-  binding patch, that write fills in phase Scheduled, agent, attempt and scheduledAt; it
-  is being removed from the hot path, and the agent's accept write covers them.)
+  ModelCacheNotFound / Cancelled.
 - GenerationJob status, for the current attempt, by the bound agent, only while the label
   and annotation still name it and its attempt: phase Scheduled when it accepts the
-  attempt (stage Queued; this first write records agent, attempt, scheduledAt and the
-  Scheduled condition, and clears reason/message; an attempt admitted at once skips it and
-  its first write says Running), Running, stage (Queued, Downloading, Loading, Generating,
+  attempt (stage Queued; this first write records agent, attempt, scheduledAt (copied from
+  SCHEDULED_AT_ANNOTATION, never later than the write itself) and the Scheduled condition,
+  and clears reason/message; an attempt admitted at once skips it and its first write says
+  Running and records them), Running, stage (Queued, Downloading, Loading, Generating,
   Uploading) and progress (debounced: at most one write per progress interval, only when
   the summary changed), timings, cacheHit, result, startedAt, finishedAt, attemptFailure,
   and Succeeded/Failed (non-retryable). The agent clears reason and message (left by an
@@ -44,11 +50,14 @@ Field ownership (one writer per field):
   one that downloads the model starts its copy's rank from it. CacheAgent
   status.models[].rank: the agent, its own disk eviction rank of each model (lowest
   evicted first); the operator reads it for placement (AgentView.disk_rank_s).
-- Lease `<cacheagent name>` (coordination.k8s.io/v1) in the agent's namespace:
-  the agent renews it every LEASE_RENEW_S; the operator marks the agent NotReady when
-  renewTime is older than leaseDurationSeconds, or at once when the agent released it
-  (holderIdentity removed, on a clean shutdown). A starting agent clears what an earlier
-  process of its pod reported, and writes its own status before its first renewal.
+- Lease `<cacheagent name>` (coordination.k8s.io/v1) in the agent's namespace, labelled
+  LEASE_LABEL=agent: the agent renews it every LEASE_RENEW_S (and sets the label on every
+  renewal); the operator marks the agent NotReady when renewTime is older than
+  leaseDurationSeconds, or at once when the agent released it (holderIdentity removed, on
+  a clean shutdown). The operator watches only Leases carrying LEASE_LABEL (its own leader
+  Lease is labelled LEASE_LABEL=operator), in its own namespace. A starting agent clears
+  what an earlier process of its pod reported, and writes its own status before its first
+  renewal.
 - CacheAgent status.accepting: the agent; false while it starts and once it stops (SIGTERM).
   The operator binds nothing to an agent that is not accepting (as if cordoned).
 - CacheAgent status.degraded and localFaults: the agent (see AGENT_FAULT_REASONS below).
@@ -94,10 +103,15 @@ aggregate repeats (count, first and last timestamp) instead of dropping them.
 
 from __future__ import annotations
 
+import datetime as _dt
+
 from stoker.api.base import AGENT_LABEL, GROUP
 
 ATTEMPT_ANNOTATION = f"{GROUP}/attempt"
 FLEET_LABEL = f"{GROUP}/fleet"
+SCHEDULED_AT_ANNOTATION = f"{GROUP}/scheduled-at"
+UNBOUND_ANNOTATION = f"{GROUP}/unbound"
+LEASE_LABEL = f"{GROUP}/lease"
 LEASE_DURATION_S = 15
 LEASE_RENEW_S = 5
 OPERATOR_LEASE = "stoker-operator"
@@ -110,8 +124,10 @@ AGENT_FAULT_REASONS = frozenset({
 """Attempt-failure reasons that blame the agent, not the job (see the module docstring)."""
 
 __all__ = [
-    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "FLEET_LABEL", "fleet_selector", "LEASE_DURATION_S", "LEASE_RENEW_S",
-    "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT", "AGENT_FAULT_REASONS",
+    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "SCHEDULED_AT_ANNOTATION", "UNBOUND_ANNOTATION", "LEASE_LABEL",
+    "FLEET_LABEL", "fleet_selector", "LEASE_DURATION_S", "LEASE_RENEW_S",
+    "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT", "AGENT_FAULT_REASONS", "bound_attempt",
+    "scheduled_at",
 ]
 
 
@@ -132,3 +148,18 @@ def bound_attempt(job: dict, agent: str) -> int | None:
         return int(meta.get("annotations", {}).get(ATTEMPT_ANNOTATION, ""))
     except ValueError:
         return None
+
+
+def scheduled_at(job: dict, now: str) -> str:
+    """The status.scheduledAt a bound agent records: the binding's SCHEDULED_AT_ANNOTATION, or
+    `now` (RFC 3339) when that is missing or later, so that scheduledAt never follows startedAt
+    whatever the clocks of operator and agent say."""
+    value = (job.get("metadata", {}).get("annotations") or {}).get(SCHEDULED_AT_ANNOTATION)
+    if not value:
+        return now
+    try:
+        parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        current = _dt.datetime.fromisoformat(now.replace("Z", "+00:00"))
+    except ValueError:
+        return now
+    return value if parsed <= current else now

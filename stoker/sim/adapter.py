@@ -1,7 +1,7 @@
 """The one place where the simulator meets the real decision code.
 
 The engine and policies call the agent's eviction and cache accounting, the
-operator's placement (and replica planning, when present) and the shared use ranks
+operator's placement and its planner with memory (and replica planning, when present) and the shared use ranks
 (`stoker.userank`: the agents' rank function and the operator's fleet rank) only
 through the names imported here, which are the originals (never copies), so a test
 can check identity. The view builders translate simulator state into the operator's input
@@ -11,7 +11,6 @@ GenerationJobs.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -31,6 +30,7 @@ from stoker.operator.placement import (
     plan_bindings,
     plan_placement,
 )
+from stoker.operator.planner import Planner, PromiseSettings
 from stoker.userank import DEFAULT_HALF_LIFE_S, FleetRank, add_use
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ __all__ = [
     "plan_bindings",
     "plan_eviction",
     "plan_placement",
-    "refresh_agent_view",
+    "Planner",
+    "PromiseSettings",
 ]
 
 
@@ -177,11 +178,3 @@ def _downloading(sim: Simulator, agent: AgentState, now: float) -> dict[str, int
         downloading.setdefault(key, 0)
     return downloading
 
-
-def refresh_agent_view(sim: Simulator, agent: AgentState, view: AgentView, now: float) -> AgentView:
-    """`view` of an agent whose state has not changed since, with its time-dependent fields updated."""
-    if not agent.jobs and agent.downloading is None:
-        return view
-    return dataclasses.replace(
-        view, running_remaining_s=_remaining_s(sim, agent, now), downloading=_downloading(sim, agent, now)
-    )

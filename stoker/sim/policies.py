@@ -3,8 +3,9 @@
 Baselines push every job to an agent as soon as it arrives (the agent queues it
 locally and caches with plain LRU): least-connection (what a load balancer gives),
 random, and route-to-holder-else-least-loaded (ModelMesh-like). Stoker binds late:
-jobs stay pending until an agent has a free slot, and the operator's real
-`plan_placement` chooses; optionally the operator's real replica planner keeps warm
+jobs stay pending until an agent has a free slot, and the operator's real placement
+planner chooses (`Planner`, placement with memory between passes and promises to
+waiting jobs, exactly as the operator runs it); optionally the operator's real replica planner keeps warm
 copies (static targets, or autoscaled by demand). Stoker's agents rank disk entries
 by use frequency (the agent's `DiskCacheState`); placement reads those ranks from the
 agents' views (what the operator reads from CacheAgent `models[].rank`), and the
@@ -28,13 +29,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stoker.sim import adapter, replica_driver
-from stoker.sim.adapter import PlacementSettings, plan_bindings, plan_placement
+from stoker.sim.adapter import PlacementSettings, Planner, PromiseSettings, plan_bindings, plan_placement
 from stoker.sim.engine import AgentState, JobRecord, Policy, Simulator
 
 __all__ = [
     "HolderElseLeastLoaded",
     "LeastConnection",
     "POLICIES",
+    "Planner",
     "RandomChoice",
     "StokerPolicy",
     "make_policy",
@@ -150,6 +152,7 @@ class StokerPolicy:
         tick_s: float = 30.0,
         queue_slots: bool = True,
         fleet_ranks: bool = True,
+        promises: PromiseSettings | None = PromiseSettings(),
     ) -> None:
         self.name = name
         self.queue_slots = queue_slots
@@ -172,6 +175,8 @@ class StokerPolicy:
         self._job_views: dict[int, tuple[int, adapter.JobView]] = {}
         self._agent_views: dict[str, tuple[int, adapter.AgentView]] = {}
         self._planner = replica_driver.ReplicaDriver(replicas) if replicas.enabled else None
+        self.placement = Planner(self.settings, promises=promises)
+        """The operator's placement planner, kept between passes as the operator keeps it."""
 
     def assign(self, sim: Simulator, pending: Sequence[JobRecord], now: float) -> list[tuple[JobRecord, AgentState]]:
         agents = sim.visible_agents
@@ -192,7 +197,7 @@ class StokerPolicy:
         views = [self._agent_view(sim, a, now) for a in agents]
         artifacts = self._artifacts
         started = time.thread_time()
-        plan = plan_placement(jobs, views, artifacts, now=now, settings=self.settings)
+        plan = self.placement.plan(jobs, views, artifacts, now=now)
         self.core_cpu_s += time.thread_time() - started
         self.core_calls += 1
         self.jobs_examined += plan.jobs_examined
@@ -222,12 +227,14 @@ class StokerPolicy:
         return cached[1]
 
     def _agent_view(self, sim: Simulator, agent: AgentState, now: float) -> adapter.AgentView:
+        # A new view when the agent's state changed, as the operator builds one when a CacheAgent
+        # changes; between changes the agent's last report (remaining times included) stands.
         cached = self._agent_views.get(agent.name)
         if cached is None or cached[0] != agent.version:
             view = adapter.agent_view(sim, agent, now, queue_slots=self.queue_slots, frequency_ranks=self.fleet_ranks)
             self._agent_views[agent.name] = (agent.version, view)
             return view
-        return adapter.refresh_agent_view(sim, agent, cached[1], now)
+        return cached[1]
 
     def stats(self) -> dict[str, float]:
         return {
@@ -236,6 +243,9 @@ class StokerPolicy:
             "replica_cpu_s": self.replica_cpu_s,
             "replica_calls": self.replica_calls,
             "jobs_examined": self.jobs_examined,
+            "jobs_placed": self.placement.stats.placed,
+            "jobs_reused": self.placement.stats.reused,
+            "broken_promises": self.placement.stats.broken_promises,
         }
 
     def tick(self, sim: Simulator, now: float) -> None:

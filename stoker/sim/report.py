@@ -61,9 +61,13 @@ class Summary:
     """CPU time of the placement core per binding (Stoker only; nan otherwise)."""
     core_job_us: float
     """CPU time of the placement core per examined job: bound, left waiting or
-    unplaceable (Stoker only; nan otherwise). Passes re-examine waiting jobs, so
-    there are more examined jobs than bindings."""
+    unplaceable (Stoker only; nan otherwise). Passes go through the waiting jobs
+    again, so there are more examined jobs than bindings; the planner places only
+    those whose inputs changed."""
     jobs_examined: int
+    jobs_placed: int
+    """Of the examined jobs, those placed afresh (the planner reused the others' outcomes)."""
+    broken_promises: int
     pass_p99_ms: float
     decisions: int
 
@@ -105,6 +109,8 @@ def summarize(result: SimResult, *, window_start_s: float = 0.0) -> Summary:
         core_us=core_us,
         core_job_us=core_job_us,
         jobs_examined=examined,
+        jobs_placed=int(stats.get("jobs_placed", examined)),
+        broken_promises=int(stats.get("broken_promises", 0)),
         pass_p99_ms=percentile(result.pass_cpu_s, 99) * 1e3,
         decisions=result.decisions,
     )

@@ -37,7 +37,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from stoker.api import GROUP, VERSION
-from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION, FLEET_LABEL
+from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION, FLEET_LABEL, LEASE_LABEL, scheduled_at
 from stoker.kube import Objects, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ class FakeAgentConfig:
     download_bps: float = 200e6
     fleet: str | None = None
     """Labels its CacheAgent stoker.dev/fleet=<fleet>, as the real agent's --fleet does."""
+    accept_jobs: bool = True
+    """False: never looks at the jobs bound to it (it only reports and renews its Lease)."""
 
 
 class FakeAgent:
@@ -111,8 +113,9 @@ class FakeAgent:
                 raise FakeAgentError(f"cannot create CacheAgent {self.cfg.namespace}/{self.cfg.name}: {exc.reason}") from exc
         self._report()
         self._renew()
-        for target, name in ((self._lease_loop, "lease"), (self._watch_jobs, "jobs"),
-                             (self._holds_loop, "holds"), (self._status_loop, "status")):
+        loops = ((self._lease_loop, "lease"), (self._watch_jobs, "jobs"), (self._holds_loop, "holds"),
+                 (self._status_loop, "status"))
+        for target, name in loops if self.cfg.accept_jobs else (loops[0], *loops[2:]):
             t = threading.Thread(target=target, name=f"{self.cfg.name}-{name}", daemon=True)
             t.start()
             self.threads.append(t)
@@ -133,14 +136,14 @@ class FakeAgent:
         now = dt.datetime.now(dt.timezone.utc)
         name, ns = self.cfg.name, self.cfg.namespace
         try:  # a merge patch, as the real agent renews (the chart's agent Role has patch, not update)
-            self.coord.patch_namespaced_lease(name, ns, {"spec": {
+            self.coord.patch_namespaced_lease(name, ns, {"metadata": {"labels": {LEASE_LABEL: "agent"}}, "spec": {
                 "renewTime": now_rfc3339(now), "leaseDurationSeconds": self.cfg.lease_duration_s,
                 "holderIdentity": name}})
         except ApiException as exc:
             if exc.status != 404:
                 raise
             self.coord.create_namespaced_lease(ns, client.V1Lease(
-                metadata=client.V1ObjectMeta(name=name, namespace=ns),
+                metadata=client.V1ObjectMeta(name=name, namespace=ns, labels={LEASE_LABEL: "agent"}),
                 spec=client.V1LeaseSpec(holder_identity=name, lease_duration_seconds=self.cfg.lease_duration_s,
                                         acquire_time=now, renew_time=now)))
 
@@ -395,7 +398,10 @@ class FakeAgent:
                 self._write_status(name, attempt, {"phase": "Failed", "reason": self.cfg.bad_sources[bad],
                                                    "message": f"model {bad} cannot be fetched", "finishedAt": now_rfc3339()})
                 return
-            if not self._write_status(name, attempt, {"phase": "Running", "startedAt": now_rfc3339(), "cacheHit": hit,
+            started = now_rfc3339()
+            if not self._write_status(name, attempt, {"phase": "Running", "agent": self.cfg.name, "attempt": attempt,
+                                                      "startedAt": started, "scheduledAt": scheduled_at(obj, started),
+                                                      "cacheHit": hit,
                                                       "progress": {"step": 0, "steps": spec["params"].get("steps", 20)}},
                                       event=("Running", f"attempt {attempt} started on {self.cfg.name} ({hit} hit)")):
                 return

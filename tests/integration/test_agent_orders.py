@@ -260,6 +260,12 @@ class TestLease:
                     lambda: (lease := leases.read_namespaced_lease(AGENT, namespace)).spec.renew_time
                     > first.spec.renew_time and lease, message="a renewal")
                 assert renewed.spec.renew_time - first.spec.renew_time < datetime.timedelta(seconds=3)
+                # Labelled, on creation and on every renewal: the operator watches only labelled Leases.
+                assert first.metadata.labels == {"stoker.dev/lease": "agent"}
+                await asyncio.to_thread(leases.patch_namespaced_lease, AGENT, namespace,
+                                        {"metadata": {"labels": {"stoker.dev/lease": None}}})
+                await eventually(lambda: (leases.read_namespaced_lease(AGENT, namespace).metadata.labels or {}).get(
+                    "stoker.dev/lease") == "agent", message="the label put back by a renewal")
                 await asyncio.to_thread(leases.delete_namespaced_lease, AGENT, namespace)
                 await eventually(lambda: leases.read_namespaced_lease(AGENT, namespace), message="the Lease recreated")
             finally:

@@ -7,11 +7,12 @@ namespace, with fake agents that speak the agent protocol through the API server
 from __future__ import annotations
 
 import pathlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 
 from stoker.kube import Objects
 from stoker.testing.fake_agent import FakeAgent, FakeAgentConfig
@@ -365,3 +366,54 @@ def test_deleting_a_bound_job_cancels_it_and_frees_its_slot(operator, agents, ob
                      timeout_s=30, message="the freed slot to take the next job")
     assert bound == "agent-a"
     assert ("unwanted", 1) in agent.started and ("unwanted", 1) not in agent.completed
+
+
+def test_a_binding_is_one_write_and_a_job_its_agent_never_accepted_is_requeued_when_the_agent_is_lost(
+        operator, agents, objects) -> None:
+    model(objects, "sd-one")
+    silent = agents("silent", models={"sd-one": ("vram", GIB)}, accept_jobs=False, lease_duration_s=2)
+    created = objects.create("GenerationJob", {
+        "apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob", "metadata": {"name": "lonely"},
+        "spec": {"model": "sd-one", "params": {"prompt": "a red fox", "steps": 4}}})
+    seen: list[tuple[str, dict[str, Any]]] = []
+    stop = threading.Event()
+
+    def watch_job() -> None:  # every change after the creation, in order
+        rv = created["metadata"]["resourceVersion"]
+        while not stop.is_set():
+            for ev in watch.Watch().stream(objects.custom.list_namespaced_custom_object, "stoker.dev", "v1alpha1",
+                                           objects.namespace, "generationjobs", field_selector="metadata.name=lonely",
+                                           resource_version=rv, timeout_seconds=2):
+                rv = ev["object"]["metadata"]["resourceVersion"]
+                seen.append((ev["type"], ev["object"]))
+
+    watcher = threading.Thread(target=watch_job, daemon=True)
+    watcher.start()
+    try:
+        bound = wait_for(lambda: (o := objects.get("GenerationJob", "lonely"))["metadata"].get("labels", {}).get(
+            "stoker.dev/agent") and o, timeout_s=20, message="the binding label")
+        annotations = bound["metadata"]["annotations"]
+        assert annotations["stoker.dev/attempt"] == "1" and "stoker.dev/scheduled-at" in annotations
+        assert not (bound.get("status") or {}).get("agent"), "the operator writes no status for a binding"
+        assert "Scheduled" in wait_for(lambda: events_for(objects, "lonely"), timeout_s=10, message="the Event")
+        silent.crash()  # its Lease stops; it never accepted the job
+        requeued = wait_for(lambda: (st := status(objects, "lonely")).get("history") and st, timeout_s=30,
+                            message=lambda: f"the requeue ({status(objects, 'lonely')})")
+        assert (requeued["phase"], requeued["attempt"]) == ("Pending", 2)
+        assert [(h["attempt"], h["agent"], h["outcome"], h["reason"]) for h in requeued["history"]] == [
+            (1, "silent", "Requeued", "AgentLost")]
+        after = objects.get("GenerationJob", "lonely")["metadata"]
+        assert "stoker.dev/agent" not in (after.get("labels") or {})
+        assert after["annotations"].get("stoker.dev/unbound") == "silent/1"
+        wait_for(lambda: len(seen) >= 3, timeout_s=10, message=lambda: f"3 watch events (got {len(seen)})")
+    finally:
+        stop.set()
+    # Bound (one write, nothing in status); unbound; requeued (status). Nothing else.
+    changes = [(t, (o["metadata"].get("labels") or {}).get("stoker.dev/agent"), (o.get("status") or {}).get("attempt"))
+               for t, o in seen]
+    assert changes[:3] == [("MODIFIED", "silent", None), ("MODIFIED", None, None), ("MODIFIED", None, 2)], changes
+    # A new agent takes the second attempt.
+    agents("rescuer", models={"sd-one": ("disk", GIB)}, job_seconds=0.05)
+    done = wait_for(lambda: finished(objects, "lonely"), timeout_s=30, message="the job to finish on the rescuer")
+    assert (done["phase"], done["agent"], done["attempt"]) == ("Succeeded", "rescuer", 2)
+    assert done["scheduledAt"] <= done["startedAt"]

@@ -508,3 +508,55 @@ def test_a_job_bound_to_an_agent_whose_cacheagent_is_gone_is_requeued_at_once() 
     tr = reconciler._decide(job, job_state(job), {"ns/a": True}, {}, now=1e9 - 1)
     assert tr is not None and tr.event == "Requeued" and tr.after.attempt == 2
     assert tr.after.history[-1].agent_fault and "not counted" in tr.message
+
+
+def test_a_labelled_job_its_agent_has_not_accepted_is_scheduled_from_the_binding_alone() -> None:
+    job = job_from_body(job_body(labels={"stoker.dev/agent": "a"}, annotations={
+        "stoker.dev/attempt": "1", "stoker.dev/scheduled-at": "2026-01-01T00:00:03.500000Z"}))
+    assert not job.pending and job.phase is jobstate.JobPhase.PENDING
+    st = job_state(job)
+    assert (st.phase, st.agent, st.attempt) == (jobstate.JobPhase.SCHEDULED, "a", 1)
+    assert st.bound_at == st.created_at + 3.5
+
+
+def test_losing_the_agent_of_a_job_it_never_accepted_requeues_it_with_the_attempt_counted() -> None:
+    from stoker.operator.failure import Reconciler
+
+    state = State()
+    job = job_from_body(job_body(labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"}))
+    rec = Reconciler(state, writer=None, lease_grace_s=3.0)  # type: ignore[arg-type]
+    now = job.created_at + 10
+    tr = rec._decide(job, job_state(job), {"ns/a": False}, {}, now)
+    assert tr is not None and tr.event == "Requeued"
+    patch = status_patch(tr.before, tr.after)
+    assert (patch["phase"], patch["attempt"]) == ("Pending", 2)
+    assert [(h["attempt"], h["agent"], h["reason"]) for h in patch["history"]] == [(1, "a", "AgentLost")]
+    assert rec._decide(job, job_state(job), {"ns/a": True}, {}, now) is None, "a Ready agent keeps its binding"
+
+
+def test_an_unbind_cut_short_holds_the_job_until_its_status_records_the_attempt() -> None:
+    from stoker.operator.failure import Reconciler
+
+    # The label is gone, the status never got its history record: the job is not pending.
+    cut = job_from_body(job_body(annotations={"stoker.dev/unbound": "a/1"}))
+    assert cut.unbinding and not cut.pending
+    st = job_state(cut)
+    assert (st.phase, st.agent, st.attempt) == (jobstate.JobPhase.SCHEDULED, "a", 1)
+    tr = Reconciler(State(), writer=None, lease_grace_s=3.0)._decide(  # type: ignore[arg-type]
+        cut, st, {"ns/a": True}, {}, cut.created_at + 1)
+    assert tr is not None and tr.event == "Requeued" and tr.after.attempt == 2
+    # Once the status has the record, the marker is history and the job is pending again.
+    done = job_from_body(job_body(annotations={"stoker.dev/unbound": "a/1"}, status={
+        "phase": "Pending", "attempt": 2, "history": [{"attempt": 1, "agent": "a", "outcome": "Requeued",
+                                                      "reason": "AgentLost"}]}))
+    assert not done.unbinding and done.pending
+
+
+def test_the_agent_records_a_scheduled_time_never_later_than_its_own_writes() -> None:
+    from stoker.api.protocol import scheduled_at
+
+    bound = {"metadata": {"annotations": {"stoker.dev/scheduled-at": "2026-01-01T00:00:05.000000Z"}}}
+    assert scheduled_at(bound, "2026-01-01T00:00:06.000000Z") == "2026-01-01T00:00:05.000000Z"
+    # The operator's clock ahead of the agent's: the agent's own time, so scheduledAt <= startedAt.
+    assert scheduled_at(bound, "2026-01-01T00:00:04.000000Z") == "2026-01-01T00:00:04.000000Z"
+    assert scheduled_at({"metadata": {}}, "2026-01-01T00:00:04Z") == "2026-01-01T00:00:04Z"

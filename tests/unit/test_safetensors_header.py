@@ -230,6 +230,18 @@ class TestWhatSafetensorsAccepts:
         assert err.reason is HeaderProblem.BAD_ENTRY and err.tensor == "a" and str(err).count("twice") == 1
         assert str(err).count("BadEntry") == 1
 
+    @pytest.mark.parametrize("first", [
+        b'{"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "dtype": "U8"}',
+        b'{"dtype": "F32", "shape": [4]}',
+        b'{"dtype": "Q9", "shape": [4], "data_offsets": [0, 16]}',
+        b'["F32", [-1], [0, 16]]',
+        b'"F32"',
+    ], ids=["field-twice", "missing-offsets", "unknown-dtype", "negative-dimension", "not-an-entry"])
+    def test_an_entry_replaced_by_a_later_one_of_the_same_name_must_still_be_an_entry(self, first):
+        # serde decodes every value of a map, also one a repeated key then replaces, and safetensors refuses the file.
+        err = rejected(raw(b'{"a": ' + first + b', "a": ' + ENTRY + b"}", F32x4))
+        assert err.reason is HeaderProblem.BAD_ENTRY and err.tensor == "a"
+
     def test_packed_four_bit_values_need_an_even_last_dimension(self):
         assert parse(raw(json.dumps({"q": entry("F4", [3, 2], 0, 3)}).encode(), b"\0" * 3)).tensors[0].size_bytes == 3
         assert rejected(raw(json.dumps({"q": entry("F4", [2, 3], 0, 3)}).encode(), b"\0" * 3)).tensor == "q"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stoker.agent.disk_cache
 import stoker.operator.placement
+import stoker.operator.planner
 import stoker.operator.replicas
 import stoker.userank
 from stoker.sim import adapter, cli, engine, policies, replica_driver
@@ -19,6 +20,7 @@ def tiny() -> tuple:
 
 def test_the_simulator_uses_the_operators_and_agents_own_functions() -> None:
     assert policies.plan_placement is stoker.operator.placement.plan_placement
+    assert policies.Planner is stoker.operator.planner.Planner
     assert adapter.plan_bindings is stoker.operator.placement.plan_bindings
     assert adapter.add_use is stoker.userank.add_use
     assert adapter.FleetRank is stoker.userank.FleetRank
@@ -28,16 +30,16 @@ def test_the_simulator_uses_the_operators_and_agents_own_functions() -> None:
     assert adapter.DiskCacheState is stoker.agent.disk_cache.DiskCacheState
 
 
-def test_the_stoker_policy_binds_exactly_what_plan_placement_returns(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_stoker_policy_binds_exactly_what_the_operators_planner_returns(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     calls: list[tuple[str, ...]] = []
-    real = stoker.operator.placement.plan_placement
+    real = stoker.operator.planner.Planner.plan
 
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        out = real(*args, **kwargs)
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(self, *args, **kwargs)
         calls.append(tuple(f"{b.job_key}->{b.agent}" for b in out.bindings))
         return out
 
-    monkeypatch.setattr(policies, "plan_placement", spy)
+    monkeypatch.setattr(stoker.operator.planner.Planner, "plan", spy)
     trace, fleet = tiny()
     result = engine.simulate(trace, fleet, lambda: policies.make_policy("stoker"))
     planned = [pair for call in calls for pair in call]
@@ -80,6 +82,7 @@ def test_baselines_never_consult_the_placement_core(monkeypatch) -> None:  # typ
 
     monkeypatch.setattr(policies, "plan_bindings", boom)
     monkeypatch.setattr(policies, "plan_placement", boom)
+    monkeypatch.setattr(stoker.operator.planner.Planner, "plan", boom)
     trace, fleet = tiny()
     for key in ("least-conn", "random", "holder"):
         assert engine.simulate(trace, fleet, lambda: policies.make_policy(key)).jobs_lost == 0
