@@ -122,6 +122,8 @@ class Results:
     partial: list[str] = dataclasses.field(default_factory=list)
     faults: dict[str, int] = dataclasses.field(default_factory=dict)
     requeue_s: list[float] = dataclasses.field(default_factory=list)
+    requeue_missed: list[str] = dataclasses.field(default_factory=list)
+    """Jobs bound to a killed agent that neither left it nor finished within 120 s."""
     failover_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     leaks: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -130,7 +132,7 @@ class Results:
 
     def ok(self) -> bool:
         return not (self.lost or self.duplicates or self.result_mismatches or self.overruns or self.partial
-                    or self.leaks or self.unexplained)
+                    or self.leaks or self.unexplained or self.requeue_missed)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -439,6 +441,9 @@ class Soak:
                     elif phase in ("Succeeded", "Failed"):
                         pending.discard(name)  # it finished before the kill was noticed
             time.sleep(0.2)
+        if pending and not self.stop.is_set():
+            with self.lock:
+                self.results.requeue_missed.extend(f"{name} (on {agent})" for name in sorted(pending))
 
     def _leader(self) -> tuple[str | None, Any]:
         spec = self.coord.read_namespaced_lease("stoker-operator", NAMESPACE, _request_timeout=(2, 5)).spec
@@ -621,7 +626,8 @@ def render(plan: Plan, r: Results, *, command: str, load: tuple[float, float]) -
         f"| disk budget overruns | {len(r.overruns)} (samples over budget) |",
         f"| partial files | {len(r.partial)} |",
         f"| requeue after agent kill | p50 {fmt(percentile(r.requeue_s, 0.5))}, p99 {fmt(percentile(r.requeue_s, 0.99))} "
-        f"({len(r.requeue_s)} jobs; agent Lease {plan.agent_lease_s} s) |",
+        f"({len(r.requeue_s)} jobs; agent Lease {plan.agent_lease_s} s; left bound to a killed agent: "
+        f"{len(r.requeue_missed)}) |",
         f"| failover | {failover or '-'} (leader Lease {plan.leader_lease_s:.0f} s) |",
         f"| secret leaks | {len(r.leaks)}" + (f" ({', '.join(r.leaks)})" if r.leaks else "") + " |",
     ]

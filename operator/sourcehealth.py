@@ -53,6 +53,8 @@ SOURCE_FAILURE_REASONS = RETRYABLE_SOURCE_REASONS | frozenset({
     # Not retryable: the source or the ModelCache is wrong.
     "ChecksumMismatch", "SizeMismatch", "HTTPNotFound", "HTTPForbidden", "HTTPUnauthorized", "HTTPClientError",
     "InvalidHeader", "InvalidSafetensors", "PickleRefused", "URLNotAllowed", "TooManyRedirects", "SizeUnknown",
+    # The ModelCache names a credential the fleet does not allow (for that host): the same on every agent.
+    "CredentialNotAllowed", "CredentialHostNotAllowed",
 })
 """Failure reasons that blame the model's source rather than the agent or the job: each is an
 answer from the source itself (a status, a size, bytes that do not verify) or a refusal of

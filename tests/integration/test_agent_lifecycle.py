@@ -171,10 +171,10 @@ def test_sigterm_on_an_idle_agent_exits_within_5s_and_releases_its_lease(
     assert (objects.get("CacheAgent", "agent-i").get("status") or {}).get("accepting") is False
 
 
-def job(name: str, *, steps: int) -> dict[str, Any]:
+def job(name: str, *, steps: int, size: int = 64) -> dict[str, Any]:
     return {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob", "metadata": {"name": name},
             "spec": {"model": "tiny-sd15", "maxAttempts": 1, "params": {
-                "prompt": "a lighthouse", "steps": steps, "width": 64, "height": 64, "seed": 3, "sampler": "euler"}}}
+                "prompt": "a lighthouse", "steps": steps, "width": size, "height": size, "seed": 3, "sampler": "euler"}}}
 
 
 def test_sigterm_drains_the_running_job_and_hands_the_queued_one_back_at_once(
@@ -194,7 +194,9 @@ def test_sigterm_drains_the_running_job_and_hands_the_queued_one_back_at_once(
                 wait_for(lambda name=name: registered(objects, name), timeout_s=180,
                          message=lambda proc=proc: f"the agent to register\n{proc.tail()}")
             objects.patch("CacheAgent", "agent-b", {"spec": {"cordon": True}})  # both jobs go to A
-            objects.create("GenerationJob", job("running", steps=30))
+            # Seconds of generation (a tiny model at 64x64 would be done in a fraction of one), so that the
+            # second job is still queued behind it when the agent is told to stop.
+            objects.create("GenerationJob", job("running", steps=60, size=512))
             wait_for(lambda: (status("running").get("progress") or {}).get("step", 0) >= 1, timeout_s=180,
                      message=lambda: f"the first job to be generating on agent-a: {status('running')}\n{a.tail()}")
             objects.create("GenerationJob", job("queued", steps=2))

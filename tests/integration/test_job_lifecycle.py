@@ -90,7 +90,9 @@ def test_jobs_that_cannot_be_placed_say_why_and_a_missing_model_fails_after_its_
         objects.create("GenerationJob", job("too-big", "huge"))
         objects.create("GenerationJob", job("too-wide", "wide"))
         objects.create("GenerationJob", job("unknown-lora", "small", loras=[{"name": "style"}]))
-        wait_for(lambda: reason_of(objects, "too-big") == "TooLargeForAnyAgent"
+        # A model beyond every disk budget can never run: its ModelCache fails at once (TooLarge), and so do its
+        # jobs; one beyond every GPU waits, saying why, for an agent with a larger one.
+        wait_for(lambda: reason_of(objects, "too-big") == "ModelUnavailable"
                  and reason_of(objects, "too-wide") == "InsufficientVRAM", timeout_s=60,
                  message=lambda: f"the size reasons: {reason_of(objects, 'too-big')}, {reason_of(objects, 'too-wide')}"
                                  f"\n{op.tail()}\n{agent.tail()}")
@@ -102,10 +104,11 @@ def test_jobs_that_cannot_be_placed_say_why_and_a_missing_model_fails_after_its_
         failed_scheduling = [(e["involvedObject"]["name"], e["type"], e["message"].split(":")[0])
                              for e in json.loads(events)["items"] if e["reason"] == "FailedScheduling"]
         assert {("no-agent", "Warning", "NoReadyAgent"), ("no-lora", "Warning", "ModelCacheNotFound"),
-                ("too-big", "Warning", "TooLargeForAnyAgent"), ("too-wide", "Warning", "InsufficientVRAM")} <= set(
-                    failed_scheduling), failed_scheduling
+                ("too-wide", "Warning", "InsufficientVRAM")} <= set(failed_scheduling), failed_scheduling
+        too_big = objects.get("GenerationJob", "too-big")["status"]
+        assert too_big["phase"] == "Failed" and "disk budget" in too_big["message"], too_big
         table = kubectl("get", "gj", "too-big", "too-wide").stdout
-        assert "TooLargeForAnyAgent" in table and "InsufficientVRAM" in table, table
+        assert "ModelUnavailable" in table and "InsufficientVRAM" in table, table
     finally:
         if agent is not None:
             agent.stop()

@@ -33,7 +33,8 @@ MODEL_CACHES = [
     ("negative-replicas", {"source": source(), "replicas": -1}, "spec.replicas"),
     ("too-many-replicas", {"source": source(), "replicas": 100000}, "spec.replicas"),
     ("more-hot-than-warm", {"source": source(), "replicas": 1, "hotReplicas": 3}, "hotReplicas must not exceed replicas"),
-    ("pickle-without-consent", {"source": source(), "format": "ckpt"}, "pickle-based"),
+    ("pickle-format", {"source": source(), "format": "ckpt"}, 'Unsupported value: "ckpt"'),
+    ("pickle-even-with-consent", {"source": source(), "format": "ckpt", "allowPickle": True}, 'Unsupported value: "ckpt"'),
     ("unknown-kind", {"source": source(), "kind": "shellscript"}, "spec.kind"),
 ]
 
