@@ -189,6 +189,42 @@ def _demote(markdown: str) -> str:
     return re.sub(r"^(#+) ", lambda m: "#" + m[1] + " ", markdown.strip(), flags=re.M)
 
 
+def _rate(x: float | None) -> str:
+    return f"{x:.2f} GB/s" if x is not None else "not measured"
+
+
+def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The figures a reader looks for first: the loader's rates and ceilings, then time per image."""
+    rows: list[tuple[str, str]] = []
+    loader = result.get("loader")
+    if loader:
+        by_name = {r["name"]: r for r in loader["loaders"]}
+        default = next((r for r in loader["loaders"] if r["default"]), None)
+        ram = by_name.get("stoker RAM tier -> GPU")
+        ceilings = loader["ceilings"]
+        rows += [
+            ("pinned host -> GPU copy (ceiling)", _rate(ceilings["pinned_h2d_gbps"])),
+            ("Stoker, RAM tier -> GPU", _rate(ram and ram["warm_gbps"])),
+            (f"Stoker, page cache -> {loader['device']} ({default['name'] if default else '-'})",
+             _rate(default and default["warm_gbps"])),
+            (f"Stoker, cold -> {loader['device']}", _rate(default and default["cold_gbps"])),
+            (f"best raw read, cold ({ceilings['raw_read_cold_name'] or '-'})", _rate(ceilings["raw_read_cold_gbps"])),
+        ]  # fmt: skip
+    runner = result.get("runner")
+    for m in (runner or {}).get("models", []):
+        name = f"{'SD 1.5' if m['family'] == 'sd15' else 'SDXL'} ({m['architecture']}, {m['params'] / 1e6:.0f} M params)"
+        if m["error"]:
+            rows.append((name, m["error"]))
+            continue
+        load = f"{m['load_s']:.2f} s ({m['load_gbps']:.2f} GB/s)" if m["load_gbps"] else "-"
+        build = f"{m['build_s']:.2f} s" if m["build_s"] is not None else "-"
+        rows.append((f"{name}: load from the page cache, then build", f"{load}, then {build}"))
+        for i in m["images"]:
+            value = f"{i['median_s'] * 1000:.0f} ms per image" if i["median_s"] is not None else (i["error"] or i["skipped"] or "-")
+            rows.append((f"{name}: {i['width']}x{i['width']}, {i['steps']} steps", value))
+    return rows
+
+
 def render(result: dict[str, Any], *, loader_md: str | None, runner_md: str | None) -> str:
     gpu = result["gpu"]
     title = f"GPU figures: {gpu}" if gpu else "GPU figures: dry run on the CPU (no GPU)"
@@ -198,7 +234,7 @@ def render(result: dict[str, Any], *, loader_md: str | None, runner_md: str | No
         "",
         f"Command: `{result['command']}` ({result['mode']}, {result['budget_s']} s budget, {result['wall_s']:.0f} s wall), "
         f"{result['started_at']}.",
-        f"Machine: {probe_.get('machine', 'unknown')}; Python {probe_.get('python', '?')}; torch {probe_.get('torch', '?')}"
+        f"Machine: {probe_.get('machine', 'unknown')}; interpreter {probe_.get('python', '?')}; torch {probe_.get('torch', '?')}"
         + (f"; {gpu} ({probe_.get('gpu_memory_gib')} GiB, compute {probe_.get('gpu_capability')}, CUDA "
            f"{probe_.get('cuda_runtime')}, driver {probe_.get('driver')}, PCIe gen/width {probe_.get('pcie')})" if gpu else "")
         + f"; data on {(probe_.get('data_dir') or {}).get('filesystem')}; 1-minute load average at start "
@@ -212,6 +248,8 @@ def render(result: dict[str, Any], *, loader_md: str | None, runner_md: str | No
     for t in result["targets"]:
         measured = (f"{_pct(t['measured'])}: {t['detail']}" if t["measured"] is not None else t["detail"]) or "-"
         lines.append(f"| {t['name']} | {t['goal']} | {measured} | {t['verdict']} |")
+    lines += ["", "### Headline figures", "", "| Figure | Value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in headline(result)]
     lines += ["", "### Stages", "", "| Stage | Result | Seconds | Timeout (s) | Log |", "|---|---|---:|---:|---|"]
     for s in result["stages"]:
         seconds = f"{s['seconds']:.0f}" if s.get("seconds") is not None else "-"

@@ -333,9 +333,11 @@ def build_candidates(path: pathlib.Path, device: str, *, threads: int, size_byte
         from fastsafetensors import SafeTensorsFileLoader
 
         block = max(16 * MIB, size_bytes // (threads * 4))
+        # An explicit index: it copies through a device id of its own, and "cuda" alone leaves that to a default.
+        fs_device = f"cuda:{torch.device(device).index or 0}" if on_gpu else device
 
         def fastsafe() -> dict[str, torch.Tensor]:
-            fl = SafeTensorsFileLoader(None, device, nogds=True, max_threads=threads, set_numa=False)
+            fl = SafeTensorsFileLoader(None, fs_device, nogds=True, max_threads=threads, set_numa=False)
             try:
                 fl.add_filenames({0: [str_path]})
                 fb = fl.copy_files_to_device(max_copy_block_size=block)

@@ -99,13 +99,16 @@ class TestDryRun:
         _, out = dry_run
         md = (out / "gpu-check.md").read_text()
         assert md.startswith("## GPU figures: dry run on the CPU (no GPU)\n")
-        for heading in ("### Targets", "### Stages", "### CUDA tests (`pytest -m gpu`)", "### Loader",
+        for heading in ("### Targets", "### Headline figures", "### Stages", "### CUDA tests (`pytest -m gpu`)", "### Loader",
                         "### Runner: real-size architectures from files"):  # fmt: skip
             assert f"\n{heading}" in md, heading
         for name in ("RAM tier -> GPU vs pinned host -> GPU copy", "every CUDA test passes", *LOADERS):
             assert f"| {name} |" in md, name
         assert re.search(r"^\| SD 1\.5 \(tiny\) \| .* \| 64x64 \| 2 \| \d+ ms \| \d+ ms \(1 runs\) \|$", md, re.M), md
         assert re.search(r"^\| SDXL \(tiny\) \| .* \| 64x64 \|", md, re.M)
+        assert re.search(r"^\| SDXL \(tiny, \d+ M params\): 96x96, 2 steps \| \d+ ms per image \|$", md, re.M), md
+        assert re.search(r"^\| Stoker, cold -> cpu \| \d+\.\d\d GB/s \|$", md, re.M)
+        assert "| pinned host -> GPU copy (ceiling) | not measured |" in md
         assert "\n## " not in md.partition("\n")[2]  # the benches' own sections are nested below this one
 
 
@@ -120,7 +123,13 @@ def gpu_loader(**overrides):
         {"key": "warm_vs_others", "measured": 2.0, "met": True, "verdict": "met", "detail": "32 vs 16"},
         {"key": "cold_vs_others", "measured": 1.2, "met": True, "verdict": "met", "detail": "3.7 vs 3.1"},
     ]  # fmt: skip
-    return {"device": "cuda", "targets": targets, **overrides}
+    loaders = [
+        {"name": "stoker [default]", "default": True, "warm_gbps": 32.0, "cold_gbps": 3.7},
+        {"name": "stoker RAM tier -> GPU", "default": False, "warm_gbps": 50.0, "cold_gbps": None},
+    ]  # fmt: skip
+    ceilings = {"pinned_h2d_gbps": 53.0, "pageable_h2d_gbps": 20.0, "raw_read_cold_gbps": 4.0,
+                "raw_read_cold_name": "raw pread, 16 threads (ceiling)"}  # fmt: skip
+    return {"device": "cuda", "targets": targets, "loaders": loaders, "ceilings": ceilings, **overrides}
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
@@ -171,12 +180,22 @@ class TestReport:
         (tmp_path / "probe.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "cuda_available": True,
                                                          "machine": "m", "missing": []}))  # fmt: skip
         (tmp_path / "loader.json").write_text(json.dumps(gpu_loader(markdown="## Loader\n\n| a | b |\n")))
+        sdxl = {"family": "sdxl", "architecture": "real", "params": 3_468_837_867, "error": None, "load_s": 0.5,
+                "load_gbps": 13.9, "build_s": 1.25, "images": [
+                    {"width": 1024, "steps": 20, "median_s": 3.2, "error": None, "skipped": None},
+                    {"width": 512, "steps": 20, "median_s": None, "error": None, "skipped": "not run: time budget spent"}]}
+        (tmp_path / "runner.json").write_text(json.dumps({"models": [sdxl], "markdown": "## Runner: x\n"}))
         result, md = check.build_report(mode="gpu", work=tmp_path, budget_s=470, started_at="now", wall_s=300.0,
                                         test_files=[])  # fmt: skip
         assert [s["status"] for s in result["stages"]] == ["ok", "not run", "not run", "timed out", "not run"]
         assert md.startswith("## GPU figures: NVIDIA H100 80GB HBM3\n") and "| loader | timed out: after 200 s |" in md
-        assert "\n### Loader\n" in md and "No figures (see runner.log)" in md and "markdown" not in result["loader"]
+        assert "\n### Loader\n" in md and "markdown" not in result["loader"]
         assert result["all_targets_met"] is False
+        assert "| Stoker, RAM tier -> GPU | 50.00 GB/s |" in md and "| pinned host -> GPU copy (ceiling) | 53.00 GB/s |" in md
+        assert "| SDXL (real, 3469 M params): load from the page cache, then build | 0.50 s (13.90 GB/s), then 1.25 s |" in md
+        assert "| SDXL (real, 3469 M params): 1024x1024, 20 steps | 3200 ms per image |" in md
+        assert "| SDXL (real, 3469 M params): 512x512, 20 steps | not run: time budget spent |" in md
+        assert "### Runner: x" in md and "No figures (see runner.log)" not in md
 
     def test_record_writes_the_gpu_section_and_the_index_and_refuses_a_dry_run(self, check, tmp_path):
         bench = tmp_path / "BENCHMARKS.md"
