@@ -151,7 +151,7 @@ GPU_TARGETS = [
 
 def summarize_targets(*, tests: dict[str, Any] | None, tests_stage: dict[str, Any], loader: dict[str, Any] | None,
                       cuda: bool) -> list[dict[str, Any]]:  # fmt: skip
-    """The issue's targets from one run: each met, missed (by how much) or not measured (why)."""
+    """The GPU targets from one run: each met, missed (by how much) or not measured (why)."""
     out = []
     by_key = {t["key"]: t for t in (loader or {}).get("targets", [])} if loader and loader.get("device", "").startswith("cuda") else {}
     for key, name, goal in GPU_TARGETS:

@@ -56,7 +56,7 @@ fetch_wheels() {
     "${platforms[@]}" --platform manylinux2014_x86_64 -d "$WHEELS" "${pins[@]}" || return 1
   ls -1 "$WHEELS"
   echo "gpu-check: $(du -sh "$WHEELS" | cut -f1) of wheels in ${WHEELS#"$REPO"/} for CPython $PY_VERSION;" \
-    "take .cache/gpu-check along (device tool: carry [\".cache/gpu-check\"]) and run: bash bench/gpu_check.sh"
+    "copy .cache/gpu-check along with the working tree to the CUDA machine and run there: bash bench/gpu_check.sh"
 }
 
 while (($#)); do
