@@ -13,7 +13,6 @@ if [ -n "${STOKER_CONTROL_PLANE_BIN:-}" ] && [ -x "$STOKER_CONTROL_PLANE_BIN/etc
 fi
 K8S_VERSION="${K8S_VERSION:-1.36.3}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.16}"
-STAGING_VERSION="0.${K8S_VERSION#1.}"
 CACHE="${STOKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stoker}"
 BIN="$CACHE/control-plane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
 mkdir -p "$BIN"
@@ -24,6 +23,8 @@ if { [ ! -x "$BIN/etcd" ] || [ ! -x "$BIN/kube-apiserver" ]; } && ! command -v g
   log "       or set STOKER_CONTROL_PLANE_BIN to a folder that holds both binaries"
   exit 1
 fi
+# shellcheck source=hack/lib/k8s-module.sh
+source "$(dirname "$0")/lib/k8s-module.sh"
 export GOFLAGS="${GOFLAGS:--buildvcs=false}" CGO_ENABLED=0
 
 if [ ! -x "$BIN/etcd" ]; then
@@ -41,19 +42,8 @@ fi
 if [ ! -x "$BIN/kube-apiserver" ]; then
   log "building kube-apiserver v$K8S_VERSION (first time only, about 5-10 minutes on 2 cores)"
   work=$(mktemp -d)
-  # k8s.io/kubernetes points its staging modules at ./staging; a wrapper module
-  # pins each of them to its published release instead.
-  modfile=$(cd "$work" && go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
-  {
-    echo "module stoker-apiserver-build"
-    echo "go 1.26"
-    echo "require k8s.io/kubernetes v$K8S_VERSION"
-    sed -n '/^replace (/,/^)/p' "$modfile" \
-      | sed -n 's#^\s*\(k8s.io/[a-z-]*\) => ./staging.*#replace \1 => \1 v'"$STAGING_VERSION"'#p'
-  } > "$work/go.mod"
-  printf 'package main\nimport _ "k8s.io/kubernetes/cmd/kube-apiserver"\n' > "$work/tools.go"
-  (cd "$work" && go mod tidy >&2 \
-    && go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${STAGING_VERSION#0.}" \
+  k8s_wrapper_module "$work" "$K8S_VERSION" stoker-apiserver-build k8s.io/kubernetes/cmd/kube-apiserver
+  (cd "$work" && go build -trimpath -ldflags "$(k8s_ldflags "$K8S_VERSION")" \
          -o "$BIN/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver >&2)
   mv "$BIN/kube-apiserver.tmp" "$BIN/kube-apiserver"
   rm -rf "$work"
