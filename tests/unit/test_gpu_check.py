@@ -36,11 +36,11 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], pathlib
     out = tmp_path_factory.mktemp("gpu-check")
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "STOKER_PYTHON")}
     done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=420)  # fmt: skip
+                          capture_output=True, text=True, timeout=720)  # fmt: skip
     return done, out
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 class TestDryRun:
     def test_every_stage_runs_and_the_summary_comes_last(self, dry_run):
         done, out = dry_run
