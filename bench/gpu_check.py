@@ -146,6 +146,7 @@ GPU_TARGETS = [
     ("page_cache_vs_pinned", "page cache -> GPU vs pinned host -> GPU copy", ">= 75 %"),
     ("warm_vs_others", "page cache -> GPU vs every other loader", "above every other"),
     ("cold_vs_raw", "cold (disk -> GPU) vs the raw read of the same file", ">= 90 %"),
+    ("cold_vs_others", "cold (disk -> GPU) vs every other loader", "above every other"),
 ]
 
 

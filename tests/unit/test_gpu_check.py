@@ -18,7 +18,7 @@ LOADERS = [
     "safetensors safe_open, tensor by tensor", "safetensors load_file to CPU, then .to(device)", "runai-model-streamer",
     "fastsafetensors (no GDS)", "raw pread, 1 thread (ceiling)", "raw mmap + MADV_POPULATE_READ, 16 threads (ceiling)",
 ]  # fmt: skip
-GPU_TARGETS = ["ram_tier_vs_pinned", "page_cache_vs_pinned", "warm_vs_others", "cold_vs_raw", "cuda_tests"]
+GPU_TARGETS = ["ram_tier_vs_pinned", "page_cache_vs_pinned", "warm_vs_others", "cold_vs_raw", "cold_vs_others", "cuda_tests"]
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ class TestReport:
 
     def test_a_loader_stage_without_figures_leaves_its_targets_not_measured(self, check):
         rows = check.summarize_targets(tests=None, tests_stage={}, loader=None, cuda=True)
-        assert all(r["met"] is None for r in rows[:4])
+        assert all(r["met"] is None for r in rows[:5])
         assert rows[0]["verdict"] == "not measured: the loader stage did not report it (no figures)"
 
     def test_a_report_from_a_work_folder_with_a_stage_that_timed_out(self, check, tmp_path):
