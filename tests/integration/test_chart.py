@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import pathlib
 import subprocess
 
 import pytest
+import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "stoker"
@@ -17,14 +19,28 @@ def test_chart_lints_cleanly(helm: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_chart_crds_are_the_generated_ones() -> None:
-    for path in (REPO / "crds").glob("*.yaml"):
-        assert (CHART / "crds" / path.name).read_text() == path.read_text()
+def test_chart_renders_the_generated_crds_behind_crds_enabled(helm: str) -> None:
+    def crds(*args: str) -> dict[str, dict]:
+        out = subprocess.run([helm, "template", "stoker", str(CHART), *args], check=True, capture_output=True,
+                             text=True).stdout
+        return {d["metadata"]["name"]: d for d in yaml.safe_load_all(out)
+                if d and d["kind"] == "CustomResourceDefinition"}
+
+    rendered = crds()
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        plain = yaml.safe_load(path.read_text())
+        crd = rendered[plain["metadata"]["name"]]
+        assert crd["spec"] == plain["spec"], path.name
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert not crds("--set", "crds.enabled=false")
+    assert all("annotations" not in c["metadata"] for c in crds("--set", "crds.keep=false").values())
 
 
 def test_helm_install_creates_the_operator_agents_and_least_privilege_rbac(helm, control_plane, namespace, kubectl) -> None:
     proc = subprocess.run(
         [helm, "install", "stoker", str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig),
+         # The session's control plane has the CRDs already (applied from crds/, owned by no release).
+         "--set", "crds.enabled=false",
          "--set", "agent.replicas=3", "--set", "agent.credentialSecrets={hub-token}",
          "--set", "agent.apiReadableSecrets={late-token}"],
         capture_output=True, text=True)
@@ -51,3 +67,35 @@ def test_helm_install_creates_the_operator_agents_and_least_privilege_rbac(helm,
     for role in ("stoker-agent", "stoker-operator"):
         rules = json.loads(kubectl("get", "role", role, "-o", "json").stdout)["rules"]
         assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules), role
+
+
+def notes_manifests(notes: str) -> list[str]:
+    """The manifests in NOTES.txt's `kubectl apply -f - <<'EOF'` blocks, unindented."""
+    blocks, current = [], None
+    for line in notes.splitlines():
+        if line.strip().startswith("kubectl") and line.rstrip().endswith("<<'EOF'"):
+            current = []
+        elif current is not None and line.strip() == "EOF":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line.removeprefix("  "))
+    return blocks
+
+
+def test_the_notes_next_steps_work_as_written(helm, control_plane, namespace, kubectl) -> None:
+    proc = subprocess.run(
+        [helm, "install", "notes", str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig),
+         "--set", "crds.enabled=false"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    notes = subprocess.run([helm, "get", "notes", "notes", "--namespace", namespace, "--kubeconfig",
+                            str(control_plane.kubeconfig)], check=True, capture_output=True, text=True).stdout
+    assert "example.com" not in notes and "<" not in notes.replace("<<'EOF'", ""), notes
+    manifests = notes_manifests(notes)
+    assert [yaml.safe_load(m)["kind"] for m in manifests] == ["ModelCache", "GenerationJob"]
+    for manifest in manifests:  # the API server's CRD schema accepts them as they stand
+        kubectl("apply", "-f", "-", input_text=manifest)
+    assert kubectl("get", "generationjob", "first-image", "-o", "jsonpath={.spec.model}").stdout == "sd15"
+    # Every deployment and service the notes name exists under that name.
+    for kind, name in re.findall(r"(deployment|svc)/([a-z0-9-]+)", notes):
+        kubectl("get", kind, name)
