@@ -357,6 +357,15 @@ class DiskCacheState:
         reservations[key] = reservation
         return self._replace(reservations=reservations, **self._without(victims)), reservation, victims
 
+    def check_fits(self, key: str, size_bytes: int) -> None:
+        """Raise `InsufficientCache` when `key` could not reach `size_bytes` even by evicting every
+        evictable entry; changes nothing (a size a server only claims must not evict anything)."""
+        _check_size(size_bytes)
+        current = self.reservations.get(key)
+        growth = size_bytes - (current.size_bytes if current is not None else 0)
+        if growth > 0:
+            self._make_room(key=key, need_bytes=growth, free_bytes=self.free_bytes)
+
     def resize_reservation(self, key: str, size_bytes: int, *, now: float) -> tuple[DiskCacheState, tuple[str, ...]]:
         """Change a reservation's size (the server's size differs from the hint)."""
         _check_size(size_bytes)

@@ -25,8 +25,14 @@ elsewhere is not the first to go here. Waiters that join a download add their hi
 highest counts.
 
 A download runs as long as someone wants it: a job, or a prefetch for an order. When
-the order is released and no job waits for the model, `abandon` stops it; the partial
-file is kept for a resume.
+the last of them stops waiting (the order is released, the job is deleted), the download
+stops; the partial file is kept for a resume.
+
+Space is reserved as the bytes arrive, with a bounded look-ahead, never from a size a
+server or a ModelCache only claims: a claim is checked to be possible (it could fit if
+everything evictable went) and otherwise evicts nothing. So a source that announces 95 MiB
+and sends ten bytes, or answers 404, costs the cache nothing; an interrupted download
+keeps reserved only the bytes it has on disk.
 
 On start the index is rebuilt from the disk: a file without its metadata, with
 a wrong size, with a safetensors header that does not validate (cheap: only the
@@ -68,7 +74,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from stoker.agent import safetensors_header
+from stoker.agent import pools, safetensors_header
 from stoker.agent.disk_cache import DiskCacheState, InsufficientCache
 from stoker.agent.download import (
     Credentials,
@@ -106,6 +112,7 @@ _INDEX = "index.json"
 _MANIFEST = "manifest.json"
 _BANDWIDTH_EWMA_WEIGHT = 0.3
 _MAX_FAILURES = 500
+LOOKAHEAD_MAX_BYTES = 256 << 20
 T = TypeVar("T")
 
 
@@ -249,6 +256,8 @@ class _Flight:
     task: asyncio.Task[pathlib.Path] | None = None
     job_waiters: int = 0
     """Jobs waiting for this download (a released prefetch without them is stopped)."""
+    waiters: int = 0
+    """Everyone waiting for it, jobs and prefetches: when the last one leaves, it stops."""
     rank_hint_s: float | None = None
     """The highest fleet rank its waiters passed: the new copy starts from it."""
 
@@ -313,8 +322,11 @@ class DiskStore:
         verify_on_start: bool = False,
         validate_header: Callable[[pathlib.Path], object] = safetensors_header.read_header,
         clock: Callable[[], float] = time.time,
+        download_pool: concurrent.futures.Executor | None = None,
     ) -> None:
         self.cache_dir = pathlib.Path(cache_dir)
+        self._download_pool = download_pool
+        """Threads the downloads run in (None: asyncio's default pool)."""
         self.models_dir = self.cache_dir / "models"
         self.preload_dir = pathlib.Path(preload_dir) if preload_dir is not None else None
         self._downloader = downloader
@@ -335,7 +347,8 @@ class DiskStore:
 
     @classmethod
     def from_settings(
-        cls, settings: AgentSettings, *, metrics: AgentMetrics | None = None, downloader: Downloader | None = None
+        cls, settings: AgentSettings, *, metrics: AgentMetrics | None = None, downloader: Downloader | None = None,
+        download_pool: concurrent.futures.Executor | None = None,
     ) -> DiskStore:
         """The disk tier as configured; the caller closes the downloader it passes (or `store.downloader`)."""
         return cls(
@@ -347,6 +360,7 @@ class DiskStore:
             max_downloads=settings.max_downloads,
             max_prefetches=settings.max_prefetches,
             verify_on_start=settings.verify_on_start,
+            download_pool=download_pool,
         )
 
     @property
@@ -424,6 +438,7 @@ class DiskStore:
                 flight.rank_hint_s = rank_hint_s
             assert flight.task is not None
             flight.job_waiters += priority == Priority.JOB
+            flight.waiters += 1
             try:
                 # shielded: one caller giving up must not cancel the download for the others
                 await asyncio.shield(flight.task)
@@ -434,6 +449,11 @@ class DiskStore:
                 raise
             finally:
                 flight.job_waiters -= priority == Priority.JOB
+                flight.waiters -= 1
+                if flight.waiters == 0 and not flight.task.done():
+                    # nobody wants it any more (its job was deleted): stop it, keeping the bytes for a resume
+                    log.info("stopping the download of %s: nobody waits for it any more", source.key)
+                    flight.task.cancel()
             # loop: the file could have been evicted before this waiter resumed
 
     async def prefetch(self, source: ModelSource, *, rank_hint_s: float | None = None) -> pathlib.Path:
@@ -624,7 +644,11 @@ class DiskStore:
         loop = asyncio.get_running_loop()
 
         def on_total(total_bytes: int) -> None:
-            _call_in_loop(loop, lambda: self._reserve(key, total_bytes))
+            # a claimed size only has to be possible: space is reserved as the bytes arrive
+            _call_in_loop(loop, lambda: self._check_fits(key, total_bytes))
+
+        def on_grow(needed_bytes: int) -> int:
+            return _call_in_loop(loop, lambda: self._grow(key, needed_bytes, flight.progress.total_bytes))
 
         def before_rename(part: pathlib.Path, sha256: str) -> None:
             if source.format == "safetensors":
@@ -649,23 +673,24 @@ class DiskStore:
             sha256=source.sha256,
             size_bytes=source.size_bytes,
             credentials=source.credentials,
-            require_size=True,
             resume_key=source.digest,
         )
         try:
             if source.size_bytes is not None:
-                self._reserve(key, source.size_bytes)
+                self._check_fits(key, source.size_bytes)
             await asyncio.to_thread(
                 self._write_json, dest.with_name(dest.name + _PENDING), {"key": key, "source": source.digest}
             )
             worker = loop.create_task(
-                asyncio.to_thread(
+                pools.run_in(
+                    self._download_pool,
                     self._downloader.download,
                     request,
                     progress=flight.progress,
                     on_total=on_total,
                     cancel=flight.cancel,
                     before_rename=before_rename,
+                    on_grow=on_grow,
                 )
             )
             finished_after_cancel = False
@@ -704,9 +729,9 @@ class DiskStore:
             raise
 
         (dest.with_name(dest.name + _PENDING)).unlink(missing_ok=True)
-        if result.size_bytes > self._state.reservations[key].size_bytes:
-            self._state, victims = self._state.resize_reservation(key, result.size_bytes, now=self._clock())
-            self._evict_files(victims)
+        reservation = self._state.reservations.get(key)
+        if reservation is None or result.size_bytes > reservation.size_bytes:
+            self._reserve(key, result.size_bytes)  # an empty file, or a resumed file complete before this run
         self._state = self._state.commit(key, now=self._clock(), size_bytes=result.size_bytes,
                                          rank_hint_s=flight.rank_hint_s)
         self._files[key] = _FileInfo(
@@ -740,10 +765,7 @@ class DiskStore:
             except InsufficientCache as exc:
                 # interrupted downloads of other models are the cheapest bytes to give up, but only
                 # when giving them up (with the evictable files) actually makes enough room
-                others = sorted(
-                    (k for k in self._parked if k != key and k not in self._flights and k in self._state.reservations),
-                    key=lambda k: self._state.reservations[k].created_at,
-                )
+                others = self._droppable_parked(key)
                 droppable = sum(self._state.reservations[k].size_bytes for k in others)
                 if not others or exc.free_bytes + exc.evictable_bytes + droppable < exc.needed_bytes:
                     raise
@@ -751,11 +773,50 @@ class DiskStore:
         self._evict_files(victims)
         self._publish()
 
+    def _droppable_parked(self, key: str) -> list[str]:
+        """Interrupted downloads of other models, oldest first: the cheapest bytes to give up."""
+        return sorted((k for k in self._parked if k != key and k not in self._flights and k in self._state.reservations),
+                      key=lambda k: self._state.reservations[k].created_at)
+
+    def _check_fits(self, key: str, size_bytes: int) -> None:
+        """Raise `InsufficientCache` when `key` could never reach `size_bytes`; evicts and drops nothing."""
+        try:
+            self._state.check_fits(key, size_bytes)
+        except InsufficientCache as exc:
+            droppable = sum(self._state.reservations[k].size_bytes for k in self._droppable_parked(key))
+            if exc.free_bytes + exc.evictable_bytes + droppable < exc.needed_bytes:
+                raise
+
+    def _grow(self, key: str, needed_bytes: int, total_bytes: int | None) -> int:
+        """Reserve room for `needed_bytes` of `key` plus a look-ahead (as much again as arrived, at
+        most LOOKAHEAD_MAX_BYTES, never past the announced total), so eviction follows the bytes
+        that really arrive: a source that claims gigabytes and sends ten bytes evicts ten bytes'
+        worth. The download thread asks again only each time its reservation runs out, about
+        log2(size) times up to the cap and then once per cap. Returns the bytes now reserved."""
+        current = self._state.reservations.get(key)
+        have = current.size_bytes if current is not None else 0
+        if needed_bytes <= have:
+            return have
+        target = needed_bytes + min(needed_bytes, LOOKAHEAD_MAX_BYTES)
+        if total_bytes is not None:
+            target = min(target, max(total_bytes, needed_bytes))
+        try:
+            self._reserve(key, target)
+        except InsufficientCache:
+            if target == needed_bytes:
+                raise
+            self._reserve(key, needed_bytes)  # no room for the look-ahead: only what arrived
+            return needed_bytes
+        return target
+
     def _park_or_abort(self, key: str, dest: pathlib.Path, source: ModelSource, *, keep: bool) -> None:
         part = partial_paths(dest)[0]
-        if keep and part.exists() and key in self._state.reservations:
+        size = part.stat().st_size if keep and part.exists() else None
+        if size is not None and key in self._state.reservations:
+            # only the bytes on disk stay reserved: the look-ahead (or a claimed size) goes back
+            self._state, _ = self._state.resize_reservation(key, size, now=self._clock())
             self._parked[key] = (source.digest, dest)
-            log.info("kept %d bytes of the interrupted download of %s for a resume", part.stat().st_size, key)
+            log.info("kept %d bytes of the interrupted download of %s for a resume", size, key)
         else:
             if key in self._state.reservations:
                 self._state = self._state.abort(key)
@@ -881,7 +942,7 @@ class DiskStore:
             except (OSError, ValueError, KeyError, TypeError):
                 usable = False
             if usable and key not in result.files:
-                result.partials.append((key, digest, self.models_dir / data_name, int(total)))
+                result.partials.append((key, digest, self.models_dir / data_name, part.stat().st_size))
             else:
                 for path in (self.models_dir / name, part, sidecar):
                     path.unlink(missing_ok=True)
@@ -970,12 +1031,12 @@ class DiskStore:
         state, victims = state.with_budget(budget)
         for key in victims:
             self._delete_files(self._files[key])
-        for key, digest, dest, total in found.partials:
-            if key in state.entries or state.free_bytes < total:
+        for key, digest, dest, size in found.partials:  # the bytes on disk stay reserved, no more
+            if key in state.entries or state.free_bytes < size:
                 for path in (*partial_paths(dest), dest.with_name(dest.name + _PENDING)):
                     path.unlink(missing_ok=True)
                 continue
-            state, _, _ = state.reserve(key, total, now=now)
+            state, _, _ = state.reserve(key, size, now=now)
             self._parked[key] = (digest, dest)
         self._state = state
         self._save_index()

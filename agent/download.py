@@ -43,6 +43,9 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from stoker.agent import http_guard
+from stoker.agent.urls import URLError, ascii_host, host_allowed, parse_http_url, redact_url
+
 __all__ = [
     "CredentialError",
     "Credentials",
@@ -53,7 +56,9 @@ __all__ = [
     "DownloadRequest",
     "DownloadResult",
     "Downloader",
+    "ascii_host",
     "check_url",
+    "host_allowed",
     "partial_paths",
     "quiet_http_client_logs",
     "redact_url",
@@ -82,6 +87,7 @@ class DownloadFailure(enum.StrEnum):
     HTTP_TOO_MANY_REQUESTS = "HTTPTooManyRequests"
     CONNECTION_FAILED = "ConnectionFailed"
     TIMEOUT = "Timeout"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
     SIZE_UNKNOWN = "SizeUnknown"
     URL_NOT_ALLOWED = "URLNotAllowed"
     TOO_MANY_REDIRECTS = "TooManyRedirects"
@@ -96,6 +102,7 @@ _RETRYABLE = frozenset(
         DownloadFailure.HTTP_TOO_MANY_REQUESTS,
         DownloadFailure.CONNECTION_FAILED,
         DownloadFailure.TIMEOUT,
+        DownloadFailure.DEADLINE_EXCEEDED,
     }
 )
 
@@ -127,16 +134,6 @@ class DownloadError(Exception):
     def retryable(self) -> bool:
         """True when trying again later may succeed (the retries of this call ran out)."""
         return self.reason in _RETRYABLE or self.reason == DownloadFailure.CANCELLED
-
-
-def redact_url(url: str) -> str:
-    """scheme://host[:port]/path: no user info, no query (it may hold a signature)."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
-        return "<invalid url>"
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{parsed.host}{port}{parsed.path}"
 
 
 @dataclass(frozen=True)
@@ -192,6 +189,12 @@ class DownloadPolicy:
     read_timeout_s: float = 30.0
     max_attempts: int = 6
     """Attempts per download call, counting the first."""
+    min_bytes_per_s: float = 32 * 1024
+    """An attempt receiving less than this on average over `throughput_window_s` is cut off
+    (and retried from where it stopped); 0 turns the rule off."""
+    throughput_window_s: float = 60.0
+    deadline_s: float | None = 4 * 3600.0
+    """The whole call, retries and backoff included, fails with DeadlineExceeded after this long."""
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     backoff_multiplier: float = 2.0
@@ -212,9 +215,9 @@ def quiet_http_client_logs() -> None:
 def check_url(url: str, policy: DownloadPolicy) -> httpx.URL:
     """Parse `url` and check it against the policy; raises `DownloadError(URLNotAllowed)`."""
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise DownloadError(DownloadFailure.URL_NOT_ALLOWED, f"invalid download URL: {exc}") from None
+        parsed = parse_http_url(url, what="download URL")
+    except URLError as exc:
+        raise DownloadError(DownloadFailure.URL_NOT_ALLOWED, f"{exc}; fix spec.source.url") from None
     shown = redact_url(url)
     if parsed.scheme == "http" and not policy.allow_http:
         raise DownloadError(
@@ -222,11 +225,7 @@ def check_url(url: str, policy: DownloadPolicy) -> httpx.URL:
             f"refusing plain http URL {shown}: use https, or allow http in the agent settings (STOKER_ALLOW_HTTP)",
             url=shown,
         )
-    if parsed.scheme not in ("http", "https"):
-        raise DownloadError(DownloadFailure.URL_NOT_ALLOWED, f"unsupported URL scheme in {shown}", url=shown)
-    if not parsed.host:
-        raise DownloadError(DownloadFailure.URL_NOT_ALLOWED, f"URL {shown} has no host", url=shown)
-    if policy.allowed_hosts is not None and not _host_allowed(parsed.host, policy.allowed_hosts):
+    if policy.allowed_hosts is not None and not host_allowed(ascii_host(parsed), policy.allowed_hosts):
         raise DownloadError(
             DownloadFailure.URL_NOT_ALLOWED,
             f"host {parsed.host!r} of {shown} is not in the agent's download host allowlist; "
@@ -234,17 +233,6 @@ def check_url(url: str, policy: DownloadPolicy) -> httpx.URL:
             url=shown,
         )
     return parsed
-
-
-def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
-    host = host.lower().rstrip(".")
-    for entry in allowed:
-        entry = entry.lower().rstrip(".")
-        if entry.startswith(".") and (host.endswith(entry) or host == entry[1:]):
-            return True
-        if host == entry:
-            return True
-    return False
 
 
 def partial_paths(dest: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -411,6 +399,9 @@ class Downloader:
         self._sleep = sleep
         self._client = httpx.Client(
             follow_redirects=False,
+            # deadlines and the minimum rate are enforced at the socket (see http_guard)
+            transport=transport or http_guard.GuardedTransport(verify=self.policy.verify_tls,
+                                                               trust_env=self.policy.trust_env),
             timeout=httpx.Timeout(
                 connect=self.policy.connect_timeout_s,
                 read=self.policy.read_timeout_s,
@@ -419,7 +410,6 @@ class Downloader:
             ),
             verify=self.policy.verify_tls,
             trust_env=self.policy.trust_env,
-            transport=transport,
             headers={"User-Agent": self.policy.user_agent, "Accept-Encoding": "identity"},
         )
 
@@ -442,12 +432,16 @@ class Downloader:
         on_total: Callable[[int], None] | None = None,
         cancel: threading.Event | None = None,
         before_rename: Callable[[pathlib.Path, str], None] | None = None,
+        on_grow: Callable[[int], int] | None = None,
     ) -> DownloadResult:
         """Fetch `request.url` into `request.dest`; see the module docstring.
 
         `on_total(total_bytes)` runs once the size is known and before any byte is
-        written (the disk tier reserves space there; an exception it raises aborts
-        the download and propagates unchanged). `cancel` stops the download at the
+        written (the disk tier checks there that the file can fit; an exception it raises
+        aborts the download and propagates unchanged). `on_grow(needed_bytes)` runs before
+        the partial file grows past what it granted last: it returns the new size the file
+        may reach (at least `needed_bytes`; the disk tier reserves space as bytes arrive)
+        or raises, which aborts the download likewise. `cancel` stops the download at the
         next chunk with reason `Cancelled`, keeping the partial file for a resume.
         `before_rename(partial_path, sha256)` runs on the complete, verified partial file just
         before it is renamed into place (format validation, writing metadata); an
@@ -457,7 +451,17 @@ class Downloader:
         progress = progress or DownloadProgress()
         shown = redact_url(request.url)
         started = time.monotonic()
-        job = _Job(request=request, progress=progress, on_total=on_total, cancel=cancel, shown_url=shown)
+        job = _Job(request=request, progress=progress, on_total=on_total, cancel=cancel, shown_url=shown,
+                   on_grow=on_grow)
+        p = self.policy
+        guard = http_guard.Guard(deadline=None if p.deadline_s is None else started + p.deadline_s,
+                                 min_bytes_per_s=p.min_bytes_per_s, window_s=p.throughput_window_s)
+        with http_guard.guarded(guard):
+            return self._download(job, guard, started, before_rename)
+
+    def _download(self, job: _Job, guard: http_guard.Guard, started: float,
+                  before_rename: Callable[[pathlib.Path, str], None] | None) -> DownloadResult:
+        request, progress, cancel, shown = job.request, job.progress, job.cancel, job.shown_url
         job.load_partial()
         attempt = 0
         try:
@@ -477,6 +481,16 @@ class Downloader:
                             DownloadFailure.HTTP_SERVER_ERROR, f"download of {shown} kept restarting: {exc}", url=shown, attempts=attempt
                         ) from None
                 except _Retry as exc:
+                    if guard.tripped == "deadline" or (guard.deadline is not None and time.monotonic() >= guard.deadline):
+                        raise DownloadError(
+                            DownloadFailure.DEADLINE_EXCEEDED,
+                            f"download of {shown} did not finish within {self.policy.deadline_s:.0f} s "
+                            f"(attempt {attempt}: {exc.message}); the partial file ({job.offset} bytes) is kept",
+                            url=shown, attempts=attempt,
+                        ) from None
+                    if guard.tripped == "throughput":
+                        exc = _Retry(DownloadFailure.TIMEOUT, f"the source sent {guard.describe()} (at byte {job.offset})")
+                    guard.tripped = None
                     if attempt >= self.policy.max_attempts:
                         raise DownloadError(
                             exc.reason,
@@ -491,7 +505,9 @@ class Downloader:
                         "download of %s: %s (attempt %d/%d), retrying in %.2fs from byte %d",
                         shown, exc.message, attempt, self.policy.max_attempts, delay_s, job.offset,
                     )
-                    self._wait(delay_s, cancel, shown)
+                    remaining_s = guard.remaining_s()
+                    self._wait(delay_s if remaining_s is None else max(0.0, min(delay_s, remaining_s)), cancel, shown)
+                    guard.restart_window()
             result = job.finish(attempts=attempt, started=started, before_rename=before_rename)
         except DownloadError as exc:
             exc.attempts = exc.attempts or attempt
@@ -686,6 +702,9 @@ class _Job:
     hasher: Any = field(default_factory=_BackgroundSha256)
     announced_total: int | None = None
     resumed_bytes: int = 0
+    on_grow: Callable[[int], int] | None = None
+    granted: int = 0
+    """Bytes the partial file may hold (`on_grow`'s last answer)."""
     _fh: BinaryIO | None = None
 
     @property
@@ -764,6 +783,8 @@ class _Job:
                 f"server sent more than the announced {self.total} bytes for {self.shown_url}",
                 url=self.shown_url,
             )
+        if self.on_grow is not None and self.offset + size > self.granted:
+            self.granted = self.on_grow(self.offset + size)  # space is reserved as bytes arrive
         try:
             written = os.writev(fh.fileno(), parts)
             if written < size:  # a short write: write the rest piece by piece

@@ -42,7 +42,7 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from stoker import kube
-from stoker.agent import output, results_dir, safetensors_header
+from stoker.agent import output, pools, results_dir, safetensors_header
 from stoker.agent.disk_store import DiskStore, DiskStoreError, ModelSource, Priority
 from stoker.agent.job_metrics import JobMetrics
 from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact, Runner, RunnerError
@@ -144,6 +144,8 @@ class JobSettings:
     """A single API request that takes longer counts as failed (and is retried)."""
     shutdown_grace_s: float = 10.0
     """On stop, how long running attempts get to report before they are abandoned."""
+    output_policy: output.OutputPolicy = output.OutputPolicy()
+    """Where images may be delivered, and how long a delivery may take."""
 
 
 class Estimates:
@@ -182,10 +184,11 @@ class JobWorker:
 
     def __init__(self, *, objects: kube.Objects, settings: JobSettings, store: DiskStore, weights: Weights,
                  runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep,
-                 results_store: Any = None) -> None:
+                 results_store: Any = None, threads: pools.Pools = pools.Pools()) -> None:
         self.objects, self.settings = objects, settings
         self.results_store = results_store
         """S3ResultsStore for jobs without an output URL, or None: the results folder."""
+        self.threads = threads
         self.store, self.weights, self.runner, self.metrics = store, weights, runner, metrics
         self.on_change = on_change
         self._sleep = sleep
@@ -224,10 +227,11 @@ class JobWorker:
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         thread_stop = threading.Event()
-        watcher = asyncio.create_task(asyncio.to_thread(
+        watcher = pools.run_in_thread(
             kube.stream_events, self.objects.custom.list_namespaced_custom_object, stop=thread_stop,
             on_event=self._on_event_threadsafe, group="stoker.dev", version="v1alpha1",
-            namespace=self.settings.namespace, plural="generationjobs", label_selector=self._selector))
+            namespace=self.settings.namespace, plural="generationjobs", label_selector=self._selector,
+            name="watch-jobs")
         resync = asyncio.create_task(self._resync_forever(stop))
         await stop.wait()
         self._stopping = True
@@ -401,6 +405,11 @@ class JobWorker:
         log.info("job %s attempt %d started (%s)", work.name, work.attempt, work.reported.value.lower(),
                  extra=self._fields(work))
         await self._event(work, "Running", f"attempt {work.attempt} started on {self.settings.agent}")
+        if job.spec.output.url:  # before any download or GPU work: a bad URL fails the job once
+            try:
+                output.check_output_url(job.spec.output.url, self.settings.output_policy)
+            except output.OutputError as exc:
+                return self._failure(work, JobFailed(exc.reason, str(exc), retryable=False))
         done = asyncio.Event()
         progress = asyncio.create_task(self._report_progress(work, done))
         try:
@@ -428,6 +437,8 @@ class JobWorker:
     def _failure(self, work: _Work, exc: JobFailed) -> _Final:
         log.warning("job %s attempt %d failed: %s: %s", work.name, work.attempt, exc.reason, exc.message,
                     extra=self._fields(work))
+        # the CRD bounds both (stoker.api.generationjob): cut to fit rather than have the write refused
+        exc = JobFailed(_fit(exc.reason, 128), _fit(exc.message, 2048), retryable=exc.retryable)
         if exc.retryable or exc.reason in _MODEL_REASONS:  # the operator decides: retry elsewhere, or fail
             patch: dict[str, Any] = {"attemptFailure": {
                 "attempt": work.attempt, "agent": self.settings.agent, "reason": exc.reason, "message": exc.message,
@@ -455,7 +466,7 @@ class JobWorker:
         pins: list[str] = []
         try:
             t0 = time.perf_counter()
-            paths = await self._fetch_all(sources, pins, rank_hints)
+            paths = await self._unless_cancelled(work, self._fetch_all(sources, pins, rank_hints))
             work.timings["downloadSeconds"] = round(time.perf_counter() - t0, 3)
             work.reported = Stage.LOADING
             hit = self.weights.tier_of(sources[0].key, paths[0]) if was_cached and uses_weights else (
@@ -501,7 +512,7 @@ class JobWorker:
             raise Cancelled()
         t1 = time.perf_counter()
         work.reported = Stage.UPLOADING
-        delivered = await asyncio.to_thread(self._deliver, job, work, image.png)
+        delivered = await pools.run_in(self.threads.uploads, self._deliver, job, work, image.png)
         work.timings["uploadSeconds"] = round(time.perf_counter() - t1, 3)
         return {"location": delivered.location, "sha256": delivered.sha256, "bytes": delivered.size_bytes,
                 "contentType": delivered.content_type, "seed": request.seed}, hit
@@ -577,7 +588,7 @@ class JobWorker:
     def _deliver(self, job: GenerationJob, work: _Work, png: bytes) -> output.OutputResult:
         try:
             if job.spec.output.url:
-                return output.put_image(job.spec.output.url, png)
+                return output.put_image(job.spec.output.url, png, output_policy=self.settings.output_policy)
             if self.results_store is not None:
                 return self.results_store.put(png, namespace=self.settings.namespace, name=work.name,
                                               attempt=work.attempt)
@@ -587,7 +598,7 @@ class JobWorker:
                               max_age_s=self.settings.results_max_age_s)
             return written
         except output.OutputError as exc:
-            raise JobFailed("OutputFailed", str(exc), retryable=exc.retryable) from exc
+            raise JobFailed(exc.reason, str(exc), retryable=exc.retryable) from exc
 
     # ---- models
 
@@ -615,9 +626,41 @@ class JobWorker:
         if str(mc.spec.kind) != str(kind):
             raise JobFailed("InvalidModelKind", f"ModelCache {name} is a {mc.spec.kind}, but the job uses it as a {kind}",
                             retryable=False)
-        self._model_identity[f"{self.objects.namespace}/{mc.name}"] = (
-            mc.metadata.get("uid"), mc.metadata.get("generation"))
-        return await asyncio.to_thread(model_source, self.objects, mc), use_rank(mc)
+        key = f"{self.objects.namespace}/{mc.name}"
+        self._model_identity[key] = (mc.metadata.get("uid"), mc.metadata.get("generation"))
+        try:
+            source = await asyncio.to_thread(model_source, self.objects, mc)
+        except JobFailed as exc:
+            if not exc.retryable:  # the ModelCache itself is unusable here (its credential): say so on it
+                self._record_model_failure(key, exc.reason, exc.message)
+            raise
+        return source, use_rank(mc)
+
+    def _record_model_failure(self, key: str, reason: str, message: str) -> None:
+        uid, generation = self._model_identity.get(key, (None, None))
+        self.model_failures[key] = ModelFailure(
+            name=key.rsplit("/", 1)[-1], reason=reason, message=message, retryable=False,
+            at=kube.now_rfc3339(), uid=uid, generation=generation)
+        self.on_change()
+
+    async def _unless_cancelled(self, work: _Work, step: Awaitable[T]) -> T:
+        """Await `step`, or stop it and raise Cancelled when the attempt is cancelled first (the job
+        was deleted or rebound): its downloads stop unless someone else waits for them, and its
+        admission slot is given back at once."""
+        task = asyncio.ensure_future(step)
+        cancelled = asyncio.ensure_future(work.cancelled.wait())
+        try:
+            await asyncio.wait({task, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled() or work.cancel.is_set():
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the cancellation is what the caller reports
+            raise Cancelled()
+        return task.result()
 
     async def _fetch_all(self, sources: list[ModelSource], pins: list[str],
                          rank_hints: dict[str, float | None]) -> list[pathlib.Path]:
@@ -635,11 +678,7 @@ class JobWorker:
             path = await self.store.ensure(source, priority=Priority.JOB, rank_hint_s=rank_hint_s)
         except DiskStoreError as exc:
             if not exc.retryable:
-                uid, generation = self._model_identity.get(source.key, (None, None))
-                self.model_failures[source.key] = ModelFailure(
-                    name=source.key.rsplit("/", 1)[-1], reason=exc.reason, message=exc.message, retryable=False,
-                    at=kube.now_rfc3339(), uid=uid, generation=generation)
-                self.on_change()
+                self._record_model_failure(source.key, exc.reason, exc.message)
             raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from exc
         self.store.pin(source.key)  # no await since ensure returned: nothing evicted it in between
         pins.append(source.key)
@@ -675,7 +714,7 @@ class JobWorker:
         its grace), the attempt is cancelled and the thread awaited (it stops between steps)
         before the cancellation goes on, so the caller's cleanup of VRAM holds and pins never
         races a thread still using them."""
-        thread = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        thread = asyncio.ensure_future(pools.run_in(self.threads.compute, fn, *args))
         try:
             return await asyncio.shield(thread)
         except asyncio.CancelledError:
@@ -893,6 +932,10 @@ async def _give_back(slots: asyncio.Semaphore, acquire: asyncio.Future[Any]) -> 
     slots.release()
 
 
+def _fit(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _uid(obj: dict[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("uid") or "")
 
@@ -948,7 +991,8 @@ def model_source(objects: kube.Objects, mc: ModelCache, *, resolver: Any = None)
     credentials = None
     if src.secret_ref is not None:
         try:
-            credentials = (resolver or model_credentials.default_resolver()).lookup(objects, mc.name, src.secret_ref)
+            credentials = (resolver or model_credentials.default_resolver()).lookup(objects, mc.name, src.secret_ref,
+                                                                                     src.url)
         except model_credentials.CredentialLookupError as exc:
             raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from None
     return ModelSource(key=f"{objects.namespace}/{mc.name}", url=src.url, sha256=src.sha256, size_bytes=src.size_bytes,

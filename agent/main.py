@@ -4,6 +4,7 @@ the API server and runs them until SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import pathlib
 import signal
@@ -15,7 +16,7 @@ import pydantic
 import torch
 
 from stoker import kube, logs
-from stoker.agent import credentials, status_report
+from stoker.agent import credentials, pools, status_report
 from stoker.agent.disk_store import DiskStore
 from stoker.agent.download import Downloader, quiet_http_client_logs
 from stoker.agent.health import Health
@@ -127,9 +128,15 @@ def build_runner(settings: RunSettings, device: torch.device):  # type: ignore[n
 
 
 async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
-    name = settings.effective_agent_name
+    # The CacheAgent and the Lease are named after the pod: the chart's admission policy lets an
+    # agent write only the objects named after the pod its service-account token is bound to.
+    name = settings.pod_name
     if not name:
-        raise SettingsError("the agent needs a name: set --pod-name / STOKER_POD_NAME (the chart does) or --agent-name")
+        raise SettingsError("the agent needs its pod's name: set --pod-name / STOKER_POD_NAME (the chart does)")
+    # Short API calls only: downloads, deliveries, generations, watches and the Lease have threads of their own.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="api"))
+    threads = pools.Pools.sized(downloads=settings.max_downloads, jobs=settings.job_slots + settings.queue_slots)
     device = pick_device(settings.device)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -156,7 +163,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     # Seconds of imports, done while the disk cache is scanned, before the agent says it is ready.
     preparing = asyncio.ensure_future(asyncio.to_thread(getattr(runner, "prepare", lambda: None)))
     downloader = Downloader(settings.download_policy())
-    store = DiskStore.from_settings(settings, metrics=metrics, downloader=downloader)
+    store = DiskStore.from_settings(settings, metrics=metrics, downloader=downloader, download_pool=threads.downloads)
     await store.start()
     loader = Loader()
     loader.prepare(device)  # page-lock the pinned ring now, not inside the first job's load
@@ -169,8 +176,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         metrics.watch_tier("ram", weights.ram.snapshot)
     weights.on_evict.append(lambda key: metrics.evictions.labels("vram").inc())
     weights.on_ram_evict.append(lambda key: metrics.evictions.labels("ram").inc())
-    credentials.configure(credentials.CredentialResolver(
-        secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
+    credentials.configure(credentials.CredentialResolver.from_grants(
+        settings.credentials, secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     await preparing
     uses_weights = getattr(runner, "uses_loaded_weights", True)
     gpu_model, gpu_vram, reported_vram_budget = reported_gpu(
@@ -184,10 +191,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     worker = JobWorker(objects=objects, settings=JobSettings(
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
         results_dir=settings.results_dir, results_max_bytes=settings.results_max_bytes,
-        results_max_age_s=settings.results_max_age_s,
+        results_max_age_s=settings.results_max_age_s, output_policy=settings.output_policy(),
         model_not_found_grace_s=settings.model_not_found_grace_s),
         store=store, weights=metered_weights, runner=runner, metrics=metrics.jobs, on_change=lambda: writer.kick(),
-        results_store=results_store)
+        results_store=results_store, threads=threads)
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
     hot = HotHolds(metered_weights)
@@ -219,8 +226,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
                           on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name,
                                                       fleet=settings.fleet))
-    lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
-                        renew_s=settings.lease_renew_interval_s, on_attempt=lambda ok: health.renewal(ok=ok))
+    # its own connections too: a renewal never waits for a connection another call holds
+    lease = LeaseKeeper(kube.api_client(settings.kubeconfig), namespace=settings.namespace, name=name,
+                        duration_s=int(settings.lease_duration_s), renew_s=settings.lease_renew_interval_s,
+                        on_attempt=lambda ok: health.renewal(ok=ok))
     await asyncio.to_thread(lease.renew_once)
     health.renewal(ok=True)
     await writer.write_if_changed()
@@ -240,6 +249,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         downloader.close()
         weights.close()
         loader.close()
+        threads.shutdown()
 
 
 def build_results_store(settings: RunSettings):  # type: ignore[no-untyped-def]
@@ -292,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stoker-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(level=settings.log_level, fmt=settings.log_format, component="stoker-agent",
-                   static={"agent": settings.effective_agent_name or ""})
+                   static={"agent": settings.pod_name or ""})
     quiet_http_client_logs()
 
     async def runner() -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stoker import kube
+from stoker.agent import pools
 from stoker.agent.disk_store import DiskStore, DiskStoreError
 from stoker.agent.hot_holds import HotHolds
 from stoker.api.cacheagent import CacheAgentSpec, ModelFailure
@@ -80,11 +81,11 @@ class OrderFollower:
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         thread_stop = threading.Event()
-        watcher = asyncio.create_task(asyncio.to_thread(
+        watcher = pools.run_in_thread(
             kube.stream_events, self.objects.custom.list_namespaced_custom_object, stop=thread_stop,
             on_event=lambda kind, obj: self._loop.call_soon_threadsafe(self._on_event, kind, obj),  # type: ignore[union-attr]
             group="stoker.dev", version="v1alpha1", namespace=self.objects.namespace, plural="cacheagents",
-            field_selector=f"metadata.name={self.name}", timeout_s=self.watch_timeout_s))
+            field_selector=f"metadata.name={self.name}", timeout_s=self.watch_timeout_s, name="watch-orders")
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():

@@ -2,10 +2,18 @@
 
 A PUT URL is typically a presigned object-store URL whose query string is the credential,
 so the query string never appears in logs, errors or the result record (`redact_url`).
-Transient failures (connection errors, timeouts, 5xx, 429) are retried with exponential
-backoff; other 4xx answers are final because repeating the same request cannot help.
-Result files are named from namespace/name/attempt after sanitising every part, and are
-written to a temporary file and renamed, so a reader never sees a partial image.
+
+Output URLs come from whoever writes GenerationJobs, so a delivery is fenced in
+(`OutputPolicy`): https only unless plain http is allowed, an optional host allowlist
+checked before any work on the job starts (`check_output_url`), one deadline for every try
+together (enforced at the socket, see `http_guard`, so a server that trickles its answer
+cannot hold the agent's thread), no redirects, and the answer's body is never read, so a
+server answering with gigabytes costs nothing. Failures are retried with exponential
+backoff up to the deadline, whatever they were, and reported with one generic reason and
+message: a job author learns whether the image arrived, not whether a port was closed or
+answered 403 (the agent's log has the detail). Result files are named from
+namespace/name/attempt after sanitising every part, and are written to a temporary file
+and renamed, so a reader never sees a partial image.
 """
 
 from __future__ import annotations
@@ -22,21 +30,24 @@ from collections.abc import Callable
 
 import httpx
 
+from stoker.agent import http_guard
+from stoker.agent.urls import URLError, ascii_host, host_allowed, parse_http_url
+
 log = logging.getLogger(__name__)
 
 PNG = "image/png"
-_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-_SAFE_PART = re.compile(r"[^A-Za-z0-9._-]+")
+_VERBATIM = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+_MAX_NAME_PART = 100
 
 
 class OutputError(Exception):
     """Delivering a result failed. `retryable` is false when repeating cannot help."""
 
-    reason = "OutputFailed"
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, reason: str = "OutputFailed") -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +67,24 @@ class RetryPolicy:
     attempts: int = 5
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
-    timeout_s: float = 60.0
+    timeout_s: float = 30.0
+    """Per socket operation (connect, each write, each read); the overall bound is `OutputPolicy.deadline_s`."""
 
     def delay_s(self, attempt: int) -> float:
         """Pause after failed attempt number `attempt` (1-based)."""
         return min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPolicy:
+    """Where images may be delivered, and how long a delivery may take (from the agent's settings)."""
+
+    allow_http: bool = False
+    """Allow plain http output URLs; https only otherwise."""
+    allowed_hosts: frozenset[str] | None = None
+    """If set, only these hosts (exact, or `.example.com` for a domain and its subdomains)."""
+    deadline_s: float = 120.0
+    """Every try of one delivery together, backoff included."""
 
 
 class _RedactUrls(logging.Filter):
@@ -80,10 +104,39 @@ if not any(isinstance(f, _RedactUrls) for f in _httpx_log.filters):
 def redact_url(url: str) -> str:
     """`url` without userinfo, query string and fragment: safe to log and to store."""
     parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        host, port = (parts.netloc.rpartition("@")[2] or "")[:253], None
+    if port:
+        host = f"{host}:{port}"
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def check_output_url(url: str, policy: OutputPolicy = OutputPolicy()) -> httpx.URL:
+    """Parse `url` and check it against the policy; raises a non-retryable `OutputError` (pure).
+
+    The agent calls this before it downloads or generates anything for the job, so a URL
+    that cannot be used fails the job once, not after the GPU work of every attempt."""
+    try:
+        parsed = parse_http_url(url, what="output URL")
+    except URLError as exc:
+        raise OutputError(f"{exc}; fix spec.output.url", retryable=False, reason="InvalidOutputURL") from None
+    shown = redact_url(url)
+    if parsed.scheme == "http" and not policy.allow_http:
+        raise OutputError(f"output URL {shown} uses plain http; use https (agents allow http outputs only when "
+                          "configured to: STOKER_OUTPUT_ALLOW_HTTP)", retryable=False, reason="OutputURLNotAllowed")
+    if policy.allowed_hosts is not None and not host_allowed(ascii_host(parsed), policy.allowed_hosts):
+        raise OutputError(f"host {ascii_host(parsed)} of output URL {shown} is not among the hosts the agents deliver "
+                          "to; use an allowed object store (STOKER_OUTPUT_ALLOWED_HOSTS)", retryable=False,
+                          reason="OutputURLNotAllowed")
+    return parsed
+
+
+def output_client(policy: RetryPolicy = RetryPolicy()) -> httpx.Client:
+    """An HTTP client for deliveries: no redirects, the thread's `http_guard.Guard` applies."""
+    return httpx.Client(timeout=policy.timeout_s, follow_redirects=False, transport=http_guard.GuardedTransport())
 
 
 def put_image(
@@ -92,54 +145,73 @@ def put_image(
     *,
     content_type: str = PNG,
     policy: RetryPolicy = RetryPolicy(),
+    output_policy: OutputPolicy = OutputPolicy(),
     client: httpx.Client | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> OutputResult:
-    """PUT `data` to `url` (a presigned URL works as is), retrying transient failures."""
+    """PUT `data` to `url` (a presigned URL works as is), retrying failures until the policy's deadline."""
+    parsed = check_output_url(url, output_policy)
     safe_url = redact_url(url)
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise OutputError(f"output URL {safe_url!r} must be an http(s) URL with a host", retryable=False)
     digest = hashlib.sha256(data).hexdigest()
     owned = client is None
-    http = client or httpx.Client(timeout=policy.timeout_s, follow_redirects=False)
+    http = client or output_client(policy)
+    guard = http_guard.Guard.lasting(output_policy.deadline_s)
+    attempt = 0
     try:
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                response = http.put(url, content=data, headers={"Content-Type": content_type})
-            except httpx.TransportError as error:
-                # The exception text can carry the full URL; only its class name is kept.
-                problem = f"connection failed ({type(error).__name__})"
-            else:
-                if response.is_success:
+        with http_guard.guarded(guard):
+            for attempt in range(1, policy.attempts + 1):
+                problem = _try_put(http, parsed, data, content_type)
+                if problem is None:
                     log.info("uploaded %d bytes to %s (attempt %d)", len(data), safe_url, attempt)
                     return OutputResult(safe_url, digest, len(data), content_type)
-                problem = f"HTTP {response.status_code}"
-                if response.status_code not in _RETRY_STATUS:
-                    raise OutputError(
-                        f"upload to {safe_url} was refused with {problem}; check that the output URL "
-                        "is valid, unexpired and allows PUT",
-                        retryable=False,
-                    )
-            if attempt < policy.attempts:
-                delay = policy.delay_s(attempt)
-                log.warning("upload to %s failed (%s); retrying in %.1fs", safe_url, problem, delay)
-                sleep(delay)
-        raise OutputError(
-            f"upload to {safe_url} failed after {policy.attempts} attempts (last: {problem}); "
-            "the object store may be unavailable",
-            retryable=True,
-        )
+                remaining_s = guard.remaining_s() or 0.0
+                log.warning("upload to %s failed (%s) on attempt %d", safe_url, problem, attempt)
+                if attempt == policy.attempts or remaining_s <= 0:
+                    break
+                sleep(min(policy.delay_s(attempt), remaining_s))
     finally:
         if owned:
             http.close()
+    raise OutputError(
+        f"the image could not be delivered to {safe_url} ({attempt} tries in "
+        f"{output_policy.deadline_s - (guard.remaining_s() or 0.0):.0f} s): the endpoint did not accept it or "
+        "could not be reached. Check that the URL is reachable from the agents, unexpired and allows PUT; "
+        "the agent's log names the cause",
+        retryable=True,
+    )
+
+
+def _try_put(http: httpx.Client, url: httpx.URL, data: bytes, content_type: str) -> str | None:
+    """One PUT; None when it succeeded, else what went wrong (for the agent's log only)."""
+    try:
+        # streamed and closed unread: the answer's body, however large, is never read
+        with http.stream("PUT", url, content=data, headers={"Content-Type": content_type}) as response:
+            if response.is_success:
+                return None
+            if response.is_redirect:
+                return f"HTTP {response.status_code} redirect (not followed)"
+            return f"HTTP {response.status_code}"
+    except httpx.TimeoutException as error:
+        guard = http_guard.current()
+        return f"timed out ({guard.describe() if guard is not None and guard.tripped else type(error).__name__})"
+    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError, ValueError, OSError) as error:
+        # the exception text can carry the full URL: only its class name is kept
+        return f"connection failed ({type(error).__name__})"
 
 
 def result_filename(*, namespace: str, name: str, attempt: int, suffix: str = ".png") -> str:
-    """A file name for a job's result that cannot leave the results directory. Pure."""
+    """A file name for a job's result that cannot leave the results directory, and that no
+    other namespace/name/attempt shares. Pure.
+
+    Object names are kept as they are when they are already safe and short; a part that had
+    to be changed (characters replaced, or cut to fit a file name) gets a digest of the
+    original, so two jobs never meet in one file."""
     def clean(part: str) -> str:
-        cleaned = _SAFE_PART.sub("_", part).strip("._")
-        return cleaned[:100] or "_"
+        if _VERBATIM.fullmatch(part) and len(part) <= _MAX_NAME_PART:
+            return part  # no "_" in it: the "__" separators stay unambiguous
+        digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        prefix = _UNSAFE.sub("-", part).lstrip(".-")[: _MAX_NAME_PART - 17]
+        return f"{prefix}_{digest}"  # one "_": never mistaken for a verbatim part
 
     if attempt < 0:
         raise ValueError(f"attempt {attempt} must not be negative")

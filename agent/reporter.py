@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from stoker import kube
+from stoker.agent import pools
 from stoker.api import API_VERSION
 from stoker.api.cacheagent import CacheAgentStatus
 from stoker.api.protocol import FLEET_LABEL, LEASE_DURATION_S, LEASE_RENEW_S
@@ -77,6 +79,8 @@ class LeaseKeeper:
         self.duration_s, self.renew_s = duration_s, renew_s
         self.on_attempt = on_attempt
         """Called with whether each renewal attempt succeeded (the agent's health endpoint)."""
+        self.renewals = 0
+        self._loop_seen = time.monotonic()
         # (a floor, so a short test interval does not time out an answer that is merely slow)
         self.request_timeout = (min(kube.REQUEST_TIMEOUT_S[0], max(1.0, renew_s)), max(2.0, renew_s))
 
@@ -95,20 +99,42 @@ class LeaseKeeper:
                 spec=client.V1LeaseSpec(holder_identity=self.name, lease_duration_seconds=self.duration_s,
                                         acquire_time=now, renew_time=now)), _request_timeout=self.request_timeout)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def run_blocking(self, stop: threading.Event) -> None:
+        """Renew every `renew_s` until `stop` is set, on a thread of its own: no download, delivery
+        or API call, however stuck, can delay the heartbeat. Only a stuck event loop stops it, as
+        it should: then the agent cannot run its jobs."""
         while not stop.is_set():
             ok = False
             try:
-                await asyncio.to_thread(self.renew_once)
+                if time.monotonic() - self._loop_seen > self.duration_s:
+                    # The agent's event loop has been stuck for a whole Lease: stop vouching for it
+                    # (its jobs move elsewhere; the liveness probe sees no attempts and restarts it).
+                    log.warning("lease not renewed: the agent's event loop has not run for %.0f s",
+                                time.monotonic() - self._loop_seen)
+                    stop.wait(self.renew_s)
+                    continue
+                self.renew_once()
+                self.renewals += 1
                 ok = True
             except Exception as exc:  # keep trying: a missed renewal is what the grace period is for
                 log.warning("lease renewal failed: %s", exc)
             if self.on_attempt is not None:
                 self.on_attempt(ok)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.renew_s)
-            except TimeoutError:
-                pass
+            stop.wait(self.renew_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Renew on a thread of its own while this coroutine shows that the event loop runs."""
+        thread_stop = threading.Event()
+        renewing = pools.run_in_thread(self.run_blocking, thread_stop, name="lease")
+        try:
+            while not stop.is_set():
+                self._loop_seen = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.renew_s / 2)
+        finally:
+            thread_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(renewing), timeout=self.renew_s + 5)
 
 
 # Status fields the operator writes (one writer per field, stoker.api.protocol): never sent by

@@ -10,6 +10,7 @@ start and failures name the setting, the bad value and what to do.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import re
@@ -22,7 +23,9 @@ import pydantic
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from stoker.agent.credentials import CredentialGrant, check_grants
 from stoker.agent.download import DownloadPolicy
+from stoker.agent.output import OutputPolicy
 
 __all__ = ["AgentSettings", "SettingsError", "parse_size_bytes"]
 
@@ -93,22 +96,39 @@ class AgentSettings(BaseSettings):
     download_connect_timeout_s: float = Field(default=10.0, gt=0)
     download_read_timeout_s: float = Field(default=30.0, gt=0)
     download_max_attempts: int = Field(default=6, ge=1, le=100)
+    download_min_bytes_per_s: SizeBytes = 32 * 2**10
+    """A download slower than this on average over download_throughput_window_s is cut off (and retried); 0 turns it off."""
+    download_throughput_window_s: float = Field(default=60.0, gt=0)
+    """The window the minimum download rate is measured over."""
+    download_deadline_s: float = Field(default=4 * 3600.0, gt=0)
+    """A download not finished this long after it started fails with DeadlineExceeded, retries included."""
+    credentials: Annotated[list[CredentialGrant], NoDecode] = Field(default_factory=list)
+    """Secrets usable as model-source credentials, each with the hosts it may be sent to, as JSON:
+    [{"secret": "hub-token", "hosts": ["models.example.com", ".hub.example"], "env": {"token": "HUB_TOKEN"}}]
+    (the chart's agent.credentialSecrets). A Secret not listed is never read or sent."""
     secrets_dir: pathlib.Path | None = pathlib.Path("/var/run/stoker/secrets")
     """Folder of mounted Secrets holding model-source credentials, as `<secret>/<key>` files (the chart's agent.credentialSecrets)."""
     api_secrets: Annotated[list[str] | None, NoDecode] = None
-    """Secrets the agent may also read through the API server when they are not mounted (the chart's agent.apiReadableSecrets)."""
+    """Secrets in `credentials` the agent may also read through the API server when they are not mounted (via: api in the chart)."""
+
+    # ---- outputs ----
+    output_allow_http: bool = False
+    """Allow plain http output URLs; https only otherwise."""
+    output_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
+    """Only deliver images to these hosts (`.example.com` allows a domain); any host if unset."""
+    output_timeout_s: float = Field(default=120.0, gt=0)
+    """A delivery (every try of the PUT together) not finished this long after it started fails."""
 
     # ---- jobs and identity ----
     job_slots: int = Field(default=1, ge=1, le=64)
     """Generations this agent runs at once."""
     queue_slots: int = Field(default=1, ge=0, le=64)
     """Jobs accepted beyond job_slots: their models download and load while the running generations finish."""
-    agent_name: str | None = None
-    """Name of the CacheAgent; defaults to the pod name."""
     namespace: str = "default"
     """Namespace of the agent's pod and CacheAgent (set from the downward API)."""
     pod_name: str | None = None
-    """Name of the agent's pod (downward API); the CacheAgent's owner."""
+    """Name of the agent's pod (downward API): its CacheAgent and Lease have this name, which the
+    chart's admission policy checks against the pod its service-account token is bound to."""
     node_name: str | None = None
     zone: str | None = None
     fleet: str | None = Field(default=None, max_length=63, pattern=r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
@@ -135,10 +155,27 @@ class AgentSettings(BaseSettings):
     """/healthz fails once every Lease renewal has failed for this long (a stuck renewal loop fails it after lease_duration_s)."""
     log_level: str = "INFO"
 
-    @field_validator("allowed_hosts", "api_secrets", mode="before")
+    @field_validator("allowed_hosts", "api_secrets", "output_allowed_hosts", mode="before")
     @classmethod
     def _hosts(cls, value: object) -> object:
         return _split_hosts(value)
+
+    @field_validator("credentials", mode="before")
+    @classmethod
+    def _grants(cls, value: object) -> object:
+        # JSON from the environment or a flag (a repeated flag gives a list of JSON texts)
+        texts = [value] if isinstance(value, str) else value
+        if isinstance(texts, list) and all(isinstance(t, str) for t in texts):
+            grants: list[object] = []
+            for text in texts:
+                try:
+                    parsed = json.loads(text) if text.strip() else []
+                except ValueError as exc:
+                    raise ValueError(f"not JSON ({exc.msg} at character {exc.pos}); expected a list such as "
+                                     '[{"secret": "hub-token", "hosts": ["models.example.com"]}]') from None
+                grants.extend(parsed if isinstance(parsed, list) else [parsed])
+            return grants
+        return value
 
     @field_validator("disk_budget_bytes")
     @classmethod
@@ -167,6 +204,12 @@ class AgentSettings(BaseSettings):
                 f"lease_renew_interval_s ({self.lease_renew_interval_s}) must be shorter than "
                 f"lease_duration_s ({self.lease_duration_s}), or the Lease expires between renewals"
             )
+        grants = check_grants(self.credentials)
+        missing = sorted(set(self.api_secrets or ()) - set(grants))
+        if missing:
+            raise ValueError(
+                f"api_secrets names {', '.join(missing)}, which credentials does not declare; declare each Secret "
+                f"with the hosts it may be sent to")
         if self.max_prefetches >= self.max_downloads:
             raise ValueError(
                 f"max_prefetches ({self.max_prefetches}) must be less than max_downloads ({self.max_downloads}), "
@@ -214,7 +257,7 @@ class AgentSettings(BaseSettings):
             if kind is bool:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             elif kind is list:
-                metavar = "HOST" if "host" in name else "NAME"
+                metavar = "HOST" if "host" in name else ("JSON" if name == "credentials" else "NAME")
                 parser.add_argument(flag, action="append", default=None, metavar=metavar, help=help_text + "; repeat or use commas")
             else:
                 parser.add_argument(flag, default=None, help=help_text)
@@ -229,11 +272,17 @@ class AgentSettings(BaseSettings):
             connect_timeout_s=self.download_connect_timeout_s,
             read_timeout_s=self.download_read_timeout_s,
             max_attempts=self.download_max_attempts,
+            min_bytes_per_s=self.download_min_bytes_per_s,
+            throughput_window_s=self.download_throughput_window_s,
+            deadline_s=self.download_deadline_s,
         )
 
-    @property
-    def effective_agent_name(self) -> str | None:
-        return self.agent_name or self.pod_name
+    def output_policy(self) -> OutputPolicy:
+        return OutputPolicy(
+            allow_http=self.output_allow_http,
+            allowed_hosts=frozenset(self.output_allowed_hosts) if self.output_allowed_hosts else None,
+            deadline_s=self.output_timeout_s,
+        )
 
 
 def _base_type(annotation: object) -> object:
@@ -250,7 +299,8 @@ def _explain(exc: pydantic.ValidationError) -> str:
     lines = ["invalid agent settings:"]
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "settings"
-        where = f"{name} (flag --{name.replace('_', '-')}, env STOKER_{name.upper()})" if err["loc"] else "settings"
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = f"{name} (flag --{field.replace('_', '-')}, env STOKER_{field.upper()})" if field else "settings"
         message = err["msg"].removeprefix("Value error, ")
         shown = err.get("input")
         value = f" [got {shown!r}]" if err["loc"] and shown is not None and not isinstance(shown, dict) else ""

@@ -512,6 +512,9 @@ class State:
         """"namespace/model" -> creation times of jobs seen before the model, to count once it is seen."""
         self.half_life_s = half_life_s
         self._seen_uids: set[str] = set()
+        self._jobs_per_model: Counter[str] = Counter()
+        """"namespace/model" -> jobs seen (by uid) that name it: what the operator keeps about a model
+        no ModelCache exists for is dropped with its last job, so deleted jobs leave nothing behind."""
         self.last_lease_event = -1e18
         """Monotonic time of the last Lease event: the leader's own renewals arrive every few
         seconds, so a long silence means the watch is stuck, not that every agent died."""
@@ -541,8 +544,9 @@ class State:
             self._index(job)
             if job.uid not in self._seen_uids:
                 self._seen_uids.add(job.uid)
-                for art in job.artifacts:
+                for art in set(job.artifacts):
                     mk = f"{job.namespace}/{art}"
+                    self._jobs_per_model[mk] += 1
                     counter = self.demand.get(mk, replicas.DemandCounter())
                     self.demand[mk] = counter.observe(now=job.created_at, half_life_s=self.half_life_s)
                     self.last_used[mk] = max(self.last_used.get(mk, 0.0), job.created_at)
@@ -591,7 +595,21 @@ class State:
         self._unindex(job)
         self.jobs.pop(job.key, None)
         self.clear_inflight(job.key)
-        self._seen_uids.discard(job.uid)
+        if job.uid in self._seen_uids:
+            self._seen_uids.discard(job.uid)
+            for art in set(job.artifacts):
+                mk = f"{job.namespace}/{art}"
+                self._jobs_per_model[mk] -= 1
+                if self._jobs_per_model[mk] <= 0:
+                    del self._jobs_per_model[mk]
+                    if mk not in self.models:
+                        self._forget_model_use(mk)
+
+    def _forget_model_use(self, model_key: str) -> None:
+        """Drop the demand and use counted for a model that has neither a ModelCache nor jobs."""
+        self.demand.pop(model_key, None)
+        self.last_used.pop(model_key, None)
+        self._early_uses.pop(model_key, None)
 
     def _index(self, job: ObservedJob) -> None:
         if job.pending:
@@ -631,6 +649,8 @@ class State:
             if keys is not None and job.key in keys:
                 keys.discard(job.key)
                 self.agent_jobs_version[agent_key] += 1
+                if not keys:
+                    del self.bound[agent_key]
         self.fetch_failing_jobs.discard(job.key)
 
     def set_inflight(self, job_key: str, agent_key: str) -> None:
@@ -667,6 +687,9 @@ class State:
             # A ModelCache created again under this name starts from its own (empty) status.
             self.use_ranks.pop(key, None)
             self._rank_seeded_from.pop(key, None)
+            if self._jobs_per_model[key] <= 0:
+                self._jobs_per_model.pop(key, None)
+                self._forget_model_use(key)
 
     def _upsert_fleet(self, table: dict[str, Any], parse: Callable[[Mapping[str, Any]], Any],
                       body: Mapping[str, Any], *, on_stored: Callable[[Any], None] | None = None) -> None:

@@ -37,6 +37,9 @@ FAILURE_REASONS = frozenset({
     "StatusRejected", "PrefetchFailed", "InvalidSpec",
     # model-source credentials
     "SecretNotFound", "SecretForbidden", "SecretUnreadable", "SecretKeyMissing", "InvalidCredential",
+    "CredentialNotAllowed", "CredentialHostNotAllowed",
+    # outputs (stoker.agent.output)
+    "InvalidOutputURL", "OutputURLNotAllowed",
 })
 """Every reason Stoker itself writes into a job's or a download's failure. A new reason must be
 added here, or its failures are counted as `other` (a unit test finds the reasons in the code)."""

@@ -8,7 +8,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from stoker.api.base import Condition, ObjectName, Resource, StokerModel
+from stoker.api.base import Condition, ObjectName, Resource, StokerModel, truncated_text
+
+# Reasons and messages come from agents and the operator; bounded so that no writer can grow a
+# job without limit (writers cut theirs to fit: see truncated_text).
+Reason = truncated_text(128)
+Message = truncated_text(2048)
 
 IMMUTABLE_SPEC = {
     "rule": "self == oldSelf",
@@ -178,15 +183,15 @@ class Attempt(StokerModel):
 
     attempt: int = Field(ge=1)
     """Attempt number, from 1."""
-    agent: str = ""
+    agent: str = Field(default="", max_length=253)
     """CacheAgent that ran (or was to run) the attempt."""
     outcome: Literal["Succeeded", "Failed", "Requeued", "Cancelled"]
     """How the attempt ended."""
-    reason: str = ""
+    reason: Reason = ""
     """Why, in one CamelCase word."""
-    message: str = ""
+    message: Message = ""
     """Detail."""
-    finished_at: str | None = None
+    finished_at: str | None = Field(default=None, max_length=64)
     """When the attempt ended (RFC 3339)."""
 
 
@@ -245,13 +250,13 @@ class Progress(StokerModel):
 class JobResult(StokerModel):
     """The delivered image."""
 
-    location: str
+    location: str = Field(max_length=4096)
     """Where the image is: the PUT URL without its query string, or a path on the agent's results volume."""
-    sha256: str
+    sha256: str = Field(pattern=r"^[a-f0-9]{64}$")
     """SHA-256 of the PNG bytes."""
-    bytes: int
+    bytes: int = Field(ge=0)
     """Size of the PNG."""
-    content_type: str = "image/png"
+    content_type: str = Field(default="image/png", max_length=128)
     """MIME type."""
     seed: int | None = None
     """Seed used."""
@@ -262,11 +267,11 @@ class AttemptFailure(StokerModel):
 
     attempt: int = Field(ge=1)
     """Attempt that failed."""
-    agent: str
+    agent: str = Field(max_length=253)
     """Agent it failed on."""
-    reason: str
+    reason: Reason
     """Why, one CamelCase word (for example InsufficientVRAM, DownloadFailed)."""
-    message: str = ""
+    message: Message = ""
     """Detail."""
     retryable: bool = True
     """Whether another attempt, elsewhere, may succeed."""
@@ -295,9 +300,9 @@ class GenerationJobStatus(StokerModel):
     """The delivered image."""
     attempt_failure: AttemptFailure | None = None
     """Set by the agent when the current attempt failed; the operator requeues the job or fails it."""
-    reason: str | None = None
+    reason: Reason | None = None
     """Why the job failed, or why it is not running yet, one CamelCase word (for example ModelCacheNotFound, NoReadyAgent, TooLargeForAnyAgent, AgentLost, AttemptsExhausted, DeadlineExceeded)."""
-    message: str | None = None
+    message: Message | None = None
     """Detail of the reason and what to do."""
     scheduled_at: str | None = None
     """When the current attempt was bound (RFC 3339)."""

@@ -1,8 +1,10 @@
 """A real, local Kubernetes control plane: etcd + kube-apiserver on 127.0.0.1.
 
 Used by the integration tests (as controller-runtime's envtest) and the local demo.
-No kubelet, scheduler or controller-manager: objects are stored and served, RBAC is
-enforced, and agents run as local processes. Binaries come from
+No kubelet, scheduler or controller-manager: objects are stored and served, RBAC and
+ValidatingAdmissionPolicies are enforced, and agents run as local processes. The API
+server signs service-account tokens, so the TokenRequest API issues tokens bound to Pod
+objects, carrying the pod claims a kubelet-mounted token has (`stoker.testing.identities`). Binaries come from
 hack/build-control-plane.sh, built once from the Go module proxy and cached.
 """
 
@@ -63,6 +65,14 @@ class ControlPlane:
             path.write_text(_kubeconfig(self.server, self.ca_file, user, self.tokens[user]))
         return path
 
+
+    def kubeconfig_with_token(self, label: str, token: str) -> pathlib.Path:
+        """A kubeconfig that authenticates with `token` (a service-account token, see
+        `stoker.testing.identities`); `label` names the file and the user entry."""
+        path = self.workdir / f"kubeconfig-{label}"
+        path.write_text(_kubeconfig(self.server, self.ca_file, label, token))
+        path.chmod(0o600)
+        return path
 
     def kubectl(self, *args: str, user: str = ADMIN_USER, check: bool = True,
                 input_text: str | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:

@@ -60,6 +60,10 @@ class Faults:
     """Append this many bytes beyond the declared Content-Length (a server that lies)."""
     redirects: dict[str, str] = field(default_factory=dict)
     """Answer 302 for these file names, pointing at the given URLs."""
+    claimed_length: int | None = None
+    """Announce this Content-Length whatever the file's size, send the file, then close (a server that lies)."""
+    chunk_bytes: int | None = None
+    """Bytes per write while throttled (default 16 KiB); 1 with a low rate is a trickle."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class ModelServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        self.host = host
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
         self._lock = threading.Lock()
@@ -138,7 +143,7 @@ class ModelServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self._host}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name.lstrip('/')}"
@@ -287,7 +292,10 @@ def _make_handler(server: ModelServer) -> type[http.server.BaseHTTPRequestHandle
                 self.send_header("Accept-Ranges", "bytes")
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-            if faults.send_content_length:
+            if faults.claimed_length is not None:
+                self.send_header("Content-Length", str(faults.claimed_length))
+                self.close_connection = True
+            elif faults.send_content_length:
                 self.send_header("Content-Length", str(length))
             else:
                 self.send_header("Connection", "close")
@@ -297,6 +305,9 @@ def _make_handler(server: ModelServer) -> type[http.server.BaseHTTPRequestHandle
                 return None
             drop_after = server._take_drop()
             self._send_body(src, start, length, drop_after=drop_after)
+            if faults.claimed_length is not None:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)  # end of the body, short of what was announced
             if faults.extra_bytes:
                 self.wfile.write(b"\0" * faults.extra_bytes)
                 self.close_connection = True
@@ -317,7 +328,7 @@ def _make_handler(server: ModelServer) -> type[http.server.BaseHTTPRequestHandle
                 if fh is not None:
                     fh.seek(start)
                 while sent < length:
-                    n = min(_CHUNK if faults.rate_bytes_per_s is None else 16384, length - sent)
+                    n = min(_CHUNK if faults.rate_bytes_per_s is None else (faults.chunk_bytes or 16384), length - sent)
                     if drop_after is not None:
                         n = min(n, drop_after - sent)
                         if n <= 0:

@@ -115,7 +115,7 @@ def real_agent_process(kubeconfig: pathlib.Path, objects: kube.Objects, name: st
     return Process([
         str(BIN / "stoker-agent"), "--kubeconfig", str(kubeconfig), "--namespace", objects.namespace,
         "--pod-name", name, "--node-name", f"node-{name}", "--cache-dir", str(work / name / "cache"),
-        "--results-dir", str(work / "results"), "--allow-http", "--metrics-port", "0", "--device", "cpu",
+        "--results-dir", str(work / "results"), "--allow-http", "--output-allow-http", "--metrics-port", "0", "--device", "cpu",
         "--vram-budget-bytes", "1GiB", "--lease-duration-s", "6", "--lease-renew-interval-s", "1",
         "--status-min-interval-s", "0.2", "--torch-threads", "1", "--results-serve", "--results-port", "0",
         "--metrics-addr", "127.0.0.1", *extra,

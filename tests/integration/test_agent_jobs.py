@@ -99,7 +99,7 @@ def start_agent(control_plane, objects: kube.Objects, ns: str, name: str, work: 
         spec=client.V1PodSpec(containers=[client.V1Container(name="agent", image="stoker:dev")])))
     proc = Process([str(BIN / "stoker-agent"), "--kubeconfig", str(kubeconfig or control_plane.kubeconfig),
                     "--namespace", ns, "--pod-name", name, "--node-name", "node-a", "--cache-dir", str(work / "cache"),
-                    "--results-dir", str(work / "results"), "--allow-http", "--lease-duration-s", "6",
+                    "--results-dir", str(work / "results"), "--allow-http", "--output-allow-http", "--lease-duration-s", "6",
                     "--lease-renew-interval-s", "1", "--status-min-interval-s", "0.2", "--model-not-found-grace-s",
                     str(GRACE_S), "--device", "cpu", "--vram-budget-bytes", f"{VRAM_BUDGET_MIB}MiB", "--torch-threads",
                     "1", *extra], work / f"{name}.log").start()

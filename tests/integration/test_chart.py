@@ -36,19 +36,48 @@ def test_chart_renders_the_generated_crds_behind_crds_enabled(helm: str) -> None
     assert all("annotations" not in c["metadata"] for c in crds("--set", "crds.keep=false").values())
 
 
+CREDENTIALS = "agent.credentialSecrets=" + json.dumps([
+    {"name": "hub-token", "hosts": ["models.example.com"]},
+    {"name": "late-token", "hosts": [".hub.example"], "via": "api"},
+    {"name": "env-token", "hosts": ["models.example.com"], "via": "env", "env": {"token": "ENV_TOKEN"}}])
+
+
+@pytest.mark.parametrize(("credentials", "says"), [
+    (["hub-token"], "agent.credentialSecrets[0] (hub-token) has no hosts"),
+    ([{"name": "hub-token"}], "agent.credentialSecrets hub-token has no hosts"),
+    ([{"name": "hub-token", "hosts": []}], "agent.credentialSecrets hub-token has no hosts"),
+    ([{"name": "hub-token", "hosts": ["h.example"], "via": "smoke"}], "value must be one of 'mount', 'api', 'env'"),
+    ([{"name": "hub-token", "hosts": ["h.example"], "via": "env"}], "via env needs env"),
+])
+def test_the_chart_refuses_a_credential_secret_without_the_hosts_it_may_be_sent_to(
+        helm: str, credentials: list[object], says: str) -> None:
+    proc = subprocess.run([helm, "template", "stoker", str(CHART), "--set-json",
+                           "agent.credentialSecrets=" + json.dumps(credentials)], capture_output=True, text=True)
+    assert proc.returncode != 0 and says in proc.stderr, proc.stderr
+
+
+def test_the_old_api_readable_secrets_value_says_how_to_move_on(helm: str) -> None:
+    proc = subprocess.run([helm, "template", "stoker", str(CHART), "--set", "agent.apiReadableSecrets={late}"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "via: api" in proc.stderr, proc.stderr
+
+
 def test_helm_install_creates_the_operator_agents_and_least_privilege_rbac(helm, control_plane, namespace, kubectl) -> None:
     proc = subprocess.run(
         [helm, "install", "stoker", str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig),
          # The session's control plane has the CRDs already (applied from crds/, owned by no release).
          "--set", "crds.enabled=false",
-         "--set", "agent.replicas=3", "--set", "agent.credentialSecrets={hub-token}",
-         "--set", "agent.apiReadableSecrets={late-token}"],
+         "--set", "agent.replicas=3", "--set-json", CREDENTIALS],
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     deployments = json.loads(kubectl("get", "deploy", "-o", "json").stdout)["items"]
     by_name = {d["metadata"]["name"]: d for d in deployments}
     assert by_name["stoker-agent"]["spec"]["replicas"] == 3
     assert by_name["stoker-operator"]["spec"]["template"]["spec"]["serviceAccountName"] == "stoker-operator"
+    # The agents' isolation policy is installed and bound to this namespace.
+    policies = json.loads(kubectl("get", "validatingadmissionpolicybindings", "-o", "json").stdout)["items"]
+    assert any(b["spec"]["matchResources"]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
+               for b in policies)
     # Mounted credentials need no RBAC; only the API-readable Secret is granted, by name.
     pod = by_name["stoker-agent"]["spec"]["template"]["spec"]
     [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"].startswith("/var/run/stoker/secrets/")]
@@ -57,6 +86,11 @@ def test_helm_install_creates_the_operator_agents_and_least_privilege_rbac(helm,
     assert volume["secret"]["secretName"] == "hub-token"
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["STOKER_API_SECRETS"] == "late-token"
+    # Each credential travels with the hosts it may be sent to, and nothing else.
+    assert json.loads(env["STOKER_CREDENTIALS"]) == [
+        {"secret": "hub-token", "hosts": ["models.example.com"]},
+        {"secret": "late-token", "hosts": [".hub.example"]},
+        {"secret": "env-token", "hosts": ["models.example.com"], "env": {"token": "ENV_TOKEN"}}]
     agent_role = json.loads(kubectl("get", "role", "stoker-agent", "-o", "json").stdout)
     secret_rules = [r for r in agent_role["rules"] if "secrets" in r["resources"]]
     assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["late-token"], "verbs": ["get"]}]

@@ -11,10 +11,11 @@ import subprocess
 from typing import Any
 
 import yaml
-from kubernetes import client, config
+from kubernetes import client
 
 from stoker import kube
 from stoker.testing.fake_agent import FakeAgent, FakeAgentConfig
+from stoker.testing.identities import pod_identity
 from stoker.testing.operator_harness import BIN, Process, wait_for
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -61,7 +62,10 @@ def test_two_releases_in_one_namespace_install_and_run_apart(helm, control_plane
                for r in RELEASES}
     assert not objects["blue"] & objects["green"], "the releases share object names"
     for release, names in objects.items():
-        assert all(name.startswith(f"{release}-stoker-") for _, name in names), names
+        # cluster-scoped objects (the agents' admission policy) carry the namespace first
+        cluster_scoped = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+        assert all(name.startswith(f"{release}-stoker-") for kind, name in names if kind not in cluster_scoped), names
+        assert all(name.startswith(f"{namespace}-{release}-stoker-") for kind, name in names if kind in cluster_scoped)
         assert {("Deployment", f"{release}-stoker-operator"), ("Role", f"{release}-stoker-agent"),
                 ("ServiceAccount", f"{release}-stoker-agent"), ("PodDisruptionBudget", f"{release}-stoker-operator"),
                 ("Service", f"{release}-stoker-agent-metrics")} <= names
@@ -87,8 +91,10 @@ def test_two_releases_in_one_namespace_install_and_run_apart(helm, control_plane
                                       "--identity", f"{release}-operator-pod", "--metrics-port", "0",
                                       "--health-port", "0", "--lease-grace-s", "3"],
                                      tmp_path / f"{release}-operator.log").start())
-            agent_api = config.new_client_from_config(config_file=str(token_kubeconfig(
-                control_plane, namespace, f"{release}-stoker-agent", tmp_path / f"{release}-agent.kubeconfig")))
+            # A token bound to the agent's Pod, as the kubelet mounts it: the release's admission
+            # policy lets an agent write only the objects named after its pod.
+            agent_api = pod_identity(control_plane, api_client, namespace, f"{release}-agent-0",
+                                     service_account=f"{release}-stoker-agent").api_client()
             fleet = "green" if release == "green" else None
             agents.append(FakeAgent(agent_api, FakeAgentConfig(name=f"{release}-agent-0", namespace=namespace,
                                                                job_seconds=0.05, fleet=fleet)).start())

@@ -22,7 +22,7 @@ CHART = REPO / "charts" / "stoker"
 
 def apply_chart_rbac(helm: str, namespace: str, kubectl, *values: str) -> None:  # type: ignore[no-untyped-def]
     """Apply the chart's Roles (rendered with `--set` `values`) and bind them to the test users of the same names."""
-    sets = [arg for value in values for arg in ("--set", value)]
+    sets = [arg for value in values for arg in ("--set-json" if value.lstrip().endswith("]") else "--set", value)]
     rendered = subprocess.run([helm, "template", "stoker", str(CHART), "--namespace", namespace, *sets,
                                "--show-only", "templates/rbac.yaml"], check=True, capture_output=True, text=True).stdout
     kubectl("apply", "-f", "-", input_text=rendered)
@@ -108,21 +108,26 @@ def test_the_agent_identity_cannot_do_the_operators_writes(namespace, api_client
 
 
 def test_the_agent_reads_through_the_api_only_the_secrets_the_chart_lists(helm, namespace, kubectl, control_plane) -> None:
-    apply_chart_rbac(helm, namespace, kubectl, "agent.apiReadableSecrets={late-token}")
+    apply_chart_rbac(helm, namespace, kubectl, 'agent.credentialSecrets=[{"name": "late-token", "hosts": '
+                     '["models.example.com"], "via": "api"}]')
     for name in ("late-token", "other-token"):
         kubectl("create", "secret", "generic", name, f"--from-literal=token={name}-value")
     agent = Objects(config.new_client_from_config(config_file=str(control_plane.kubeconfig_for("stoker-agent"))),
                     namespace)
     ref = SecretRef(name="late-token")
-    allowed = credentials.CredentialResolver(secrets_dir=None, api_secrets=frozenset({"late-token"}))
-    assert allowed.lookup(agent, "sd", ref).header_value == "Bearer late-token-value"
+    url = "https://models.example.com/sd.safetensors"
+    grants = [credentials.CredentialGrant(secret=name, hosts=("models.example.com",))
+              for name in ("late-token", "other-token")]
+    allowed = credentials.CredentialResolver.from_grants(grants, secrets_dir=None, api_secrets=frozenset({"late-token"}))
+    assert allowed.lookup(agent, "sd", ref, url).header_value == "Bearer late-token-value"
     # Listed in the agent's settings but not granted by the chart: the API server refuses.
-    too_wide = credentials.CredentialResolver(secrets_dir=None, api_secrets=frozenset({"other-token"}))
+    too_wide = credentials.CredentialResolver.from_grants(grants, secrets_dir=None,
+                                                          api_secrets=frozenset({"other-token"}))
     with pytest.raises(credentials.CredentialLookupError) as info:
-        too_wide.lookup(agent, "sd", SecretRef(name="other-token"))
-    assert info.value.reason == "SecretForbidden" and "agent.apiReadableSecrets" in info.value.message
-    # Not listed at all: the agent does not even ask, and says how to provide it.
+        too_wide.lookup(agent, "sd", SecretRef(name="other-token"), url)
+    assert info.value.reason == "SecretForbidden" and "via: api" in info.value.message
+    # Not readable through the API: the agent does not even ask, and says how to provide it.
     with pytest.raises(credentials.CredentialLookupError) as info:
-        credentials.CredentialResolver(secrets_dir=None).lookup(agent, "sd", ref)
+        credentials.CredentialResolver.from_grants(grants, secrets_dir=None).lookup(agent, "sd", ref, url)
     assert info.value.reason == "SecretNotFound" and "agent.credentialSecrets" in info.value.message
     assert "late-token-value" not in info.value.message

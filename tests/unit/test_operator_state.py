@@ -105,7 +105,41 @@ def test_deleting_a_job_forgets_it_everywhere() -> None:
     state = State()
     state.upsert_job(job_body(rv="2", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"}))
     state.delete_job(job_body(rv="3"))
-    assert state.jobs == {} and state.bound["ns/a"] == set()
+    assert state.jobs == {} and "ns/a" not in state.bound
+
+
+def unknown_model_job(i: int) -> dict[str, Any]:
+    body = job_body(f"j{i}", rv=str(i + 1))
+    body["spec"]["model"] = f"made-up-{i}"
+    body["spec"]["loras"] = [{"name": f"made-up-lora-{i}"}]
+    return body
+
+
+def test_deleted_jobs_for_models_that_do_not_exist_leave_nothing_behind() -> None:
+    """Anyone who may create jobs could name a new model each time; the operator must not keep a
+    record per name after the jobs are gone."""
+    state = State()
+    for i in range(500):
+        state.upsert_job(unknown_model_job(i))
+    assert len(state.demand) == 1000 and len(state.pending) == 500
+    for i in range(500):
+        state.delete_job(unknown_model_job(i))
+    assert (state.jobs, state.pending, state.pending_views) == ({}, set(), {})
+    assert (state.demand, state.last_used, state._early_uses, state._jobs_per_model) == ({}, {}, {}, {})
+    assert (state.bound, state._seen_uids) == ({}, set())
+    assert state.queues == {"ns": []} and not state.pending_demand["ns"]  # one (empty) entry per namespace
+
+
+def test_what_is_counted_for_a_model_that_exists_outlives_its_jobs() -> None:
+    state = State()
+    state.upsert_model({"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
+                        "metadata": {"name": "sd", "namespace": "ns", "uid": "m", "resourceVersion": "1",
+                                     "generation": 1},
+                        "spec": {"source": {"url": "https://models.example.com/sd.safetensors"}}})
+    state.upsert_job(job_body())
+    state.delete_job(job_body())
+    assert "ns/sd" in state.demand and "ns/sd" in state.last_used  # demand is about the model, not the job
+    assert "ns/lora-a" not in state.demand  # the job's LoRA has no ModelCache: forgotten with the job
 
 
 def lease(name: str, renew: str, rv: str) -> dict[str, Any]:
