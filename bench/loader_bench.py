@@ -27,6 +27,7 @@ import json
 import mmap
 import os
 import pathlib
+import signal
 import statistics
 import struct
 import subprocess
@@ -332,9 +333,11 @@ def build_candidates(path: pathlib.Path, device: str, *, threads: int, size_byte
         from fastsafetensors import SafeTensorsFileLoader
 
         block = max(16 * MIB, size_bytes // (threads * 4))
+        # An explicit index: it copies through a device id of its own, and "cuda" alone leaves that to a default.
+        fs_device = f"cuda:{torch.device(device).index or 0}" if on_gpu else device
 
         def fastsafe() -> dict[str, torch.Tensor]:
-            fl = SafeTensorsFileLoader(None, device, nogds=True, max_threads=threads, set_numa=False)
+            fl = SafeTensorsFileLoader(None, fs_device, nogds=True, max_threads=threads, set_numa=False)
             try:
                 fl.add_filenames({0: [str_path]})
                 fb = fl.copy_files_to_device(max_copy_block_size=block)
@@ -357,10 +360,12 @@ def build_candidates(path: pathlib.Path, device: str, *, threads: int, size_byte
         cands.append(Candidate("fastsafetensors (no GDS)", lambda: None, error=f"not importable: {err}"))
 
     # Ceilings: the best of these is what "the raw read rate" means in the targets.
-    readers = {n: RawReader(n) for n in sorted({1, threads, 8, 16})}
+    # Reads of 64 MiB, or of the whole file when smaller (a 29-buffer pool of 64 MiB would dwarf a test file).
+    chunk = min(64 * MIB, -(-size_bytes // 4096) * 4096)
+    readers = {n: RawReader(n, chunk_bytes=chunk) for n in sorted({1, threads, 8, 16})}
     for n, raw in readers.items():
         cands.append(Candidate(f"raw pread, {n} thread{'s' if n > 1 else ''} (ceiling)", (lambda raw=raw: raw.read(path)),
-                               "64 MiB reads into buffers allocated once, no assembly", kind=Kind.CEILING))  # fmt: skip
+                               f"{chunk / MIB:.3g} MiB reads into buffers allocated once, no assembly", kind=Kind.CEILING))  # fmt: skip
     cands.append(Candidate(f"raw pread, {threads} threads, O_DIRECT (ceiling)", lambda: readers[threads].read(path, direct=True),
                            "", kind=Kind.CEILING))  # fmt: skip
     for n in sorted({threads, 16}):
@@ -426,9 +431,37 @@ def describe_gpu(device: str) -> str:
 # ----------------------------------------------------------------------------- measurement
 
 
+class Stop:
+    """When to stop starting loads: a deadline for the runs after the first, or SIGTERM at any time.
+
+    The first run of every candidate always happens (unless terminated), so a short budget
+    gives fewer samples, never missing rows.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.terminated = False
+
+    def on_sigterm(self, *_: object) -> None:
+        self.reason, self.terminated = "stopped by SIGTERM (stage timeout)", True
+
+    def due(self, deadline: float | None, *, first_round: bool) -> bool:
+        if self.terminated:
+            return True
+        if deadline is not None and not first_round and time.monotonic() >= deadline:
+            self.reason = self.reason or "time budget spent"
+            return True
+        return False
+
+
 def measure(cands: list[Candidate], *, path: pathlib.Path, device: str, runs: int, cold: bool, fast_runs: int = 0,
-            drop: str = "auto") -> str:  # fmt: skip
-    """Time every candidate `runs` times (`fast_runs` for warm loads under a second); returns how the cache was dropped."""
+            drop: str = "auto", deadline: float | None = None, stop: Stop | None = None,
+            after_round: Callable[[], None] = lambda: None) -> str:  # fmt: skip
+    """Time every candidate `runs` times (`fast_runs` for warm loads under a second); returns how the cache was dropped.
+
+    Runs after the first stop at `deadline` (monotonic clock) or when `stop` is terminated.
+    """
+    stop = stop or Stop()
     method = "warm"
     if not cold:
         warm_page_cache(path)
@@ -439,6 +472,8 @@ def measure(cands: list[Candidate], *, path: pathlib.Path, device: str, runs: in
             live = [c for c in live if statistics.median(c.warm_s or [0.0]) < 1.0]
         k = r % max(len(live), 1)
         for cand in live[k:] + live[:k]:
+            if stop.due(deadline, first_round=r == 0):
+                return method
             if cand.failed(cold) is not None:
                 continue
             gc.collect()  # free the previous result first: its pages must not survive the drop
@@ -462,6 +497,7 @@ def measure(cands: list[Candidate], *, path: pathlib.Path, device: str, runs: in
             (cand.cold_s if cold else cand.warm_s).append(elapsed)
             del result
             print(f"  {label} run {r + 1}/{runs} {cand.name}: {elapsed:.3f} s", file=sys.stderr, flush=True)
+        after_round()
     return method
 
 
@@ -482,6 +518,7 @@ def describe_disk(path: pathlib.Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=3.0, help="size of the generated file (default 3)")
     ap.add_argument("--runs", type=int, default=5, help="runs per loader and condition (default 5)")
@@ -494,13 +531,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", choices=["auto", "drop_caches", "fadvise"], default="auto",
                     help="how cold runs empty the page cache: drop_caches (root), fadvise (this file only), "
                          "auto (drop_caches when root, else fadvise)")  # fmt: skip
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds for the whole run: runs after the first of each loader stop when it is spent "
+                         "(about a third for warm runs, the rest for cold ones)")  # fmt: skip
+    ap.add_argument("--json", type=pathlib.Path, help="also write the figures as JSON here (rewritten after every round)")
     ap.add_argument("--keep", action="store_true", help="keep the generated file")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA device")
+    stop = Stop()
+    previous_handler = signal.signal(signal.SIGTERM, stop.on_sigterm)  # finish the load in flight, then report
 
     generated = args.file is None
     path = args.file or args.dir / f"bench-{args.size_gb:g}gb.safetensors"
@@ -512,31 +556,92 @@ def main(argv: list[str] | None = None) -> int:
     size = header.data_size_bytes
     disk = describe_disk(path)
     load_before = os.getloadavg()[0]
+    machine = (report.describe_machine() + "; torch " + torch.__version__
+               + ("; " + describe_gpu(args.device) if on_gpu else "; no GPU"))  # fmt: skip
     gpu_rows: list[tuple[str, float]] = []
+    cands: list[Candidate] = []
+    cold_method = "not measured"
+
+    def snapshot(*, final: bool = False) -> str:
+        md = render(cands, gpu_rows, disk=disk, load_avg=(load_before, os.getloadavg()[0]), header=header,
+                    device=args.device, runs=args.runs, fast_runs=args.fast_runs, threads=args.threads,
+                    cold_method=cold_method, argv=argv if argv is not None else sys.argv[1:], machine=machine,
+                    stopped=stop.reason)  # fmt: skip
+        if args.json:
+            data = results_json(cands, gpu_rows, size=size, threads=args.threads, device=args.device, header=header,
+                                disk=disk, cold_method=cold_method, machine=machine, stopped=stop.reason,
+                                complete=final, markdown=md)  # fmt: skip
+            tmp = args.json.with_suffix(".partial")
+            tmp.write_text(json.dumps(data, indent=2))
+            tmp.replace(args.json)
+        return md
+
     try:
-        cands = build_candidates(path, args.device, threads=args.threads, size_bytes=size)
-        measure(cands, path=path, device=args.device, runs=args.runs, cold=False, fast_runs=args.fast_runs)
-        cold_method = measure(cands, path=path, device=args.device, runs=args.runs, cold=True, drop=args.drop)
-        if args.device.startswith("cuda"):
-            gc.collect()
-            torch.cuda.empty_cache()
+        if on_gpu:  # first: two of the three GPU targets are ratios to it, so a cut-short run still has it
             gpu_rows.append((PINNED_ROW, h2d_bandwidth(args.device, size_bytes=size, pinned=True, runs=args.runs)))
             gpu_rows.append(("pageable host -> GPU copy", h2d_bandwidth(args.device, size_bytes=size, pinned=False, runs=args.runs)))
+            gc.collect()
+            torch.cuda.empty_cache()
+        cands = build_candidates(path, args.device, threads=args.threads, size_bytes=size)
+        warm_deadline = cold_deadline = None
+        if args.time_budget is not None:
+            left = args.time_budget - (time.monotonic() - started) - 10  # rendering, cleanup
+            warm_deadline, cold_deadline = time.monotonic() + left / 3, time.monotonic() + left
+        measure(cands, path=path, device=args.device, runs=args.runs, cold=False, fast_runs=args.fast_runs,
+                deadline=warm_deadline, stop=stop, after_round=snapshot)  # fmt: skip
+        cold_method = "pending"
+        cold_method = measure(cands, path=path, device=args.device, runs=args.runs, cold=True, drop=args.drop,
+                              deadline=cold_deadline, stop=stop, after_round=snapshot)  # fmt: skip
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if generated and not args.keep:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    load_after = os.getloadavg()[0]
-    md = render(cands, gpu_rows, disk=disk, load_avg=(load_before, load_after), header=header, device=args.device,
-                runs=args.runs, fast_runs=args.fast_runs, threads=args.threads, cold_method=cold_method,
-                argv=argv if argv is not None else sys.argv[1:],
-                machine=report.describe_machine() + "; torch " + torch.__version__
-                + ("; " + describe_gpu(args.device) if args.device.startswith("cuda") else "; no GPU"))  # fmt: skip
+    md = snapshot(final=True)
     print(md)
     if not args.no_write:
         report.write_section("loader", md)
     return 0
+
+
+def results_json(cands: list[Candidate], gpu_rows: list[tuple[str, float]], *, size: int, threads: int, device: str,
+                 header: safetensors_header.Header, disk: str, cold_method: str, machine: str, stopped: str | None,
+                 complete: bool, markdown: str) -> dict[str, Any]:  # fmt: skip
+    """The run's figures for machine readers (bench/gpu_check.sh): every loader, the ceilings, the targets."""
+    on_gpu = device.startswith("cuda")
+    best_raw = max(((c.name, _gbps(c.cold_s, size)) for c in cands if c.kind is Kind.CEILING and c.cold_s),
+                   key=lambda nr: nr[1] or 0.0, default=(None, None))  # fmt: skip
+    rows = dict(gpu_rows)
+    return {
+        "device": device,
+        "gpu_name": torch.cuda.get_device_name(device) if on_gpu else None,
+        "machine": machine,
+        "file": {"bytes": size, "tensors": len(header.tensors), "disk": disk},
+        "threads": threads,
+        "cold_method": cold_method,
+        "complete": complete,
+        "stopped_early": stopped,
+        "loaders": [
+            {"name": c.name, "kind": c.kind.value, "default": c.default, "warm_only": c.warm_only, "note": c.note,
+             "error": c.error, "warm_error": c.warm_error, "cold_error": c.cold_error,
+             "warm_gbps": _gbps(c.warm_s, size), "cold_gbps": None if c.warm_only else _gbps(c.cold_s, size),
+             "warm_runs": len(c.warm_s), "cold_runs": len(c.cold_s)}
+            for c in cands
+        ],  # fmt: skip
+        "ceilings": {
+            "pinned_h2d_gbps": rows.get(PINNED_ROW),
+            "pageable_h2d_gbps": rows.get("pageable host -> GPU copy"),
+            "raw_read_cold_gbps": best_raw[1],
+            "raw_read_cold_name": best_raw[0],
+        },
+        "targets": [
+            {"key": t.key, "name": t.name, "goal": t.goal_text, "ratio_goal": t.goal, "measured": t.measured,
+             "met": t.met if t.measured is not None else None, "verdict": t.verdict(), "detail": t.detail}
+            for t in targets(cands, gpu_rows, size=size, threads=threads, on_gpu=on_gpu)
+        ],  # fmt: skip
+        "markdown": markdown,
+    }
 
 
 PINNED_ROW = "pinned host -> GPU copy (ceiling)"
@@ -553,6 +658,8 @@ class Target:
     detail: str = ""
     why: str = ""
     """Shown when the target is missed: what bounds the measured rate."""
+    key: str = ""
+    """Stable identifier for machine-read reports (the name embeds the loader's label)."""
 
     @property
     def met(self) -> bool:
@@ -597,29 +704,33 @@ def targets(cands: list[Candidate], gpu_rows: list[tuple[str, float]], *, size: 
         out.append(Target("RAM tier -> GPU vs pinned host -> GPU copy", ">= 90 %", 0.90, ratio(ram, pinned),
                           vs(ram, pinned, "pinned copy"),
                           "one copy of the whole model from pinned memory plus one device allocation; a gap means the "
-                          "allocation (fresh device memory) or a pinned buffer on the far NUMA node"))  # fmt: skip
+                          "allocation (fresh device memory) or a pinned buffer on the far NUMA node", "ram_tier_vs_pinned"))  # fmt: skip
         out.append(Target(f"page cache -> GPU ({name}, warm) vs pinned copy", ">= 75 %", 0.75, ratio(warm, pinned),
                           vs(warm, pinned, "pinned copy"),
                           f"every byte is copied twice: page cache -> pinned ring by read() on {threads} threads "
-                          "(host memory bandwidth), then ring -> GPU; the read() copy bounds it when slower than PCIe"))  # fmt: skip
+                          "(host memory bandwidth), then ring -> GPU; the read() copy bounds it when slower than PCIe",
+                          "page_cache_vs_pinned"))  # fmt: skip
         out.append(Target(f"cold ({name}) vs best raw read", ">= 90 %", 0.90, ratio(cold, raw_cold), vs(cold, raw_cold, raw_name),
                           "reads land in the pinned ring and wait for a free slot; the best ceiling only reads into "
-                          "reused buffers or faults pages in"))  # fmt: skip
+                          "reused buffers or faults pages in", "cold_vs_raw"))  # fmt: skip
     else:
         st_warm = rate(next((c for c in cands if c.name == "safetensors load_file"), None), False)
         out.append(Target(f"warm ({name}) vs safetensors load_file", ">= 100 %", 1.0, ratio(warm, st_warm),
                           vs(warm, st_warm, "safetensors load_file"),
-                          "both map the file; a gap means page-table work or the per-page touch dominated"))  # fmt: skip
+                          "both map the file; a gap means page-table work or the per-page touch dominated",
+                          "warm_vs_safetensors"))  # fmt: skip
         out.append(Target(f"cold ({name}) vs best raw read", ">= 90 % (within 10 %)", 0.90, ratio(cold, raw_cold),
                           vs(cold, raw_cold, raw_name),
                           "the loader's reads follow the data region in 64 MiB windows on its reader threads; the best "
-                          "ceiling may use more threads or another way of reading than the default strategy"))  # fmt: skip
+                          "ceiling may use more threads or another way of reading than the default strategy",
+                          "cold_vs_raw"))  # fmt: skip
     for is_cold, label in ((False, "warm"), (True, "cold")):
         other, other_rate = fastest(Kind.OTHER, is_cold)
         mine = cold if is_cold else warm
         out.append(Target(f"{label} ({name}) vs the fastest other loader", "> every other", 1.0, ratio(mine, other_rate),
                           vs(mine, other_rate, other.name if other else "none measured"),
-                          f"{other.name if other else 'another loader'} was faster in this run"))  # fmt: skip
+                          f"{other.name if other else 'another loader'} was faster in this run",
+                          f"{label}_vs_others"))  # fmt: skip
     return out
 
 
@@ -637,6 +748,7 @@ def render(
     cold_method: str,
     argv: list[str],
     machine: str,
+    stopped: str | None = None,
 ) -> str:
     size = header.data_size_bytes
     cores = os.cpu_count() or 1
@@ -654,7 +766,8 @@ def render(
         "- Every timed load ends with one byte of every page of the result read (loaders that map the file "
         "would otherwise return before the data is in memory)",
         "- Cold: garbage collected, then the page cache dropped before every load with "
-        + ("`echo 1 > /proc/sys/vm/drop_caches`" if cold_method == "drop_caches" else "`posix_fadvise(DONTNEED)` on the file")
+        + {"drop_caches": "`echo 1 > /proc/sys/vm/drop_caches`", "fadvise": "`posix_fadvise(DONTNEED)` on the file"}.get(
+            cold_method, f"(cold runs {cold_method})")
         + "; on a virtual machine the host may still cache the disk image, so cold rates are those of the virtual disk",
         f"- 1-minute load average {load_avg[0]:.1f} before and {load_avg[1]:.1f} after the run on {cores} cores"
         + (" (high: other processes shared the CPUs and slowed every loader, ceilings included; compare ratios within one run)"
@@ -683,6 +796,9 @@ def render(
     for t in rows:
         measured = f"{100 * t.measured:.0f} %: {t.detail}" if t.measured is not None else t.detail
         lines.append(f"| {t.name} | {t.goal_text} | {measured} | {t.verdict()} |")
+    if stopped:
+        lines += ["", f"Stopped early ({stopped}): fewer runs than asked where the counts are short; "
+                  "every loader ran at least once per condition unless its cell is empty."]
     missed = [t for t in rows if t.measured is not None and not t.met]
     if missed:
         lines += ["", "Why the missed targets were missed:"]

@@ -163,10 +163,7 @@ def tiny_sd15_state(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> dic
     _randomise(unet, seed=seed)
     text = CLIPTextModel(_clip_config())
     _randomise(text, seed=seed + 1, std=0.2)
-    state = unet_to_ldm(unet.state_dict(), unet.config)
-    state.update({f"cond_stage_model.transformer.{k}": v for k, v in _text_state(text).items()})
-    state.update(vae_to_ldm(_tiny_vae(seed + 2).state_dict(), levels=len(TINY_VAE_CHANNELS),
-                            prefix="first_stage_model."))
+    state = ldm_state(unet=unet, vae=_tiny_vae(seed + 2), text=text)
     return {k: v.detach().to(dtype).contiguous() for k, v in sorted(state.items())}
 
 
@@ -190,12 +187,26 @@ def tiny_sdxl_state(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> dic
         addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=TINY_TEXT_HIDDEN + 6 * time_dim,
     )
     _randomise(unet, seed=seed)
-    state = unet_to_ldm(unet.state_dict(), unet.config)
-    state.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in _text_state(text1).items()})
-    state.update(_open_clip_layout(_text_state(text2), prefix="conditioner.embedders.1.model."))
-    state.update(vae_to_ldm(_tiny_vae(seed + 2).state_dict(), levels=len(TINY_VAE_CHANNELS),
-                            prefix="first_stage_model."))
+    state = ldm_state(unet=unet, vae=_tiny_vae(seed + 2), text=text1, text2=text2)
     return {k: v.detach().to(dtype).contiguous() for k, v in sorted(state.items())}
+
+
+def ldm_state(*, unet: torch.nn.Module, vae: torch.nn.Module, text: torch.nn.Module,
+              text2: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The modules' tensors under single-file names: SD 1.x, or SDXL base when `text2` (OpenCLIP) is given.
+
+    Renames, views and the fused q/k/v concatenation only, so modules built on the meta
+    device give the checkpoint's names and shapes without any memory (real-size benchmarks).
+    """
+    state = unet_to_ldm(unet.state_dict(), unet.config)
+    levels = len(vae.config.block_out_channels)
+    state.update(vae_to_ldm(vae.state_dict(), levels=levels, prefix="first_stage_model."))
+    if text2 is None:
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in _text_state(text).items()})
+    else:
+        state.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in _text_state(text).items()})
+        state.update(_open_clip_layout(_text_state(text2), prefix="conditioner.embedders.1.model."))
+    return state
 
 
 def _open_clip_layout(state: Mapping[str, torch.Tensor], *, prefix: str) -> dict[str, torch.Tensor]:

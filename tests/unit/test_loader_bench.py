@@ -106,3 +106,50 @@ def test_a_small_cpu_run_measures_every_loader_and_the_targets(bench, tmp_path, 
     md = capsys.readouterr().out
     assert "| stoker (mmap) [default] |" in md and "raw mmap + MADV_POPULATE_READ" in md and "Targets (CPU):" in md
     assert "not measured" not in md and not list(tmp_path.iterdir())  # the generated file is removed
+
+
+class TestBudget:
+    def timed(self, bench, tmp_path, n=3):
+        path = tmp_path / "f.bin"
+        path.write_bytes(b"x" * 4096)
+        calls: list[str] = []
+        cands = [bench.Candidate(f"c{i}", (lambda i=i: calls.append(f"c{i}")), kind=bench.Kind.OTHER) for i in range(n)]
+        return path, cands, calls
+
+    def test_a_spent_budget_still_runs_every_loader_once(self, bench, tmp_path):
+        path, cands, calls = self.timed(bench, tmp_path)
+        stop = bench.Stop()
+        bench.measure(cands, path=path, device="cpu", runs=5, cold=False, deadline=0.0, stop=stop)
+        assert sorted(calls) == ["c0", "c1", "c2"] and stop.reason == "time budget spent"
+        assert all(len(c.warm_s) == 1 for c in cands)
+
+    def test_without_a_deadline_every_run_happens_and_rounds_are_reported(self, bench, tmp_path):
+        path, cands, calls = self.timed(bench, tmp_path)
+        rounds: list[int] = []
+        bench.measure(cands, path=path, device="cpu", runs=2, cold=True, drop="fadvise", after_round=lambda: rounds.append(1))
+        assert len(calls) == 6 and len(rounds) == 2 and all(len(c.cold_s) == 2 for c in cands)
+
+    def test_sigterm_stops_before_the_next_load(self, bench, tmp_path):
+        path, cands, calls = self.timed(bench, tmp_path)
+        stop = bench.Stop()
+        cands[0].run = lambda: (calls.append("c0"), stop.on_sigterm())
+        bench.measure(cands, path=path, device="cpu", runs=3, cold=False, stop=stop)
+        assert calls == ["c0"] and stop.reason == "stopped by SIGTERM (stage timeout)"
+
+
+def test_the_json_report_has_every_loader_the_ceilings_and_keyed_targets(bench, tmp_path):
+    import json
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "loader.json"
+    assert bench.main(["--size-gb", "0.01", "--runs", "1", "--fast-runs", "1", "--drop", "fadvise", "--no-write",
+                       "--dir", str(tmp_path), "--json", str(out), "--time-budget", "300"]) == 0  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the benchmark's only while it runs
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["device"] == "cpu" and data["gpu_name"] is None and data["stopped_early"] is None
+    rows = {r["name"]: r for r in data["loaders"]}
+    assert rows["stoker (mmap) [default]"]["default"] and rows["stoker (mmap) [default]"]["warm_gbps"] > 0
+    assert rows["raw pread, 1 thread (ceiling)"]["kind"] == "ceiling" and data["ceilings"]["raw_read_cold_gbps"] > 0
+    assert [t["key"] for t in data["targets"]] == ["warm_vs_safetensors", "cold_vs_raw", "warm_vs_others", "cold_vs_others"]
+    assert all(t["measured"] is not None for t in data["targets"]) and "## Loader" in data["markdown"]
