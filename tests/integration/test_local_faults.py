@@ -87,7 +87,14 @@ def test_a_full_disk_moves_the_job_degrades_the_agent_and_never_fails_the_model(
             degraded = wait_for(lambda: agent_status("agent-a").get("degraded") and agent_status("agent-a"),
                                 timeout_s=30, message=lambda: f"agent-a to report itself degraded: {agent_status('agent-a')}")
             objects.patch("CacheAgent", "agent-b", {"spec": {"cordon": False}})
-            done = wait_for(lambda: status("first").get("phase") in ("Succeeded", "Failed") and status("first"),
+            def finished(name: str) -> dict[str, Any] | None:
+                """The job once it finished and the operator recorded its last attempt in the history."""
+                st = status(name)
+                history = st.get("history") or [{}]
+                done = st.get("phase") in ("Succeeded", "Failed") and history[-1].get("attempt") == st.get("attempt")
+                return st if done else None
+
+            done = wait_for(lambda: finished("first"),
                             timeout_s=240, interval_s=0.5,
                             message=lambda: f"the job to finish on agent-b: {status('first')}\n{b.tail()}\n{op.tail()}")
             model = objects.get("ModelCache", "tiny-sd15")

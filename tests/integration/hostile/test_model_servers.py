@@ -48,8 +48,7 @@ CASES = [
     ("wrong-digest", fault(), {"sha256": "0" * 64}, "ChecksumMismatch", "ChecksumMismatch", "expected 000"),
     ("size-hint-lie", fault(), {"size_bytes": 95 * 2**20}, "SizeMismatch", "SizeMismatch", "sizeBytes"),
     # A size beyond every agent's whole budget fails the model at once: no agent could ever hold it.
-    ("claims-more-than-the-budget", fault(claimed_length=2**40), {}, "ModelUnavailable", "ExceedsDiskBudget",
-     "disk budget"),
+    ("claims-more-than-the-budget", fault(claimed_length=2**40), {}, "ModelUnavailable", None, "disk budget"),
     ("claims-95-mib-sends-a-few", fault(claimed_length=95 * 2**20, range_support=False), {}, "AttemptsExhausted",
      "ConnectionFailed", "connection dropped"),
 ]
