@@ -86,7 +86,9 @@ class Plan:
     budget_models: int = 3
     """Disk budget of each agent, in model files: evictions happen all along."""
     jobs_per_minute: float = 32.0
-    steps: int = 3
+    steps: int = 20
+    size: int = 256
+    """Image side in pixels: with `steps`, a second or two per job on a CPU, so that agent kills hit running jobs."""
     agent_kill_every_s: tuple[float, float] = (30.0, 60.0)
     wipe_fraction: float = 0.5
     operator_kill_every_s: float = 150.0
@@ -103,7 +105,7 @@ class Plan:
 
     @classmethod
     def short(cls) -> Plan:
-        return cls(minutes=3.5, models=4, jobs_per_minute=24.0, agent_kill_every_s=(30.0, 45.0),
+        return cls(minutes=3.5, models=4, jobs_per_minute=24.0, steps=3, size=64, agent_kill_every_s=(30.0, 45.0),
                    operator_kill_every_s=100.0, apiserver_restart_at_s=75.0, server_down_at_s=125.0,
                    disk_full_at_s=40.0, disk_full_for_s=60.0, agent_lease_s=6, leader_lease_s=6.0,
                    drain_timeout_s=420.0)
@@ -355,7 +357,7 @@ class Soak:
             name = f"job-{self.created:04d}"
             body = {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob", "metadata": {"name": name},
                     "spec": {"model": model, "params": {"prompt": f"a lighthouse {self.created}", "steps": self.plan.steps,
-                                                        "width": 64, "height": 64}}}
+                                                        "width": self.plan.size, "height": self.plan.size}}}
             for _ in range(120):  # the API server may be restarting: keep the job, as a client would
                 try:
                     self.objects.create("GenerationJob", body)
@@ -637,7 +639,8 @@ def render(plan: Plan, r: Results, *, command: str, load: tuple[float, float]) -
 ## Chaos soak (`{command}`)
 
 {plan.operators} operators, {plan.agents} agents (disk budgets of {plan.budget_models} model files), {plan.models}
-token-protected tiny SD 1.5 checkpoints, {plan.jobs_per_minute:.0f} jobs/min for {plan.minutes:.1f} min, then a
+token-protected tiny SD 1.5 checkpoints, {plan.jobs_per_minute:.0f} jobs/min ({plan.steps} steps at {plan.size}x{plan.size})
+for {plan.minutes:.1f} min, then a
 drain; {r.duration_s / 60:.1f} min in all. {describe_machine()}; load average {load[0]:.2f} at the start,
 {load[1]:.2f} at the end.
 
