@@ -28,6 +28,10 @@ UID_GID=10001:10001
 PYTHON="${PYTHON:-$PWD/.venv/bin/python}"
 mkdir -p "$WHEELS" "$CACHE/base"
 log() { printf '[images] %s\n' "$*" >&2; }
+# As root on Debian, install what is missing (a fresh machine); elsewhere say what to install.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  bash hack/setup-node.sh
+fi
 for tool in buildah podman mmdebstrap runc; do
   command -v "$tool" >/dev/null || { log "error: $tool is missing; run: bash hack/setup-node.sh"; exit 1; }
 done
