@@ -139,6 +139,11 @@ def find_binaries() -> pathlib.Path:
     return pathlib.Path(proc.stdout.strip().splitlines()[-1])
 
 
+def _spawn(cmd: list[str], logfile: pathlib.Path) -> subprocess.Popen[bytes]:
+    """Start one process with its output in `logfile` (also the node's components, stoker.testing.cluster)."""
+    return _Managed(logfile.stem, cmd, logfile).start()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -92,6 +92,8 @@ def chart_values(images: dict[str, str], cluster: Cluster, *, budget: str) -> li
         "operator.resources.requests.cpu": "50m", "operator.resources.requests.memory": "64Mi",
         "agent.replicas": 2, "agent.gpusPerPod": 0, "agent.allowHttp": True,
         "agent.allowedHosts[0]": cluster.gateway_ip,
+        # The test's output server listens on the bridge's gateway, over plain http.
+        "agent.outputs.allowHttp": True, "agent.outputs.allowedHosts[0]": cluster.gateway_ip,
         "agent.cache.budget": budget, "agent.cache.sizeLimit": "1Gi", "agent.ramBudget": "256Mi",
         "agent.resources.requests.cpu": "100m", "agent.resources.requests.memory": "256Mi",
         "agent.resources.limits.memory": "3Gi",
