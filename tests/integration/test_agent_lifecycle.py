@@ -196,7 +196,7 @@ def test_sigterm_drains_the_running_job_and_hands_the_queued_one_back_at_once(
             objects.patch("CacheAgent", "agent-b", {"spec": {"cordon": True}})  # both jobs go to A
             # Seconds of generation (a tiny model at 64x64 would be done in a fraction of one), so that the
             # second job is still queued behind it when the agent is told to stop.
-            objects.create("GenerationJob", job("running", steps=60, size=512))
+            objects.create("GenerationJob", job("running", steps=60, size=256))
             wait_for(lambda: (status("running").get("progress") or {}).get("step", 0) >= 1, timeout_s=180,
                      message=lambda: f"the first job to be generating on agent-a: {status('running')}\n{a.tail()}")
             objects.create("GenerationJob", job("queued", steps=2))
