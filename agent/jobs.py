@@ -184,8 +184,11 @@ class JobWorker:
     def __init__(self, *, objects: kube.Objects, settings: JobSettings, store: DiskStore, weights: Weights,
                  runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep,
                  health: faults.AgentHealth | None = None, results_store: Any = None,
-                 threads: pools.Pools = pools.Pools()) -> None:
+                 threads: pools.Pools = pools.Pools(),
+                 on_stop: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.objects, self.settings = objects, settings
+        self.on_stop = on_stop
+        """Awaited once the agent stops, before any job is handed back: publishes `accepting: false`."""
         self.results_store = results_store
         """S3ResultsStore for jobs without an output URL, or None: the results folder."""
         self.threads = threads
@@ -242,6 +245,13 @@ class JobWorker:
             await stop.wait()
             self._stopping = True
             resync.cancel()
+            if self.on_stop is not None:
+                # The operator must see this agent as not accepting before a job handed back is placed
+                # again, or it may bind the job right back here.
+                try:
+                    await asyncio.wait_for(self.on_stop(), timeout=5)
+                except Exception as exc:  # noqa: BLE001 - the handback goes on; the Lease release follows
+                    log.warning("could not report that this agent stopped accepting: %s", exc)
             for w in list(self.work.values()):
                 if w.stage != "running":
                     w.cancel_attempt()

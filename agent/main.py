@@ -242,13 +242,17 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         if writer is not None:
             writer.kick()
 
+    async def report_stopping() -> None:  # the report says accepting: false once `stop` is set
+        if writer is not None:
+            await writer.write_if_changed(force=True)
+
     worker = JobWorker(objects=objects, settings=JobSettings(
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
         results_dir=settings.results_dir, results_max_bytes=settings.results_max_bytes,
         results_max_age_s=settings.results_max_age_s, output_policy=settings.output_policy(),
         shutdown_grace_s=settings.shutdown_grace_s, model_not_found_grace_s=settings.model_not_found_grace_s),
         store=store, weights=metered_weights, runner=runner, metrics=metrics.jobs, on_change=kick, health=health,
-        results_store=results_store, threads=threads)
+        results_store=results_store, threads=threads, on_stop=lambda: report_stopping())
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
     hot = HotHolds(metered_weights)
