@@ -28,7 +28,7 @@ Events). Writes the "soak" section of BENCHMARKS.md.
 which asserts: 0 lost, 0 duplicates, 0 overruns, 0 partial files, 0 leaks, every failure explained.
 
 Needs root for the tmpfs (the full disk); without it that fault is skipped and said so.
-Loopback only. Run the full soak under `flock /work/notes/heavy.lock` on a shared machine.
+Loopback only. The full soak keeps two cores busy: run nothing else heavy beside it.
 """
 
 from __future__ import annotations
