@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kubernetes import client
 
@@ -103,6 +104,25 @@ def fake_agent_process(kubeconfig: pathlib.Path, namespace: str, name: str, log_
                        *args: str) -> Process:
     return Process([sys.executable, "-P", "-m", "stoker.testing.fake_agent", "--kubeconfig", str(kubeconfig),
                     "--namespace", namespace, "--name", name, *args], log_path)
+
+
+def checkpoint_model_cache(server: Any, checkpoint: pathlib.Path, *, name: str = "tiny-sd15",
+                           replicas: int = 0) -> dict[str, Any]:
+    """A ModelCache for `checkpoint` as `server` (a stoker.testing.model_server.ModelServer) serves it,
+    with its digest and size."""
+    return {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "source": {"url": server.url(checkpoint.name),
+                                                      "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+                                                      "sizeBytes": checkpoint.stat().st_size}}}
+
+
+def agent_registered(objects: kube.Objects, name: str) -> bool:
+    """Whether agent `name` has reported its slots and accepts jobs."""
+    try:
+        status = objects.get("CacheAgent", name).get("status") or {}
+    except client.exceptions.ApiException:
+        return False
+    return bool(status.get("slots")) and status.get("accepting", True)
 
 
 def real_agent_process(kubeconfig: pathlib.Path, objects: kube.Objects, name: str, work: pathlib.Path,

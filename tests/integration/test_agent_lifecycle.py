@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import pathlib
 import shutil
 import signal
@@ -25,7 +24,8 @@ from kubernetes import client, watch
 from stoker import kube
 from stoker.testing import tiny_models
 from stoker.testing.model_server import ModelServer
-from stoker.testing.operator_harness import Process, operator_process, real_agent_process, wait_for
+from stoker.testing.operator_harness import (Process, agent_registered, checkpoint_model_cache,
+                                            operator_process, real_agent_process, wait_for)
 
 
 @pytest.fixture
@@ -36,21 +36,6 @@ def objects(api_client: client.ApiClient, namespace: str) -> kube.Objects:
 @pytest.fixture
 def checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
     return tiny_models.write_tiny_sd15(tmp_path / "tiny-sd15.safetensors", seed=11)
-
-
-def model_cache(server: ModelServer, checkpoint: pathlib.Path, *, replicas: int = 0) -> dict[str, Any]:
-    return {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache", "metadata": {"name": "tiny-sd15"},
-            "spec": {"replicas": replicas, "source": {"url": server.url("tiny-sd15.safetensors"),
-                                                      "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
-                                                      "sizeBytes": checkpoint.stat().st_size}}}
-
-
-def registered(objects: kube.Objects, name: str) -> bool:
-    try:
-        status = objects.get("CacheAgent", name).get("status") or {}
-    except client.exceptions.ApiException:
-        return False
-    return bool(status.get("slots")) and status.get("accepting", True)
 
 
 class Timeline:
@@ -112,10 +97,10 @@ class Timeline:
 def test_a_restarted_agent_clears_its_old_report_before_it_says_it_is_ready(
         control_plane, api_client, objects, namespace, tmp_path, checkpoint) -> None:
     with ModelServer({"tiny-sd15.safetensors": checkpoint}) as server:
-        objects.create("ModelCache", model_cache(server, checkpoint))
+        objects.create("ModelCache", checkpoint_model_cache(server, checkpoint))
         first = real_agent_process(control_plane.kubeconfig, objects, "agent-r", tmp_path).start()
         try:
-            wait_for(lambda: registered(objects, "agent-r"), timeout_s=180, message=lambda: f"registration\n{first.tail()}")
+            wait_for(lambda: agent_registered(objects, "agent-r"), timeout_s=180, message=lambda: f"registration\n{first.tail()}")
             objects.patch("CacheAgent", "agent-r", {"spec": {"holds": [{"model": "tiny-sd15"}]}})
             wait_for(lambda: any(m["name"] == "tiny-sd15" for m in (objects.get("CacheAgent", "agent-r").get("status")
                                                                      or {}).get("models", [])),
@@ -153,7 +138,7 @@ def test_sigterm_on_an_idle_agent_exits_within_5s_and_releases_its_lease(
         control_plane, api_client, objects, namespace, tmp_path) -> None:
     agent = real_agent_process(control_plane.kubeconfig, objects, "agent-i", tmp_path).start()
     try:
-        wait_for(lambda: registered(objects, "agent-i"), timeout_s=180,
+        wait_for(lambda: agent_registered(objects, "agent-i"), timeout_s=180,
                  message=lambda: f"the agent to be ready\n{agent.tail()}")
         time.sleep(2)  # its watches are open and idle
         assert agent.proc is not None
@@ -180,7 +165,7 @@ def job(name: str, *, steps: int, size: int = 64) -> dict[str, Any]:
 def test_sigterm_drains_the_running_job_and_hands_the_queued_one_back_at_once(
         control_plane, objects, namespace, tmp_path, checkpoint) -> None:
     with ModelServer({"tiny-sd15.safetensors": checkpoint}) as server:
-        objects.create("ModelCache", model_cache(server, checkpoint))
+        objects.create("ModelCache", checkpoint_model_cache(server, checkpoint))
         op = operator_process(control_plane.kubeconfig, namespace, tmp_path / "operator.log", lease_grace_s=3.0).start()
         a = real_agent_process(control_plane.kubeconfig, objects, "agent-a", tmp_path,
                                "--shutdown-grace-s", "120").start()
@@ -191,7 +176,7 @@ def test_sigterm_drains_the_running_job_and_hands_the_queued_one_back_at_once(
 
         try:
             for name, proc in (("agent-a", a), ("agent-b", b)):
-                wait_for(lambda name=name: registered(objects, name), timeout_s=180,
+                wait_for(lambda name=name: agent_registered(objects, name), timeout_s=180,
                          message=lambda proc=proc: f"the agent to register\n{proc.tail()}")
             objects.patch("CacheAgent", "agent-b", {"spec": {"cordon": True}})  # both jobs go to A
             # Seconds of generation (a tiny model at 64x64 would be done in a fraction of one), so that the

@@ -10,7 +10,6 @@ fault and downloads again.
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +21,8 @@ from kubernetes import client
 from stoker import kube
 from stoker.testing import tiny_models
 from stoker.testing.model_server import ModelServer
-from stoker.testing.operator_harness import operator_process, real_agent_process, wait_for
+from stoker.testing.operator_harness import (agent_registered, checkpoint_model_cache,
+                                            operator_process, real_agent_process, wait_for)
 
 
 @pytest.fixture
@@ -43,13 +43,6 @@ def full_volume(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
         subprocess.run(["umount", "-l", str(cache)], check=False)
 
 
-def registered(objects: kube.Objects, name: str) -> bool:
-    try:
-        return bool(objects.get("CacheAgent", name).get("status", {}).get("slots"))
-    except client.exceptions.ApiException:
-        return False
-
-
 def job(name: str, *, steps: int = 2) -> dict[str, Any]:
     return {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob", "metadata": {"name": name},
             "spec": {"model": "tiny-sd15", "maxAttempts": 1, "params": {
@@ -59,12 +52,8 @@ def job(name: str, *, steps: int = 2) -> dict[str, Any]:
 def test_a_full_disk_moves_the_job_degrades_the_agent_and_never_fails_the_model(
         control_plane, objects, namespace, tmp_path, full_volume) -> None:
     checkpoint = tiny_models.write_tiny_sd15(tmp_path / "tiny-sd15.safetensors", seed=11)
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     with ModelServer({"tiny-sd15.safetensors": checkpoint}) as server:
-        objects.create("ModelCache", {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
-                                      "metadata": {"name": "tiny-sd15"}, "spec": {"replicas": 0, "source": {
-                                          "url": server.url("tiny-sd15.safetensors"), "sha256": digest,
-                                          "sizeBytes": checkpoint.stat().st_size}}})
+        objects.create("ModelCache", checkpoint_model_cache(server, checkpoint))
         op = operator_process(control_plane.kubeconfig, namespace, tmp_path / "operator.log", lease_grace_s=3.0).start()
         a = real_agent_process(control_plane.kubeconfig, objects, "agent-a", tmp_path).start()
         b = real_agent_process(control_plane.kubeconfig, objects, "agent-b", tmp_path).start()
@@ -77,7 +66,7 @@ def test_a_full_disk_moves_the_job_degrades_the_agent_and_never_fails_the_model(
 
         try:
             for name, proc in (("agent-a", a), ("agent-b", b)):
-                wait_for(lambda name=name: registered(objects, name), timeout_s=180,
+                wait_for(lambda name=name: agent_registered(objects, name), timeout_s=180,
                          message=lambda proc=proc: f"the agent to register\n{proc.tail()}")
             objects.patch("CacheAgent", "agent-b", {"spec": {"cordon": True}})  # the job must start on A
             objects.create("GenerationJob", job("first"))

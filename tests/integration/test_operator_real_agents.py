@@ -9,7 +9,6 @@ the operator requeues it and B finishes it.
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
 from typing import Any
 
@@ -19,7 +18,8 @@ from kubernetes import client
 from stoker import kube
 from stoker.testing import tiny_models
 from stoker.testing.model_server import ModelServer
-from stoker.testing.operator_harness import operator_process, real_agent_process, wait_for
+from stoker.testing.operator_harness import (agent_registered, checkpoint_model_cache,
+                                            operator_process, real_agent_process, wait_for)
 
 
 
@@ -35,27 +35,16 @@ def checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 
-def registered(objects: kube.Objects, name: str) -> bool:
-    try:
-        return bool(objects.get("CacheAgent", name).get("status", {}).get("slots"))
-    except client.exceptions.ApiException:
-        return False
-
-
 def test_a_real_agent_killed_mid_job_loses_the_job_to_the_other_after_the_lease_grace(
         control_plane, objects, namespace, tmp_path, checkpoint) -> None:
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     with ModelServer({"tiny-sd15.safetensors": checkpoint}) as server:
-        objects.create("ModelCache", {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
-                                      "metadata": {"name": "tiny-sd15"}, "spec": {"replicas": 0, "source": {
-                                          "url": server.url("tiny-sd15.safetensors"), "sha256": digest,
-                                          "sizeBytes": checkpoint.stat().st_size}}})
+        objects.create("ModelCache", checkpoint_model_cache(server, checkpoint))
         op = operator_process(control_plane.kubeconfig, namespace, tmp_path / "operator.log", lease_grace_s=3.0).start()
         a = real_agent_process(control_plane.kubeconfig, objects, "agent-a", tmp_path).start()
         b = real_agent_process(control_plane.kubeconfig, objects, "agent-b", tmp_path).start()
         try:
             for name, proc in (("agent-a", a), ("agent-b", b)):
-                wait_for(lambda name=name: registered(objects, name), timeout_s=180,
+                wait_for(lambda name=name: agent_registered(objects, name), timeout_s=180,
                          message=lambda proc=proc: f"the agent to register\n{proc.tail()}")
             objects.patch("CacheAgent", "agent-b", {"spec": {"cordon": True}})  # the job must start on A
             objects.create("GenerationJob", {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob",
