@@ -28,10 +28,18 @@ __all__ = ["build", "main", "parse_args", "run_fleet", "run_scaling"]
 
 GB = 10**9
 REFERENCE = "least-conn+LRU"
+_FAMILY_NAMES = {workload.Family.SD15: "SD 1.5", workload.Family.SDXL: "SDXL", workload.Family.SD3: "SD3",
+                 workload.Family.FLUX: "FLUX"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stoker sim", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="stoker sim", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Replaying your own workload: --catalog FILE --trace FILE\n\n"
+        + workload.CATALOG_HELP + "\n\n" + workload.TRACE_HELP
+        + "\n\nWith --catalog alone, a synthetic Zipf trace is drawn over your checkpoints (file order is not "
+        "popularity order: the ranking is shuffled by --seed).",
+    )
     p.add_argument("--duration-s", type=float, default=7200.0, help="simulated submit window (default 2 h)")
     p.add_argument("--warmup-s", type=float, default=1800.0, help="jobs submitted earlier are left out of the window table")
     p.add_argument("--load", type=float, default=0.7, help="inference work offered / GPU capacity (default 0.7)")
@@ -60,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-burst", action="store_true", help="no burst (by default a rank-300 model takes 30%% of traffic for 10 min mid-run)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {','.join(POLICIES)}")
-    p.add_argument("--trace", type=pathlib.Path, help="replay a CSV trace (time_s,model,loras) over the synthetic catalog")
+    p.add_argument("--catalog", type=pathlib.Path,
+                   help="your own model list (CSV: name,kind,size[,family,inference_s]; see below) instead of the synthetic one")
+    p.add_argument("--trace", type=pathlib.Path,
+                   help="replay a CSV request log (time_s,model,loras; see below) over --catalog, or the synthetic catalog")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/plots"))
     p.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--scaling", action="store_true", help="only measure decision time as agents and pending jobs grow")
@@ -76,18 +87,19 @@ def build(args: argparse.Namespace) -> tuple[workload.Trace, engine.FleetConfig]
         n_models=args.models, n_loras=args.loras, zipf_exponent=args.zipf, duration_s=args.duration_s,
         bursts=bursts, seed=args.seed,
     )
-    catalog = workload.build_catalog(config)
-    defaults = engine.FleetConfig()
-    rate = workload.arrival_rate_for_load(
-        config, catalog, load=args.load, gpus=args.agents, inference_s=dict(defaults.inference_s),
-        lora_apply_s=defaults.lora_apply_s,
-    )
-    config = dataclasses.replace(config, rate_per_s=rate)
-    if args.trace:
-        with args.trace.open() as fh:
-            trace = workload.read_trace_csv(fh, catalog=catalog)
+    if args.catalog:
+        catalog = workload.read_catalog_csv(_read_lines(args.catalog, "catalog"), source=str(args.catalog))
     else:
-        trace = workload.generate_trace(config, catalog)
+        catalog = workload.build_catalog(config)
+    if args.trace:
+        trace = workload.read_trace_csv(_read_lines(args.trace, "trace"), catalog=catalog, source=str(args.trace))
+    else:
+        defaults = engine.FleetConfig()
+        rate = workload.arrival_rate_for_load(
+            config, catalog, load=args.load, gpus=args.agents, inference_s=dict(defaults.inference_s),
+            lora_apply_s=defaults.lora_apply_s,
+        )
+        trace = workload.generate_trace(dataclasses.replace(config, rate_per_s=rate), catalog)
     # Bake the most requested checkpoints of the first minutes into the image, as an
     # operator would bake the base model everyone uses.
     counts: dict[str, int] = {}
@@ -107,6 +119,25 @@ def build(args: argparse.Namespace) -> tuple[workload.Trace, engine.FleetConfig]
         seed=args.seed,
     )
     return trace, fleet
+
+
+def _offered_load(trace: workload.Trace, fleet: engine.FleetConfig) -> float:
+    """Generation seconds the trace asks for / GPU seconds of the fleet over the trace."""
+    cat = trace.catalog
+    work_s = sum(
+        (cat[j.model].inference_s or fleet.inference_s[cat[j.model].family]) + fleet.lora_apply_s * len(j.loras)
+        for j in trace.jobs
+    )
+    return work_s / max(1e-9, fleet.n_agents * max(1.0, trace.duration_s))
+
+
+def _read_lines(path: pathlib.Path, what: str) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as exc:
+        raise workload.WorkloadError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise workload.WorkloadError(f"the {what} file {path} is not UTF-8 text; save it as a CSV in UTF-8") from None
 
 
 def argv_text(args: argparse.Namespace) -> list[str]:
@@ -256,12 +287,19 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
     )
     setup = (
         f"{len(trace.jobs)} jobs over {trace.duration_s / 60:.0f} simulated min "
-        f"({len(trace.jobs) / max(1, trace.duration_s):.2f}/s, {args.load:.0%} inference load), "
-        f"{args.models} checkpoints + {args.loras} LoRAs, Zipf {args.zipf}, {fleet.n_agents} agents x "
+        f"({len(trace.jobs) / max(1, trace.duration_s):.2f}/s, {_offered_load(trace, fleet):.0%} inference load), "
+        + (f"{len(trace.catalog.checkpoints)} checkpoints + {len(trace.catalog.loras)} LoRAs"
+           + (f" from {args.catalog.name}" if args.catalog else "")
+           + ("" if args.trace else f", Zipf {args.zipf}")
+           + (f", replaying {args.trace.name}" if args.trace else "") + ", ")
+        + f"{fleet.n_agents} agents x "
         f"{fleet.disk_bytes / GB:.0f} GB disk / {fleet.ram_bytes / GB:.0f} GB RAM / {fleet.vram_bytes / GB:.0f} GB VRAM, "
         f"download {fleet.download_bytes_per_s / 1e6:.0f} MB/s, disk->GPU {fleet.disk_to_gpu_bytes_per_s / 1e9:.0f} GB/s, "
-        f"RAM->GPU {fleet.ram_to_gpu_bytes_per_s / 1e9:.0f} GB/s, generation {fleet.inference_s[workload.Family.SD15]:g} s "
-        f"(SD 1.5) / {fleet.inference_s[workload.Family.SDXL]:g} s (SDXL), {fleet.slots} job slots per agent "
+        f"RAM->GPU {fleet.ram_to_gpu_bytes_per_s / 1e9:.0f} GB/s, generation "
+        + " / ".join(f"{fleet.inference_s[f]:g} s ({_FAMILY_NAMES[f]})" for f in workload.Family
+                     if any(a.family is f for a in trace.catalog.checkpoints))
+        + (" (some checkpoints set their own)" if any(a.inference_s for a in trace.catalog.checkpoints) else "")
+        + f", {fleet.slots} job slots per agent "
         f"under late binding, {fleet.interruptions_per_agent_hour:g} interruption "
         f"per agent-hour (lease grace {fleet.detect_s:.0f} s, replacement after {fleet.replace_delay_s:.0f} s), "
         f"baked-in {', '.join(fleet.baked) or 'none'}, seed {args.seed}"
@@ -494,7 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scaling:
         sections.append(run_scaling(budget_s=args.scaling_budget_s, seed=args.seed))
     else:
-        sections.append(run_fleet(args))
+        try:
+            sections.append(run_fleet(args))
+        except workload.WorkloadError as exc:
+            print(f"stoker sim: {exc}", file=sys.stderr)
+            return 2
     if not args.no_record:
         write_section = _section_writer()
         if write_section is None:

@@ -90,7 +90,10 @@ class FleetConfig:
     download_bytes_per_s: float = 400e6
     disk_to_gpu_bytes_per_s: float = 2e9
     ram_to_gpu_bytes_per_s: float = 20e9
-    inference_s: dict[Family, float] = field(default_factory=lambda: {Family.SD15: 3.0, Family.SDXL: 10.0})
+    inference_s: dict[Family, float] = field(
+        default_factory=lambda: {Family.SD15: 3.0, Family.SDXL: 10.0, Family.SD3: 15.0, Family.FLUX: 20.0}
+    )
+    """Seconds per generation by model family (a catalog row's `inference_s` overrides it)."""
     lora_apply_s: float = 0.15
     slots: int = 3
     """Jobs an agent accepts at once under late binding (one on the GPU, the rest staging)."""
@@ -262,6 +265,10 @@ class Simulator:
         self.catalog = trace.catalog
         self.size = {a.name: a.size_bytes for a in trace.catalog.artifacts}
         self.family = {a.name: a.family for a in trace.catalog.artifacts}
+        self.generation_s = {
+            a.name: a.inference_s if a.inference_s is not None else fleet.inference_s[a.family]
+            for a in trace.catalog.artifacts
+        }
         self.now = 0.0
         self.end_s = trace.duration_s + drain_s
         self._events: list[tuple[float, int, int, object]] = []
@@ -298,7 +305,7 @@ class Simulator:
         return [a for a in self.agents if a.visible]
 
     def inference_s(self, job: JobRecord) -> float:
-        return self.fleet.inference_s[self.family[job.request.model]] + self.fleet.lora_apply_s * len(job.request.loras)
+        return self.generation_s[job.request.model] + self.fleet.lora_apply_s * len(job.request.loras)
 
     def set_holds(self, agent: AgentState, keys: frozenset[str]) -> None:
         """Operator order: keep exactly `keys` on `agent`'s disk, prefetching the missing ones."""
