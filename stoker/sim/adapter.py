@@ -171,8 +171,10 @@ def _downloading(sim: Simulator, agent: AgentState, now: float) -> dict[str, int
     downloading: dict[str, int] = {}
     if agent.downloading is not None:
         size = sim.size[agent.downloading]
+        transfer = agent.transfer
+        rate = transfer.rate if transfer is not None else sim.fleet.download_bytes_per_s
         left_s = max(0.0, agent.download_done_s - now)
-        downloading[agent.downloading] = max(0, int(size - left_s * sim.fleet.download_bytes_per_s))
+        downloading[agent.downloading] = max(0, int(size - min(size, left_s * rate)))
     for key in agent.download_queue:
         downloading.setdefault(key, 0)
     return downloading

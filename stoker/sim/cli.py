@@ -331,7 +331,8 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
     print(f"\nWindow: jobs submitted after {args.warmup_s / 60:.0f} min", file=out)
     print(report.bounds_line(bnds, window=True), file=out)
     print(text_window, file=out)
-    print("\nTB downloaded by cause (whole run): first request, another agent had it, every copy evicted, last copy lost to an interruption", file=out)
+    print("\nTB fetched by origin and cause (whole run): first request, another agent had it, every copy evicted, "
+          "last copy lost to an interruption", file=out)
     print(report.causes_table(results), file=out, flush=True)
     paths = report.write_plots(results, bounds=bnds, out_dir=args.out, bursts=trace.bursts)
     print("\nplots: " + ", ".join(str(p) for p in paths), file=out)
@@ -379,7 +380,8 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
         "",
         report.markdown(window, bound_bytes=bnds.window_pooled_bytes, reference=REFERENCE),
         "",
-        "TB downloaded by cause (whole run): `first` request for the file, `duplicate` (another live agent had it "
+        "TB fetched by origin (`source`: the model's URL; `peer`: another agent) and cause (whole run): "
+        "`first` request for the file, `duplicate` (another live agent had it "
         "or was fetching it), `evicted` (every copy had been evicted), `interrupted` (the last copy vanished with "
         "an interrupted agent):",
         "",

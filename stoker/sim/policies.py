@@ -49,6 +49,7 @@ class _PushPolicy:
     name = "push"
     tick_s = math.inf
     disk_half_life_s = None  # the plain per-node LRU a load balancer's nodes have
+    peer_fetch = False  # every node pulls from the model source
 
     def __init__(self, *, seed: int = 1) -> None:
         self.rng = random.Random(f"{self.name}-{seed}")
@@ -150,8 +151,11 @@ class StokerPolicy:
         tick_s: float = 30.0,
         queue_slots: bool = True,
         fleet_ranks: bool = True,
+        peer_fetch: bool = False,
     ) -> None:
         self.name = name
+        self.peer_fetch = peer_fetch
+        """Agents fetch a model from a peer that holds (or is fetching) it before the source."""
         self.queue_slots = queue_slots
         """Report one generation slot plus queue slots (the agent's one GPU), not all as generation slots."""
         self.fleet_ranks = fleet_ranks
@@ -255,6 +259,7 @@ POLICIES = (
     "stoker",
     "stoker+replicas",
     "stoker+autoscale",
+    "stoker+peers",
 )
 
 
@@ -274,6 +279,8 @@ def make_policy(key: str, *, seed: int = 1, settings: PlacementSettings | None =
         return StokerPolicy(name="stoker-lastused", settings=settings, fleet_ranks=False)
     if key == "stoker+replicas":
         return StokerPolicy(name="stoker+replicas", settings=settings, replicas=ReplicaMode(enabled=True))
+    if key == "stoker+peers":
+        return StokerPolicy(name="stoker+peers", settings=settings, peer_fetch=True)
     if key == "stoker+autoscale":
         return StokerPolicy(
             name="stoker+autoscale", settings=settings, replicas=ReplicaMode(enabled=True, autoscale=True)
