@@ -455,6 +455,16 @@ class DiskStore:
     def is_cached(self, key: str) -> bool:
         return key in self._files
 
+    def verified_path(self, sha256: str) -> pathlib.Path | None:
+        """Path of a complete file this agent downloaded and hashed whose content has this
+        digest, for the peer server; None when there is none (partial downloads and baked-in
+        files, whose digest only the image's manifest vouches for, are never offered).
+        Callable from any thread: it reads a copy of the index."""
+        for info in list(self._files.values()):
+            if not info.preloaded and info.sha256 == sha256:
+                return info.path
+        return None
+
     # ---- pins and holds --------------------------------------------------
 
     def pin(self, key: str) -> None:

@@ -23,10 +23,12 @@ from stoker.agent.jobs import JobSettings, JobWorker, model_source
 from stoker.agent.loader import Loader
 from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
 from stoker.agent.orders import OrderFollower
+from stoker.agent.peer_server import (PeerCredentialError, PeerMetrics, PeerServer, PeerServerSettings,
+                                      advertised_host, read_token)
 from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
 from stoker.agent.settings import AgentSettings, SettingsError, SizeBytes
 from stoker.agent.weights import Weights
-from stoker.api.cacheagent import Bandwidths
+from stoker.api.cacheagent import Bandwidths, PeerEndpoint
 
 log = logging.getLogger("stoker.agent")
 
@@ -141,6 +143,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         metrics.watch_tier("ram", weights.ram.snapshot)
     weights.on_evict.append(lambda key: metrics.evictions.labels("vram").inc())
     weights.on_ram_evict.append(lambda key: metrics.evictions.labels("ram").inc())
+    peer_metrics = PeerMetrics(metrics.registry)
+    peer, peer_endpoint = start_peer_server(settings, store, peer_metrics)
     credentials.configure(credentials.CredentialResolver(
         secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     await preparing
@@ -177,7 +181,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             failures=list(worker.model_failures.values()),
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
                                  disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
-            observed_generation=orders.observed_generation)
+            observed_generation=orders.observed_generation, peer=peer_endpoint)
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
                           on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
@@ -190,10 +194,33 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     try:
         await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop))
     finally:
+        if peer is not None:
+            peer.stop()
         await store.close()
         downloader.close()
         weights.close()
         loader.close()
+
+
+def start_peer_server(settings: AgentSettings, store: DiskStore,
+                      metrics: PeerMetrics) -> tuple[PeerServer | None, PeerEndpoint | None]:
+    """Serve this agent's verified files to the fleet when a peer credential is configured."""
+    try:
+        token = read_token(settings.peer_token_file)
+    except PeerCredentialError as exc:
+        raise SettingsError(str(exc)) from None
+    if token is None:
+        log.info("no peer credential at %s: not serving other agents nor fetching from them", settings.peer_token_file)
+        return None, None
+    try:
+        server = PeerServer(PeerServerSettings(
+            token=token, addr=settings.peer_addr, port=settings.peer_port, max_uploads=settings.peer_max_uploads,
+            upload_bytes_per_s=settings.peer_upload_bytes_per_s), lookup=store.verified_path, metrics=metrics).start()
+    except OSError as exc:
+        raise SettingsError(f"the peer endpoint cannot listen on {settings.peer_addr}:{settings.peer_port} "
+                            f"({exc.strerror}); choose another --peer-port") from None
+    host = advertised_host(advertise=settings.peer_advertise_host, listen=settings.peer_addr)
+    return server, PeerEndpoint(url=server.url(host), max_uploads=settings.peer_max_uploads)
 
 
 def disk_view(store: DiskStore) -> status_report.DiskView:
@@ -201,7 +228,8 @@ def disk_view(store: DiskStore) -> status_report.DiskView:
     return status_report.DiskView(
         budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, reserved_bytes=snap.reserved_bytes,
         entries=tuple(status_report.DiskEntryView(key=m.key, size_bytes=m.size_bytes, last_used=m.last_used,
-                                                  preloaded=m.preloaded, held=m.held, rank_s=m.rank_s)
+                                                  preloaded=m.preloaded, held=m.held, rank_s=m.rank_s,
+                                                  sha256=m.sha256)
                       for m in snap.models),
         downloads=tuple(status_report.DownloadView(key=d.key, bytes_done=d.bytes_done, total_bytes=d.total_bytes)
                         for d in snap.downloads))

@@ -98,6 +98,22 @@ class AgentSettings(BaseSettings):
     api_secrets: Annotated[list[str] | None, NoDecode] = None
     """Secrets the agent may also read through the API server when they are not mounted (the chart's agent.apiReadableSecrets)."""
 
+    # ---- peers: the agents of a fleet fetch models from each other ----
+    peer_token_file: pathlib.Path | None = pathlib.Path("/var/run/stoker/peer/token")
+    """File holding the fleet's peer credential (the chart generates it as a Secret mounted into agents only). Without it the agent neither serves other agents nor fetches from them."""
+    peer_port: int = Field(default=8471, ge=0, le=65535)
+    """Port of the peer endpoint; 0 picks a free one."""
+    peer_addr: str = "0.0.0.0"
+    """Address the peer endpoint listens on."""
+    peer_advertise_host: str | None = None
+    """IP address other agents reach this one at (the pod IP, from the downward API); default: peer_addr when it is an address, else this host's."""
+    peer_max_uploads: int = Field(default=2, ge=1, le=64)
+    """Transfers served to other agents at once; more are turned away to another holder."""
+    peer_upload_bytes_per_s: SizeBytes = 400 * 2**20
+    """Cap on the bytes per second served to other agents, all transfers together (0: no cap), so serving never slows the agent's own loads."""
+    peer_fetch: bool = True
+    """Fetch a model from another agent that holds a verified copy before going to its source."""
+
     # ---- jobs and identity ----
     job_slots: int = Field(default=1, ge=1, le=64)
     """Generations this agent runs at once."""

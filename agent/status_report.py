@@ -7,7 +7,8 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 
 from stoker.api.cacheagent import (
-    Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, ModelFailure, RunningJob, TierUsage,
+    Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, ModelFailure, PeerEndpoint, RunningJob,
+    TierUsage,
 )
 
 
@@ -46,6 +47,8 @@ class DiskEntryView:
     held: bool
     rank_s: float | None = None
     """The disk tier's eviction rank (Unix seconds, lowest evicted first); None when never evicted."""
+    sha256: str | None = None
+    """Digest of the file as downloaded (None for baked-in files): other agents fetch it under this."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,23 +85,27 @@ def _time(ts: float) -> str | None:
 
 def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
-                 observed_generation: int | None, queue_slots: int = 0) -> CacheAgentStatus:
+                 observed_generation: int | None, queue_slots: int = 0,
+                 peer: PeerEndpoint | None = None) -> CacheAgentStatus:
     """The agent's report: each model once, at its fastest tier, LRU timestamps merged, with
     the disk tier's eviction rank (`models[].rank`, read by placement).
 
-    `queue_slots` jobs may be bound beyond the `slots` that generate at once."""
+    `queue_slots` jobs may be bound beyond the `slots` that generate at once; `peer` is the
+    endpoint other agents fetch this agent's files from (None: it serves none)."""
     models: dict[str, CachedModel] = {}
     last_used: dict[str, float] = {}
     for e in disk.entries:
         models[e.key] = CachedModel(name=_name(e.key), tier="disk", size_bytes=e.size_bytes,
-                                    rank=_rank(e.rank_s), preloaded=e.preloaded, held=e.held)
+                                    rank=_rank(e.rank_s), preloaded=e.preloaded, held=e.held,
+                                    sha256=None if e.preloaded else e.sha256)
         last_used[e.key] = e.last_used
     for tier_name, tier in (("ram", ram), ("vram", vram)):
         for t in tier.entries:
             base = models.get(t.key)
             models[t.key] = CachedModel(name=_name(t.key), tier=tier_name, size_bytes=base.size_bytes if base else t.size_bytes,
                                         rank=base.rank if base else None,
-                                        preloaded=base.preloaded if base else False, held=base.held if base else False)
+                                        preloaded=base.preloaded if base else False, held=base.held if base else False,
+                                        sha256=base.sha256 if base else None)
             last_used[t.key] = max(last_used.get(t.key, 0.0), t.last_used)
     listed = [m.model_copy(update={"last_used": _time(last_used[k])}) for k, m in sorted(models.items())]
     return CacheAgentStatus(
@@ -119,4 +126,5 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         model_failures=list(failures),
         bandwidth=bandwidth,
         observed_generation=observed_generation,
+        peer=peer,
     )

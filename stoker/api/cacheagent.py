@@ -69,6 +69,8 @@ class CachedModel(StokerModel):
     """Baked into the container image: free, never evicted."""
     held: bool = False
     """Held as a replica target."""
+    sha256: str | None = Field(default=None, min_length=64, max_length=64, pattern=r"^[a-f0-9]{64}$")
+    """SHA-256 of the agent's copy, computed as it was downloaded (absent for baked-in files). Other agents fetch it from this agent's peer endpoint under this digest."""
 
 
 class DownloadProgress(StokerModel):
@@ -91,6 +93,17 @@ class Bandwidths(StokerModel):
     """Disk to GPU (or to host memory on a CPU-only agent)."""
     ram_to_gpu_bps: float = 0
     """Pinned host memory to GPU."""
+    peer_bps: float = 0
+    """Fetches from other agents (the peer tier)."""
+
+
+class PeerEndpoint(StokerModel):
+    """Where other agents of the fleet fetch this agent's verified model files."""
+
+    url: str = Field(max_length=256, pattern=r"^http://(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]{1,5}$")
+    """Base URL on the pod network, http://<pod IP>:<port>. A file is at /v1/blobs/sha256/<digest>, for agents that send the fleet's peer credential; nothing else is served."""
+    max_uploads: int = Field(default=2, ge=1, le=64)
+    """Transfers the agent serves at once; more are refused with 503 (try another holder)."""
 
 
 class RunningJob(StokerModel):
@@ -157,7 +170,9 @@ class CacheAgentStatus(StokerModel):
     running: list[RunningJob] = Field(default_factory=list, max_length=1000)
     """Jobs bound to the agent and not finished."""
     model_failures: list[ModelFailure] = Field(default_factory=list, max_length=1000)
-    """Recent failures to fetch or verify a model; the operator marks those ModelCaches Failed."""
+    """Recent failures to fetch or verify a model from its source; the operator marks those ModelCaches Failed. Failures of a fetch from another agent are not listed: the agent goes to another holder or the source."""
+    peer: PeerEndpoint | None = None
+    """The agent's peer endpoint; absent when it does not serve other agents (no peer credential)."""
     bandwidth: Bandwidths = Field(default_factory=Bandwidths)
     """Measured transfer rates."""
     observed_generation: int | None = None

@@ -131,6 +131,8 @@ class ModelCacheStatus(StokerModel):
     """The metadata.generation this status reflects."""
     size_bytes: int | None = None
     """Size of the file, as measured by an agent or given in spec."""
+    sha256: str | None = Field(default=None, min_length=64, max_length=64, pattern=r"^[a-f0-9]{64}$")
+    """SHA-256 of the model's bytes: spec.source.sha256 when given, else the digest of the first copy an agent downloaded and reported. Agents verify a copy fetched from another agent against it, and fetch only from the source while it is unknown."""
     desired_replicas: int = 0
     """Disk copies the operator is aiming for (replicas, raised by autoscale)."""
     desired_hot_replicas: int = 0
