@@ -112,7 +112,8 @@ def _remaining_s(sim: Simulator, agent: AgentState, now: float) -> tuple[float, 
 
 
 def agent_view(
-    sim: Simulator, agent: AgentState, now: float, *, queue_slots: bool = True, frequency_ranks: bool = True
+    sim: Simulator, agent: AgentState, now: float, *, queue_slots: bool = True, frequency_ranks: bool = True,
+    peers: bool = False,
 ) -> AgentView:
     """What the operator would read from this agent's CacheAgent status (assumed fresh).
 
@@ -122,7 +123,8 @@ def agent_view(
     are the agent's own eviction ranks, as its CacheAgent status reports them
     (`models[].rank`, the snapshot's `eviction_rank_s`), or with `frequency_ranks=False`
     the last use of each model (`models[].lastUsed`: what placement sees of an agent
-    that reports no rank)."""
+    that reports no rank). `peers`: the agent is in the peer tier (CacheAgent `peer`), with
+    the transfer rate one peer fetch gets (its measured `peerBps`)."""
     fleet = sim.fleet
     disk = agent.disk
     downloading = _downloading(sim, agent, now)
@@ -159,6 +161,9 @@ def agent_view(
         download_bps=fleet.download_bytes_per_s,
         disk_to_gpu_bps=fleet.disk_to_gpu_bytes_per_s,
         ram_to_gpu_bps=fleet.ram_to_gpu_bytes_per_s,
+        serves_peers=peers,
+        peer_bps=min(fleet.peer_bytes_per_s, fleet.peer_upload_bytes_per_s / max(1, fleet.peer_upload_slots))
+        if peers else None,
     )
 
 

@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
         "--download-weight", type=float, default=None,
         help="override PlacementSettings.download_weight for the Stoker policies (default: the operator's)",
     )
+    p.add_argument(
+        "--peer-weight", type=float, default=None,
+        help="override PlacementSettings.peer_weight for the Stoker policies (default: the operator's)",
+    )
+    p.add_argument("--peer-mbps", type=float, default=1250.0, help="MB/s an agent fetches from another (default 10 Gbit/s)")
+    p.add_argument("--peer-upload-mbps", type=float, default=1000.0,
+                   help="MB/s an agent serves to others, all transfers together (its upload cap)")
+    p.add_argument("--peer-upload-slots", type=int, default=2, help="transfers an agent serves at once")
     p.add_argument("--interruptions", type=float, default=1.0, help="per agent-hour")
     p.add_argument("--baked", type=int, default=1, help="most popular checkpoints baked into the image")
     p.add_argument("--no-burst", action="store_true", help="no burst (by default a rank-300 model takes 30%% of traffic for 10 min mid-run)")
@@ -112,6 +120,9 @@ def build(args: argparse.Namespace) -> tuple[workload.Trace, engine.FleetConfig]
         ram_bytes=int(args.ram_gb * GB),
         vram_bytes=int(args.vram_gb * GB),
         download_bytes_per_s=args.download_mbps * 1e6,
+        peer_bytes_per_s=args.peer_mbps * 1e6,
+        peer_upload_bytes_per_s=args.peer_upload_mbps * 1e6,
+        peer_upload_slots=args.peer_upload_slots,
         slots=args.slots,
         prefetch_depth=max(2, args.slots),
         interruptions_per_agent_hour=args.interruptions,
@@ -248,7 +259,8 @@ def explain_lines(
 
 def _settings(args: argparse.Namespace) -> PlacementSettings | None:
     overrides = {name: value for name, value in (("max_hot_wait_age_s", args.max_hot_wait_s),
-                                                 ("download_weight", args.download_weight)) if value is not None}
+                                                 ("download_weight", args.download_weight),
+                                                 ("peer_weight", args.peer_weight)) if value is not None}
     return PlacementSettings(**overrides) if overrides else None
 
 

@@ -228,7 +228,8 @@ class StokerPolicy:
     def _agent_view(self, sim: Simulator, agent: AgentState, now: float) -> adapter.AgentView:
         cached = self._agent_views.get(agent.name)
         if cached is None or cached[0] != agent.version:
-            view = adapter.agent_view(sim, agent, now, queue_slots=self.queue_slots, frequency_ranks=self.fleet_ranks)
+            view = adapter.agent_view(sim, agent, now, queue_slots=self.queue_slots, frequency_ranks=self.fleet_ranks,
+                                      peers=self.peer_fetch)
             self._agent_views[agent.name] = (agent.version, view)
             return view
         return adapter.refresh_agent_view(sim, agent, cached[1], now)
