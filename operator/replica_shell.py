@@ -228,6 +228,7 @@ class ReplicaShell:
         new = {
             "observedGeneration": model.generation,
             "sizeBytes": model_size_bytes(model, agents),
+            "sha256": published_sha256(model, agents),
             "desiredReplicas": ms.desired,
             "desiredHotReplicas": ms.desired_hot,
             "copies": {"disk": ms.on_disk, "ram": ms.in_ram, "vram": ms.in_vram},
@@ -258,6 +259,27 @@ class ReplicaShell:
                 self.writer.event(model.ref(), reason=reason, message=message, warning=warning)
 
         return int(self.writer.submit(key, model.resource_version, write))
+
+
+def published_sha256(model: ObservedModel, agents: list[ObservedAgent]) -> str | None:
+    """The digest agents verify copies from each other against: spec.source.sha256, else the one
+    already published (the first verified copy's; it never changes for the ModelCache's life, as
+    its URL does not), else the digest most agents report for their copy (ties: by digest)."""
+    spec = model.resource.spec.source.sha256
+    if spec:
+        return spec
+    old = model.resource.status.sha256 if model.resource.status is not None else None
+    if old:
+        return old
+    counts: dict[str, int] = {}
+    for a in agents:
+        status = a.resource.status
+        if status is None:
+            continue
+        for m in status.models:
+            if m.name == model.name and m.sha256:
+                counts[m.sha256] = counts.get(m.sha256, 0) + 1
+    return min(counts, key=lambda d: (-counts[d], d)) if counts else None
 
 
 def m_key(namespace: str, name: str) -> str:

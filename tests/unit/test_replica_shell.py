@@ -115,3 +115,48 @@ class TestWriteDue:
         assert is_status_write_due(self.base, moved, since_write_s=0.0, refresh_s=30.0)
         unpublished = {k: v for k, v in self.base.items() if k not in ("useRank", "useRankCountedThrough")}
         assert is_status_write_due(unpublished, self.base, since_write_s=0.0, refresh_s=30.0)
+
+
+class TestPublishedDigest:
+    """ModelCache status.sha256: what agents verify copies fetched from each other against."""
+
+    def agent(self, name: str, sha256: str | None) -> Any:
+        from stoker.operator.state import agent_from_body
+
+        models = [{"name": "sd", "tier": "disk", "sizeBytes": 10, **({"sha256": sha256} if sha256 else {})}]
+        return agent_from_body({"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+                                "metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "1"},
+                                "spec": {}, "status": {"models": models}})
+
+    def observed(self, *, spec_sha: str | None = None, status_sha: str | None = None) -> Any:
+        from stoker.operator.state import model_from_body
+
+        body = model({"sha256": status_sha} if status_sha else None)
+        if spec_sha:
+            body["spec"]["source"]["sha256"] = spec_sha
+        return model_from_body(body)
+
+    def test_the_specs_digest_wins(self) -> None:
+        from stoker.operator.replica_shell import published_sha256
+
+        assert published_sha256(self.observed(spec_sha="a" * 64), [self.agent("x", "b" * 64)]) == "a" * 64
+
+    def test_without_one_the_first_copys_digest_is_published_and_kept(self) -> None:
+        from stoker.operator.replica_shell import published_sha256
+
+        assert published_sha256(self.observed(), []) is None
+        assert published_sha256(self.observed(), [self.agent("x", None)]) is None
+        first = published_sha256(self.observed(), [self.agent("x", "c" * 64), self.agent("y", "d" * 64),
+                                                  self.agent("z", "d" * 64)])
+        assert first == "d" * 64  # the digest most copies have
+        # once published it stays, whatever copies appear later
+        assert published_sha256(self.observed(status_sha="c" * 64), [self.agent("y", "d" * 64)]) == "c" * 64
+
+    def test_the_shell_writes_it_into_the_status(self) -> None:
+        state, shell, writer = shell_with()
+        state.upsert_agent({"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+                            "metadata": {"name": "a1", "namespace": "ns", "uid": "a1", "resourceVersion": "1"},
+                            "spec": {}, "status": {"models": [{"name": "sd", "tier": "disk", "sizeBytes": 10,
+                                                               "sha256": "e" * 64}]}})
+        shell.apply_once(now=T0, now_mono=0.0)
+        assert writer.writes and writer.writes[-1]["sha256"] == "e" * 64
