@@ -28,6 +28,14 @@ __all__ = ["build", "main", "parse_args", "run_fleet", "run_scaling"]
 
 GB = 10**9
 REFERENCE = "least-conn+LRU"
+WORKLOADS: dict[str, dict[str, object]] = {
+    "default": dict(models=1000, loras=2000, zipf=1.0, agents=20, disk_gb=50.0, ram_gb=32.0, vram_gb=24.0,
+                    families=None),
+    # Thousands of checkpoints, a quarter of them 12-24 GB, a flatter popularity (a community model
+    # hub rather than one product's few base models), on GPUs that hold a 24 GB checkpoint.
+    "flat": dict(models=4000, loras=4000, zipf=0.8, agents=40, disk_gb=50.0, ram_gb=64.0, vram_gb=48.0,
+                 families=workload.FLAT_FAMILIES),
+}
 _FAMILY_NAMES = {workload.Family.SD15: "SD 1.5", workload.Family.SDXL: "SDXL", workload.Family.SD3: "SD3",
                  workload.Family.FLUX: "FLUX"}
 
@@ -43,13 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-s", type=float, default=7200.0, help="simulated submit window (default 2 h)")
     p.add_argument("--warmup-s", type=float, default=1800.0, help="jobs submitted earlier are left out of the window table")
     p.add_argument("--load", type=float, default=0.7, help="inference work offered / GPU capacity (default 0.7)")
-    p.add_argument("--models", type=int, default=1000)
-    p.add_argument("--loras", type=int, default=2000)
-    p.add_argument("--zipf", type=float, default=1.0)
-    p.add_argument("--agents", type=int, default=20)
-    p.add_argument("--disk-gb", type=float, default=50.0)
-    p.add_argument("--ram-gb", type=float, default=32.0)
-    p.add_argument("--vram-gb", type=float, default=24.0)
+    p.add_argument(
+        "--workload", choices=sorted(WORKLOADS), default="default",
+        help="synthetic workload and fleet: default (1,000 SD 1.5/SDXL checkpoints, 20 agents with 24 GB GPUs) or "
+        "flat (4,000 checkpoints up to 24 GB, SD3 and FLUX among them, flatter popularity, 40 agents with 48 GB GPUs); "
+        "the options below override its values",
+    )
+    p.add_argument("--models", type=int, default=None, help="checkpoints in the synthetic catalog")
+    p.add_argument("--loras", type=int, default=None)
+    p.add_argument("--zipf", type=float, default=None, help="popularity exponent")
+    p.add_argument("--agents", type=int, default=None)
+    p.add_argument("--disk-gb", type=float, default=None)
+    p.add_argument("--ram-gb", type=float, default=None)
+    p.add_argument("--vram-gb", type=float, default=None)
     p.add_argument("--download-mbps", type=float, default=400.0, help="MB/s per agent")
     p.add_argument(
         "--slots", type=int, default=3,
@@ -93,7 +107,7 @@ def build(args: argparse.Namespace) -> tuple[workload.Trace, engine.FleetConfig]
     bursts = () if args.no_burst else (workload.Burst(start_s=args.duration_s * 0.6, duration_s=600.0, rank=300, share=0.3),)
     config = workload.WorkloadConfig(
         n_models=args.models, n_loras=args.loras, zipf_exponent=args.zipf, duration_s=args.duration_s,
-        bursts=bursts, seed=args.seed,
+        bursts=bursts, seed=args.seed, families=WORKLOADS[args.workload]["families"],  # type: ignore[arg-type]
     )
     if args.catalog:
         catalog = workload.read_catalog_csv(_read_lines(args.catalog, "catalog"), source=str(args.catalog))
@@ -153,8 +167,8 @@ def _read_lines(path: pathlib.Path, what: str) -> list[str]:
 
 def argv_text(args: argparse.Namespace) -> list[str]:
     """The options that differ from the defaults, to print the command that reproduces a run."""
-    defaults = vars(_parser().parse_args([]))
-    out: list[str] = []
+    defaults = vars(parse_args(["--workload", args.workload]))
+    out: list[str] = ["--workload", args.workload] if args.workload != "default" else []
     for key, value in vars(args).items():
         if value != defaults.get(key) and key not in {"out"}:
             flag = "--" + key.replace("_", "-")
@@ -528,7 +542,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--"]:
         args = args[1:]  # `stoker sim -- --option ...` passes the separator through
-    return _parser().parse_args(args)
+    parsed = _parser().parse_args(args)
+    for key, value in WORKLOADS[parsed.workload].items():
+        if key != "families" and getattr(parsed, key) is None:
+            setattr(parsed, key, value)  # the workload's value where no option overrides it
+    return parsed
 
 
 def _machine() -> str:

@@ -35,7 +35,9 @@ __all__ = [
     "Burst",
     "CATALOG_HELP",
     "Catalog",
+    "FLAT_FAMILIES",
     "Family",
+    "FamilyShare",
     "JobRequest",
     "Trace",
     "WorkloadConfig",
@@ -145,6 +147,30 @@ class Burst:
 
 
 @dataclass(frozen=True)
+class FamilyShare:
+    """A share of a synthetic catalog's checkpoints of one family, with their sizes."""
+
+    family: Family
+    share: float
+    """Fraction of the checkpoints (the shares of a catalog are normalised to sum to 1)."""
+    size_bytes: tuple[float, float]
+    """Checkpoint sizes, uniform between these."""
+    lora_bytes: tuple[float, float] = (10 * MB, 400 * MB)
+    """LoRA sizes for the family, log-uniform between these."""
+
+
+FLAT_FAMILIES = (
+    # Pruned fp16 and full fp32 SD 1.5 files; SDXL fine-tunes; SD 3.5 Medium (5 GB) to Large
+    # (16.5 GB); FLUX.1 fine-tunes from fp8 (12 GB) to bf16 (24 GB) with LoRAs up to 1.3 GB.
+    FamilyShare(Family.SD15, 0.25, (2.0 * GB, 4.27 * GB)),
+    FamilyShare(Family.SDXL, 0.40, (6.46 * GB, 6.94 * GB), (20 * MB, 900 * MB)),
+    FamilyShare(Family.SD3, 0.15, (5.1 * GB, 16.5 * GB), (20 * MB, 900 * MB)),
+    FamilyShare(Family.FLUX, 0.20, (11.9 * GB, 23.8 * GB), (20 * MB, 1300 * MB)),
+)
+"""A flatter, larger catalog than the project's default: a quarter of the checkpoints are 12-24 GB."""
+
+
+@dataclass(frozen=True)
 class WorkloadConfig:
     """Knobs of a synthetic workload. Sizes follow public SD 1.5 / SDXL / LoRA files."""
 
@@ -152,6 +178,8 @@ class WorkloadConfig:
     zipf_exponent: float = 1.0
     sdxl_fraction: float = 0.45
     """Share of checkpoints that are SDXL (6-7 GB); the rest are SD 1.5 (2-4 GB)."""
+    families: tuple[FamilyShare, ...] | None = None
+    """The catalog's family mix; None: SD 1.5 and SDXL by `sdxl_fraction`."""
     n_loras: int = 2000
     lora_job_fraction: float = 0.5
     """Share of jobs that use LoRAs (1 to 3 of them)."""
@@ -188,6 +216,8 @@ def _uniform_int(rng: random.Random, low: float, high: float) -> int:
 
 def build_catalog(config: WorkloadConfig) -> Catalog:
     """Checkpoints `m0000`.. (popularity order at t=0 is a shuffle of them) and LoRAs `l0000`..."""
+    if config.families is not None:
+        return _build_mixed_catalog(config, config.families)
     rng = random.Random(f"catalog-{config.seed}")
     artifacts: list[Artifact] = []
     for i in range(config.n_models):
@@ -202,6 +232,29 @@ def build_catalog(config: WorkloadConfig) -> Catalog:
         # Log-uniform between 10 MB and 400 MB.
         size = int(math.exp(rng.uniform(math.log(10 * MB), math.log(400 * MB))))
         artifacts.append(Artifact(f"l{i:04d}", ArtifactKind.LORA, family, size))
+    return Catalog(tuple(artifacts))
+
+
+def _build_mixed_catalog(config: WorkloadConfig, families: tuple[FamilyShare, ...]) -> Catalog:
+    if not families or any(f.share < 0 for f in families) or sum(f.share for f in families) <= 0:
+        raise WorkloadError("a catalog's family shares must be >= 0 and add up to more than 0")
+    rng = random.Random(f"catalog-mix-{config.seed}")
+    total = sum(f.share for f in families)
+    cumulative = list(itertools.accumulate(f.share / total for f in families))
+
+    def pick() -> FamilyShare:
+        return families[min(bisect.bisect_left(cumulative, rng.random()), len(families) - 1)]
+
+    width = max(4, len(str(max(config.n_models, config.n_loras) - 1)))
+    artifacts: list[Artifact] = []
+    for i in range(config.n_models):
+        f = pick()
+        artifacts.append(Artifact(f"m{i:0{width}d}", ArtifactKind.CHECKPOINT, f.family, int(rng.uniform(*f.size_bytes))))
+    for i in range(config.n_loras):
+        f = pick()
+        low, high = f.lora_bytes
+        size = int(math.exp(rng.uniform(math.log(low), math.log(high))))
+        artifacts.append(Artifact(f"l{i:0{width}d}", ArtifactKind.LORA, f.family, size))
     return Catalog(tuple(artifacts))
 
 

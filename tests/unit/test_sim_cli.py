@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import pathlib
 
-from stoker.sim import cli
+from stoker.sim import cli, workload
 
 
 TINY = ["--models", "40", "--loras", "20", "--agents", "3", "--duration-s", "600", "--warmup-s", "120",
@@ -119,3 +119,15 @@ def test_the_help_documents_the_catalog_and_trace_columns(capsys) -> None:
     usage = capsys.readouterr().out
     for text in ("--catalog", "name         required", "inference_s", "time_s   required", "RFC 3339"):
         assert text in usage
+
+
+def test_the_flat_workload_sets_its_catalog_and_fleet_and_options_still_override_it() -> None:
+    args = cli.parse_args(["--workload", "flat", "--agents", "6", "--duration-s", "300", "--models", "300",
+                           "--loras", "50"])
+    assert (args.models, args.zipf, args.agents, args.vram_gb) == (300, 0.8, 6, 48.0)
+    trace, fleet = cli.build(args)
+    assert {a.family for a in trace.catalog.checkpoints} == set(workload.Family)
+    assert fleet.n_agents == 6 and fleet.vram_bytes == 48 * cli.GB
+    assert cli.argv_text(args)[:2] == ["--workload", "flat"]
+    assert "--zipf" not in cli.argv_text(args)  # the workload's own value is not repeated
+    assert cli.parse_args([]).models == 1000 and cli.parse_args([]).workload == "default"

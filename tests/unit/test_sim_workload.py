@@ -204,3 +204,19 @@ def test_a_bad_trace_row_is_refused_with_its_line_and_what_to_fix(rows: list[str
     with pytest.raises(workload.WorkloadError) as err:
         workload.read_trace_csv(rows, catalog=catalog())
     assert message in str(err.value)
+
+
+def test_the_flat_catalog_mixes_four_families_with_a_quarter_of_12_to_24_gb_checkpoints() -> None:
+    cat = workload.build_catalog(workload.WorkloadConfig(n_models=4000, n_loras=400, families=workload.FLAT_FAMILIES))
+    ckpts = cat.checkpoints
+    assert len(ckpts) == 4000 and len({a.name for a in cat.artifacts}) == 4400
+    share = Counter(a.family for a in ckpts)
+    for f in workload.FLAT_FAMILIES:
+        assert abs(share[f.family] / 4000 - f.share) < 0.03
+        sizes = [a.size_bytes for a in ckpts if a.family is f.family]
+        assert f.size_bytes[0] <= min(sizes) and max(sizes) <= f.size_bytes[1]
+    big = sum(a.size_bytes >= 12 * workload.GB for a in ckpts) / 4000
+    assert 0.2 < big < 0.35
+    assert max(a.size_bytes for a in cat.loras) <= 1300 * workload.MB
+    # the default mix is untouched by the option
+    assert workload.build_catalog(small_config()) == workload.build_catalog(small_config(families=None))
