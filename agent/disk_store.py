@@ -75,12 +75,14 @@ from stoker.agent.download import (
     DownloadError,
     DownloadProgress,
     DownloadRequest,
+    DownloadResult,
     Downloader,
     check_url,
     partial_paths,
     redact_url,
 )
 from stoker.agent.metrics import AgentMetrics
+from stoker.agent.peer_fetch import PeerFetcher
 from stoker.agent.settings import AgentSettings
 
 __all__ = [
@@ -139,6 +141,9 @@ class ModelSource:
     format: str = "safetensors"
     allow_pickle: bool = False
     credentials: Credentials | None = None
+    published_sha256: str | None = None
+    """The digest the fleet agreed on when the source gives none (ModelCache status.sha256, the first
+    verified copy's): copies fetched from other agents are checked against it."""
 
     def __repr__(self) -> str:
         # the query string of a presigned URL is a credential too
@@ -151,14 +156,20 @@ class ModelSource:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unknown weight format {self.format!r} for {self.key}; expected one of {sorted(FORMATS)}")
-        if self.sha256 is not None and (len(self.sha256) != 64 or not _is_hex(self.sha256)):
-            raise ValueError(f"sha256 of {self.key} must be 64 lowercase hex characters")
+        for digest in (self.sha256, self.published_sha256):
+            if digest is not None and (len(digest) != 64 or not _is_hex(digest)):
+                raise ValueError(f"sha256 of {self.key} must be 64 lowercase hex characters")
 
     @property
     def digest(self) -> str:
         """Identity of the source: key, URL without query, expected digest."""
         ident = f"{self.key}\n{redact_url(self.url)}\n{self.sha256 or ''}"
         return hashlib.sha256(ident.encode()).hexdigest()
+
+    @property
+    def verify_sha256(self) -> str | None:
+        """The digest a copy from another agent must match (None: fetch from the source only)."""
+        return self.sha256 or self.published_sha256
 
     @property
     def file_name(self) -> str:
@@ -219,9 +230,11 @@ class StoreSnapshot:
     parked_partial_bytes: int
     """Bytes of interrupted downloads kept for a resume (inside `reserved_bytes`)."""
     download_bandwidth_bytes_per_s: float | None
-    """Moving average over recent downloads; None before the first."""
+    """Moving average over recent downloads from sources; None before the first."""
     failures: tuple[FailureView, ...] = ()
     """Recent failures, newest first."""
+    peer_bandwidth_bytes_per_s: float | None = None
+    """Moving average over recent fetches from other agents; None before the first."""
 
 
 @dataclass(frozen=True)
@@ -251,6 +264,8 @@ class _Flight:
     """Jobs waiting for this download (a released prefetch without them is stopped)."""
     rank_hint_s: float | None = None
     """The highest fleet rank its waiters passed: the new copy starts from it."""
+    from_peer: bool = False
+    """The file came from another agent, not the source."""
 
 
 class _PriorityGate:
@@ -329,9 +344,12 @@ class DiskStore:
         self._gate = _PriorityGate(slots=max_downloads, prefetch_slots=max_prefetches)
         self._seq = itertools.count()
         self._bandwidth_bytes_per_s: float | None = None
+        self._peer_bandwidth_bytes_per_s: float | None = None
         self._failures: dict[str, FailureView] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
+        self.peers: PeerFetcher | None = None
+        """Fetches from the fleet's other agents before the source (None: the source only)."""
 
     @classmethod
     def from_settings(
@@ -526,6 +544,7 @@ class DiskStore:
             downloads=downloads,
             parked_partial_bytes=parked_bytes,
             download_bandwidth_bytes_per_s=self._bandwidth_bytes_per_s,
+            peer_bandwidth_bytes_per_s=self._peer_bandwidth_bytes_per_s,
             failures=tuple(sorted(self._failures.values(), key=lambda f: -f.at)),
         )
 
@@ -670,7 +689,8 @@ class DiskStore:
             )
             worker = loop.create_task(
                 asyncio.to_thread(
-                    self._downloader.download,
+                    self._fetch,
+                    flight,
                     request,
                     progress=flight.progress,
                     on_total=on_total,
@@ -722,9 +742,15 @@ class DiskStore:
         self._files[key] = _FileInfo(
             key=key, path=dest, size_bytes=result.size_bytes, sha256=result.sha256, source_digest=source.digest
         )
-        self._metrics.downloaded_bytes.inc(result.transferred_bytes)
-        self._metrics.download_duration.observe(result.duration_s)
-        if result.transferred_bytes > 0 and result.duration_s > 0:
+        if flight.from_peer:
+            if result.transferred_bytes > 0 and result.duration_s > 0:
+                bw = result.bandwidth_bytes_per_s
+                prev = self._peer_bandwidth_bytes_per_s
+                self._peer_bandwidth_bytes_per_s = bw if prev is None else prev + _BANDWIDTH_EWMA_WEIGHT * (bw - prev)
+        else:
+            self._metrics.downloaded_bytes.inc(result.transferred_bytes)
+            self._metrics.download_duration.observe(result.duration_s)
+        if result.transferred_bytes > 0 and result.duration_s > 0 and not flight.from_peer:
             bw = result.bandwidth_bytes_per_s
             prev = self._bandwidth_bytes_per_s
             self._bandwidth_bytes_per_s = bw if prev is None else prev + _BANDWIDTH_EWMA_WEIGHT * (bw - prev)
@@ -734,6 +760,19 @@ class DiskStore:
         if finished_after_cancel:
             raise asyncio.CancelledError()
         return dest
+
+    def _fetch(self, flight: _Flight, request: DownloadRequest, **kwargs: Any) -> DownloadResult:
+        """Runs in the download thread: the file from another agent holding a verified copy when
+        there is one and a digest to check it against, else from the source (which resumes what a
+        peer left when it can). A peer's failure never reaches the caller: only the source's does."""
+        source = flight.source
+        digest = source.verify_sha256
+        if self.peers is not None and digest is not None:
+            result = self.peers.fetch(request, model=source.key.rsplit("/", 1)[-1], sha256=digest, **kwargs)
+            if result is not None:
+                flight.from_peer = True
+                return result
+        return self._downloader.download(request, **kwargs)
 
     def _reserve(self, key: str, size_bytes: int) -> None:
         """Reserve (or resize the reservation of) `key`; evicts the lowest-ranked files, then parked partials."""

@@ -859,4 +859,5 @@ def model_source(objects: kube.Objects, mc: ModelCache, *, resolver: Any = None)
         except model_credentials.CredentialLookupError as exc:
             raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from None
     return ModelSource(key=f"{objects.namespace}/{mc.name}", url=src.url, sha256=src.sha256, size_bytes=src.size_bytes,
-                       format=str(mc.spec.format), allow_pickle=mc.spec.allow_pickle, credentials=credentials)
+                       format=str(mc.spec.format), allow_pickle=mc.spec.allow_pickle, credentials=credentials,
+                       published_sha256=mc.status.sha256 if mc.status is not None else None)

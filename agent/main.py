@@ -23,6 +23,7 @@ from stoker.agent.jobs import JobSettings, JobWorker, model_source
 from stoker.agent.loader import Loader
 from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
 from stoker.agent.orders import OrderFollower
+from stoker.agent.peer_fetch import PeerDirectory, PeerFetcher, peer_download_policy
 from stoker.agent.peer_server import (PeerCredentialError, PeerMetrics, PeerServer, PeerServerSettings,
                                       advertised_host, read_token)
 from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
@@ -145,6 +146,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     weights.on_ram_evict.append(lambda key: metrics.evictions.labels("ram").inc())
     peer_metrics = PeerMetrics(metrics.registry)
     peer, peer_endpoint = start_peer_server(settings, store, peer_metrics)
+    if peer is not None and settings.peer_fetch:
+        store.peers = peer_fetcher(settings, objects, name=name, token=peer.settings.token, metrics=peer_metrics)
     credentials.configure(credentials.CredentialResolver(
         secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     await preparing
@@ -180,6 +183,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             slots=settings.job_slots, queue_slots=settings.queue_slots, running=worker.running(),
             failures=list(worker.model_failures.values()),
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
+                                 peer_bps=round(store.snapshot().peer_bandwidth_bytes_per_s or 0),
                                  disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
             observed_generation=orders.observed_generation, peer=peer_endpoint)
 
@@ -196,6 +200,8 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     finally:
         if peer is not None:
             peer.stop()
+        if store.peers is not None:
+            store.peers.downloader.close()
         await store.close()
         downloader.close()
         weights.close()
@@ -221,6 +227,23 @@ def start_peer_server(settings: AgentSettings, store: DiskStore,
                             f"({exc.strerror}); choose another --peer-port") from None
     host = advertised_host(advertise=settings.peer_advertise_host, listen=settings.peer_addr)
     return server, PeerEndpoint(url=server.url(host), max_uploads=settings.peer_max_uploads)
+
+
+def peer_fetcher(settings: AgentSettings, objects: kube.Objects, *, name: str, token: str,
+                 metrics: PeerMetrics) -> PeerFetcher:
+    """Fetches from the fleet's holders before the source; a holder with wrong bytes gets a Warning Event."""
+
+    def report(agent: str, model: str, message: str) -> None:
+        try:
+            body = objects.get("CacheAgent", agent)
+        except Exception as exc:  # noqa: BLE001 - best effort: the log and the metric have it anyway
+            log.warning("could not report peer %s for %s: %s", agent, model, exc)
+            return
+        objects.event(body, reason="PeerChecksumMismatch", message=message, warning=True,
+                      component=f"stoker-agent/{name}")
+
+    return PeerFetcher(PeerDirectory(objects.get, self_name=name), Downloader(peer_download_policy()), token=token,
+                       self_name=name, metrics=metrics, report_bad_peer=report)
 
 
 def disk_view(store: DiskStore) -> status_report.DiskView:

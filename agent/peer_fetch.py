@@ -230,6 +230,7 @@ class PeerFetcher:
         url = holder.url.rstrip("/") + blob_path(sha256)
         peer_request = dataclasses.replace(request, url=url, sha256=sha256, credentials=self._credentials)
         done_before = progress.transferred_bytes
+        log.info("fetching %s from peer %s", model, holder.agent)
         try:
             result = self.downloader.download(peer_request, progress=progress, on_total=on_total, cancel=cancel,
                                               before_rename=before_rename)

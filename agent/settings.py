@@ -147,6 +147,11 @@ class AgentSettings(BaseSettings):
     def _hosts(cls, value: object) -> object:
         return _split_hosts(value)
 
+    @field_validator("peer_token_file", mode="before")
+    @classmethod
+    def _no_peer_file(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("disk_budget_bytes")
     @classmethod
     def _positive_budget(cls, value: int) -> int:

@@ -228,3 +228,62 @@ def test_the_peer_download_policy_follows_no_redirect_and_tries_each_holder_once
     policy = peer_download_policy()
     assert policy.max_redirects == 0 and policy.max_attempts == 1 and not policy.trust_env
     assert DownloadPolicy().max_redirects > 0  # the source's policy is a different one
+
+
+def test_two_disk_tiers_the_second_fetches_from_the_first_and_the_source_sees_one_request(tmp_path: pathlib.Path) -> None:
+    """The disk tier's own download path: peers first, verified, the source only when no peer can serve."""
+    import asyncio
+
+    import numpy as np
+    import safetensors.numpy
+
+    from stoker.agent.disk_store import DiskStore, ModelSource
+    from stoker.agent.metrics import AgentMetrics
+    from stoker.testing.model_server import ModelServer
+
+    data = safetensors.numpy.save({"w": np.arange(256 * 1024, dtype=np.float32)})
+    digest = hashlib.sha256(data).hexdigest()
+
+    async def main() -> None:
+        policy = DownloadPolicy(allow_http=True, trust_env=False, max_attempts=2, backoff_initial_s=0.01)
+        with ModelServer({"m.safetensors": data}) as source, Downloader(policy) as dl, \
+                Downloader(peer_download_policy()) as peer_dl:
+            stores = {name: DiskStore(cache_dir=tmp_path / name, budget_bytes=10 << 20, downloader=dl,
+                                      metrics=AgentMetrics()) for name in ("agent-a", "agent-b")}
+            for store in stores.values():
+                await store.start()
+            settings = PeerServerSettings(token=TOKEN, addr="127.0.0.1", upload_bytes_per_s=0)
+            with PeerServer(settings, lookup=stores["agent-a"].verified_path) as server_a:
+                fleet = Fleet()
+                for name, store in stores.items():
+                    store.peers, _ = fetcher(fleet, peer_dl)
+                    store.peers.self_name = name
+                    store.peers.directory.self_name = name
+                # spec without a digest: the first copy's is published, and peers verify against it
+                src = ModelSource(key="ns/sd", url=source.url("m.safetensors"))
+                path_a = await stores["agent-a"].ensure(src)
+                assert stores["agent-a"].snapshot().peer_bandwidth_bytes_per_s is None
+                fleet.hold("agent-a", server_a.url("127.0.0.1"), digest=digest)
+                published = ModelSource(key="ns/sd", url=source.url("m.safetensors"), published_sha256=digest)
+                path_b = await stores["agent-b"].ensure(published)
+                assert path_b.read_bytes() == path_a.read_bytes() == data
+                assert source.request_count("m.safetensors", method="GET") == 1
+                assert server_a.metrics.served_bytes._value.get() == len(data)
+                assert stores["agent-b"].snapshot().peer_bandwidth_bytes_per_s
+                assert stores["agent-b"].snapshot().download_bandwidth_bytes_per_s is None
+                # a damaged holder: agent-c detects it, goes to the source, and records no failure of the model
+                path_a.write_bytes(data[:-8] + bytes(8))
+                store_c = DiskStore(cache_dir=tmp_path / "agent-c", budget_bytes=10 << 20, downloader=dl,
+                                    metrics=AgentMetrics())
+                await store_c.start()
+                store_c.peers, reports = fetcher(fleet, peer_dl)
+                assert list(fleet.agents) == ["agent-a"]  # only the damaged holder is listed
+                path_c = await store_c.ensure(published)
+                assert path_c.read_bytes() == data
+                assert [r[0] for r in reports] == ["agent-a"]
+                assert source.request_count("m.safetensors", method="GET") == 2
+                assert store_c.snapshot().failures == ()
+            for store in (*stores.values(), store_c):
+                await store.close()
+
+    asyncio.run(main())
