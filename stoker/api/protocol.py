@@ -39,6 +39,15 @@ Field ownership (one writer per field):
   The condition clears as soon as a Ready agent reports a copy on disk, the ModelCache
   is created again or its spec changes, or the failures age out.
 
+- The peer tier: CacheAgent status.peer (url of the agent's peer endpoint), models[].sha256
+  (the digest of its copy as downloaded) and bandwidth.peerBps: the agent. ModelCache
+  status.sha256: the operator, spec.source.sha256 when given, else the digest the first
+  agents report for their copies, kept for the ModelCache's life. An agent that needs a
+  model reads ModelCache status.agents (holders, and copies being fetched) and each
+  holder's CacheAgent status, and fetches from a Ready holder whose copy has the digest
+  (`stoker.agent.peer_fetch`); requests carry the fleet's peer credential. A fetch from a
+  peer that fails is never listed in modelFailures.
+
 Kubernetes Events: one writer per transition, as with status fields. Whoever makes
 a transition emits its Event, as the kubelet does for the containers it runs:
 - the bound agent, on the GenerationJob: Running (it started the attempt),
@@ -47,7 +56,10 @@ a transition emits its Event, as the kubelet does for the containers it runs:
   DeadlineExceeded, ModelUnavailable, Cancelled), Expired (ttlSecondsAfterFinished);
   on the ModelCache: ReplicaAdded, ReplicaReleased, HotReplicaAdded,
   HotReplicaReleased, TargetMet / TargetNotMet, CopiesExist / NoCopies, SourceFailed /
-  SourceRecovered; on the CacheAgent: AgentReady / AgentNotReady.
+  SourceRecovered; on the CacheAgent: AgentReady / AgentNotReady;
+- an agent, on another agent's CacheAgent: PeerChecksumMismatch (Warning) when that agent
+  served it bytes that do not match the model's digest (the fetching agent is the one that
+  saw it).
 The operator does not echo the agent's transitions, so each appears once. Writers
 aggregate repeats (count, first and last timestamp) instead of dropping them.
 """
