@@ -131,3 +131,15 @@ def test_the_flat_workload_sets_its_catalog_and_fleet_and_options_still_override
     assert cli.argv_text(args)[:2] == ["--workload", "flat"]
     assert "--zipf" not in cli.argv_text(args)  # the workload's own value is not repeated
     assert cli.parse_args([]).models == 1000 and cli.parse_args([]).workload == "default"
+
+
+def test_the_peer_tier_is_reported_against_its_targets_and_the_pooled_bound(tmp_path: pathlib.Path) -> None:
+    args = cli.parse_args([*TINY, "--out", str(tmp_path), "--policies", "least-conn,stoker,stoker+peers"])
+    md = cli.run_fleet(args, out=io.StringIO())
+    line = next(x for x in md.splitlines() if x.startswith("- `stoker+peers`"))
+    assert "fewer bytes from sources than `least-conn+LRU` (>= 10x: " in line
+    assert "no policy can do better than" in line and "TB came from peers" in line
+    assert "for `stoker` (no worse: " in line and "jobs lost (0: " in line
+    # source and peer bytes apart, by cause
+    assert "| stoker+peers | peer |" in md and "| stoker+peers | source |" in md
+    assert "| TB down | TB peer |" in md
