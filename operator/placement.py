@@ -247,6 +247,9 @@ class PlacementSettings:
     evict_duplicate_factor: float = 0.25
     """Disk victims another Ready agent also holds cost this share: losing a duplicate
     loses no model from the fleet, so duplicates are evicted first."""
+    evict_last_copy_weight: float = 1.0
+    """Multiplies the cost of a disk victim that no other agent holds when the evicting agent is in
+    the peer tier: a duplicate comes back from a peer, the last copy only from the source."""
     evict_hot_target_weight: float = 1.0
     """Added when the victim is a hot replica target on that agent."""
     evict_demand_weight: float = 0.5
@@ -273,6 +276,8 @@ class PlacementSettings:
         for name in ("aging_per_s", "max_head_start_s", "victim_half_life_s"):
             if not getattr(self, name) > 0:
                 raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.evict_last_copy_weight >= 1.0:
+            raise PlacementError(f"PlacementSettings.evict_last_copy_weight must be >= 1, got {self.evict_last_copy_weight!r}")
         if not self.peer_weight >= 1.0:
             raise PlacementError(f"PlacementSettings.peer_weight must be >= 1, got {self.peer_weight!r}")
         if not self.download_weight >= 1.0:
@@ -1057,11 +1062,15 @@ class _Fleet:
         freed = 0
         victims: list[str] = []
         discount = self.settings.evict_duplicate_factor if duplicates and not vram else 1.0
+        last = self.settings.evict_last_copy_weight if st.peers and duplicates and not vram else 1.0
         for _, key, size, c in self._victims(st, vram=vram):
             if key in exclude or (not ignore_in_use and key in st.in_use):
                 continue
             # Counting copies costs a fleet lookup: done only for the victims actually taken.
-            cost += c * discount if discount != 1.0 and self.copies(key) > 1 else c
+            if discount != 1.0 or last != 1.0:
+                cost += c * discount if self.copies(key) > 1 else c * last
+            else:
+                cost += c
             freed += size
             victims.append(key)
             if freed >= need:

@@ -420,10 +420,22 @@ class TestPeerTier:
         assert second.load_s == pytest.approx(source_s + 6.5 * GB / 1e9 + 6.5 * GB / 2e9)
         assert second.reason.startswith("checkpoint from a peer")
 
+    def test_a_high_last_copy_weight_makes_room_where_the_victim_is_a_duplicate(self) -> None:
+        # "dup" must evict sd15, which "holder" also has; "last" must evict sd15-alt, held nowhere else.
+        # "last" downloads a little faster, which wins as long as losing a last copy costs no more than a duplicate.
+        full = dict(serves_peers=True, disk_capacity_bytes=7 * GB, disk_free_bytes=5 * GB)
+        agents = [agent("last", disk=frozenset({"sd15-alt"}), download_bps=220e6, **full),
+                  agent("dup", disk=frozenset({"sd15"}), download_bps=200e6, **full),
+                  agent("holder", serves_peers=True, disk=frozenset({"sd15"}), free_slots=0, running_remaining_s=(9.0,))]
+        assert only(plan_bindings([job("j", "sdxl")], agents, ARTIFACTS, now=0)).agent == "last"
+        weighted = PlacementSettings(evict_last_copy_weight=50)
+        b = only(plan_bindings([job("j", "sdxl")], agents, ARTIFACTS, now=0, settings=weighted))
+        assert (b.agent, b.evicts) == ("dup", ("sd15",))
+
     def test_without_peers_in_the_fleet_peer_settings_change_nothing(self) -> None:
         agents = [agent("a", disk=frozenset({"sdxl"}), free_slots=0, running_remaining_s=(30.0,)), agent("b")]
         base = plan_placement([job("j"), job("k", "sd15")], agents, ARTIFACTS, now=0)
-        other = PlacementSettings(peer_weight=7, default_peer_bps=3e9)
+        other = PlacementSettings(peer_weight=7, default_peer_bps=3e9, evict_last_copy_weight=9)
         assert plan_placement([job("j"), job("k", "sd15")], agents, ARTIFACTS, now=0, settings=other) == base
 
 
@@ -596,7 +608,7 @@ def test_invariants_hold_on_larger_fleets_where_candidate_caps_and_the_pass_inde
 def test_with_nobody_in_the_peer_tier_the_peer_knobs_change_no_plan(agents: list[AgentView], jobs: list[JobView],
                                                                     now: float) -> None:
     agents = [dataclasses.replace(a, serves_peers=False) for a in agents]
-    other = PlacementSettings(peer_weight=5, default_peer_bps=5e9)
+    other = PlacementSettings(peer_weight=5, default_peer_bps=5e9, evict_last_copy_weight=4)
     assert plan_placement(jobs, agents, ARTIFACTS, now=now) == plan_placement(jobs, agents, ARTIFACTS, now=now,
                                                                                settings=other)
 
