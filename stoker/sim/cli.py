@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay a CSV request log (time_s,model,loras; see below) over --catalog, or the synthetic catalog")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/plots"))
     p.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
+    p.add_argument("--section", default=None,
+                   help="BENCHMARKS.md section to write (default: fleet, or fleet-<workload>; a replay of "
+                   "--catalog/--trace writes none unless named here)")
     p.add_argument("--scaling", action="store_true", help="only measure decision time as agents and pending jobs grow")
     p.add_argument("--scaling-budget-s", type=float, default=120.0, help="stop the scaling grid after this long")
     p.add_argument("--no-explain", action="store_true",
@@ -392,7 +395,8 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
     paths = report.write_plots(results, bounds=bnds, out_dir=args.out, bursts=trace.bursts)
     print("\nplots: " + ", ".join(str(p) for p in paths), file=out)
     md = [
-        "## Fleet simulation (`stoker sim`)",
+        "## Fleet simulation (`stoker sim`)" if record_section(args) in (None, "fleet")
+        else f"## Fleet simulation, {args.workload} workload (`stoker sim --workload {args.workload}`)",
         "",
         "Simulated fleet driven by the real `stoker.operator.placement.plan_placement`, "
         "`stoker.operator.replicas.plan_replicas` and the agent's `DiskCacheState` / `plan_eviction`. "
@@ -604,8 +608,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if write_section is None:
             print("BENCHMARKS.md not written: run from a source checkout (bench/ not found)", file=sys.stderr)
         else:
-            write_section("fleet-scaling" if args.scaling else "fleet", "\n".join(sections))
+            name = record_section(args)
+            if name is not None:
+                write_section(name, "\n".join(sections))
     return 0
+
+
+def record_section(args: argparse.Namespace) -> str | None:
+    """The BENCHMARKS.md section a run writes: a replay of the user's own files writes none unless named."""
+    if args.section:
+        return str(args.section)
+    if args.scaling:
+        return "fleet-scaling"
+    if args.catalog or args.trace:
+        return None
+    return "fleet" if args.workload == "default" else f"fleet-{args.workload}"
 
 
 def _section_writer() -> Callable[[str, str], None] | None:

@@ -143,3 +143,11 @@ def test_the_peer_tier_is_reported_against_its_targets_and_the_pooled_bound(tmp_
     # source and peer bytes apart, by cause
     assert "| stoker+peers | peer |" in md and "| stoker+peers | source |" in md
     assert "| TB down | TB peer |" in md
+
+
+def test_each_workload_records_its_own_section_and_a_replay_none_unless_named(tmp_path: pathlib.Path) -> None:
+    assert cli.record_section(cli.parse_args([])) == "fleet"
+    assert cli.record_section(cli.parse_args(["--workload", "flat"])) == "fleet-flat"
+    assert cli.record_section(cli.parse_args(["--scaling"])) == "fleet-scaling"
+    assert cli.record_section(cli.parse_args(["--catalog", "c.csv", "--trace", "t.csv"])) is None
+    assert cli.record_section(cli.parse_args(["--trace", "t.csv", "--section", "fleet-ours"])) == "fleet-ours"
