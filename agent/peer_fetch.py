@@ -24,7 +24,11 @@ callbacks as a source download:
   hour;
 - when no holder has a verified copy yet but one is fetching it, the agent waits for that
   copy rather than going to the source too (concurrent misses fan out from the first
-  copy), as long as the copy makes progress;
+  copy), as long as the copy makes progress. Two agents that start at once, each seeing the
+  other's fetch at 0 bytes, must not wait for each other: a fetch with no bytes yet is waited
+  for only briefly, and only by agents whose names sort after its agent's, so one of them
+  (the first name) goes to the source and the others take its copy; a holder that stays busy
+  is waited for at most `busy_wait_s`;
 - `None` means no holder could serve it: the caller fetches from the source, resuming
   the partial file when it can. A peer's failure is never reported as the source's: it
   goes to the log and the peer metrics, not to the model's failures.
@@ -157,7 +161,8 @@ class PeerFetcher:
     def __init__(self, directory: PeerDirectory, downloader: Downloader, *, token: str, self_name: str,
                  metrics: PeerMetrics | None = None,
                  report_bad_peer: Callable[[str, str, str], None] = lambda agent, model, message: None,
-                 poll_s: float = 2.0, stall_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 poll_s: float = 2.0, stall_s: float = 60.0, start_grace_s: float = 15.0, busy_wait_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.directory, self.downloader = directory, downloader
         self._credentials = Credentials.bearer(token)
         self.self_name = self_name
@@ -165,6 +170,7 @@ class PeerFetcher:
         self.report_bad_peer = report_bad_peer
         """Called with (agent, model, message) when an agent served bytes that do not match."""
         self.poll_s, self.stall_s, self._clock = poll_s, stall_s, clock
+        self.start_grace_s, self.busy_wait_s = start_grace_s, busy_wait_s
         self._bad: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
@@ -184,7 +190,8 @@ class PeerFetcher:
         digest `sha256`; None when no holder could serve it (the caller uses the source)."""
         order = random.Random(f"{self.self_name}/{sha256}")  # per agent and model: holders share the load
         tried: set[str] = set()
-        last_progress: dict[str, tuple[int, float]] = {}
+        seen: dict[str, tuple[int, float, float]] = {}  # agent -> (bytes, when they last grew, first seen)
+        busy_since: float | None = None
         while True:
             if cancel is not None and cancel.is_set():
                 raise DownloadError(DownloadFailure.CANCELLED, f"fetch of {model} from peers was cancelled")
@@ -208,11 +215,19 @@ class PeerFetcher:
             for c in found:
                 if c.ready or c.agent in tried:
                     continue
-                seen = last_progress.get(c.agent)
-                if seen is None or c.bytes_done > seen[0]:
-                    last_progress[c.agent] = (c.bytes_done, now)
-                if now - last_progress[c.agent][1] < self.stall_s:
-                    fetching.append(c)
+                before = seen.get(c.agent)
+                if before is None:
+                    before = seen[c.agent] = (c.bytes_done, now, now)
+                elif c.bytes_done > before[0]:
+                    before = seen[c.agent] = (c.bytes_done, now, before[2])
+                if c.bytes_done > 0:
+                    if now - before[1] < self.stall_s:
+                        fetching.append(c)
+                elif c.agent < self.self_name and now - before[2] < self.start_grace_s:
+                    fetching.append(c)  # just starting: the first name fetches, the others wait for it
+            busy_since = (busy_since or now) if busy else None
+            if busy and not fetching and now - busy_since >= self.busy_wait_s:
+                busy = False  # a holder busy for this long: the source it is
             if not busy and not fetching:
                 return None
             if fetching and not busy:

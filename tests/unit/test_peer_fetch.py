@@ -287,3 +287,34 @@ def test_two_disk_tiers_the_second_fetches_from_the_first_and_the_source_sees_on
                 await store.close()
 
     asyncio.run(main())
+
+
+def test_two_agents_starting_at_once_do_not_wait_for_each_other(tmp_path: pathlib.Path, downloader: Downloader) -> None:
+    """Each sees the other's fetch at 0 bytes: the first name goes to the source at once, the other waits."""
+    fleet = Fleet()
+    fleet.fetching("agent-b", "http://127.0.0.1:9", bytes_done=0)
+    first, _ = fetcher(fleet, downloader, start_grace_s=30.0)
+    first.self_name = "agent-a"
+    started = time.monotonic()
+    assert first.fetch(request(tmp_path), model="sd", sha256=DIGEST, progress=DownloadProgress()) is None
+    assert time.monotonic() - started < 1.0
+    fleet = Fleet()
+    fleet.fetching("agent-a", "http://127.0.0.1:9", bytes_done=0)
+    second, _ = fetcher(fleet, downloader, start_grace_s=0.3)
+    second.self_name = "agent-b"
+    started = time.monotonic()
+    assert second.fetch(request(tmp_path), model="sd", sha256=DIGEST, progress=DownloadProgress()) is None
+    assert 0.3 <= time.monotonic() - started < 5  # it waited for agent-a's start, briefly
+
+
+def test_a_holder_busy_for_too_long_is_given_up_for_the_source(tmp_path: pathlib.Path, downloader: Downloader) -> None:
+    fleet = Fleet()
+    with serve(tmp_path, "a", DATA, rate=256 * 1024) as a:
+        fleet.hold("agent-a", a.url("127.0.0.1"))
+        a._slots = threading.BoundedSemaphore(1)
+        assert a.try_acquire()  # its only upload slot is taken for the whole test
+        f, _ = fetcher(fleet, downloader, busy_wait_s=0.3)
+        started = time.monotonic()
+        assert f.fetch(request(tmp_path), model="sd", sha256=DIGEST, progress=DownloadProgress()) is None
+        assert 0.3 <= time.monotonic() - started < 5
+        assert f.metrics.fetch_failures.labels("busy")._value.get() >= 1
