@@ -253,10 +253,34 @@ class PeerServer:
 
 
 class _Server(http.server.ThreadingHTTPServer):
-    """Peers hanging up mid-transfer is normal (they go to another holder); do not print it."""
+    """One thread per connection, at most `MAX_CONNECTIONS` of them: more are closed at once, so
+    idle or slow clients cannot pile up threads. Peers hanging up mid-transfer is normal (they go
+    to another holder); it is not printed."""
 
     allow_reuse_address = True
     request_queue_size = 64
+    MAX_CONNECTIONS = 64
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._connections = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+
+    def process_request(self, request: object, client_address: object) -> None:
+        if not self._connections.acquire(blocking=False):
+            log.warning("refusing a peer connection from %s: %d are open", client_address, self.MAX_CONNECTIONS)
+            self.shutdown_request(request)  # type: ignore[arg-type]
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[arg-type]
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request: object, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[arg-type]
+        finally:
+            self._connections.release()
 
     def handle_error(self, request: object, client_address: object) -> None:
         import sys

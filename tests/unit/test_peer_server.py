@@ -264,3 +264,34 @@ def test_the_disk_tier_offers_only_complete_files_it_verified(tmp_path: pathlib.
             await store.close()
 
     asyncio.run(main())
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(lookups: Lookups) -> None:
+    import socket
+
+    from stoker.agent import peer_server
+
+    settings = PeerServerSettings(token=TOKEN, addr="127.0.0.1")
+    with PeerServer(settings, lookup=lookups) as server:
+        server._httpd._connections = threading.BoundedSemaphore(2)
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]  # say nothing, hold threads
+        deadline = time.monotonic() + 10
+        while server._httpd._connections._value > 0:  # both accepted, each holding its thread
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        extra.settimeout(5)
+        extra.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert extra.recv(100) == b""  # closed without an answer
+        for s in (*idle, extra):
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:  # once the idle ones are gone, requests are served again
+            try:
+                if get(server, blob_path(DIGEST)).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert peer_server._Server.MAX_CONNECTIONS == 64
