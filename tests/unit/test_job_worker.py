@@ -875,3 +875,24 @@ def test_free_slots_count_the_queue_slots_and_every_bound_job() -> None:
         return status.slots, status.queue_slots, status.free_slots
 
     assert [free(n) for n in (0, 1, 2, 3)] == [(1, 1, 2), (1, 1, 1), (1, 1, 0), (1, 1, 0)]
+
+
+def test_a_models_source_carries_the_digest_the_fleet_published_for_copies_from_peers() -> None:
+    from stoker.api.modelcache import ModelCache
+
+    def mc(spec_sha: str | None, status_sha: str | None) -> ModelCache:
+        source: dict[str, Any] = {"url": "https://hub.example/m.safetensors"}
+        if spec_sha:
+            source["sha256"] = spec_sha
+        return ModelCache.model_validate({"metadata": {"name": "m", "namespace": "ns"}, "spec": {"source": source},
+                                          "status": {"sha256": status_sha} if status_sha else None})
+
+    objects = type("O", (), {"namespace": "ns"})()
+    published = jobs.model_source(objects, mc(None, "b" * 64))  # type: ignore[arg-type]
+    assert (published.sha256, published.published_sha256, published.verify_sha256) == (None, "b" * 64, "b" * 64)
+    spec = jobs.model_source(objects, mc("a" * 64, "a" * 64))  # type: ignore[arg-type]
+    assert spec.verify_sha256 == "a" * 64
+    unknown = jobs.model_source(objects, mc(None, None))  # type: ignore[arg-type]
+    assert unknown.verify_sha256 is None  # no digest: the source only
+    # the published digest does not change the file's identity (a new digest in status is not a new model)
+    assert published.digest == unknown.digest
