@@ -104,11 +104,14 @@ class PeerDirectory:
     """Finds the fleet's holders of a model through the API server (called from worker threads).
 
     `get(kind, name)` returns an object as a dict (`kube.Objects.get`); CacheAgents are read
-    at most every `cache_s` per agent."""
+    at most every `cache_s` per agent, and at most `max_holders` holders and `max_fetching`
+    agents still fetching are looked at per model (in an order of this agent's own, so that a
+    popular model's many holders share the load and a miss costs a few reads, not one per holder)."""
 
     def __init__(self, get: Callable[[str, str], dict[str, Any]], *, self_name: str, cache_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_holders: int = 6, max_fetching: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
         self._get, self.self_name, self.cache_s, self._clock = get, self_name, cache_s, clock
+        self.max_holders, self.max_fetching = max_holders, max_fetching
         self._agents: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
 
@@ -134,11 +137,17 @@ class PeerDirectory:
         except Exception as exc:  # noqa: BLE001 - no directory: the source it is
             log.debug("cannot read ModelCache %s: %s", model, exc)
             return []
+        copies = [c for c in (mc.get("status") or {}).get("agents") or [] if c.get("agent") not in (None, self.self_name)]
+        random.Random(f"{self.self_name}/{model}").shuffle(copies)
+        copies.sort(key=lambda c: c.get("tier") == "downloading")  # holders of a copy first
         out: list[PeerCandidate] = []
-        for copy in (mc.get("status") or {}).get("agents") or []:
-            name = copy.get("agent")
-            if not name or name == self.self_name:
+        looked = {True: 0, False: 0}
+        for copy in copies:
+            name = copy["agent"]
+            fetching = copy.get("tier") == "downloading"
+            if looked[fetching] >= (self.max_fetching if fetching else self.max_holders):
                 continue
+            looked[fetching] += 1
             body = self._agent(name)
             status = (body or {}).get("status") or {}
             url = (status.get("peer") or {}).get("url", "")

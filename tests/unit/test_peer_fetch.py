@@ -50,7 +50,9 @@ class Fleet:
     def get(self, kind: str, name: str) -> dict[str, Any]:
         self.gets.append((kind, name))
         if kind == "ModelCache":
-            return {"status": {"agents": [{"agent": a, "tier": "disk"} for a in self.agents]}}
+            return {"status": {"agents": [
+                {"agent": a, "tier": "downloading" if body["status"].get("downloads") else "disk"}
+                for a, body in self.agents.items()]}}
         return self.agents[name]
 
 
@@ -212,6 +214,19 @@ def test_the_directory_lists_only_ready_holders_with_the_same_digest_and_a_pod_a
     found = PeerDirectory(fleet.get, self_name="me").candidates("sd", DIGEST)
     assert found == [PeerCandidate("agent-a", "http://10.0.0.5:8471", True),
                      PeerCandidate("agent-b", "http://10.0.0.8:8471", False, 42)]
+
+
+def test_a_popular_models_many_holders_cost_a_few_reads_and_agents_spread_over_them() -> None:
+    fleet = Fleet()
+    for i in range(40):
+        fleet.hold(f"agent-{i:02d}", f"http://10.0.1.{i}:8471")
+    picks = set()
+    for me in ("x1", "x2", "x3", "x4"):
+        fleet.gets.clear()
+        found = PeerDirectory(fleet.get, self_name=me, max_holders=6).candidates("sd", DIGEST)
+        assert len(found) == 6 and len(fleet.gets) == 1 + 6
+        picks.update(c.agent for c in found)
+    assert len(picks) > 6  # different agents look at different holders
 
 
 @pytest.mark.parametrize(("url", "ok"), [
