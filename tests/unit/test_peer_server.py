@@ -295,3 +295,19 @@ def test_connections_beyond_the_cap_are_closed_at_once(lookups: Lookups) -> None
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert peer_server._Server.MAX_CONNECTIONS == 64
+
+
+def test_an_empty_peer_credential_setting_turns_the_peer_tier_off(tmp_path: pathlib.Path, monkeypatch) -> None:
+    from stoker.agent.peer_server import PeerCredentialError, read_token
+    from stoker.agent.settings import AgentSettings
+
+    monkeypatch.setenv("STOKER_PEER_TOKEN_FILE", "")
+    assert AgentSettings.load(cache_dir=tmp_path / "cache").peer_token_file is None
+    assert read_token(None) is None and read_token(tmp_path / "absent") is None
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    with pytest.raises(PeerCredentialError, match="at least 16 printable"):
+        read_token(short)
+    good = tmp_path / "good"
+    good.write_text(TOKEN + "\n")
+    assert read_token(good) == TOKEN
