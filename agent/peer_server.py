@@ -389,9 +389,12 @@ def _make_handler(server: PeerServer) -> type[http.server.BaseHTTPRequestHandler
             started = time.monotonic()
             offset, left = first, last - first + 1
             sock: socket.socket = self.connection
+            rate = settings.upload_bytes_per_s
+            # Slices of about 50 ms at the cap: a slow cap still sends its first bytes at once.
+            slice_bytes = _SLICE_BYTES if rate <= 0 else int(min(_SLICE_BYTES, max(64 * 1024, rate * 0.05)))
             try:
                 while left > 0:
-                    n = min(left, _SLICE_BYTES)
+                    n = min(left, slice_bytes)
                     server.bucket.take(n)
                     sent = sock.sendfile(fh, offset, n)
                     if sent <= 0:

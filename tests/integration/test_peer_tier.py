@@ -237,7 +237,12 @@ def test_a_peer_with_wrong_bytes_is_reported_and_bypassed_and_one_killed_mid_tra
             return found[0] if found else None
 
         holder = wait_for(serving_holder, timeout_s=120, interval_s=0.05, message=lambda: extra.tail())
-        fleet.agents[holder].kill()
+
+        def receiving() -> bool:
+            return any(p.stat().st_size > 0 for p in (tmp_path / "agent-d" / "cache" / "models").glob("*.part"))
+
+        wait_for(receiving, timeout_s=60, interval_s=0.02, message=lambda: f"bytes from {holder}\n{extra.tail()}")
+        fleet.agents[holder].kill()  # mid-transfer: agent-d has some of the bytes
         done = fleet.finished("fourth")
         assert done["phase"] == "Succeeded", fleet.tails()
         other = "agent-c" if holder == "agent-b" else "agent-b"

@@ -311,3 +311,15 @@ def test_an_empty_peer_credential_setting_turns_the_peer_tier_off(tmp_path: path
     good = tmp_path / "good"
     good.write_text(TOKEN + "\n")
     assert read_token(good) == TOKEN
+
+
+def test_a_slow_cap_sends_its_first_bytes_at_once(lookups: Lookups) -> None:
+    settings = PeerServerSettings(token=TOKEN, addr="127.0.0.1", upload_bytes_per_s=256 * 1024)
+    with PeerServer(settings, lookup=lookups) as server:
+        started = time.monotonic()
+        with httpx.stream("GET", server.url("127.0.0.1") + blob_path(DIGEST),
+                          headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as r:
+            first = next(r.iter_raw())
+            waited = time.monotonic() - started
+    assert first == DATA[:len(first)]
+    assert waited < 1.0  # not a whole 8 MiB slice's worth of waiting at 256 KiB/s
