@@ -714,11 +714,11 @@ class DiskStore:
             raise
         except DownloadError as exc:
             self._park_or_abort(key, dest, source, keep=exc.retryable)
-            self._metrics.download_failures.labels(str(exc.reason)).inc()
+            self._metrics.count_download_failure(exc.reason)
             raise DiskStoreError(str(exc.reason), f"{key}: {exc.message}", key=key, retryable=exc.retryable) from None
         except safetensors_header.HeaderError as exc:
             self._park_or_abort(key, dest, source, keep=False)
-            self._metrics.download_failures.labels("InvalidSafetensors").inc()
+            self._metrics.count_download_failure("InvalidSafetensors")
             raise DiskStoreError(
                 "InvalidSafetensors",
                 f"{key}: the downloaded file is not a valid safetensors file ({exc}); it was discarded. "
@@ -727,7 +727,7 @@ class DiskStore:
             ) from None
         except InsufficientCache as exc:
             self._park_or_abort(key, dest, source, keep=False)
-            self._metrics.download_failures.labels(exc.reason).inc()
+            self._metrics.count_download_failure(exc.reason)
             raise DiskStoreError(exc.reason, str(exc), key=key, retryable=True) from None
         except BaseException:
             self._park_or_abort(key, dest, source, keep=False)

@@ -411,6 +411,22 @@ class RamTier(_Tier):
             key, size_bytes=size, produce=lambda: loader.load(path, device="cpu", pin_memory=True), hold=False, identity=identity
         )
 
+    @contextmanager
+    def keep(
+        self, key: str, path: str | PathLike[str], *, loader: Loader, identity: FileIdentity | None = None
+    ) -> Iterator[None]:
+        """Like ``put_file``, and the copy is never evicted until the ``with`` block ends
+        (a hot replica held in RAM)."""
+        identity = identity or FileIdentity.of(path)
+        size = safetensors_header.read_header(path).data_size_bytes
+        entry = self._get_or_admit(
+            key, size_bytes=size, produce=lambda: loader.load(path, device="cpu", pin_memory=True), hold=True, identity=identity
+        )
+        try:
+            yield
+        finally:
+            self._release(entry)
+
     def to_device(self, key: str, device: str | torch.device, *, identity: FileIdentity | None = None) -> LoadedModel:
         """The model under ``key`` on ``device``: one async host-to-device copy, then views.
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the job loop, registered beside the cache metrics."""
+"""Prometheus metrics of the job loop, registered beside the cache metrics (`AgentMetrics.jobs`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ class JobMetrics:
                                     buckets=SECONDS_BUCKETS, registry=registry)
         self.load_seconds = Histogram("stoker_agent_job_load_seconds", "Loading a job's weights into VRAM (or host memory), staging ahead of the slot included.",
                                       buckets=SECONDS_BUCKETS, registry=registry)
+        # Its _sum over time is how busy the GPU (or the inference server's GPU) was generating.
         self.inference_seconds = Histogram("stoker_agent_job_inference_seconds", "Running the diffusion pipeline (or the inference server) for a job.",
                                            buckets=SECONDS_BUCKETS, registry=registry)
-        self.tier_hits = Counter("stoker_agent_job_cache_tier", "Jobs by the tier their checkpoint was in when the job started (vram, ram, disk, miss).", ["tier"],
-                                 registry=registry)
+        # The tier each job's checkpoint came from is in its status (cacheHit), in the operator's
+        # stoker_bindings_total{tier} and in stoker_agent_cache_hits/misses_total{tier}: no fourth count.

@@ -42,14 +42,15 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from stoker import kube
-from stoker.agent import output, safetensors_header
+from stoker.agent import output, results_dir, safetensors_header
 from stoker.agent.disk_store import DiskStore, DiskStoreError, ModelSource, Priority
 from stoker.agent.job_metrics import JobMetrics
 from stoker.agent.runner.base import ArtifactKind, GenerationRequest, LoadedArtifact, Runner, RunnerError
 from stoker.agent.weights import Weights
 from stoker.api.base import AGENT_LABEL
 from stoker.api.cacheagent import ModelFailure, RunningJob
-from stoker.api.generationjob import GenerationJob
+from stoker.api.conditions import job_conditions
+from stoker.api.generationjob import GenerationJob, Stage
 from stoker.api.modelcache import ModelCache
 from stoker.api.protocol import bound_attempt
 
@@ -93,6 +94,10 @@ class _Work:
     model: str = ""  # cache key of the checkpoint, for time estimates
     step: int = 0
     steps: int = 0
+    reported: Stage = Stage.QUEUED
+    """The stage users see (status.stage); the progress loop publishes its changes."""
+    keys: tuple[str, ...] = ()
+    """Cache keys of the job's files, for its download progress."""
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     written: dict[str, Any] | None = None  # the job as the last status write left it
 
@@ -110,6 +115,10 @@ class _Final:
     outcome: str  # succeeded | failed
     event: tuple[str, str] | None = None
     warning: bool = False
+    phase: str | None = None
+    """The phase the patch moves the job to (its conditions are computed at the write), if any."""
+    reason: str | None = None
+    message: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +131,8 @@ class JobSettings:
     """Jobs taken in beyond `slots`; their downloads and loads overlap the running generations.
     Jobs bound beyond `slots + queue_slots` wait without downloading or staging."""
     results_dir: pathlib.Path = pathlib.Path("results")
+    results_max_bytes: int = 1 << 30
+    results_max_age_s: float | None = 24 * 3600.0
     model_not_found_grace_s: float = 10.0
     progress_interval_s: float = 1.0
     resync_interval_s: float = 30.0
@@ -170,8 +181,11 @@ class JobWorker:
     """Watches this agent's jobs (server-side label selector) and runs each bound attempt."""
 
     def __init__(self, *, objects: kube.Objects, settings: JobSettings, store: DiskStore, weights: Weights,
-                 runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep) -> None:
+                 runner: Runner, metrics: JobMetrics, on_change: Callable[[], None], sleep: Sleep = asyncio.sleep,
+                 results_store: Any = None) -> None:
         self.objects, self.settings = objects, settings
+        self.results_store = results_store
+        """S3ResultsStore for jobs without an output URL, or None: the results folder."""
         self.store, self.weights, self.runner, self.metrics = store, weights, runner, metrics
         self.on_change = on_change
         self._sleep = sleep
@@ -335,6 +349,7 @@ class JobWorker:
                 self.on_change()
                 if await self._write_final(work, final):
                     self.metrics.jobs.labels(final.outcome).inc()
+                    log.info("job %s attempt %d %s", work.name, work.attempt, final.outcome, extra=self._fields(work))
                 else:
                     self.metrics.jobs.labels("cancelled").inc()
         finally:
@@ -355,16 +370,36 @@ class JobWorker:
                 f"({problems}); the CRD and the agent may be of different versions: upgrade the agent or recreate "
                 "the job", retryable=False))
         work.steps = job.spec.params.steps
+        spec = job.spec
+        work.keys = tuple(dict.fromkeys(f"{self.settings.namespace}/{n}" for n in (
+            spec.model, *(lr.name for lr in spec.loras), *([spec.vae] if spec.vae else []))))
         created = kube.parse_rfc3339(obj["metadata"]["creationTimestamp"]).timestamp()
-        # Beyond slots + queue_slots a job waits here, still Scheduled, downloading and holding nothing.
+        accepted = {"agent": self.settings.agent, "attempt": work.attempt, "reason": None, "message": None}
+        if not (obj.get("status") or {}).get("scheduledAt"):
+            accepted["scheduledAt"] = kube.now_rfc3339()
+        if self._admission.locked():
+            # Beyond slots + queue_slots a job waits here, Scheduled and Queued, downloading and holding nothing.
+            # (A job admitted at once skips this write: its first write says Running.)
+            if await self._write(work, lambda current: {
+                    **accepted, "phase": "Scheduled", "stage": Stage.QUEUED.value,
+                    "progress": {"step": 0, "steps": work.steps, "summary": Stage.QUEUED.value},
+                    "conditions": self._conditions(current, "Scheduled", message=(
+                        f"attempt {work.attempt} accepted by {self.settings.agent}; queued behind its running jobs"))},
+                    attempts=1) is False:
+                raise Cancelled()
         await self._take(self._admission, work)
         work.admitted = True
         work.timings["queuedSeconds"] = round(max(0.0, time.time() - created), 3)
-        written = await self._write(work, {
-            "phase": "Running", "agent": self.settings.agent, "attempt": work.attempt, "startedAt": kube.now_rfc3339(),
-            "progress": {"step": 0, "steps": work.steps}, "timings": dict(work.timings), "attemptFailure": None})
+        work.reported = Stage.LOADING if all(self.store.is_cached(k) for k in work.keys) else Stage.DOWNLOADING
+        written = await self._write(work, lambda current: {
+            **accepted, "phase": "Running", "startedAt": kube.now_rfc3339(), "stage": work.reported.value,
+            "progress": self._progress(work), "timings": dict(work.timings), "attemptFailure": None,
+            "conditions": self._conditions(current, "Running", message=(
+                f"attempt {work.attempt} started on {self.settings.agent}"))})
         if written is False:
             raise Cancelled()
+        log.info("job %s attempt %d started (%s)", work.name, work.attempt, work.reported.value.lower(),
+                 extra=self._fields(work))
         await self._event(work, "Running", f"attempt {work.attempt} started on {self.settings.agent}")
         done = asyncio.Event()
         progress = asyncio.create_task(self._report_progress(work, done))
@@ -377,21 +412,30 @@ class JobWorker:
             progress.cancel()
             await asyncio.gather(progress, return_exceptions=True)
         work.timings["totalSeconds"] = round(time.time() - created, 3)
+        done = f"image at {result['location']} ({result['bytes']} bytes, checkpoint from {hit})"
         return _Final(patch={
             "phase": "Succeeded", "cacheHit": hit, "timings": dict(work.timings), "finishedAt": kube.now_rfc3339(),
-            "result": result, "progress": {"step": work.steps, "steps": work.steps}, "attemptFailure": None,
-        }, outcome="succeeded", event=("Succeeded", f"image at {result['location']} ({result['bytes']} bytes, "
-                                                    f"checkpoint from {hit})"))
+            "result": result, "progress": {"step": work.steps, "steps": work.steps, "summary": ""}, "stage": None,
+            "attemptFailure": None,
+        }, outcome="succeeded", event=("Succeeded", done), phase="Succeeded", message=done)
+
+    def _fields(self, work: _Work) -> dict[str, Any]:
+        """Structured log fields of an attempt (--log-format json)."""
+        return {"job": f"{self.settings.namespace}/{work.name}", "attempt": work.attempt,
+                "model": work.keys[0].rsplit("/", 1)[-1] if work.keys else ""}
 
     def _failure(self, work: _Work, exc: JobFailed) -> _Final:
-        log.warning("job %s attempt %d failed: %s: %s", work.name, work.attempt, exc.reason, exc.message)
+        log.warning("job %s attempt %d failed: %s: %s", work.name, work.attempt, exc.reason, exc.message,
+                    extra=self._fields(work))
         if exc.retryable or exc.reason in _MODEL_REASONS:  # the operator decides: retry elsewhere, or fail
             patch: dict[str, Any] = {"attemptFailure": {
                 "attempt": work.attempt, "agent": self.settings.agent, "reason": exc.reason, "message": exc.message,
                 "retryable": exc.retryable}, "timings": dict(work.timings)}
         else:
             patch = {"phase": "Failed", "reason": exc.reason, "message": exc.message, "timings": dict(work.timings),
-                     "finishedAt": kube.now_rfc3339()}
+                     "finishedAt": kube.now_rfc3339(), "stage": None, "progress": {"summary": ""}}
+            return _Final(patch=patch, outcome="failed", event=(exc.reason, exc.message), warning=True, phase="Failed",
+                          reason=exc.reason, message=exc.message)
         return _Final(patch=patch, outcome="failed", event=(exc.reason, exc.message), warning=True)
 
     async def _execute(self, work: _Work, job: GenerationJob, created: float) -> tuple[dict[str, Any], str]:
@@ -411,6 +455,7 @@ class JobWorker:
             t0 = time.perf_counter()
             paths = await self._fetch_all(sources, pins, rank_hints)
             work.timings["downloadSeconds"] = round(time.perf_counter() - t0, 3)
+            work.reported = Stage.LOADING
             hit = self.weights.tier_of(sources[0].key, paths[0]) if was_cached and uses_weights else (
                 "disk" if was_cached else "miss")
             self._check(work)
@@ -421,7 +466,10 @@ class JobWorker:
                 # Every slot is busy: load now, so the swap overlaps the running generation.
                 load_s += await self._in_thread(work, self._stage, work, sources, paths, refs, loaded, held)
             t_wait = time.perf_counter()
+            if self._generation.locked():
+                work.reported = Stage.QUEUED  # files ready, waiting for a generation slot
             await self._take(self._generation, work)
+            work.reported = Stage.LOADING
             try:
                 work.timings["slotWaitSeconds"] = round(time.perf_counter() - t_wait, 3)
                 self.metrics.queue_wait.observe(max(0.0, time.time() - created))
@@ -441,7 +489,6 @@ class JobWorker:
             self._leave_queue(work)
         # Building the runner's modules is a one-off per checkpoint: timed apart, kept out of the estimates.
         build_s, infer_s = split_runner_time(infer_s, getattr(image, "build_seconds", 0.0))
-        self.metrics.tier_hits.labels(hit).inc()
         self.metrics.load_seconds.observe(load_s)
         self.metrics.inference_seconds.observe(infer_s)
         self.estimates.observe(work.model, load_s=load_s, inference_s=infer_s, steps=request.steps)
@@ -451,6 +498,7 @@ class JobWorker:
         if await self._current(work) is None:  # never deliver a stale attempt's image
             raise Cancelled()
         t1 = time.perf_counter()
+        work.reported = Stage.UPLOADING
         delivered = await asyncio.to_thread(self._deliver, job, work, image.png)
         work.timings["uploadSeconds"] = round(time.perf_counter() - t1, 3)
         return {"location": delivered.location, "sha256": delivered.sha256, "bytes": delivered.size_bytes,
@@ -528,8 +576,14 @@ class JobWorker:
         try:
             if job.spec.output.url:
                 return output.put_image(job.spec.output.url, png)
-            return output.write_result(self.settings.results_dir, png, namespace=self.settings.namespace,
-                                       name=work.name, attempt=work.attempt)
+            if self.results_store is not None:
+                return self.results_store.put(png, namespace=self.settings.namespace, name=work.name,
+                                              attempt=work.attempt)
+            written = output.write_result(self.settings.results_dir, png, namespace=self.settings.namespace,
+                                          name=work.name, attempt=work.attempt)
+            results_dir.clean(self.settings.results_dir, max_bytes=self.settings.results_max_bytes,
+                              max_age_s=self.settings.results_max_age_s)
+            return written
         except output.OutputError as exc:
             raise JobFailed("OutputFailed", str(exc), retryable=exc.retryable) from exc
 
@@ -641,18 +695,47 @@ class JobWorker:
         """Whether `obj` is still the job and attempt `work` runs (not rebound, not a new job of the same name)."""
         return bound_attempt(obj, self.settings.agent) == work.attempt and _uid(obj) == work.uid
 
+    def _progress(self, work: _Work) -> dict[str, Any]:
+        """status.progress of the attempt now: steps, the bytes of its downloads, and a summary."""
+        # (null clears a field the merge patch would otherwise keep from an earlier stage)
+        progress: dict[str, Any] = {"step": work.step, "steps": work.steps, "downloadedBytes": None, "downloadBytes": None}
+        stage = work.reported
+        summary = stage.value
+        if stage is Stage.DOWNLOADING:
+            flights = [d for d in self.store.snapshot().downloads if d.key in work.keys]
+            done_bytes = sum(d.bytes_done for d in flights)
+            progress["downloadedBytes"] = done_bytes
+            if flights and all(d.total_bytes for d in flights):
+                total = sum(d.total_bytes or 0 for d in flights)
+                progress["downloadBytes"] = total
+                summary = f"{stage.value} {min(100, int(100 * done_bytes / max(1, total)))}%"
+        elif stage is Stage.GENERATING:
+            summary = f"{stage.value} {work.step}/{work.steps}"
+        progress["summary"] = summary
+        return progress
+
+    def _conditions(self, current: dict[str, Any], phase: str, *, reason: str | None = None,
+                    message: str | None = None) -> list[dict[str, Any]]:
+        """The whole conditions list for `phase`, from the object as read for this write."""
+        status = current.get("status") or {}
+        return job_conditions(status.get("conditions") or [], phase=phase, now=kube.now_rfc3339(),
+                              generation=(current.get("metadata") or {}).get("generation"), reason=reason,
+                              message=message)
+
     async def _report_progress(self, work: _Work, done: asyncio.Event) -> None:
-        """Publish progress and the timings known so far until `done`; never raises."""
+        """Publish the stage, progress and the timings known so far until `done`, at most once per
+        `progress_interval_s` and only when they changed; never raises."""
         last: tuple[Any, ...] = ()
         while not done.is_set():
             await self._sleep(self.settings.progress_interval_s)
             if done.is_set():
                 return
-            now = (work.step, work.steps, tuple(sorted(work.timings.items())))
+            progress = self._progress(work)
+            now = (work.reported, progress["summary"], tuple(sorted(work.timings.items())))
             if now == last:
                 continue
             try:
-                if await self._write(work, {"progress": {"step": work.step, "steps": work.steps},
+                if await self._write(work, {"stage": work.reported.value, "progress": progress,
                                             "timings": dict(work.timings)}, attempts=1) is not None:
                     last = now
             except Exception as exc:  # progress is best effort; the final write is not
@@ -679,8 +762,10 @@ class JobWorker:
                 return None
             return obj
 
-    async def _write(self, work: _Work, status: dict[str, Any], *, attempts: int | None = 3) -> bool | None:
-        """Patch the job's status if it is still bound to this attempt.
+    async def _write(self, work: _Work, status: dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]], *,
+                     attempts: int | None = 3) -> bool | None:
+        """Patch the job's status if it is still bound to this attempt. `status` may be a function
+        of the job as read for the write (conditions are computed from the list on it).
 
         True: written. False: the job is gone or bound to another attempt (the attempt is
         cancelled). None: the API server failed `attempts` times (transient errors are
@@ -694,10 +779,10 @@ class JobWorker:
                 obj = await self._api(self.objects.get, "GenerationJob", work.name)
                 if not self._is_current(work, obj):
                     work.cancel_attempt()
-                    log.info("job %s attempt %d no longer current; not writing %s", work.name, work.attempt,
-                             sorted(status))
+                    log.info("job %s attempt %d no longer current; not writing its status", work.name, work.attempt)
                     return False
-                work.written = await self._api(self.objects.patch_status, "GenerationJob", work.name, status,
+                body = status(obj) if callable(status) else status
+                work.written = await self._api(self.objects.patch_status, "GenerationJob", work.name, body,
                                                resource_version=obj["metadata"]["resourceVersion"])
                 return True
             except Exception as exc:
@@ -720,7 +805,11 @@ class JobWorker:
 
     async def _write_final(self, work: _Work, final: _Final) -> bool:
         """Write how the attempt ended, retrying until written or no longer current; True when written."""
-        patch = final.patch
+        patch: dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]] = final.patch
+        if final.phase is not None:
+            phase, reason, message = final.phase, final.reason, final.message
+            patch = lambda current: {**final.patch, "conditions": self._conditions(  # noqa: E731
+                current, phase, reason=reason, message=message)}
         try:
             written = await self._write(work, patch, attempts=None)
         except ApiException as exc:  # the patch itself is refused: report that instead, so nothing hangs
@@ -828,6 +917,8 @@ def seed_for(uid: str) -> int:
 
 def _set_progress(work: _Work, step: int, steps: int) -> None:
     work.step, work.steps = step, steps
+    if work.reported is not Stage.UPLOADING:
+        work.reported = Stage.GENERATING
 
 
 def _as_job_failure(exc: Exception) -> Exception:

@@ -14,11 +14,13 @@ from typing import Literal
 import pydantic
 import torch
 
-from stoker import kube
+from stoker import kube, logs
 from stoker.agent import credentials, status_report
 from stoker.agent.disk_store import DiskStore
 from stoker.agent.download import Downloader, quiet_http_client_logs
-from stoker.agent.job_metrics import JobMetrics
+from stoker.agent.health import Health
+from stoker.agent.health import serve as serve_health
+from stoker.agent.hot_holds import HotHolds
 from stoker.agent.jobs import JobSettings, JobWorker, model_source
 from stoker.agent.loader import Loader
 from stoker.agent.metrics import AgentMetrics, InstrumentedWeights, LoadRates
@@ -27,6 +29,7 @@ from stoker.agent.peer_fetch import PeerDirectory, PeerFetcher, peer_download_po
 from stoker.agent.peer_server import (PeerCredentialError, PeerMetrics, PeerServer, PeerServerSettings,
                                       advertised_host, read_token)
 from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
+from stoker.agent.results_dir import ResultsServer
 from stoker.agent.settings import AgentSettings, SettingsError, SizeBytes
 from stoker.agent.weights import Weights
 from stoker.api.cacheagent import Bandwidths, PeerEndpoint
@@ -40,7 +43,25 @@ class RunSettings(AgentSettings):
     kubeconfig: str | None = None
     """Path of a kubeconfig; in a pod the service account is used."""
     results_dir: pathlib.Path = pathlib.Path("/var/lib/stoker/results")
-    """Where images go for jobs without an output URL."""
+    """Where images go for jobs without an output URL (when no results store is configured)."""
+    results_max_bytes: SizeBytes = 1 * 2**30
+    """The results folder is kept under this size: the oldest images go first (the newest always stays)."""
+    results_max_age_s: float | None = pydantic.Field(default=24 * 3600.0, gt=0)
+    """Images older than this are removed from the results folder."""
+    results_serve: bool = False
+    """Serve the results folder read-only at /results/<file> on results_port, for `stoker get image` through the API server's pod proxy (the chart turns it on)."""
+    results_port: int = pydantic.Field(default=8081, ge=0, le=65535)
+    """Port of the results endpoint (0 picks a free one)."""
+    results_s3_endpoint: str | None = None
+    """S3-compatible results store: base URL of the S3 API (https; http only with allow_http). Jobs without an output URL go there instead of the results folder."""
+    results_s3_bucket: str | None = None
+    """Bucket of the results store."""
+    results_s3_region: str = "us-east-1"
+    """Region the requests are signed for."""
+    results_s3_prefix: str = ""
+    """Key prefix of every image (images are <prefix><namespace>/<job>/<attempt>.png)."""
+    results_s3_credentials_dir: pathlib.Path | None = pathlib.Path("/var/run/stoker/results-store")
+    """Mounted Secret with accessKeyId and secretAccessKey (and optionally sessionToken), sent only to the endpoint's host; without it requests are unsigned."""
     device: str = "auto"
     """cuda, cuda:N, cpu, or auto (the first GPU when there is one)."""
     ram_budget_bytes: SizeBytes = 32 * 2**30
@@ -65,6 +86,8 @@ class RunSettings(AgentSettings):
     """A ComfyUI prompt not finished after this long is interrupted and the attempt fails, retryable (runner comfyui)."""
     gpu_model: str | None = None
     """GPU name to report when the runner loads the weights on a GPU the agent does not use itself (runner comfyui); default: the GPU the agent sees, else unknown."""
+    log_format: Literal["text", "json"] = "text"
+    """text, or json: one object per line, with the agent's name and each job's name and model as fields."""
     gpu_vram_bytes: SizeBytes | None = None
     """That GPU's memory, reported as the agent's VRAM capacity (runner comfyui); unset: the GPU the agent sees, else 0 (unknown: placement is not limited by it)."""
 
@@ -120,12 +143,17 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         gpu_model, vram_total = "cpu", 0
     vram_budget = settings.vram_budget_bytes or (int(vram_total * 0.8) if vram_total else 8 * 2**30)
 
+    results_store = build_results_store(settings)
     api = kube.api_client(settings.kubeconfig)
     objects = kube.Objects(api, settings.namespace)
     metrics = AgentMetrics()
-    job_metrics = JobMetrics(metrics.registry)
-    if settings.metrics_enabled and settings.metrics_port:
+    metrics.job_slots.set(settings.job_slots)
+    if settings.metrics_enabled:
         metrics.serve(port=settings.metrics_port, addr=settings.metrics_addr)
+    # Answers from the start: the startup probe waits on /readyz while the disk cache is scanned.
+    health = Health(stale_after_s=settings.lease_duration_s, failing_renewals_limit_s=settings.liveness_failing_renewals_s)
+    if settings.health_port is not None:
+        serve_health(health, port=settings.health_port, addr=settings.health_addr)
 
     runner = build_runner(settings, device)
     # Seconds of imports, done while the disk cache is scanned, before the agent says it is ready.
@@ -156,26 +184,34 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         uses_loaded_weights=uses_weights, seen_model=gpu_model, seen_vram_bytes=vram_total,
         vram_budget_bytes=vram_budget, model_setting=settings.gpu_model, vram_setting=settings.gpu_vram_bytes)
 
-    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name)
+    await asyncio.to_thread(register, objects, name=name, pod_name=settings.pod_name or name, fleet=settings.fleet)
     identity = status_report.Identity(pod=settings.pod_name or name, node=settings.node_name or "",
                                       zone=settings.zone or "", gpu_model=gpu_model, vram_bytes=gpu_vram)
     writer: StatusWriter
     worker = JobWorker(objects=objects, settings=JobSettings(
         agent=name, namespace=settings.namespace, slots=settings.job_slots, queue_slots=settings.queue_slots,
-        results_dir=settings.results_dir,
+        results_dir=settings.results_dir, results_max_bytes=settings.results_max_bytes,
+        results_max_age_s=settings.results_max_age_s,
         model_not_found_grace_s=settings.model_not_found_grace_s),
-        store=store, weights=metered_weights, runner=runner, metrics=job_metrics, on_change=lambda: writer.kick())
+        store=store, weights=metered_weights, runner=runner, metrics=metrics.jobs, on_change=lambda: writer.kick(),
+        results_store=results_store)
     if hasattr(runner, "forget"):  # modules built on evicted weights must not keep them alive
         weights.on_evict.append(lambda key: runner.forget(worker.artifact_sha.get(key, "")))
+    hot = HotHolds(metered_weights)
     orders = OrderFollower(objects=objects, name=name, store=store,
                            resolve=lambda mc: model_source(objects, mc), failures=worker.model_failures,
-                           on_change=lambda: writer.kick())
+                           on_change=lambda: writer.kick(), hot=hot)
 
     def vram_view() -> status_report.TierView:
         if uses_weights:
             return tier_view(weights.vram, vram_budget)
         # The runner's own GPU holds the loaded copies; the agent's tier stays empty.
         return status_report.TierView(budget_bytes=reported_vram_budget, used_bytes=0, reserved_bytes=0, entries=())
+
+    results_server = None
+    if settings.results_serve:
+        results_server = ResultsServer(settings.results_dir, port=settings.results_port,
+                                       addr=settings.metrics_addr).start()
 
     def build():  # type: ignore[no-untyped-def]
         return status_report.build_status(
@@ -185,23 +221,33 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
                                  peer_bps=round(store.snapshot().peer_bandwidth_bytes_per_s or 0),
                                  disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
-            observed_generation=orders.observed_generation, peer=peer_endpoint)
+            observed_generation=orders.observed_generation, hot=orders.hot_models(),
+            results_port=results_server.port if results_server is not None else None, peer=peer_endpoint)
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
-                          on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name))
+                          on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name,
+                                                      fleet=settings.fleet))
     lease = LeaseKeeper(api, namespace=settings.namespace, name=name, duration_s=int(settings.lease_duration_s),
-                        renew_s=settings.lease_renew_interval_s)
+                        renew_s=settings.lease_renew_interval_s, on_attempt=lambda ok: health.renewal(ok=ok))
     await asyncio.to_thread(lease.renew_once)
+    health.renewal(ok=True)
     await writer.write_if_changed()
+    health.started()
+    stop_task = asyncio.ensure_future(stop.wait())
+    stop_task.add_done_callback(lambda _: health.stopping())
     log.info("agent %s/%s ready on %s (%s), disk budget %d bytes, %d slot(s)",
              settings.namespace, name, device, gpu_model, settings.disk_budget_bytes, settings.job_slots)
     try:
         await asyncio.gather(lease.run(stop), writer.run(stop), worker.run(stop), orders.run(stop))
     finally:
+        stop_task.cancel()
+        if results_server is not None:
+            results_server.close()
         if peer is not None:
             peer.stop()
         if store.peers is not None:
             store.peers.downloader.close()
+        await asyncio.to_thread(hot.release_all)
         await store.close()
         downloader.close()
         weights.close()
@@ -246,6 +292,28 @@ def peer_fetcher(settings: AgentSettings, objects: kube.Objects, *, name: str, t
                        self_name=name, metrics=metrics, report_bad_peer=report)
 
 
+def build_results_store(settings: RunSettings):  # type: ignore[no-untyped-def]
+    """The configured S3-compatible results store, or None (images go to the results folder)."""
+    if not settings.results_s3_endpoint and not settings.results_s3_bucket:
+        return None
+    if not settings.results_s3_endpoint or not settings.results_s3_bucket:
+        raise SettingsError("the results store needs both results_s3_endpoint and results_s3_bucket")
+    from stoker.agent import results_store
+
+    try:
+        s3 = results_store.S3Settings(endpoint=settings.results_s3_endpoint, bucket=settings.results_s3_bucket,
+                                      region=settings.results_s3_region, prefix=settings.results_s3_prefix,
+                                      allow_http=settings.allow_http)
+        folder = settings.results_s3_credentials_dir
+        creds = (results_store.read_credentials(folder, host=s3.host)
+                 if folder is not None and folder.is_dir() else None)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    log.info("images go to the results store %s/%s%s (%s)", s3.endpoint, s3.bucket,
+             f"/{s3.prefix}" if s3.prefix else "", "signed" if creds else "unsigned: no credentials mounted")
+    return results_store.S3ResultsStore(s3, creds)
+
+
 def disk_view(store: DiskStore) -> status_report.DiskView:
     snap = store.snapshot()
     return status_report.DiskView(
@@ -274,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"stoker-agent: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(level=settings.log_level, fmt=settings.log_format, component="stoker-agent",
+                   static={"agent": settings.effective_agent_name or ""})
     quiet_http_client_logs()
 
     async def runner() -> None:

@@ -16,17 +16,23 @@ from wsgiref.simple_server import WSGIServer
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from stoker import metrics as shared
+from stoker.agent.job_metrics import JobMetrics
+
 __all__ = ["AgentMetrics", "DOWNLOAD_DURATION_BUCKETS_S", "InstrumentedWeights", "LoadRates", "TierSnapshotLike"]
 
 DOWNLOAD_DURATION_BUCKETS_S = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
 
 class AgentMetrics:
-    """The agent's metrics; tiers are `disk`, `ram` and `vram`."""
+    """The agent's metrics; tiers are `disk`, `ram` and `vram`. Every label value comes from a
+    fixed set (tiers, outcomes, download failure reasons)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.build_info = shared.register_build_info(r, component="agent")
+        self.job_slots = Gauge("stoker_agent_job_slots", "Generations this agent runs at once (its slots).", registry=r)
         self.cache_hits = Counter("stoker_agent_cache_hits", "Requests served from a cache tier.", ["tier"], registry=r)
         self.cache_misses = Counter(
             "stoker_agent_cache_misses", "Requests that a cache tier could not serve.", ["tier"], registry=r
@@ -47,7 +53,8 @@ class AgentMetrics:
             registry=r,
         )
         self.download_failures = Counter(
-            "stoker_agent_download_failures", "Failed model downloads by reason.", ["reason"], registry=r
+            "stoker_agent_download_failures",
+            "Failed model downloads by reason (a fixed set; others are counted as 'other').", ["reason"], registry=r
         )
         self.downloads_in_progress = Gauge(
             "stoker_agent_downloads_in_progress", "Model downloads running or queued.", registry=r
@@ -63,6 +70,7 @@ class AgentMetrics:
             ["source"],
             registry=r,
         )
+        self.jobs = JobMetrics(r)
 
     def watch_tier(self, tier: str, snapshot: Callable[[], TierSnapshotLike]) -> None:
         """Publish a hot tier's used, reserved and budget bytes, read from `snapshot()` at scrape time."""
@@ -74,9 +82,13 @@ class AgentMetrics:
         """The exposition text, as served on /metrics."""
         return prometheus_client.generate_latest(self.registry)
 
-    def serve(self, *, port: int, addr: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
-        """Serve /metrics on `port` from a daemon thread; port 0 picks a free one."""
-        return prometheus_client.start_http_server(port, addr=addr, registry=self.registry)  # type: ignore[return-value]
+    def serve(self, *, port: int, addr: str = "127.0.0.1") -> tuple[WSGIServer, int]:
+        """Serve /metrics on `addr`:`port` from a daemon thread; port 0 picks a free one (logged).
+        Returns the server and its port."""
+        return shared.serve(self.registry, port=port, addr=addr)
+
+    def count_download_failure(self, reason: object) -> None:
+        self.download_failures.labels(shared.reason_label(reason)).inc()
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample (for tests and the status report); 0 when absent."""

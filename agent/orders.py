@@ -3,11 +3,15 @@
 spec.holds is the full desired set: listed models are downloaded in the background
 (behind job downloads) and never evicted; models no longer listed are released, which
 makes them evictable again (not deleted) and stops their download unless a job waits
-for it (the partial file is kept for a resume).
+for it (the partial file is kept for a resume). A hold at tier vram (or ram) is a hot
+replica: once the file is on disk it is loaded and kept loaded (`hot_holds`); a hold
+lowered to disk, or released, is unloaded unless a job is using it.
 
-A held model that is not on disk is fetched again until it is: a failed prefetch is
-retried with exponential backoff and jitter (bounded by `retry_max_s`), so a source
-that was down, or a Secret created late, heals without a new order. A prefetched copy
+A held model that is not on disk (or not loaded, for a hot hold) is fetched (loaded)
+again until it is: a failed prefetch or load is retried with exponential backoff and
+jitter (bounded by `retry_max_s`), so a source that was down, a Secret created late, or
+a VRAM budget taken by running jobs heals without a new order. A load failure is not a
+source failure: it is logged and retried, never reported in status.modelFailures. A prefetched copy
 starts from the model's fleet-wide use rank (ModelCache status.useRank), as a job's
 download does, so a replica of a model in steady use is ranked by that use.
 """
@@ -15,6 +19,7 @@ download does, so a replica of a model in steady use is ranked by that use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -25,6 +30,7 @@ from typing import Any
 
 from stoker import kube
 from stoker.agent.disk_store import DiskStore, DiskStoreError
+from stoker.agent.hot_holds import HotHolds
 from stoker.api.cacheagent import CacheAgentSpec, ModelFailure
 from stoker.api.modelcache import ModelCache
 
@@ -50,7 +56,8 @@ class _Backoff:
 class OrderFollower:
     def __init__(self, *, objects: kube.Objects, name: str, store: DiskStore,
                  resolve: Callable[[ModelCache], Any], failures: dict[str, ModelFailure],
-                 on_change: Callable[[], None], retry_initial_s: float = 5.0, retry_max_s: float = 300.0,
+                 on_change: Callable[[], None], hot: HotHolds | None = None,
+                 retry_initial_s: float = 5.0, retry_max_s: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, jitter: Callable[[], float] = random.random,
                  watch_timeout_s: int = 30) -> None:
         self.objects, self.name, self.store = objects, name, store
@@ -60,6 +67,10 @@ class OrderFollower:
         self.watch_timeout_s = watch_timeout_s
         """Server-side timeout of one watch request; stopping waits for the current one to end."""
         self.held: set[str] = set()
+        self.tiers: dict[str, str] = {}
+        """Key -> ordered tier (disk, ram or vram) of every held model."""
+        self.hot = hot
+        self._unloading: set[asyncio.Task[None]] = set()
         self.observed_generation: int | None = None
         self._fetching: dict[str, asyncio.Task[None]] = {}
         self._backoff: dict[str, _Backoff] = {}
@@ -89,6 +100,8 @@ class OrderFollower:
             for task in self._fetching.values():
                 task.cancel()
             watcher.cancel()
+            if self._unloading:
+                await asyncio.gather(*self._unloading, return_exceptions=True)
 
     def _on_event(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "DELETED":
@@ -98,7 +111,16 @@ class OrderFollower:
 
     def apply(self, spec: CacheAgentSpec, *, generation: int | None) -> None:
         """Take in the orders of `spec` (the full desired set of holds)."""
-        wanted = {f"{self.objects.namespace}/{h.model}" for h in spec.holds}
+        tiers = {f"{self.objects.namespace}/{h.model}": h.tier for h in spec.holds}
+        wanted = set(tiers)
+        if self.hot is not None:
+            for key, tier in sorted(self.hot.held().items()):
+                if tiers.get(key) != tier:
+                    log.info("order: stop keeping %s loaded in %s", key, tier)
+                    task = self._fetching.pop(key, None)
+                    if task is not None:
+                        task.cancel()
+                    self._unload(key)
         for key in sorted(self.held - wanted):
             log.info("order: release %s", key)
             self.store.release(key)
@@ -109,9 +131,13 @@ class OrderFollower:
             self._backoff.pop(key, None)
             self.failures.pop(key, None)  # no longer ordered: its failure says nothing the operator needs
         for key in sorted(wanted - self.held):
-            log.info("order: hold %s", key)
+            log.info("order: hold %s%s", key, "" if tiers[key] == "disk" else f" and keep it loaded in {tiers[key]}")
             self.store.hold(key)
+        for key in sorted(wanted & self.held):
+            if tiers[key] != self.tiers.get(key):
+                log.info("order: keep %s in %s", key, tiers[key])
         self.held = wanted
+        self.tiers = tiers
         self.observed_generation = generation
         self.reconcile()
         self.on_change()
@@ -123,7 +149,7 @@ class OrderFollower:
         failed prefetches: nothing is retried and nothing stands reported."""
         now = self._clock()
         for key in sorted(self.held):
-            if self.store.is_cached(key):
+            if self.store.is_cached(key) and not self._wants_load(key):
                 self._backoff.pop(key, None)
                 if self.failures.pop(key, None) is not None:
                     self.on_change()
@@ -135,14 +161,36 @@ class OrderFollower:
                 continue
             self._fetching[key] = asyncio.get_running_loop().create_task(self._prefetch(key), name=f"order {key}")
 
+    def _wants_load(self, key: str) -> bool:
+        """A hot hold of `key` that is not loaded (in its tier) yet."""
+        tier = self.tiers.get(key, "disk")
+        return self.hot is not None and tier != "disk" and self.hot.tier_of(key) != tier
+
+    def _unload(self, key: str) -> None:
+        assert self.hot is not None
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.hot.release, key), name=f"unload {key}")
+        self._unloading.add(task)
+        task.add_done_callback(self._unloaded)
+
+    def _unloaded(self, task: asyncio.Task[Any]) -> None:
+        self._unloading.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("unloading a hot replica failed: %s", task.exception())
+        self.on_change()
+
+    def hot_models(self) -> dict[str, str]:
+        """Key -> tier of the models kept loaded as hot replicas now."""
+        return self.hot.held() if self.hot is not None else {}
+
     def _next_retry_in_s(self) -> float | None:
         waiting = [b.not_before for k, b in self._backoff.items()
-                   if k in self.held and k not in self._fetching and not self.store.is_cached(k)]
+                   if k in self.held and k not in self._fetching and (not self.store.is_cached(k) or self._wants_load(k))]
         return max(0.0, min(waiting) - self._clock()) if waiting else None
 
     async def _prefetch(self, key: str) -> None:
         name = key.rsplit("/", 1)[-1]
         failure: ModelFailure | None = None
+        load_error: _LoadFailed | None = None
         identity: dict[str, Any] = {}  # of the ModelCache read: a failure names its uid and generation
         try:
             obj = await asyncio.to_thread(self.objects.get, "ModelCache", name)
@@ -150,10 +198,17 @@ class OrderFollower:
             identity = {"uid": mc.metadata.get("uid"), "generation": mc.metadata.get("generation")}
             source = await asyncio.to_thread(self.resolve, mc)
             # The copy starts from the model's fleet-wide rank, as a job's download does.
-            await self.store.prefetch(source, rank_hint_s=mc.status.use_rank if mc.status is not None else None)
-            log.info("order: %s is on disk", key)
+            cached = self.store.is_cached(key)
+            path = await self.store.prefetch(source, rank_hint_s=mc.status.use_rank if mc.status is not None else None)
+            if not cached:
+                log.info("order: %s is on disk", key)
+            if self._wants_load(key):
+                await self._load(key, path)
         except asyncio.CancelledError:
             raise
+        except _LoadFailed as exc:
+            failure = None
+            load_error = exc
         except DiskStoreError as exc:
             failure = ModelFailure(name=name, reason=exc.reason, message=exc.message, retryable=exc.retryable,
                                    at=kube.now_rfc3339(), **identity)
@@ -171,7 +226,14 @@ class OrderFollower:
         finally:
             if self._fetching.get(key) is asyncio.current_task():  # a re-hold may have started a newer one
                 del self._fetching[key]
-        if failure is None:
+        if load_error is not None and key in self.held:
+            backoff = self._backoff.setdefault(key, _Backoff())
+            backoff.failures += 1
+            delay_s = retry_delay_s(backoff.failures, initial_s=self.retry_initial_s, max_s=self.retry_max_s,
+                                    jitter=self._jitter())
+            backoff.not_before = self._clock() + delay_s
+            log.warning("could not keep %s loaded (%s); retrying in %.1f s", key, load_error, delay_s)
+        elif failure is None:
             self._backoff.pop(key, None)
             self.failures.pop(key, None)
         elif key in self.held:
@@ -184,3 +246,26 @@ class OrderFollower:
             self.failures[key] = failure
         self._wake.set()
         self.on_change()
+
+    async def _load(self, key: str, path: Any) -> None:
+        """Load the hot hold of `key` from `path` in a worker thread (waited for even when cancelled,
+        so a release never races a load still running), then drop it at once if the order changed."""
+        assert self.hot is not None
+        tier = self.tiers[key]
+        load = asyncio.ensure_future(asyncio.to_thread(self.hot.load, key, path, tier))  # type: ignore[arg-type]
+        try:
+            await asyncio.shield(load)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await load
+            raise
+        except Exception as exc:
+            raise _LoadFailed(f"{type(exc).__name__}: {exc}"[:500]) from exc
+        finally:
+            if load.done() and not load.cancelled() and load.exception() is None and self.tiers.get(key) != tier:
+                self._unload(key)
+        self.on_change()
+
+
+class _LoadFailed(Exception):
+    """A hot hold could not be loaded (budget, memory, file); retried with backoff."""

@@ -16,20 +16,21 @@ from kubernetes.client.exceptions import ApiException
 from stoker import kube
 from stoker.api import API_VERSION
 from stoker.api.cacheagent import CacheAgentStatus
-from stoker.api.protocol import LEASE_DURATION_S, LEASE_RENEW_S
+from stoker.api.protocol import FLEET_LABEL, LEASE_DURATION_S, LEASE_RENEW_S
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def register(objects: kube.Objects, *, name: str, pod_name: str) -> dict[str, Any]:
+def register(objects: kube.Objects, *, name: str, pod_name: str, fleet: str | None = None) -> dict[str, Any]:
     """Create this agent's CacheAgent, or adopt the one a previous run left.
 
     The CacheAgent is owned by the agent's Pod, so it goes away with the Pod. The agent
     only creates it and writes its status (it has no right to patch the object itself):
     one left by an earlier Pod of the same name is adopted as it is, and when the garbage
-    collector removes it with that Pod, `StatusWriter` registers again.
+    collector removes it with that Pod, `StatusWriter` registers again. With a `fleet`, the
+    CacheAgent carries its label, so that only that fleet's operator manages it.
     """
     owner: list[dict[str, Any]] = []
     try:
@@ -44,7 +45,8 @@ def register(objects: kube.Objects, *, name: str, pod_name: str) -> dict[str, An
     try:
         obj = objects.create("CacheAgent", {
             "apiVersion": API_VERSION, "kind": "CacheAgent",
-            "metadata": {"name": name, "ownerReferences": owner}, "spec": {},
+            "metadata": {"name": name, "ownerReferences": owner, **({"labels": {FLEET_LABEL: fleet}} if fleet else {})},
+            "spec": {},
         })
         log.info("registered CacheAgent %s/%s", objects.namespace, name)
     except ApiException as exc:
@@ -68,10 +70,13 @@ class LeaseKeeper:
     """
 
     def __init__(self, api: client.ApiClient, *, namespace: str, name: str,
-                 duration_s: int = LEASE_DURATION_S, renew_s: float = LEASE_RENEW_S) -> None:
+                 duration_s: int = LEASE_DURATION_S, renew_s: float = LEASE_RENEW_S,
+                 on_attempt: Callable[[bool], object] | None = None) -> None:
         self.coordination = client.CoordinationV1Api(api)
         self.namespace, self.name = namespace, name
         self.duration_s, self.renew_s = duration_s, renew_s
+        self.on_attempt = on_attempt
+        """Called with whether each renewal attempt succeeded (the agent's health endpoint)."""
         # (a floor, so a short test interval does not time out an answer that is merely slow)
         self.request_timeout = (min(kube.REQUEST_TIMEOUT_S[0], max(1.0, renew_s)), max(2.0, renew_s))
 
@@ -92,10 +97,14 @@ class LeaseKeeper:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            ok = False
             try:
                 await asyncio.to_thread(self.renew_once)
+                ok = True
             except Exception as exc:  # keep trying: a missed renewal is what the grace period is for
                 log.warning("lease renewal failed: %s", exc)
+            if self.on_attempt is not None:
+                self.on_attempt(ok)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.renew_s)
             except TimeoutError:

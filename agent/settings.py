@@ -127,6 +127,8 @@ class AgentSettings(BaseSettings):
     """Name of the agent's pod (downward API); the CacheAgent's owner."""
     node_name: str | None = None
     zone: str | None = None
+    fleet: str | None = Field(default=None, max_length=63, pattern=r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+    """Label the CacheAgent stoker.dev/fleet=<fleet>: the operator started with the same --fleet manages it (chart value `fleet`)."""
 
     # ---- API server and reporting (the reporter extends these) ----
     lease_duration_s: float = Field(default=15.0, gt=0)
@@ -137,9 +139,16 @@ class AgentSettings(BaseSettings):
 
     # ---- observability ----
     metrics_port: int = Field(default=9090, ge=0, le=65535)
-    """Port of the /metrics endpoint; 0 picks a free port, and the endpoint is off if metrics_enabled is false."""
-    metrics_addr: str = "0.0.0.0"
+    """Port of the /metrics endpoint; 0 picks a free port (logged). --no-metrics-enabled turns the endpoint off."""
+    metrics_addr: str = "127.0.0.1"
+    """Address the /metrics endpoint listens on; 0.0.0.0 (or ::) where Prometheus scrapes the pod, as the chart sets it."""
     metrics_enabled: bool = True
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of /healthz (liveness) and /readyz (readiness); unset: no health endpoint; 0 picks a free port."""
+    health_addr: str = "127.0.0.1"
+    """Address the health endpoint listens on; 0.0.0.0 in a pod, so the kubelet reaches it."""
+    liveness_failing_renewals_s: float = Field(default=300.0, gt=0)
+    """/healthz fails once every Lease renewal has failed for this long (a stuck renewal loop fails it after lease_duration_s)."""
     log_level: str = "INFO"
 
     @field_validator("allowed_hosts", "api_secrets", mode="before")

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
 
+from stoker.units import format_usage
 from stoker.api.cacheagent import (
     Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, ModelFailure, PeerEndpoint, RunningJob,
     TierUsage,
@@ -86,11 +87,13 @@ def _time(ts: float) -> str | None:
 def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: TierView, slots: int,
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
                  observed_generation: int | None, queue_slots: int = 0,
+                 hot: Mapping[str, str] | None = None, results_port: int | None = None,
                  peer: PeerEndpoint | None = None) -> CacheAgentStatus:
     """The agent's report: each model once, at its fastest tier, LRU timestamps merged, with
     the disk tier's eviction rank (`models[].rank`, read by placement).
 
-    `queue_slots` jobs may be bound beyond the `slots` that generate at once; `peer` is the
+    `queue_slots` jobs may be bound beyond the `slots` that generate at once; `hot` maps the
+    keys of the hot replicas kept loaded to their tier (`models[].hot`); `peer` is the
     endpoint other agents fetch this agent's files from (None: it serves none)."""
     models: dict[str, CachedModel] = {}
     last_used: dict[str, float] = {}
@@ -107,7 +110,9 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
                                         preloaded=base.preloaded if base else False, held=base.held if base else False,
                                         sha256=base.sha256 if base else None)
             last_used[t.key] = max(last_used.get(t.key, 0.0), t.last_used)
-    listed = [m.model_copy(update={"last_used": _time(last_used[k])}) for k, m in sorted(models.items())]
+    hot = hot or {}
+    listed = [m.model_copy(update={"last_used": _time(last_used[k]), "hot": hot.get(k)})
+              for k, m in sorted(models.items())]
     return CacheAgentStatus(
         pod=identity.pod, node=identity.node, zone=identity.zone,
         gpu=GpuInfo(model=identity.gpu_model, vram_bytes=identity.vram_bytes),
@@ -115,6 +120,8 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         ram=TierUsage(budget_bytes=ram.budget_bytes, used_bytes=ram.used_bytes, reserved_bytes=ram.reserved_bytes),
         vram=TierUsage(budget_bytes=vram.budget_bytes, used_bytes=vram.used_bytes, reserved_bytes=vram.reserved_bytes),
         models=listed,
+        disk_usage=format_usage(disk.used_bytes, disk.budget_bytes),
+        vram_usage=format_usage(vram.used_bytes, vram.budget_bytes),
         models_on_disk=len(disk.entries),
         hot_models=len(vram.entries),
         downloads=[DownloadProgress(name=_name(d.key), bytes_done=d.bytes_done, bytes_total=d.total_bytes)
@@ -126,5 +133,6 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         model_failures=list(failures),
         bandwidth=bandwidth,
         observed_generation=observed_generation,
+        results_port=results_port,
         peer=peer,
     )

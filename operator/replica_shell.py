@@ -34,7 +34,8 @@ from stoker.api.modelcache import ModelCacheStatus, ModelCopy
 from stoker.operator import metrics, replicas, sourcehealth
 from stoker.operator.scheduler import Writer
 from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_from_body, agent_view, format_time,
-                                  model_size_bytes)
+                                  known_size_bytes, model_size_bytes)
+from stoker.units import format_bytes
 
 CONDITION_EVENTS = {
     ("Ready", True): ("TargetMet", False), ("Ready", False): ("TargetNotMet", False),
@@ -44,6 +45,9 @@ CONDITION_EVENTS = {
 """(condition type, new status) -> (Event reason, is a warning)."""
 
 log = logging.getLogger(__name__)
+
+MODEL_LABEL = "stoker.dev/model"
+"""The scale subresource's selector names the model with this label (HPA requires a selector)."""
 
 
 def _round_rate(value: float) -> float:
@@ -168,7 +172,9 @@ class ReplicaShell:
                     self.writer.event(models[k].ref(), reason="ReplicaAdded", message=f"agent {agent.name} holds a copy ({how})")
             for k in orders.load_hot:
                 if k in models:
-                    self.writer.event(models[k].ref(), reason="HotReplicaAdded", message=f"agent {agent.name} keeps it loaded")
+                    self.writer.event(models[k].ref(), reason="HotReplicaAdded", message=(
+                        f"agent {agent.name} is ordered to keep it loaded; it loads it once its copy is on disk "
+                        "(condition Ready counts the copies it reports loaded)"))
             for k in orders.release:
                 if k in models:
                     self.writer.event(models[k].ref(), reason="ReplicaReleased",
@@ -225,11 +231,19 @@ class ReplicaShell:
                 reason, warning = CONDITION_EVENTS[(c["type"], now_true)]
                 transitions.append((reason, c["message"] if c["type"] != "Failed" or not now_true
                                     else f"{c['reason']}: {c['message']}", warning))
+        size, size_source = known_size_bytes(model, agents)
+        held_on_disk = max(0, ms.desired - ms.shortfall)
+        hot_loaded = max(0, ms.desired_hot - ms.hot_shortfall)
         new = {
             "observedGeneration": model.generation,
-            "sizeBytes": model_size_bytes(model, agents),
+            "sizeBytes": size,
+            "size": format_bytes(size),
+            "sizeSource": size_source,
             "sha256": published_sha256(model, agents),
             "desiredReplicas": ms.desired,
+            "replicas": held_on_disk,
+            "selector": f"{MODEL_LABEL}={model.name}",
+            "ready": f"{held_on_disk}/{ms.desired}" + (f" hot {hot_loaded}/{ms.desired_hot}" if ms.desired_hot else ""),
             "desiredHotReplicas": ms.desired_hot,
             "copies": {"disk": ms.on_disk, "ram": ms.in_ram, "vram": ms.in_vram},
             "agents": copies,
@@ -245,6 +259,8 @@ class ReplicaShell:
                                    refresh_s=self.demand_refresh_s):
             return 0
         new = {k: v for k, v in new.items() if v is not None}
+        if size is None and old.size_bytes is not None:
+            new["sizeBytes"] = None  # an older status showed a guess: sizes unknown say so
         key = f"mc:{model.key}"
         if not self.writer.may_act(key, model.resource_version):
             return 0

@@ -34,7 +34,7 @@ from kubernetes.client.exceptions import ApiException
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker.kube import Objects
 from stoker.operator import events, metrics, placement
-from stoker.operator.state import UNKNOWN_SIZE_BYTES, ObservedJob, State, agent_view, format_time, measured_sizes
+from stoker.operator.state import ObservedJob, State, agent_view, format_time, measured_sizes, unknown_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ class Scheduler:
         if self.settings != state.placement_settings:
             raise ValueError("the Scheduler and its State must use the same PlacementSettings (the queue order)")
         self._fleets: dict[str, _Fleet] = {}
+        self.unplaceable: dict[str, str] = {}
+        """job key -> why the last pass that examined it found no agent (read by the pending reporter)."""
         self.last_plan = (0, 0, 0, 0)
         """(jobs examined, bindings, waiting, unplaceable) of the last pass that planned."""
 
@@ -173,8 +175,11 @@ class Scheduler:
             failed = {k.split("/", 1)[1] for k in st.source_failed if k.startswith(f"{namespace}/")}
             if fleet.sizes_version != st.fleet_version:
                 measured = measured_sizes(a for a in st.agents.values() if a.namespace == namespace)
+                # A guess must never make a job infeasible: an unknown size is capped at half the
+                # largest VRAM budget (placement refuses agents whose VRAM the job's files exceed).
+                vram = max((v.vram_capacity_bytes for v in views if v.vram_capacity_bytes), default=None)
                 fleet.sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
-                    m.key, m.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES))
+                    m.key, m.resource.spec.source.size_bytes or unknown_size_bytes(m, vram_bytes=vram)))
                     for m in st.models.values() if m.namespace == namespace}
                 fleet.sizes_version = st.fleet_version
         by_key: dict[str, ObservedJob] = {}
@@ -190,6 +195,8 @@ class Scheduler:
                     continue
                 if failed and any(a in failed for a in job.artifacts):
                     continue  # the reconciler fails it with ModelUnavailable
+                if any(f"{namespace}/{a}" not in st.models for a in job.artifacts):
+                    continue  # waits for its ModelCache; the pending reporter says so, and fails it after its grace
                 by_key[key] = job
                 yield view
 
@@ -197,8 +204,13 @@ class Scheduler:
                                         jobs_sorted=True, demand=demand, index=fleet.index)
         total = 0
         for b in plan.bindings:
+            self.unplaceable.pop(b.job_key, None)
             if self._start_binding(by_key[b.job_key], b):
                 total += 1
+        for u in plan.unplaceable:
+            self.unplaceable[u.job_key] = u.reason
+        if len(self.unplaceable) > 100_000:
+            self.unplaceable.clear()
         self.last_plan = (plan.jobs_examined, len(plan.bindings), len(plan.waiting), len(plan.unplaceable))
         if plan.bindings:
             log.info("%s: binding %d of %d pending jobs examined (%d waiting for a busy agent, %d unplaceable)",
@@ -272,5 +284,6 @@ class Scheduler:
                 break
             rv = meta["resourceVersion"]
             status = {k: v for k, v in status.items() if k in ("agent", "attempt", "scheduledAt")}
-        log.debug("bound %s attempt %d to %s (%s)", job.key, attempt, agent, why)
+        log.info("bound %s attempt %d to %s (%s hit): %s", job.key, attempt, agent, tier, why,
+                 extra={"job": job.key, "agent": agent, "model": job.model, "attempt": attempt})
         self.writer.event(job.ref(), reason="Scheduled", message=f"attempt {attempt} bound to {agent}: {why}")

@@ -35,11 +35,28 @@ from stoker.api import CacheAgent, GenerationJob, ModelCache
 from stoker.api.generationjob import Attempt, AttemptFailure
 from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
 from stoker import userank
-from stoker.operator import jobstate, placement, replicas, sourcehealth
+from stoker.operator import jobstate, metrics, placement, replicas, sourcehealth
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_SIZE_BYTES = 4 << 30
+UNKNOWN_SIZE_BY_KIND = {"checkpoint": 4 << 30, "lora": 256 << 20, "vae": 320 << 20, "embedding": 1 << 20,
+                        "upscaler": 128 << 20, "controlnet": 1536 << 20}
+"""Placement's guess for a file whose size no agent measured and no spec gives: typical sizes of
+the kind (LoRAs 10-400 MB), so a LoRA without sizeBytes is not planned as a 4 GiB file. Never
+shown as a size (ModelCache status.sizeSource says Unknown)."""
+
+
+def guessed_size_bytes(model: ObservedModel) -> int:
+    return UNKNOWN_SIZE_BY_KIND.get(str(model.resource.spec.kind), UNKNOWN_SIZE_BYTES)
+
+
+def unknown_size_bytes(model: ObservedModel, *, vram_bytes: int | None) -> int:
+    """What placement assumes for a file of unknown size: the kind's typical size, at most half
+    of `vram_bytes` (the largest VRAM budget in the namespace), so that a guess never makes a
+    job fit nowhere; the download measures the real size."""
+    guess = guessed_size_bytes(model)
+    return guess if not vram_bytes else min(guess, vram_bytes // 2)
 EARLY_USES_PER_MODEL = 4096
 """Creation times kept per model for jobs seen before their ModelCache (the newest are kept)."""
 
@@ -94,6 +111,12 @@ class ObservedJob:
     reason: str | None
     finished_at: float | None
     scheduled_at: float | None
+    generation: int = 1
+    conditions: tuple[dict[str, Any], ...] = ()
+    """status.conditions as on the server (every writer rewrites the whole list)."""
+    message: str | None = None
+    missing_grace_s: float | None = None
+    """spec.missingModelGraceSeconds (None: the operator's default)."""
 
     @property
     def terminal(self) -> bool:
@@ -103,6 +126,14 @@ class ObservedJob:
     def pending(self) -> bool:
         """Waiting for a binding: unbound, not finished, and not mid-unbind (phase Pending)."""
         return self.bound_agent is None and self.phase is jobstate.JobPhase.PENDING
+
+    @property
+    def roles(self) -> tuple[tuple[str, str], ...]:
+        """(ModelCache name, role) of every file the job names, checkpoint first."""
+        out = [(self.model, "model"), *((name, "lora") for name in self.loras)]
+        if self.vae is not None:
+            out.append((self.vae, "vae"))
+        return tuple(dict.fromkeys(out))
 
     @property
     def artifacts(self) -> tuple[str, ...]:
@@ -205,6 +236,10 @@ def job_from_body(body: Mapping[str, Any]) -> ObservedJob:
         reason=status.reason if status else None,
         finished_at=parse_time(status.finished_at) if status else None,
         scheduled_at=parse_time(status.scheduled_at) if status else None,
+        generation=int(meta.get("generation") or 1),
+        conditions=tuple(c.wire() for c in status.conditions) if status else (),
+        message=status.message if status else None,
+        missing_grace_s=(None if spec.missing_model_grace_seconds is None else float(spec.missing_model_grace_seconds)),
     )
 
 
@@ -294,7 +329,7 @@ def status_patch(before: jobstate.JobState, after: jobstate.JobState) -> dict[st
         patch["finishedAt"] = format_time(after.finished_at)
     if after.phase is jobstate.JobPhase.PENDING and before.phase is not jobstate.JobPhase.PENDING:
         # The next attempt starts clean; the old one's report lives in history.
-        patch.update({"attemptFailure": None, "scheduledAt": None, "startedAt": None, "progress": None})
+        patch.update({"attemptFailure": None, "scheduledAt": None, "startedAt": None, "progress": None, "stage": None})
     return patch
 
 
@@ -357,12 +392,18 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
 
 def model_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> int:
     """Measured size (from an agent's report) over the spec's hint over a default."""
+    return known_size_bytes(model, agents)[0] or guessed_size_bytes(model)
+
+
+def known_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> tuple[int | None, str]:
+    """(size, where it comes from): measured by an agent, the spec's hint, or (None, unknown)."""
     for a in agents:
         if a.resource.status is not None:
             for m in a.resource.status.models:
                 if m.name == model.name and m.size_bytes > 0:
-                    return m.size_bytes
-    return model.resource.spec.source.size_bytes or UNKNOWN_SIZE_BYTES
+                    return m.size_bytes, "Measured"
+    hint = model.resource.spec.source.size_bytes
+    return (hint, "Spec") if hint else (None, "Unknown")
 
 
 def measured_sizes(agents: Iterable[ObservedAgent]) -> dict[str, int]:
@@ -496,6 +537,7 @@ class State:
                 old = None
             if old is not None:
                 self._unindex(old)
+                metrics.count_finished(old, job)
             self.jobs[job.key] = job
             self._index(job)
             if job.uid not in self._seen_uids:

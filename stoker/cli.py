@@ -1,4 +1,5 @@
-"""The `stoker` command: generate CRDs, run the local demo, run the fleet simulator."""
+"""The `stoker` command: submit jobs and fetch images, look at the fleet (stoker.client), and the
+project's tools: generate CRDs, run the local demo, run the fleet simulator."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from stoker import __version__
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    """Write the CRD YAML generated from stoker.api into each output folder."""
+    """Write the CRD YAML generated from stoker.api into each output folder, and the same CRDs
+    as Helm templates into the chart."""
     from stoker import crdgen
 
-    files = crdgen.render_crds()
+    outputs = [(pathlib.Path(out), crdgen.render_crds()) for out in args.out]
+    if args.chart_templates:
+        outputs.append((pathlib.Path(args.chart_templates), crdgen.render_chart_crds()))
     stale = []
-    for out in args.out:
-        folder = pathlib.Path(out)
+    for folder, files in outputs:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
             path = folder / name
@@ -54,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     crds = sub.add_parser("crds", help="generate the CRD YAML from the API types")
-    crds.add_argument("--out", nargs="+", default=["crds", "charts/stoker/crds"], help="output folders")
+    crds.add_argument("--out", nargs="+", default=["crds"], help="output folders of the plain CRD YAML")
+    crds.add_argument("--chart-templates", default="charts/stoker/templates/crds",
+                      help="folder of the chart's CRD templates ('' to skip)")
     crds.add_argument("--check", action="store_true", help="fail if the files differ instead of writing them")
     crds.set_defaults(func=cmd_crds)
 
@@ -64,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="folder for the PNGs and logs")
     demo.add_argument("--keep", action="store_true", help="keep the control plane running until Ctrl-C")
     demo.set_defaults(func=cmd_demo)
+
+    from stoker.client import cli as client_cli
+
+    client_cli.register(sub)
 
     sim = sub.add_parser("sim", help="fleet simulator comparing placement policies", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
@@ -77,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The simulator owns its flags; argparse.REMAINDER would let the top-level parser claim them.
         return cmd_sim(argparse.Namespace(sim_args=argv[1:]))
     args = build_parser().parse_args(argv)
+    if getattr(args, "client", None) is not None:
+        from stoker.client import cli as client_cli
+
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+        return client_cli.run(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args))

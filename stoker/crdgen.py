@@ -76,6 +76,8 @@ def build_crd(resource: type[Resource]) -> dict[str, Any]:
         spec.setdefault("x-kubernetes-validations", []).extend(resource.spec_rules)
     status = build_schema(props["status"], defs)
     status.pop("default", None)
+    if resource.status_default is not None:
+        status["default"] = copy.deepcopy(resource.status_default)
     schema: dict[str, Any] = {
         "type": "object",
         "description": (resource.__doc__ or resource.kind_name).strip().splitlines()[0],
@@ -109,7 +111,7 @@ def build_crd(resource: type[Resource]) -> dict[str, Any]:
                 "name": VERSION,
                 "served": True,
                 "storage": True,
-                "subresources": {"status": {}},
+                "subresources": {"status": {}, **({"scale": dict(resource.scale)} if resource.scale else {})},
                 "additionalPrinterColumns": [dict(c) for c in resource.printer_columns],
                 "schema": {"openAPIV3Schema": schema},
             }],
@@ -123,3 +125,33 @@ def render_crds() -> dict[str, str]:
         f"{GROUP}_{r.plural}.yaml": GENERATED_NOTE + yaml.safe_dump(build_crd(r), sort_keys=False, width=100)
         for r in RESOURCES
     }
+
+
+CHART_METADATA = """\
+  labels:
+    {{- include "stoker.labels" . | nindent 4 }}
+  {{- if .Values.crds.keep }}
+  annotations:
+    # helm uninstall leaves the CRDs, and every ModelCache and GenerationJob, in place.
+    helm.sh/resource-policy: keep
+  {{- end }}
+"""
+
+
+def render_chart_crds() -> dict[str, str]:
+    """File name → Helm template of every CRD, for the chart's templates/crds/.
+
+    The same CRDs as `render_crds`, behind `crds.enabled` and with the chart's labels and the
+    `crds.keep` annotation: as templates, `helm upgrade` updates them (Helm installs a chart's
+    crds/ folder once and never upgrades it)."""
+    return {f"{GROUP}_{r.plural}.yaml": chart_crd_template(build_crd(r)) for r in RESOURCES}
+
+
+def chart_crd_template(crd: dict[str, Any]) -> str:
+    """One CRD as a template of the chart (see `render_chart_crds`)."""
+    head = yaml.safe_dump({k: crd[k] for k in ("apiVersion", "kind")}, sort_keys=False)
+    meta = yaml.safe_dump({"metadata": crd["metadata"]}, sort_keys=False)
+    body = yaml.safe_dump({"spec": crd["spec"]}, sort_keys=False, width=100)
+    if "{{" in body or "}}" in body:  # would be read as template actions
+        raise ValueError(f"the CRD {crd['metadata']['name']} contains '{{{{' or '}}}}'; escape it for the chart")
+    return "{{- if .Values.crds.enabled }}\n" + GENERATED_NOTE + head + meta + CHART_METADATA + body + "{{- end }}\n"

@@ -15,9 +15,11 @@ import hashlib
 import logging
 import pathlib
 import shutil
+import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from typing import Any
 
 from kubernetes import client
@@ -47,6 +49,38 @@ def _job(i: int) -> dict[str, Any]:
     if i % 2:
         spec["loras"] = [{"name": "tiny-style", "weight": 0.8}]
     return {"apiVersion": "stoker.dev/v1alpha1", "kind": "GenerationJob", "metadata": {"name": f"demo-{i}"}, "spec": spec}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Samples of one /metrics endpoint, by name with labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def _metrics_summary(ports: dict[str, int]) -> str:
+    """A few fleet figures as the operator's and agents' /metrics report them."""
+    op = _scrape(ports["operator"])
+    agents = [_scrape(port) for name, port in ports.items() if name != "operator"]
+    tiers = {k.split('"')[1]: v for k, v in op.items() if k.startswith("stoker_bindings_total{")}
+    downloaded = sum(a.get("stoker_agent_downloaded_bytes_total", 0.0) for a in agents)
+    hits = sum(v for a in agents for k, v in a.items() if k.startswith("stoker_agent_cache_hits_total{"))
+    misses = sum(v for a in agents for k, v in a.items() if k.startswith("stoker_agent_cache_misses_total{"))
+    bound = ", ".join(f"{tier} {int(n)}" for tier, n in sorted(tiers.items()) if n) or "none"
+    return (f"metrics: jobs bound, by their checkpoint's tier at binding: {bound}; "
+            f"downloaded {downloaded / 2**20:.1f} MiB; cache hits {int(hits)}, misses {int(misses)}")
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -83,8 +117,10 @@ def main(args: argparse.Namespace) -> int:
             objects.create("ModelCache", _model_cache("tiny-sd15", "checkpoint", models.url("tiny-sd15.safetensors"), ckpt, 1))
             objects.create("ModelCache", _model_cache("tiny-style", "lora", models.url("tiny-style.safetensors"), lora, 0))
 
+            ports = {name: _free_port() for name in ("operator", *(f"agent-{i}" for i in range(args.agents)))}
             procs.append(Process([str(BIN / "stoker-operator"), "--kubeconfig", str(cp.kubeconfig), "--namespace",
-                                  NAMESPACE, "--metrics-port", "0", "--lease-grace-s", "10"], out / "operator.log").start())
+                                  NAMESPACE, "--metrics-port", str(ports["operator"]), "--lease-grace-s", "10"],
+                                 out / "operator.log").start())
             for i in range(args.agents):
                 name = f"agent-{i}"
                 # No kubelet runs here: the Pod object stands for the agent's pod (owner of its CacheAgent).
@@ -95,10 +131,12 @@ def main(args: argparse.Namespace) -> int:
                     str(BIN / "stoker-agent"), "--kubeconfig", str(cp.kubeconfig), "--namespace", NAMESPACE,
                     "--pod-name", name, "--node-name", f"node-{i}", "--zone", f"zone-{i % 2}",
                     "--cache-dir", str(work / name / "cache"), "--results-dir", str(out), "--allow-http",
-                    "--metrics-port", "0", "--device", "cpu", "--vram-budget-bytes", "1GiB",
+                    "--metrics-port", str(ports[name]), "--device", "cpu", "--vram-budget-bytes", "1GiB",
                     "--torch-threads", "1",
                 ], out / f"{name}.log").start())
             print(f"started the operator and {args.agents} agents; waiting for them to report...", flush=True)
+            print("metrics: " + ", ".join(f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items()),
+                  flush=True)
             wait_for(lambda: sum(1 for ca in objects.list("CacheAgent")["items"] if ca.get("status", {}).get("slots"))
                      == args.agents, timeout_s=180, message="agents to register")
             t0 = time.monotonic()
@@ -127,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
             print()
             print(_table(rows))
             print(f"\n{len(jobs) - failed} of {len(jobs)} jobs succeeded in {elapsed:.1f}s; images and logs in {out}")
+            print(_metrics_summary(ports))
             if args.keep:
                 print(f"control plane kept running: KUBECONFIG={cp.kubeconfig} kubectl -n {NAMESPACE} get stoker; Ctrl-C to stop")
                 try:

@@ -81,8 +81,13 @@ class Resource(StokerModel):
     kind_name: ClassVar[str]
     plural: ClassVar[str]
     short_names: ClassVar[tuple[str, ...]]
-    printer_columns: ClassVar[tuple[dict[str, str], ...]]
+    printer_columns: ClassVar[tuple[dict[str, Any], ...]]
     spec_rules: ClassVar[tuple[dict[str, str], ...]] = ()
+    scale: ClassVar[dict[str, str] | None] = None
+    """The scale subresource (specReplicasPath, statusReplicasPath, labelSelectorPath), if any."""
+    status_default: ClassVar[dict[str, Any] | None] = None
+    """A default for the whole status, so the API server fills in the status fields' own
+    defaults (GenerationJob: phase Pending) on every object, from its creation on."""
 
     api_version: str = Field(default=API_VERSION, alias="apiVersion")
     metadata: dict[str, Any] = Field(default_factory=dict)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -19,8 +19,8 @@ class HoldOrder(StokerModel):
 
     model: ObjectName
     """ModelCache name in the agent's namespace."""
-    tier: Literal["disk", "vram"] = "disk"
-    """disk: download and never evict from disk; vram: also keep it loaded."""
+    tier: Literal["disk", "ram", "vram"] = "disk"
+    """disk: download and never evict from disk; vram: also keep it loaded in GPU memory (a hot replica); ram: also keep a pinned host copy (on an agent without a RAM tier: loaded, as for vram)."""
 
 
 class CacheAgentSpec(StokerModel):
@@ -71,6 +71,8 @@ class CachedModel(StokerModel):
     """Held as a replica target."""
     sha256: str | None = Field(default=None, min_length=64, max_length=64, pattern=r"^[a-f0-9]{64}$")
     """SHA-256 of the agent's copy, computed as it was downloaded (absent for baked-in files). Other agents fetch it from this agent's peer endpoint under this digest."""
+    hot: Literal["vram", "ram"] | None = None
+    """Kept loaded in this tier as a hot replica (a hold order with that tier): never evicted while the order stands."""
 
 
 class DownloadProgress(StokerModel):
@@ -155,6 +157,10 @@ class CacheAgentStatus(StokerModel):
     """GPU memory tier."""
     models: list[CachedModel] = Field(default_factory=list, max_length=10000)
     """Models held, with their fastest tier."""
+    disk_usage: str = Field(default="", max_length=48)
+    """Disk used/budget for people, for kubectl get: 12.3 GiB/45.0 GiB."""
+    vram_usage: str = Field(default="", max_length=48)
+    """Loaded models' memory used/budget for people, for kubectl get."""
     models_on_disk: int = 0
     """Count of models on disk (for kubectl get)."""
     hot_models: int = 0
@@ -177,6 +183,8 @@ class CacheAgentStatus(StokerModel):
     """Measured transfer rates."""
     observed_generation: int | None = None
     """The spec generation whose orders the agent has taken in."""
+    results_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of the agent's read-only results endpoint (GET /results/<file>), reached through the API server's pod proxy by `stoker get image`; absent when it is off."""
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
     """Ready (the agent's Lease is being renewed). Written by the operator."""
 
@@ -187,15 +195,21 @@ class CacheAgent(Resource):
     kind_name: ClassVar[str] = "CacheAgent"
     plural: ClassVar[str] = "cacheagents"
     short_names: ClassVar[tuple[str, ...]] = ("ca",)
-    printer_columns: ClassVar[tuple[dict[str, str], ...]] = (
+    printer_columns: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+        {"name": "Cordoned", "type": "boolean", "jsonPath": ".spec.cordon"},
         {"name": "Node", "type": "string", "jsonPath": ".status.node"},
         {"name": "GPU", "type": "string", "jsonPath": ".status.gpu.model"},
-        {"name": "Disk Used", "type": "integer", "jsonPath": ".status.disk.usedBytes", "format": "int64"},
-        {"name": "Budget", "type": "integer", "jsonPath": ".status.disk.budgetBytes", "format": "int64"},
+        {"name": "Disk", "type": "string", "jsonPath": ".status.diskUsage", "description": "used/budget"},
+        {"name": "VRAM", "type": "string", "jsonPath": ".status.vramUsage", "description": "used/budget"},
         {"name": "Models", "type": "integer", "jsonPath": ".status.modelsOnDisk"},
         {"name": "Hot", "type": "integer", "jsonPath": ".status.hotModels"},
         {"name": "Free Slots", "type": "integer", "jsonPath": ".status.freeSlots"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Zone", "type": "string", "jsonPath": ".status.zone", "priority": 1},
+        {"name": "Slots", "type": "integer", "jsonPath": ".status.slots", "priority": 1},
+        {"name": "Queue Slots", "type": "integer", "jsonPath": ".status.queueSlots", "priority": 1},
+        {"name": "Pod", "type": "string", "jsonPath": ".status.pod", "priority": 1},
     )
 
     kind: Literal["CacheAgent"] = "CacheAgent"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -168,7 +168,9 @@ class GenerationJobSpec(StokerModel):
     output: OutputSpec = Field(default_factory=OutputSpec)
     """Where the image goes."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0, le=365 * 86400)
-    """Delete the job this long after it succeeds or fails. Kept forever when absent."""
+    """Delete the job this long after it succeeds or fails. When absent, the operator's default applies (the chart's operator.jobTTLSecondsAfterFinished); kept forever when that is unset too."""
+    missing_model_grace_seconds: int | None = Field(default=None, ge=0, le=86400)
+    """How long the job waits for a ModelCache it names (model, LoRA or VAE) to be created before it fails with ModelCacheNotFound. Default: the operator's setting (60 s unless changed)."""
 
 
 class Attempt(StokerModel):
@@ -210,13 +212,34 @@ class Timings(StokerModel):
     """From creation to finish."""
 
 
+class Stage(enum.StrEnum):
+    """What the bound agent is doing with the current attempt."""
+
+    QUEUED = "Queued"
+    """Accepted; waiting for a place among the agent's job and queue slots."""
+    DOWNLOADING = "Downloading"
+    """Fetching the checkpoint, LoRAs or VAE to the agent's disk."""
+    LOADING = "Loading"
+    """Loading weights into GPU memory, or waiting for a generation slot with them loaded."""
+    GENERATING = "Generating"
+    """Denoising and decoding."""
+    UPLOADING = "Uploading"
+    """Delivering the image."""
+
+
 class Progress(StokerModel):
-    """Denoising progress."""
+    """Progress of the current attempt, written by the bound agent (debounced, about once a second)."""
 
     step: int = Field(default=0, ge=0)
-    """Steps done."""
+    """Denoising steps done."""
     steps: int = Field(default=0, ge=0)
-    """Steps in all."""
+    """Denoising steps in all."""
+    downloaded_bytes: int | None = Field(default=None, ge=0)
+    """Bytes of the job's missing files downloaded so far (stage Downloading)."""
+    download_bytes: int | None = Field(default=None, ge=0)
+    """Bytes of the job's missing files in all, when known (stage Downloading)."""
+    summary: str = Field(default="", max_length=64)
+    """The stage and how far it got, for `kubectl get`: Queued, Downloading 42%, Loading, Generating 7/20, Uploading."""
 
 
 class JobResult(StokerModel):
@@ -250,10 +273,12 @@ class AttemptFailure(StokerModel):
 
 
 class GenerationJobStatus(StokerModel):
-    """Observed state. The operator writes phase Pending/Scheduled/Failed(scheduling), agent and attempt; the bound agent writes Running, progress, timings, cacheHit, result and Succeeded/Failed for its attempt."""
+    """Observed state (stoker.api.protocol says who writes each field). The operator writes Pending, requeues, the reasons a job cannot be placed and the failures it decides; the bound agent writes Scheduled when it accepts the attempt, Running, stage, progress, timings, cacheHit, result and Succeeded/Failed for its attempt."""
 
     phase: JobPhase = JobPhase.PENDING
-    """Pending, Scheduled, Running, Succeeded or Failed."""
+    """Pending (from creation: waiting for an agent), Scheduled (accepted by an agent, queued there), Running, Succeeded or Failed."""
+    stage: Stage | None = None
+    """What the bound agent is doing: Queued, Downloading, Loading, Generating or Uploading; absent when no agent has the job."""
     agent: str | None = None
     """CacheAgent the current attempt is bound to."""
     attempt: int = Field(default=0, ge=0)
@@ -265,15 +290,15 @@ class GenerationJobStatus(StokerModel):
     timings: Timings | None = None
     """Where the time went."""
     progress: Progress | None = None
-    """Denoising progress of the current attempt."""
+    """Progress of the current attempt: download bytes, denoising steps, and a summary for kubectl get."""
     result: JobResult | None = None
     """The delivered image."""
     attempt_failure: AttemptFailure | None = None
     """Set by the agent when the current attempt failed; the operator requeues the job or fails it."""
     reason: str | None = None
-    """Why the job failed, one CamelCase word (for example ModelNotFound, AttemptsExhausted, DeadlineExceeded)."""
+    """Why the job failed, or why it is not running yet, one CamelCase word (for example ModelCacheNotFound, NoReadyAgent, TooLargeForAnyAgent, AgentLost, AttemptsExhausted, DeadlineExceeded)."""
     message: str | None = None
-    """Detail of the failure and what to do."""
+    """Detail of the reason and what to do."""
     scheduled_at: str | None = None
     """When the current attempt was bound (RFC 3339)."""
     started_at: str | None = None
@@ -281,7 +306,7 @@ class GenerationJobStatus(StokerModel):
     finished_at: str | None = None
     """When the job succeeded or failed."""
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
-    """Standard conditions."""
+    """Scheduled (an agent accepted the attempt; False with the reason it cannot be placed or was requeued), Running, Succeeded, Failed: `kubectl wait --for=condition=Succeeded gj/NAME`."""
 
 
 class GenerationJob(Resource):
@@ -290,14 +315,28 @@ class GenerationJob(Resource):
     kind_name: ClassVar[str] = "GenerationJob"
     plural: ClassVar[str] = "generationjobs"
     short_names: ClassVar[tuple[str, ...]] = ("gj",)
-    printer_columns: ClassVar[tuple[dict[str, str], ...]] = (
+    printer_columns: ClassVar[tuple[dict[str, Any], ...]] = (
         {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+        # Written by the agent's first status write when it accepts the attempt, and kept once the job
+        # finished (the binding label, in -o wide, is there from the binding until the job finishes).
         {"name": "Agent", "type": "string", "jsonPath": ".status.agent"},
         {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
         {"name": "Hit", "type": "string", "jsonPath": ".status.cacheHit"},
+        {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Bound To", "type": "string", "jsonPath": ".metadata.labels.stoker\\.dev/agent", "priority": 1},
+        {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority", "priority": 1},
+        {"name": "Max Attempts", "type": "integer", "jsonPath": ".spec.maxAttempts", "priority": 1},
+        {"name": "Queued", "type": "number", "jsonPath": ".status.timings.queuedSeconds", "priority": 1,
+         "description": "seconds from creation to the start of the attempt"},
+        {"name": "Download", "type": "number", "jsonPath": ".status.timings.downloadSeconds", "priority": 1},
+        {"name": "Load", "type": "number", "jsonPath": ".status.timings.loadSeconds", "priority": 1},
+        {"name": "Inference", "type": "number", "jsonPath": ".status.timings.inferenceSeconds", "priority": 1},
+        {"name": "Total", "type": "number", "jsonPath": ".status.timings.totalSeconds", "priority": 1},
     )
+    status_default: ClassVar[dict[str, Any] | None] = {}
     spec_rules: ClassVar[tuple[dict[str, str], ...]] = (IMMUTABLE_SPEC,)
 
     kind: Literal["GenerationJob"] = "GenerationJob"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -130,11 +130,21 @@ class ModelCacheStatus(StokerModel):
     observed_generation: int | None = None
     """The metadata.generation this status reflects."""
     size_bytes: int | None = None
-    """Size of the file, as measured by an agent or given in spec."""
+    """Size of the file, as measured by an agent or given in spec (absent while unknown; see sizeSource)."""
+    size: str | None = Field(default=None, max_length=32)
+    """sizeBytes for people (2.1 GiB), or unknown until an agent downloads the file and no sizeBytes hint is given."""
+    size_source: Literal["Measured", "Spec", "Unknown"] = "Unknown"
+    """Where sizeBytes comes from: Measured by an agent, the Spec's sizeBytes hint, or Unknown (placement then assumes a typical size for the kind, never shown as a size)."""
     sha256: str | None = Field(default=None, min_length=64, max_length=64, pattern=r"^[a-f0-9]{64}$")
     """SHA-256 of the model's bytes: spec.source.sha256 when given, else the digest of the first copy an agent downloaded and reported. Agents verify a copy fetched from another agent against it, and fetch only from the source while it is unknown."""
     desired_replicas: int = 0
     """Disk copies the operator is aiming for (replicas, raised by autoscale)."""
+    replicas: int = 0
+    """Held copies on disk now (the scale subresource's status.replicas: `kubectl scale mc/NAME --replicas=N` and HorizontalPodAutoscalers read it)."""
+    selector: str = Field(default="", max_length=320)
+    """Label selector of the scale subresource, as HPA requires one: stoker.dev/model=NAME."""
+    ready: str = Field(default="", max_length=32)
+    """Held disk copies and loaded copies against their targets, for kubectl get: 2/2 (hot 1/1)."""
     desired_hot_replicas: int = 0
     """Loaded copies the operator is aiming for."""
     copies: CopyCounts = Field(default_factory=CopyCounts)
@@ -159,15 +169,24 @@ class ModelCache(Resource):
     kind_name: ClassVar[str] = "ModelCache"
     plural: ClassVar[str] = "modelcaches"
     short_names: ClassVar[tuple[str, ...]] = ("mc",)
-    printer_columns: ClassVar[tuple[dict[str, str], ...]] = (
+    printer_columns: ClassVar[tuple[dict[str, Any], ...]] = (
         {"name": "Kind", "type": "string", "jsonPath": ".spec.kind"},
-        {"name": "Size", "type": "integer", "jsonPath": ".status.sizeBytes", "format": "int64"},
-        {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
-        {"name": "Warm", "type": "integer", "jsonPath": ".status.copies.disk"},
-        {"name": "Hot", "type": "integer", "jsonPath": ".status.copies.vram"},
+        {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"},
+        {"name": "Copies", "type": "string", "jsonPath": ".status.ready",
+         "description": "held disk copies and loaded copies against their targets"},
+        {"name": "Size", "type": "string", "jsonPath": ".status.size"},
+        {"name": "Warm", "type": "integer", "jsonPath": ".status.copies.disk", "description": "agents with it on disk"},
+        {"name": "Hot", "type": "integer", "jsonPath": ".status.copies.vram", "description": "agents with it loaded"},
         {"name": "Demand", "type": "number", "jsonPath": ".status.demandJobsPerMinute", "description": "jobs per minute"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "priority": 1},
+        {"name": "Hot Replicas", "type": "integer", "jsonPath": ".spec.hotReplicas", "priority": 1},
+        {"name": "Size Source", "type": "string", "jsonPath": ".status.sizeSource", "priority": 1},
+        {"name": "Last Used", "type": "date", "jsonPath": ".status.lastUsed", "priority": 1},
     )
+    scale: ClassVar[dict[str, str] | None] = {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}
     spec_rules: ClassVar[tuple[dict[str, str], ...]] = (
         {"rule": "self.format == 'safetensors' || self.allowPickle", "fieldPath": ".format", "reason": "FieldValueForbidden",
          "message": "format is pickle-based (ckpt, pt, bin), which can run code when loaded: convert the file to safetensors, or set allowPickle: true if you trust the source completely"},

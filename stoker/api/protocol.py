@@ -5,17 +5,34 @@ Field ownership (one writer per field):
   operator. Present exactly while the job is bound (Scheduled or Running). The binding
   is one merge patch on the main resource carrying metadata.resourceVersion, so a stale
   cache or a second operator can never bind a job twice.
-- GenerationJob status phase Pending/Scheduled, agent, attempt, history, scheduledAt,
+- GenerationJob status phase Pending: the API server, from creation (a CRD default on
+  status); the operator when it requeues an attempt. The operator also writes history,
+  attempt and agent when it requeues, the reason/message of a pending job it cannot place
+  (ModelCacheNotFound, NoReadyAgent, TooLargeForAnyAgent, InsufficientVRAM, Unschedulable),
   and terminal Failed for AttemptsExhausted / DeadlineExceeded / ModelUnavailable /
-  Cancelled: the operator.
-- GenerationJob status phase Running/Succeeded/Failed (non-retryable) for the current
-  attempt, progress, timings, cacheHit, result, startedAt, finishedAt, attemptFailure:
-  the bound agent, and only while the label and annotation still name it and its
-  attempt; every agent write carries a resourceVersion precondition.
+  ModelCacheNotFound / Cancelled. (While a binding's status write still follows the
+  binding patch, that write fills in phase Scheduled, agent, attempt and scheduledAt; it
+  is being removed from the hot path, and the agent's accept write covers them.)
+- GenerationJob status, for the current attempt, by the bound agent, only while the label
+  and annotation still name it and its attempt: phase Scheduled when it accepts the
+  attempt (stage Queued; this first write records agent, attempt, scheduledAt and the
+  Scheduled condition, and clears reason/message; an attempt admitted at once skips it and
+  its first write says Running), Running, stage (Queued, Downloading, Loading, Generating,
+  Uploading) and progress (debounced: at most one write per progress interval, only when
+  the summary changed), timings, cacheHit, result, startedAt, finishedAt, attemptFailure,
+  and Succeeded/Failed (non-retryable).
+- GenerationJob status.conditions (Scheduled, Running, Succeeded, Failed; see
+  stoker.api.conditions): whoever moves the job writes the whole list, computed from the
+  list on the object it read, with that object's resourceVersion as a precondition, so
+  no writer drops another's condition.
 - CacheAgent spec.holds: the operator. spec.cordon: people (kubectl patch).
-- CacheAgent status, except conditions: the agent. status.conditions (Ready): the
-  operator, from the agent's Lease.
-- ModelCache status: the operator.
+- CacheAgent status, except conditions: the agent, including models[].hot for the hot
+  replicas it keeps loaded (a hold at tier vram or ram is loaded once on disk and kept,
+  a hold lowered or released is unloaded unless a job uses it). status.conditions (Ready):
+  the operator, from the agent's Lease.
+- ModelCache status: the operator, including the scale subresource's status.replicas
+  (held copies on disk) and status.selector; spec.replicas: people, `kubectl scale`, or
+  a HorizontalPodAutoscaler through the scale subresource.
 - Use ranks (`stoker.userank`; seconds on the Unix clock, higher = used more and more
   recently, 2 h half-life). ModelCache status.useRank and useRankCountedThrough: the
   operator, counting every GenerationJob once at its creation (a restarted operator
@@ -38,7 +55,6 @@ Field ownership (one writer per field):
   up across agents within ten minutes; then the model's jobs fail with ModelUnavailable.
   The condition clears as soon as a Ready agent reports a copy on disk, the ModelCache
   is created again or its spec changes, or the failures age out.
-
 - The peer tier: CacheAgent status.peer (url of the agent's peer endpoint), models[].sha256
   (the digest of its copy as downloaded) and bandwidth.peerBps: the agent. ModelCache
   status.sha256: the operator, spec.source.sha256 when given, else the digest the first
@@ -48,12 +64,20 @@ Field ownership (one writer per field):
   (`stoker.agent.peer_fetch`); requests carry the fleet's peer credential. A fetch from a
   peer that fails is never listed in modelFailures.
 
+Fleets: an operator started with --fleet NAME (chart value `fleet`) manages only the
+GenerationJobs, ModelCaches and CacheAgents labelled FLEET_LABEL=NAME; without --fleet, only
+those without the label. Users label their jobs and models; an agent started with --fleet
+labels the CacheAgent it creates. So two installations in one namespace never act on each
+other's objects (each also has its own leader Lease, --leader-lease-name).
+
 Kubernetes Events: one writer per transition, as with status fields. Whoever makes
 a transition emits its Event, as the kubelet does for the containers it runs:
 - the bound agent, on the GenerationJob: Running (it started the attempt),
   Succeeded, and a Warning named after the reason when its attempt fails;
-- the operator, on the GenerationJob: Scheduled, Requeued, Failed (AttemptsExhausted,
-  DeadlineExceeded, ModelUnavailable, Cancelled), Expired (ttlSecondsAfterFinished);
+- the operator, on the GenerationJob: Scheduled, Requeued, FailedScheduling (Warning,
+  with the reason a pending job cannot be placed), Failed (AttemptsExhausted,
+  DeadlineExceeded, ModelUnavailable, ModelCacheNotFound, Cancelled), Expired
+  (ttlSecondsAfterFinished, or the operator's default TTL);
   on the ModelCache: ReplicaAdded, ReplicaReleased, HotReplicaAdded,
   HotReplicaReleased, TargetMet / TargetNotMet, CopiesExist / NoCopies, SourceFailed /
   SourceRecovered; on the CacheAgent: AgentReady / AgentNotReady;
@@ -69,6 +93,7 @@ from __future__ import annotations
 from stoker.api.base import AGENT_LABEL, GROUP
 
 ATTEMPT_ANNOTATION = f"{GROUP}/attempt"
+FLEET_LABEL = f"{GROUP}/fleet"
 LEASE_DURATION_S = 15
 LEASE_RENEW_S = 5
 OPERATOR_LEASE = "stoker-operator"
@@ -76,9 +101,14 @@ FIELD_MANAGER_OPERATOR = "stoker-operator"
 FIELD_MANAGER_AGENT = "stoker-agent"
 
 __all__ = [
-    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "LEASE_DURATION_S", "LEASE_RENEW_S",
+    "AGENT_LABEL", "ATTEMPT_ANNOTATION", "FLEET_LABEL", "fleet_selector", "LEASE_DURATION_S", "LEASE_RENEW_S",
     "OPERATOR_LEASE", "FIELD_MANAGER_OPERATOR", "FIELD_MANAGER_AGENT",
 ]
+
+
+def fleet_selector(fleet: str | None) -> str:
+    """The label selector of one fleet's objects (no fleet: the objects without the label)."""
+    return f"{FLEET_LABEL}={fleet}" if fleet else f"!{FLEET_LABEL}"
 
 
 def bound_attempt(job: dict, agent: str) -> int | None:

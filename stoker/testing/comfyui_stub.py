@@ -244,6 +244,8 @@ def _handler(stub: ComfyUIStub) -> type[http.server.BaseHTTPRequestHandler]:
                     self._send(200, data, "image/png")
             elif parts.path == "/object_info":
                 self._send(200, stub.object_info())
+            elif parts.path == "/system_stats":  # what the chart's readiness probe asks
+                self._send(200, {"system": {"comfyui_version": "stub"}, "devices": []})
             else:
                 self._send(404, {"error": "not found"})
 

@@ -37,7 +37,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from stoker.api import GROUP, VERSION
-from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION
+from stoker.api.protocol import AGENT_LABEL, ATTEMPT_ANNOTATION, FLEET_LABEL
 from stoker.kube import Objects, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ class FakeAgentConfig:
     flaky_sources: dict[str, str] = dataclasses.field(default_factory=dict)
     """model -> retryable source reason (e.g. HTTPServerError): every fetch of it fails that way."""
     download_bps: float = 200e6
+    fleet: str | None = None
+    """Labels its CacheAgent stoker.dev/fleet=<fleet>, as the real agent's --fleet does."""
 
 
 class FakeAgent:
@@ -101,8 +103,9 @@ class FakeAgent:
 
     def start(self) -> FakeAgent:
         try:
+            labels = {FLEET_LABEL: self.cfg.fleet} if self.cfg.fleet else {}
             self.objects.create("CacheAgent", {"apiVersion": f"{GROUP}/{VERSION}", "kind": "CacheAgent",
-                                               "metadata": {"name": self.cfg.name}, "spec": {}})
+                                               "metadata": {"name": self.cfg.name, "labels": labels}, "spec": {}})
         except ApiException as exc:
             if exc.status != 409:
                 raise FakeAgentError(f"cannot create CacheAgent {self.cfg.namespace}/{self.cfg.name}: {exc.reason}") from exc
@@ -129,12 +132,10 @@ class FakeAgent:
     def _renew(self) -> None:
         now = dt.datetime.now(dt.timezone.utc)
         name, ns = self.cfg.name, self.cfg.namespace
-        try:
-            lease = self.coord.read_namespaced_lease(name, ns)
-            lease.spec.renew_time = now
-            lease.spec.lease_duration_seconds = self.cfg.lease_duration_s
-            lease.spec.holder_identity = name
-            self.coord.replace_namespaced_lease(name, ns, lease)
+        try:  # a merge patch, as the real agent renews (the chart's agent Role has patch, not update)
+            self.coord.patch_namespaced_lease(name, ns, {"spec": {
+                "renewTime": now_rfc3339(now), "leaseDurationSeconds": self.cfg.lease_duration_s,
+                "holderIdentity": name}})
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failing-model", action="append", default=[], help="MODEL:REASON, attempts using it fail here")
     p.add_argument("--flaky-source", action="append", default=[],
                    help="MODEL:REASON, a source whose fetches fail with a retryable reason")
+    p.add_argument("--fleet", default=None, help="label the CacheAgent stoker.dev/fleet=FLEET")
     return p
 
 
@@ -464,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         job_seconds=args.job_seconds, hold_delay_s=args.hold_delay_s, lease_duration_s=args.lease_duration_s,
         renew_s=args.renew_s, bad_sources=dict(x.split(":", 1) for x in args.bad_source),
         failing_models=dict(x.split(":", 1) for x in args.failing_model),
-        flaky_sources=dict(x.split(":", 1) for x in args.flaky_source))
+        flaky_sources=dict(x.split(":", 1) for x in args.flaky_source), fleet=args.fleet)
     agent = FakeAgent(config.new_client_from_config(config_file=args.kubeconfig), cfg).start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -106,10 +106,9 @@ def fake_agent_process(kubeconfig: pathlib.Path, namespace: str, name: str, log_
 
 
 def real_agent_process(kubeconfig: pathlib.Path, objects: kube.Objects, name: str, work: pathlib.Path,
-                       extra: Sequence[str] = ()) -> Process:
+                       *extra: str) -> Process:
     """A real `stoker-agent` on the CPU, with short Lease and status intervals, and the Pod
-    object that stands for its pod (there is no kubelet: the Pod owns its CacheAgent).
-    `extra` flags are appended (for example the peer tier's)."""
+    object that stands for its pod (there is no kubelet: the Pod owns its CacheAgent)."""
     objects.core.create_namespaced_pod(objects.namespace, client.V1Pod(
         metadata=client.V1ObjectMeta(name=name),
         spec=client.V1PodSpec(node_name=f"node-{name}", containers=[client.V1Container(name="agent", image="stoker")])))
@@ -118,5 +117,6 @@ def real_agent_process(kubeconfig: pathlib.Path, objects: kube.Objects, name: st
         "--pod-name", name, "--node-name", f"node-{name}", "--cache-dir", str(work / name / "cache"),
         "--results-dir", str(work / "results"), "--allow-http", "--metrics-port", "0", "--device", "cpu",
         "--vram-budget-bytes", "1GiB", "--lease-duration-s", "6", "--lease-renew-interval-s", "1",
-        "--status-min-interval-s", "0.2", "--torch-threads", "1", *extra,
+        "--status-min-interval-s", "0.2", "--torch-threads", "1", "--results-serve", "--results-port", "0",
+        "--metrics-addr", "127.0.0.1", *extra,
     ], work / f"{name}.log")

@@ -37,6 +37,16 @@ def helm() -> str:
 
 
 @pytest.fixture(scope="session")
+def promtool() -> str:
+    """promtool: $STOKER_PROMTOOL (hack/setup.sh exports it), else the one hack/build-promtool.sh builds."""
+    if env := os.environ.get("STOKER_PROMTOOL"):
+        return env
+    out = subprocess.run(["bash", str(REPO / "hack" / "build-promtool.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
 def api_client(control_plane: controlplane.ControlPlane) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(control_plane.kubeconfig))
 

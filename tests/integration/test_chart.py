@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import pathlib
 import subprocess
 
 import pytest
+import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "stoker"
@@ -18,14 +20,28 @@ def test_chart_lints_cleanly(helm: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_chart_crds_are_the_generated_ones() -> None:
-    for path in (REPO / "crds").glob("*.yaml"):
-        assert (CHART / "crds" / path.name).read_text() == path.read_text()
+def test_chart_renders_the_generated_crds_behind_crds_enabled(helm: str) -> None:
+    def crds(*args: str) -> dict[str, dict]:
+        out = subprocess.run([helm, "template", "stoker", str(CHART), *args], check=True, capture_output=True,
+                             text=True).stdout
+        return {d["metadata"]["name"]: d for d in yaml.safe_load_all(out)
+                if d and d["kind"] == "CustomResourceDefinition"}
+
+    rendered = crds()
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        plain = yaml.safe_load(path.read_text())
+        crd = rendered[plain["metadata"]["name"]]
+        assert crd["spec"] == plain["spec"], path.name
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert not crds("--set", "crds.enabled=false")
+    assert all("annotations" not in c["metadata"] for c in crds("--set", "crds.keep=false").values())
 
 
 def test_helm_install_creates_the_operator_agents_and_least_privilege_rbac(helm, control_plane, namespace, kubectl) -> None:
     proc = subprocess.run(
         [helm, "install", "stoker", str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig),
+         # The session's control plane has the CRDs already (applied from crds/, owned by no release).
+         "--set", "crds.enabled=false",
          "--set", "agent.replicas=3", "--set", "agent.credentialSecrets={hub-token}",
          "--set", "agent.apiReadableSecrets={late-token}"],
         capture_output=True, text=True)
@@ -55,7 +71,7 @@ def test_helm_install_creates_the_operator_agents_and_least_privilege_rbac(helm,
 
 
 def test_the_peer_credential_is_generated_once_and_mounted_into_agents_only(helm, control_plane, namespace, kubectl) -> None:
-    args = [str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig)]
+    args = [str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig), "--set", "crds.enabled=false"]
     proc = subprocess.run([helm, "install", "stoker", *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     secret = json.loads(kubectl("get", "secret", "stoker-agent-peer", "-o", "json").stdout)
@@ -84,13 +100,65 @@ def test_the_peer_credential_is_generated_once_and_mounted_into_agents_only(helm
     assert again["data"]["token"] == secret["data"]["token"]
 
 
+def test_the_peer_credential_is_named_after_the_release_or_brought_by_the_user(helm: str) -> None:
+    def render(*options: str) -> list[dict]:
+        out = subprocess.run([helm, "template", "ab", str(CHART), "--namespace", "ns", *options],
+                             check=True, capture_output=True, text=True).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    docs = render()
+    secrets = [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"]
+    assert "ab-stoker-agent-peer" in secrets
+    agent = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ab-stoker-agent")
+    volume = next(v for v in agent["spec"]["template"]["spec"]["volumes"] if v["name"] == "peer-credential")
+    assert volume["secret"]["secretName"] == "ab-stoker-agent-peer"
+    docs = render("--set", "agent.peer.existingSecret=our-peer-token")
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-peer")]
+    agent = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ab-stoker-agent")
+    volume = next(v for v in agent["spec"]["template"]["spec"]["volumes"] if v["name"] == "peer-credential")
+    assert volume["secret"]["secretName"] == "our-peer-token"
+    bad = subprocess.run([helm, "template", "ab", str(CHART), "--set", "agent.peer.maxUploads=0"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "maxUploads" in bad.stderr
+
+
 def test_the_peer_tier_can_be_turned_off(helm, control_plane, namespace, kubectl) -> None:
     proc = subprocess.run(
         [helm, "install", "stoker", str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig),
-         "--set", "agent.peer.enabled=false"], capture_output=True, text=True)
+         "--set", "crds.enabled=false", "--set", "agent.peer.enabled=false"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert kubectl("get", "secret", "stoker-agent-peer", check=False).returncode != 0
     agent = json.loads(kubectl("get", "deploy", "stoker-agent", "-o", "json").stdout)["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in agent["containers"][0]["env"]}
     assert "STOKER_PEER_TOKEN_FILE" in env and not env["STOKER_PEER_TOKEN_FILE"]  # set, empty: no peer credential
     assert not any(v["name"] == "peer-credential" for v in agent["volumes"])
+def notes_manifests(notes: str) -> list[str]:
+    """The manifests in NOTES.txt's `kubectl apply -f - <<'EOF'` blocks, unindented."""
+    blocks, current = [], None
+    for line in notes.splitlines():
+        if line.strip().startswith("kubectl") and line.rstrip().endswith("<<'EOF'"):
+            current = []
+        elif current is not None and line.strip() == "EOF":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line.removeprefix("  "))
+    return blocks
+
+
+def test_the_notes_next_steps_work_as_written(helm, control_plane, namespace, kubectl) -> None:
+    proc = subprocess.run(
+        [helm, "install", "notes", str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig),
+         "--set", "crds.enabled=false"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    notes = subprocess.run([helm, "get", "notes", "notes", "--namespace", namespace, "--kubeconfig",
+                            str(control_plane.kubeconfig)], check=True, capture_output=True, text=True).stdout
+    assert "example.com" not in notes and "<" not in notes.replace("<<'EOF'", ""), notes
+    manifests = notes_manifests(notes)
+    assert [yaml.safe_load(m)["kind"] for m in manifests] == ["ModelCache", "GenerationJob"]
+    for manifest in manifests:  # the API server's CRD schema accepts them as they stand
+        kubectl("apply", "-f", "-", input_text=manifest)
+    assert kubectl("get", "generationjob", "first-image", "-o", "jsonpath={.spec.model}").stdout == "sd15"
+    # Every deployment and service the notes name exists under that name.
+    for kind, name in re.findall(r"(deployment|svc)/([a-z0-9-]+)", notes):
+        kubectl("get", kind, name)

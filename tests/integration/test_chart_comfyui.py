@@ -9,6 +9,8 @@ import subprocess
 import pytest
 import yaml
 
+from stoker.testing.comfyui_stub import ComfyUIStub
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "stoker"
 EXAMPLE = REPO / "examples" / "comfyui" / "values.yaml"
@@ -70,3 +72,17 @@ def test_a_sidecar_without_an_image_is_refused_with_a_message(helm: str) -> None
     proc = render(helm, "--set", "agent.runner.kind=comfyui", "--set", "agent.runner.comfyui.sidecar.enabled=true")
     assert proc.returncode != 0
     assert "agent.runner.comfyui.sidecar.image" in proc.stderr
+
+
+def test_the_example_sidecar_turns_ready_on_its_loopback_address(helm: str, tmp_path: pathlib.Path) -> None:
+    """The readiness probe the chart renders for the example succeeds against a server on 127.0.0.1
+    (where the example's ComfyUI listens) and fails when nothing answers there."""
+    with ComfyUIStub(tmp_path) as stub:
+        pod = agent_pod(helm, "-f", str(EXAMPLE), "--set", f"agent.runner.comfyui.url={stub.url}")
+        comfy = next(c for c in pod["containers"] if c["name"] == "comfyui")
+        assert comfy["args"][:2] == ["--listen", "127.0.0.1"]
+        command = comfy["readinessProbe"]["exec"]["command"]
+        ready = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert ready.returncode == 0, ready.stderr
+    not_ready = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert not_ready.returncode != 0

@@ -69,9 +69,14 @@ metadata: {name: agent-a}
 spec: {}
 """)
     table = kubectl("get", "mc,gj,ca").stdout
-    for header in ("KIND", "SIZE", "DESIRED", "WARM", "HOT", "DEMAND", "MODEL", "PHASE", "AGENT",
-                   "ATTEMPT", "HIT", "NODE", "GPU", "DISK USED", "BUDGET", "MODELS", "FREE SLOTS"):
+    for header in ("KIND", "READY", "COPIES", "SIZE", "WARM", "HOT", "DEMAND", "MODEL", "PHASE", "PROGRESS",
+                   "AGENT", "ATTEMPT", "HIT", "REASON", "CORDONED", "NODE", "GPU", "DISK", "VRAM", "MODELS",
+                   "FREE SLOTS"):
         assert header in table, f"column {header} missing from:\n{table}"
+    wide = kubectl("get", "mc,gj,ca", "-o", "wide").stdout
+    for header in ("REPLICAS", "HOT REPLICAS", "SIZE SOURCE", "PRIORITY", "MAX ATTEMPTS", "QUEUED", "TOTAL", "ZONE",
+                   "QUEUE SLOTS"):
+        assert header in wide, f"-o wide column {header} missing from:\n{wide}"
     everything = kubectl("get", "stoker", "-o", "name").stdout.split()
     assert "modelcache.stoker.dev/sd15-base" in everything
     assert "generationjob.stoker.dev/lighthouse-watercolor" in everything
@@ -84,9 +89,9 @@ spec: {}
         if len(lines) >= 2:
             by_kind[lines[1].split()[0].split("/")[0]] = lines[0]
     assert {"modelcache.stoker.dev", "generationjob.stoker.dev", "cacheagent.stoker.dev"} <= set(by_kind), by_kind
-    for kind, columns in {"modelcache.stoker.dev": ("KIND", "DESIRED", "WARM", "DEMAND"),
-                          "generationjob.stoker.dev": ("MODEL", "PHASE", "AGENT", "HIT"),
-                          "cacheagent.stoker.dev": ("NODE", "GPU", "DISK USED", "FREE SLOTS")}.items():
+    for kind, columns in {"modelcache.stoker.dev": ("KIND", "READY", "COPIES", "WARM", "DEMAND"),
+                          "generationjob.stoker.dev": ("MODEL", "PHASE", "PROGRESS", "AGENT", "HIT", "REASON"),
+                          "cacheagent.stoker.dev": ("READY", "NODE", "GPU", "DISK", "FREE SLOTS")}.items():
         assert all(c in by_kind[kind] for c in columns), f"{kind}: {by_kind[kind]}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,11 @@ def test_the_demo_runs_every_job_to_a_png_and_prints_the_summary(tmp_path: pathl
                           text=True, timeout=600, env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "3 of 3 jobs succeeded" in proc.stdout
+    # Metrics are on: the URLs are printed, and the summary comes from the processes' /metrics.
+    assert "operator http://127.0.0.1:" in proc.stdout and "agent-1 http://127.0.0.1:" in proc.stdout
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("metrics: jobs bound"))
+    bound = re.search(r"at binding: (.*?);", summary).group(1)
+    assert sum(int(part.split()[1]) for part in bound.split(", ")) == 3, summary
     header = next(line for line in proc.stdout.splitlines() if line.startswith("JOB "))
     for column in ("AGENT", "HIT", "DOWNLOAD s", "WAIT s", "LOAD s", "BUILD s", "INFER s", "TOTAL s"):
         assert column in header, column

@@ -51,9 +51,9 @@ class Fleet:
         self.operator = operator_process(control_plane.kubeconfig, namespace, work / "operator.log",
                                          lease_grace_s=3.0)
         self.agents: dict[str, Process] = {
-            name: real_agent_process(control_plane.kubeconfig, objects, name, work, extra=(
-                "--peer-token-file", str(token_file), "--peer-addr", "127.0.0.1", "--peer-port", "0",
-                "--peer-upload-bytes-per-s", upload_bytes_per_s))
+            name: real_agent_process(
+                control_plane.kubeconfig, objects, name, work, "--peer-token-file", str(token_file),
+                "--peer-addr", "127.0.0.1", "--peer-port", "0", "--peer-upload-bytes-per-s", upload_bytes_per_s)
             for name in AGENTS}
 
     def start(self) -> Fleet:
@@ -223,8 +223,9 @@ def test_a_peer_with_wrong_bytes_is_reported_and_bypassed_and_one_killed_mid_tra
         assert fleet.finished("third")["phase"] == "Succeeded", fleet.tails()
         wait_for(lambda: {"agent-b", "agent-c"} <= set(fleet.holders()), timeout_s=60, message="two good holders")
         # a new agent fetches it and the holder it is fetching from is killed mid-transfer
-        extra = real_agent_process(control_plane.kubeconfig, objects, "agent-d", tmp_path, extra=(
-            "--peer-token-file", str(tmp_path / "peer-token"), "--peer-addr", "127.0.0.1", "--peer-port", "0"))
+        extra = real_agent_process(control_plane.kubeconfig, objects, "agent-d", tmp_path,
+                                   "--peer-token-file", str(tmp_path / "peer-token"), "--peer-addr", "127.0.0.1",
+                                   "--peer-port", "0")
         fleet.agents["agent-d"] = extra.start()
         wait_for(lambda: fleet.status("agent-d").get("peer"), timeout_s=240, message=lambda: extra.tail())
         for name in ("agent-b", "agent-c"):

@@ -14,6 +14,7 @@ import io
 import itertools
 import pathlib
 import threading
+import types
 import time
 from collections.abc import Callable
 from typing import Any
@@ -152,6 +153,9 @@ class FakeStore:
 
     def is_cached(self, key: str) -> bool:
         return key in self.cached
+
+    def snapshot(self) -> Any:
+        return types.SimpleNamespace(downloads=())
 
     def pin(self, key: str) -> None:
         self.pins[key] = self.pins.get(key, 0) + 1
@@ -314,7 +318,7 @@ def test_a_bound_job_runs_once_and_succeeds_with_its_result_timings_and_an_event
         assert status["phase"] == "Succeeded" and status["cacheHit"] == "miss"
         png = pathlib.Path(status["result"]["location"]).read_bytes()
         assert Image.open(io.BytesIO(png)).size == (64, 64)
-        assert status["result"]["seed"] == 5 and status["progress"] == {"step": 4, "steps": 4}
+        assert status["result"]["seed"] == 5 and status["progress"] == {"step": 4, "steps": 4, "summary": ""}
         assert {"queuedSeconds", "downloadSeconds", "slotWaitSeconds", "loadSeconds", "buildSeconds", "inferenceSeconds",
                 "uploadSeconds", "totalSeconds"} <= set(status["timings"])
         assert h.objects.events == [("fox", "Running"), ("fox", "Succeeded")]
@@ -760,7 +764,10 @@ def test_progress_and_the_timings_known_so_far_are_published_while_the_job_runs(
         await h.until(lambda: h.objects.status("watched").get("progress", {}).get("step") == 1,
                       what="step 1 of 4 published")
         status = h.objects.status("watched")
-        assert status["phase"] == "Running" and status["progress"] == {"step": 1, "steps": 4}
+        assert status["phase"] == "Running" and status["progress"] == {"step": 1, "steps": 4, "summary": "Generating 1/4"}
+        assert status["stage"] == "Generating"
+        running = next(c for c in status["conditions"] if c["type"] == "Running")
+        assert running["status"] == "True"
         assert {"queuedSeconds", "downloadSeconds", "slotWaitSeconds"} <= set(status["timings"])
         h.runner.hold.set()
         await h.idle()

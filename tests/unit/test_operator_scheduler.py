@@ -45,10 +45,30 @@ def lease(name: str) -> dict[str, Any]:
             "spec": {"renewTime": "2026-01-01T00:00:00Z", "leaseDurationSeconds": 15}}
 
 
+def model(name: str) -> dict[str, Any]:
+    return {"apiVersion": "stoker.dev/v1alpha1", "kind": "ModelCache",
+            "metadata": {"name": name, "namespace": "ns", "uid": f"u-{name}", "resourceVersion": "1"},
+            "spec": {"source": {"url": f"https://models.test/{name}.safetensors"}}}
+
+
 def fleet(state: State, agents: list[dict[str, Any]]) -> None:
+    """The agents, their Leases, and the ModelCaches the tests' jobs name (a job whose ModelCache
+    is missing waits unbound)."""
     for a in agents:
         state.upsert_agent(a)
         state.upsert_lease(lease(a["metadata"]["name"]), now_mono=0.0)
+    for name in ("sd", "xl", "bad", "m0", "m1", "m2", "m3"):
+        state.upsert_model(model(name))
+
+
+def test_a_job_whose_model_cache_is_missing_waits_unbound() -> None:
+    state, writer = State(), RecordingWriter()
+    fleet(state, [agent("a", slots=2)])
+    state.upsert_job(job("lost", "nowhere", 0))
+    state.upsert_job(job("fine", "sd", 1))
+    sched = Scheduler(state, writer, lease_grace_s=30.0)  # type: ignore[arg-type]
+    assert sched.schedule_once(now=NOW, now_mono=1.0) == 1
+    assert writer.submitted == ["ns/fine"]
 
 
 NOW = 1767225600.0 + 60  # 2026-01-01T00:01:00Z
@@ -115,3 +135,13 @@ def test_jobs_whose_model_source_failed_are_left_for_the_reconciler() -> None:
     state.source_failed = {"ns/bad": SourceVerdict("HTTPServerError", "down", 3, 3)}
     Scheduler(state, writer, lease_grace_s=30.0).schedule_once(now=NOW, now_mono=1.0)  # type: ignore[arg-type]
     assert writer.submitted == ["ns/fine"]
+
+
+def test_a_checkpoint_of_unknown_size_is_not_planned_beyond_the_largest_vram_budget() -> None:
+    state, writer = State(), RecordingWriter()
+    small = agent("small")
+    small["status"]["vram"] = {"budgetBytes": 1 << 30}  # a guess of 4 GiB would fit nowhere
+    fleet(state, [small])
+    state.upsert_job(job("cold", "sd", 0))
+    sched = Scheduler(state, writer, lease_grace_s=30.0)  # type: ignore[arg-type]
+    assert sched.schedule_once(now=NOW, now_mono=1.0) == 1 and writer.submitted == ["ns/cold"]
