@@ -168,8 +168,8 @@ class TestRefusals:
 
     def test_more_transfers_than_the_cap_are_turned_away_to_another_holder(
             self, lookups: Lookups) -> None:
-        # 1 MiB at 2 MiB/s: the first transfer takes about half a second.
-        settings = PeerServerSettings(token=TOKEN, addr="127.0.0.1", max_uploads=1, upload_bytes_per_s=2 * 2**20)
+        # 1 MiB at 512 KiB/s: the first transfer takes about two seconds.
+        settings = PeerServerSettings(token=TOKEN, addr="127.0.0.1", max_uploads=1, upload_bytes_per_s=512 * 1024)
         with PeerServer(settings, lookup=lookups) as server:
             first: list[httpx.Response] = []
             thread = threading.Thread(target=lambda: first.append(get(server, blob_path(DIGEST))))
