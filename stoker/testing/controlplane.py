@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,15 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
 ADMIN_USER = "stoker-admin"
 NOBODY_USER = "nobody"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingCert:
+    """The API server's serving certificate and key, and the CA that clients trust."""
+
+    cert: pathlib.Path
+    key: pathlib.Path
+    ca: pathlib.Path
 
 
 class ControlPlaneError(RuntimeError):
@@ -154,12 +163,20 @@ def install_crds(cp: ControlPlane, crd_dir: pathlib.Path, *, timeout_s: float = 
 @contextlib.contextmanager
 def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.Path | None = None,
                       users: Sequence[str] = (), startup_timeout_s: float = 90,
-                      extra_apiserver_args: Sequence[str] = ()) -> Iterator[ControlPlane]:
+                      extra_apiserver_args: Sequence[str] = (),
+                      user_groups: Mapping[str, str] | None = None, bind_address: str = "127.0.0.1",
+                      service_cidr: str = "10.0.0.0/24", serving_cert: ServingCert | None = None,
+                      pod_admission: bool = False) -> Iterator[ControlPlane]:
     """Start etcd and kube-apiserver, yield the ControlPlane, stop both on exit.
 
     `users` are extra identities without any permissions (RBAC is enforced);
     `nobody` always exists. The admin is in group system:masters. When either server
     fails to start, `ControlPlaneError` carries the tail of its log.
+
+    For a cluster with nodes (stoker.testing.cluster): `user_groups` gives users their
+    groups (comma-separated, e.g. system:nodes), `bind_address` must be reachable from
+    pods, `serving_cert` replaces the self-signed certificate, and `pod_admission` keeps
+    the ServiceAccount admission plugin (pods get their tokens) and adds the Node authorizer.
     """
     bin_dir = find_binaries()
     owned = workdir is None
@@ -170,9 +187,11 @@ def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.P
 
     tokens = {ADMIN_USER: secrets.token_hex(16), NOBODY_USER: secrets.token_hex(16)}
     tokens.update({u: secrets.token_hex(16) for u in users})
+    groups = {ADMIN_USER: "system:masters", **(user_groups or {})}
+    tokens.update({u: secrets.token_hex(16) for u in groups if u not in tokens})
     token_file = work / "tokens.csv"
     token_file.write_text("".join(
-        f'{tok},{user},{user},"system:masters"\n' if user == ADMIN_USER else f"{tok},{user},{user}\n"
+        f'{tok},{user},{user},"{groups[user]}"\n' if user in groups else f"{tok},{user},{user}\n"
         for user, tok in tokens.items()))
     token_file.chmod(0o600)
     sa_key = certs / "sa.key"
@@ -194,20 +213,22 @@ def run_control_plane(*, workdir: pathlib.Path | None = None, crd_dir: pathlib.P
         procs.append(("kube-apiserver", _spawn([
             str(bin_dir / "kube-apiserver"),
             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", bind_address, "--advertise-address", bind_address,
             "--secure-port", str(api_port), "--cert-dir", str(certs),
+            *(("--tls-cert-file", str(serving_cert.cert), "--tls-private-key-file", str(serving_cert.key))
+              if serving_cert else ()),
             "--token-auth-file", str(token_file),
-            "--authorization-mode", "RBAC",
+            "--authorization-mode", "Node,RBAC" if pod_admission else "RBAC",
             "--service-account-issuer", "https://kubernetes.default.svc",
             "--service-account-key-file", str(sa_key),
             "--service-account-signing-key-file", str(sa_key),
-            "--service-cluster-ip-range", "10.0.0.0/24",
-            "--disable-admission-plugins", "ServiceAccount",
+            "--service-cluster-ip-range", service_cidr,
+            *(() if pod_admission else ("--disable-admission-plugins", "ServiceAccount")),
             "--max-requests-inflight", "1000", "--max-mutating-requests-inflight", "500",
             "--v", "1", *extra_apiserver_args,
         ], api_log), api_log))
-        server = f"https://127.0.0.1:{api_port}"
-        ca_file = certs / "apiserver.crt"
+        server = f"https://{bind_address}:{api_port}"
+        ca_file = serving_cert.ca if serving_cert else certs / "apiserver.crt"
         _wait_ready(server, ca_file, tokens[ADMIN_USER], timeout_s=startup_timeout_s, procs=procs)
         kubeconfig = work / "kubeconfig"
         kubeconfig.write_text(_kubeconfig(server, ca_file, ADMIN_USER, tokens[ADMIN_USER]))

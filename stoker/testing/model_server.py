@@ -105,6 +105,7 @@ class ModelServer:
         self._directory = directory
         self._drops_done = 0
         self._fails_done = 0
+        self._host = host
         self._httpd = _QuietServer((host, port), _make_handler(self))
         self._httpd.daemon_threads = True
         for name, content in (files or {}).items():
@@ -137,7 +138,7 @@ class ModelServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self._host}:{self.port}"
 
     def url(self, name: str) -> str:
         return f"{self.base_url}/{name.lstrip('/')}"

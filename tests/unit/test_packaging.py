@@ -144,3 +144,12 @@ def test_the_agent_without_its_extra_says_what_to_install(torchless_env: pathlib
                           cwd=tmp_path)
     assert proc.returncode != 0
     assert 'stoker[agent]' in proc.stderr
+
+
+def test_the_image_lock_files_are_generated_from_requirements_lock() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "hack" / "lock-subset.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    operator_pins = (REPO / "requirements-operator.lock").read_text()
+    assert "kopf==" in operator_pins and "torch==" not in operator_pins
+    assert "torch==" in (REPO / "requirements-agent.lock").read_text()

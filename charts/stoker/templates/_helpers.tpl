@@ -61,8 +61,13 @@ already contains the chart name ("stoker" -> stoker-operator), else "<release>-s
 {{- if .Values.metrics.enabled }}0.0.0.0{{ else }}127.0.0.1{{ end -}}
 {{- end -}}
 
+{{/* The image of one component: (dict "root" $ "image" .Values.<component>.image) */}}
 {{- define "stoker.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ .image.repository }}:{{ .image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion }}
+{{- end -}}
+
+{{- define "stoker.pullPolicy" -}}
+{{ .image.pullPolicy | default .root.Values.image.pullPolicy }}
 {{- end -}}
 
 {{/* Labels on every object. */}}
