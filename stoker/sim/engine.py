@@ -279,6 +279,9 @@ class Policy(Protocol):
     """Disk eviction of the policy's agents: the agent's frequency half-life, or None for plain LRU."""
     peer_fetch: bool
     """The policy's agents fetch models from each other before going to the source."""
+    duplicate_discount_s: float
+    """Taken off the eviction rank of a copy another agent also holds (CacheAgent spec.duplicates
+    from the operator); 0 for none."""
 
     def assign(self, sim: Simulator, pending: Sequence[JobRecord], now: float) -> list[tuple[JobRecord, AgentState]]: ...
 
@@ -371,6 +374,9 @@ class Simulator:
         self.peer_resumes = 0
         self.peer_prefetched = 0
         self.peer_fetch = bool(getattr(policy, "peer_fetch", False))
+        self.duplicate_discount_s = float(getattr(policy, "duplicate_discount_s", 0.0))
+        self._committed: dict[str, int] = {}
+        """Live agents holding a complete copy of each artifact (what CacheAgent statuses report)."""
         self._copies: dict[str, int] = {}
         self._lost_by: dict[str, str] = {}
         self._ever: set[str] = set()
@@ -524,6 +530,9 @@ class Simulator:
         for key in [*disk.entries, *disk.reservations]:
             if key not in agent.baked:
                 self._lose_copy(key, MissCause.INTERRUPTED)
+        for key in disk.entries:
+            if key not in agent.baked:
+                self._committed[key] = self._committed.get(key, 0) - 1
         if agent.transfer is not None:
             self._release_slot(agent.transfer)
             agent.transfer = None
@@ -588,6 +597,10 @@ class Simulator:
                 continue
             size = self.size[key]
             cause = self._miss_cause(key)
+            if self.duplicate_discount_s > 0:
+                # The operator's spec.duplicates: copies another agent also holds go first.
+                shared = frozenset(k for k in agent.disk.entries if self._committed.get(k, 0) > 1)
+                agent.disk = agent.disk.with_duplicates(shared, discount_s=self.duplicate_discount_s)
             try:
                 agent.disk, _, victims = agent.disk.reserve(key, size, now=self.now)
             except adapter.InsufficientCache:
@@ -599,6 +612,7 @@ class Simulator:
                 self._copies[key] = self._copies.get(key, 0) + 1
                 for victim in victims:
                     self._lose_copy(victim, MissCause.EVICTED)
+                    self._committed[victim] = self._committed.get(victim, 0) - 1
             self._ever.add(key)
             agent.downloading = key
             self.downloads += 1
@@ -721,6 +735,7 @@ class Simulator:
             # The operator's fleet-wide rank of the model, for policies that publish one.
             hint = getattr(self.policy, "rank_hint", None)
             agent.disk = agent.disk.commit(key, now=self.now, rank_hint_s=hint(key) if hint is not None else None)
+            self._committed[key] = self._committed.get(key, 0) + 1
         self._pump_download(agent)
         self._try_start_gpu(agent)
         if key in agent.held:

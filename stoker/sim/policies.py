@@ -50,6 +50,7 @@ class _PushPolicy:
     tick_s = math.inf
     disk_half_life_s = None  # the plain per-node LRU a load balancer's nodes have
     peer_fetch = False  # every node pulls from the model source
+    duplicate_discount_s = 0.0
 
     def __init__(self, *, seed: int = 1) -> None:
         self.rng = random.Random(f"{self.name}-{seed}")
@@ -152,10 +153,13 @@ class StokerPolicy:
         queue_slots: bool = True,
         fleet_ranks: bool = True,
         peer_fetch: bool = False,
+        duplicate_discount_s: float = 0.0,
     ) -> None:
         self.name = name
         self.peer_fetch = peer_fetch
         """Agents fetch a model from a peer that holds (or is fetching) it before the source."""
+        self.duplicate_discount_s = duplicate_discount_s
+        """Agents evict copies another agent also holds this much earlier (the operator's spec.duplicates)."""
         self.queue_slots = queue_slots
         """Report one generation slot plus queue slots (the agent's one GPU), not all as generation slots."""
         self.fleet_ranks = fleet_ranks

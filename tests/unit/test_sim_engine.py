@@ -228,3 +228,31 @@ def test_with_peers_the_source_sees_no_more_bytes_and_no_job_is_lost(stormy: tup
     # every byte counted once: what the fleet fetched equals the peer and source bytes
     assert sum(peers.peer_bytes_by_cause.values()) == peers.bytes_from_peers
     assert sum(peers.bytes_by_cause.values()) == peers.bytes_downloaded
+
+
+def test_with_a_duplicate_discount_agents_evict_what_a_peer_can_give_back_first() -> None:
+    # Two agents with room for two 20 GB models each (the routed policy's agents evict by plain LRU).
+    # Both hold "shared", which agent-000 used after "own", its only copy in the fleet. A third model
+    # arrives on agent-000: by use alone "own" would go (and cost the source again later); with the
+    # discount "shared" goes, as agent-001 keeps it.
+    catalog = workload.Catalog(tuple(
+        workload.Artifact(name, workload.ArtifactKind.CHECKPOINT, workload.Family.SDXL, 20 * GB)
+        for name in ("shared", "own", "third")))
+    times = [0.0, 0.0, 100.0, 200.0, 260.0, 320.0, 380.0, 1000.0]
+    models = ["shared", "shared", "own", "shared", "shared", "shared", "shared", "third"]
+    route = [0, 1, 0, 0, 0, 0, 0, 0]
+    jobs = tuple(workload.JobRequest(job_id=i, submit_s=t, model=m) for i, (t, m) in enumerate(zip(times, models)))
+    trace = workload.Trace(catalog=catalog, jobs=jobs, duration_s=1000.0)
+    fleet = engine.FleetConfig(n_agents=2, interruptions_per_agent_hour=0.0, disk_bytes=45 * GB)
+
+    def run(discount_s: float) -> engine.Simulator:
+        policy = ToAgent(route, peer_fetch=True)
+        policy.duplicate_discount_s = discount_s  # type: ignore[attr-defined]
+        sim = engine.Simulator(trace, fleet, policy)
+        sim.run()
+        return sim
+
+    plain, discounted = run(0.0), run(8 * 3600.0)
+    assert set(plain.agents[0].disk.entries) == {"shared", "third"}  # the fleet's only "own" is gone
+    assert set(discounted.agents[0].disk.entries) == {"own", "third"}
+    assert set(discounted.agents[1].disk.entries) == {"shared"}
