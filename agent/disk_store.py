@@ -350,6 +350,8 @@ class DiskStore:
         self._started = False
         self.peers: PeerFetcher | None = None
         """Fetches from the fleet's other agents before the source (None: the source only)."""
+        self.duplicate_discount_s = 0.0
+        """How much earlier a copy other agents also hold is evicted (with the peer tier on)."""
 
     @classmethod
     def from_settings(
@@ -500,6 +502,13 @@ class DiskStore:
     def release(self, key: str) -> None:
         """Operator order: `key` may be evicted again."""
         self._state = self._state.release(key)
+
+    def set_duplicates(self, keys: frozenset[str]) -> None:
+        """Operator's word (spec.duplicates): these copies other agents also hold. With the peer
+        tier on, eviction takes them `duplicate_discount_s` earlier than their rank says."""
+        if self.peers is None or self.duplicate_discount_s <= 0:
+            return
+        self._state = self._state.with_duplicates(keys, discount_s=self.duplicate_discount_s)
 
     # ---- reporting -------------------------------------------------------
 

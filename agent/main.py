@@ -176,6 +176,7 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
     peer, peer_endpoint = start_peer_server(settings, store, peer_metrics)
     if peer is not None and settings.peer_fetch:
         store.peers = peer_fetcher(settings, objects, name=name, token=peer.settings.token, metrics=peer_metrics)
+        store.duplicate_discount_s = settings.peer_duplicate_discount_s
     credentials.configure(credentials.CredentialResolver(
         secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     await preparing

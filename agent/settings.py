@@ -113,6 +113,8 @@ class AgentSettings(BaseSettings):
     """Cap on the bytes per second served to other agents, all transfers together (0: no cap), so serving never slows the agent's own loads."""
     peer_fetch: bool = True
     """Fetch a model from another agent that holds a verified copy before going to its source."""
+    peer_duplicate_discount_s: float = Field(default=8 * 3600.0, ge=0)
+    """Copies the operator says other agents also hold (CacheAgent spec.duplicates) are evicted as if last used this much earlier: a peer can give them back, the fleet's last copy only the source can."""
 
     # ---- jobs and identity ----
     job_slots: int = Field(default=1, ge=1, le=64)

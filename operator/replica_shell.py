@@ -31,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from stoker import userank
 from stoker.api import Condition, ConditionStatus
 from stoker.api.modelcache import ModelCacheStatus, ModelCopy
-from stoker.operator import metrics, replicas, sourcehealth
+from stoker.operator import metrics, peer_copies, replicas, sourcehealth
 from stoker.operator.scheduler import Writer
 from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_from_body, agent_view, format_time,
                                   known_size_bytes, model_size_bytes)
@@ -128,6 +128,10 @@ class ReplicaShell:
             model_by_name = {m.name: m for m in ns_models}
             for orders in plan.orders:
                 started += self._apply_orders(by_name[orders.agent], orders, model_by_name)
+            # Agents outside the tier get an empty list, so one that leaves it keeps no stale word.
+            duplicates = peer_copies.plan_duplicates(views)
+            for name in sorted(by_name):
+                started += self._apply_duplicates(by_name[name], sorted(duplicates.get(name, ())))
             for ms in plan.models:
                 shortfall += ms.shortfall
                 hot_shortfall += ms.hot_shortfall
@@ -184,6 +188,21 @@ class ReplicaShell:
                     self.writer.event(models[k].ref(), reason="HotReplicaReleased",
                                       message=f"agent {agent.name} no longer keeps it loaded")
             log.info("agent %s holds %s", agent.key, ", ".join(f"{h['model']}:{h['tier']}" for h in want) or "nothing")
+
+        return int(self.writer.submit(key, agent.resource_version, write))
+
+    def _apply_duplicates(self, agent: ObservedAgent, want: list[str]) -> int:
+        """spec.duplicates: the agent's copies another agent of the peer tier also holds. The
+        operator is the field's only writer, so a plain merge patch of it suffices."""
+        if sorted(agent.resource.spec.duplicates) == want:
+            return 0
+        key = f"ca:{agent.key}:duplicates"
+        if not self.writer.may_act(key, agent.resource_version):
+            return 0
+
+        def write() -> None:
+            body = self.writer.objects(agent.namespace).patch("CacheAgent", agent.name, {"spec": {"duplicates": want}})
+            self.state.upsert_agent(body)
 
         return int(self.writer.submit(key, agent.resource_version, write))
 

@@ -30,6 +30,8 @@ class CacheAgentSpec(StokerModel):
     """Models to prefetch and hold. The agent downloads missing ones in the background, behind job downloads."""
     cordon: bool = False
     """Take no new jobs; running jobs finish."""
+    duplicates: list[ObjectName] = Field(default_factory=list, max_length=10000)
+    """Models on this agent's disk that another Ready agent of the peer tier also holds, so that a peer can give them back: the agent evicts them before copies that are the fleet's last. Written by the operator."""
 
 
 class GpuInfo(StokerModel):

@@ -25,7 +25,8 @@ Field ownership (one writer per field):
   stoker.api.conditions): whoever moves the job writes the whole list, computed from the
   list on the object it read, with that object's resourceVersion as a precondition, so
   no writer drops another's condition.
-- CacheAgent spec.holds: the operator. spec.cordon: people (kubectl patch).
+- CacheAgent spec.holds and spec.duplicates (its copies another agent of the peer tier also
+  holds, evicted first): the operator. spec.cordon: people (kubectl patch).
 - CacheAgent status, except conditions: the agent, including models[].hot for the hot
   replicas it keeps loaded (a hold at tier vram or ram is loaded once on disk and kept,
   a hold lowered or released is unloaded unless a job uses it). status.conditions (Ready):

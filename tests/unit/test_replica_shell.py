@@ -160,3 +160,41 @@ class TestPublishedDigest:
                                                                "sha256": "e" * 64}]}})
         shell.apply_once(now=T0, now_mono=0.0)
         assert writer.writes and writer.writes[-1]["sha256"] == "e" * 64
+
+
+def test_copies_two_agents_of_the_peer_tier_share_are_written_as_their_duplicates() -> None:
+    def ca(name: str, models: list[str], *, peer: bool = True) -> dict[str, Any]:
+        status: dict[str, Any] = {"models": [{"name": m, "tier": "disk", "sizeBytes": 10} for m in models],
+                                  "slots": 1}
+        if peer:
+            status["peer"] = {"url": "http://10.0.0.1:8471"}
+        return {"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+                "metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "1"},
+                "spec": {}, "status": status}
+
+    state, shell, writer = shell_with()
+    patches: list[tuple[str, dict[str, Any]]] = []
+    writer.fake.patch = lambda kind, name, body, **kw: (patches.append((name, body)), ca(name, []))[1]  # type: ignore[attr-defined]
+    for body in (ca("a1", ["sd", "x"]), ca("a2", ["sd"]), ca("a3", ["x"], peer=False)):
+        state.upsert_agent(body)
+        state.upsert_lease({"metadata": {"name": body["metadata"]["name"], "namespace": "ns", "resourceVersion": "1"},
+                            "spec": {"renewTime": "2026-01-01T00:00:00Z", "leaseDurationSeconds": 15}}, now_mono=0.0)
+    shell.lease_grace_s = None
+    shell.apply_once(now=T0, now_mono=0.0)
+    assert sorted(patches) == [("a1", {"spec": {"duplicates": ["sd"]}}), ("a2", {"spec": {"duplicates": ["sd"]}})]
+
+
+def test_an_agent_that_left_the_peer_tier_has_its_duplicates_cleared() -> None:
+    state, shell, writer = shell_with()
+    patches: list[tuple[str, dict[str, Any]]] = []
+    # a1 no longer advertises a peer endpoint: its last word on duplicates must not linger
+    a1 = {"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+          "metadata": {"name": "a1", "namespace": "ns", "uid": "a1", "resourceVersion": "1"},
+          "spec": {"duplicates": ["sd"]},
+          "status": {"models": [{"name": "sd", "tier": "disk", "sizeBytes": 10}], "slots": 1}}
+    writer.fake.patch = lambda kind, name, body, **kw: (  # type: ignore[attr-defined]
+        patches.append((name, body)), {**a1, "metadata": {**a1["metadata"], "resourceVersion": "2"}, **body})[1]
+    state.upsert_agent(a1)
+    shell.lease_grace_s = None
+    shell.apply_once(now=T0, now_mono=0.0)
+    assert patches == [("a1", {"spec": {"duplicates": []}})]
