@@ -268,6 +268,11 @@ POLICIES = (
 )
 
 
+PEER_DUPLICATE_DISCOUNT_S = 8 * 3600.0
+"""What `stoker+peers` agents take off the rank of a copy another agent also holds, as real agents do
+by default (CacheAgent spec.duplicates)."""
+
+
 def make_policy(key: str, *, seed: int = 1, settings: PlacementSettings | None = None) -> Policy:
     """A fresh policy object for one run, by short name (see `POLICIES`).
 
@@ -285,7 +290,9 @@ def make_policy(key: str, *, seed: int = 1, settings: PlacementSettings | None =
     if key == "stoker+replicas":
         return StokerPolicy(name="stoker+replicas", settings=settings, replicas=ReplicaMode(enabled=True))
     if key == "stoker+peers":
-        return StokerPolicy(name="stoker+peers", settings=settings, peer_fetch=True)
+        # the agent's default with the peer tier on (AgentSettings.peer_duplicate_discount_s)
+        return StokerPolicy(name="stoker+peers", settings=settings, peer_fetch=True,
+                            duplicate_discount_s=PEER_DUPLICATE_DISCOUNT_S)
     if key == "stoker+autoscale":
         return StokerPolicy(
             name="stoker+autoscale", settings=settings, replicas=ReplicaMode(enabled=True, autoscale=True)
