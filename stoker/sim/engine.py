@@ -660,6 +660,8 @@ class Simulator:
             if peer.disk.has(key) and key not in peer.disk.reservations:
                 ready = self.now
             elif peer.transfer is not None and peer.transfer.key == key:
+                if self._fed_by(peer, agent, key):
+                    continue  # its copy would come from this agent's own: a cycle, never complete
                 ready = peer.transfer.end_s  # its copy, once complete and verified
             else:
                 continue
@@ -669,6 +671,18 @@ class Simulator:
             if best is None or candidate[:3] < best[:3]:
                 best = candidate
         return None if best is None else (best[3], best[4], best[0])
+
+    def _fed_by(self, peer: AgentState, agent: AgentState, key: str) -> bool:
+        """Whether `peer`'s fetch of `key` gets its bytes, directly or through other fetches in
+        progress, from `agent` (whose own fetch is being planned again after its holder vanished)."""
+        seen: set[int] = set()
+        node: AgentState | None = peer
+        while node is not None and node.transfer is not None and node.transfer.key == key and id(node) not in seen:
+            seen.add(id(node))
+            node = node.transfer.src
+            if node is agent:
+                return True
+        return False
 
     def _release_slot(self, transfer: Transfer) -> None:
         """`transfer` stops before its end: its holder's slot frees, and bytes it will not move are not counted."""

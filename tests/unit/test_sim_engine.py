@@ -256,3 +256,18 @@ def test_with_a_duplicate_discount_agents_evict_what_a_peer_can_give_back_first(
     assert set(plain.agents[0].disk.entries) == {"shared", "third"}  # the fleet's only "own" is gone
     assert set(discounted.agents[0].disk.entries) == {"own", "third"}
     assert set(discounted.agents[1].disk.entries) == {"shared"}
+
+
+def test_a_fetch_replanned_after_its_holder_vanished_never_takes_the_copy_that_waits_on_it() -> None:
+    # agent-000 holds the model; agent-001 fetches it from agent-000 at t=100 s and agent-002 waits for
+    # agent-001's copy (agent-000's upload slot is busy). agent-000 vanishes mid-transfer: agent-001
+    # must not turn to agent-002, whose copy would come from agent-001 itself (a cycle that never ends).
+    trace = one_model_trace([0.0, 100.0, 100.5])
+    fleet = dataclasses.replace(quiet_fleet(3), peer_upload_slots=1)
+    sim = engine.Simulator(trace, fleet, ToAgent([0, 1, 2], peer_fetch=True))
+    sim._push(104.0, engine._INTERRUPT, 0)
+    result = sim.run()
+    assert result.peer_resumes >= 1 and result.jobs_lost == 0
+    assert all(j.finish_s is not None for j in result.jobs)
+    # the missing bytes came once from the source, not round a cycle of agents
+    assert result.bytes_downloaded < 2 * 8 * GB
