@@ -128,13 +128,17 @@ class CachedItem:
     pinned: bool
     rank_s: float | None = None
     """Frequency rank (module docstring); None ranks by `last_used` alone (plain LRU)."""
+    discount_s: float = 0.0
+    """Seconds taken off the rank: a copy another agent also holds goes earlier (see
+    `DiskCacheState.with_duplicates`)."""
 
 
 def eviction_rank(item: CachedItem) -> tuple[float, float, str]:
     """Sort key of eviction, first evicted first: the frequency rank, never below the last
-    use (a lookup makes an entry at least as safe as one use then), then the last use."""
+    use (a lookup makes an entry at least as safe as one use then), less the item's
+    discount, then the last use."""
     rank = item.last_used if item.rank_s is None else max(item.rank_s, item.last_used)
-    return (rank, item.last_used, item.key)
+    return (rank - item.discount_s, item.last_used, item.key)
 
 
 def plan_eviction(items: Iterable[CachedItem], *, need_bytes: int, free_bytes: int) -> tuple[str, ...]:
@@ -260,6 +264,11 @@ class DiskCacheState:
     evicted: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     """Rank of evicted keys (their last use under plain LRU): the `EVICTION_HISTORY`
     highest are kept, and up to a quarter more between trims."""
+    duplicates: frozenset[str] = frozenset()
+    """Keys that other agents of the fleet also hold, which a peer can give back (see
+    `with_duplicates`)."""
+    duplicate_discount_s: float = 0.0
+    """How much earlier a duplicate goes than its rank says (0: no difference)."""
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
@@ -289,7 +298,8 @@ class DiskCacheState:
         """Budgeted entries as `plan_eviction` input (preloaded ones cost nothing to keep)."""
         return tuple(
             CachedItem(key=e.key, size_bytes=e.size_bytes, last_used=e.last_used, pinned=self.is_pinned(e.key),
-                       rank_s=e.rank_s if self.half_life_s is not None else None)
+                       rank_s=e.rank_s if self.half_life_s is not None else None,
+                       discount_s=self.duplicate_discount_s if e.key in self.duplicates else 0.0)
             for e in self.entries.values()
             if not e.preloaded
         )
@@ -471,6 +481,14 @@ class DiskCacheState:
             pins[key] = count - 1
         state = self._replace(pins=pins)
         return state.touch(key, now=now) if key in self.entries else state
+
+    def with_duplicates(self, keys: frozenset[str], *, discount_s: float) -> DiskCacheState:
+        """Which of the keys other agents also hold (they can be fetched back from a peer, not
+        only from the source): eviction takes `discount_s` off their rank, so with a discount of
+        several half-lives a duplicate goes before any copy that is the fleet's last."""
+        if discount_s < 0:
+            raise ValueError(f"discount_s must be >= 0, got {discount_s}")
+        return dataclasses.replace(self, duplicates=frozenset(keys), duplicate_discount_s=discount_s)
 
     def hold(self, key: str) -> DiskCacheState:
         """Operator order: keep `key` (cached now or later) and never evict it."""

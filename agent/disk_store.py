@@ -85,12 +85,14 @@ from stoker.agent.download import (
     DownloadFailure,
     DownloadProgress,
     DownloadRequest,
+    DownloadResult,
     Downloader,
     check_url,
     partial_paths,
     redact_url,
 )
 from stoker.agent.metrics import AgentMetrics
+from stoker.agent.peer_fetch import PeerFetcher
 from stoker.agent.settings import AgentSettings
 
 __all__ = [
@@ -159,6 +161,9 @@ class ModelSource:
     credentials: Credentials | None = None
     model_uid: str | None = None
     """metadata.uid of the ModelCache: part of the copy's identity (see the module docstring)."""
+    published_sha256: str | None = None
+    """The digest the fleet agreed on when the source gives none (ModelCache status.sha256, the first
+    verified copy's): copies fetched from other agents are checked against it."""
 
     def __repr__(self) -> str:
         # the query string of a presigned URL is a credential too
@@ -171,8 +176,9 @@ class ModelSource:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unknown weight format {self.format!r} for {self.key}; expected one of {sorted(FORMATS)}")
-        if self.sha256 is not None and (len(self.sha256) != 64 or not _is_hex(self.sha256)):
-            raise ValueError(f"sha256 of {self.key} must be 64 lowercase hex characters")
+        for digest in (self.sha256, self.published_sha256):
+            if digest is not None and (len(digest) != 64 or not _is_hex(digest)):
+                raise ValueError(f"sha256 of {self.key} must be 64 lowercase hex characters")
 
     @property
     def digest(self) -> str:
@@ -181,6 +187,11 @@ class ModelSource:
         if self.model_uid:
             ident += f"\n{self.model_uid}"
         return hashlib.sha256(ident.encode()).hexdigest()
+
+    @property
+    def verify_sha256(self) -> str | None:
+        """The digest a copy from another agent must match (None: fetch from the source only)."""
+        return self.sha256 or self.published_sha256
 
     @property
     def file_name(self) -> str:
@@ -243,9 +254,11 @@ class StoreSnapshot:
     parked_partial_bytes: int
     """Bytes of interrupted downloads kept for a resume (inside `reserved_bytes`)."""
     download_bandwidth_bytes_per_s: float | None
-    """Moving average over recent downloads; None before the first."""
+    """Moving average over recent downloads from sources; None before the first."""
     failures: tuple[FailureView, ...] = ()
     """Recent failures, newest first."""
+    peer_bandwidth_bytes_per_s: float | None = None
+    """Moving average over recent fetches from other agents; None before the first."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +291,8 @@ class _Flight:
     """Everyone waiting for it, jobs and prefetches: when the last one leaves, it stops."""
     rank_hint_s: float | None = None
     """The highest fleet rank its waiters passed: the new copy starts from it."""
+    from_peer: bool = False
+    """The file came from another agent, not the source."""
 
 
 class _PriorityGate:
@@ -360,6 +375,7 @@ class DiskStore:
         self._gate = _PriorityGate(slots=max_downloads, prefetch_slots=max_prefetches)
         self._seq = itertools.count()
         self._bandwidth_bytes_per_s: float | None = None
+        self._peer_bandwidth_bytes_per_s: float | None = None
         self._failures: dict[str, FailureView] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
@@ -367,6 +383,10 @@ class DiskStore:
         """Local faults of the cache volume (shared with the rest of the agent)."""
         self._full_need_bytes = 0
         """Size of the last download that found the volume full: free space to see before clearing DiskFull."""
+        self.peers: PeerFetcher | None = None
+        """Fetches from the fleet's other agents before the source (None: the source only)."""
+        self.duplicate_discount_s = 0.0
+        """How much earlier a copy other agents also hold is evicted (with the peer tier on)."""
 
     @classmethod
     def from_settings(
@@ -500,6 +520,16 @@ class DiskStore:
     def is_cached(self, key: str) -> bool:
         return key in self._files
 
+    def verified_path(self, sha256: str) -> pathlib.Path | None:
+        """Path of a complete file this agent downloaded and hashed whose content has this
+        digest, for the peer server; None when there is none (partial downloads and baked-in
+        files, whose digest only the image's manifest vouches for, are never offered).
+        Callable from any thread: it reads a copy of the index."""
+        for info in list(self._files.values()):
+            if not info.preloaded and info.sha256 == sha256:
+                return info.path
+        return None
+
     # ---- pins and holds --------------------------------------------------
 
     def pin(self, key: str) -> None:
@@ -517,6 +547,13 @@ class DiskStore:
     def release(self, key: str) -> None:
         """Operator order: `key` may be evicted again."""
         self._state = self._state.release(key)
+
+    def set_duplicates(self, keys: frozenset[str]) -> None:
+        """Operator's word (spec.duplicates): these copies other agents also hold. With the peer
+        tier on, eviction takes them `duplicate_discount_s` earlier than their rank says."""
+        if self.peers is None or self.duplicate_discount_s <= 0:
+            return
+        self._state = self._state.with_duplicates(keys, discount_s=self.duplicate_discount_s)
 
     # ---- reporting -------------------------------------------------------
 
@@ -562,6 +599,7 @@ class DiskStore:
             downloads=downloads,
             parked_partial_bytes=parked_bytes,
             download_bandwidth_bytes_per_s=self._bandwidth_bytes_per_s,
+            peer_bandwidth_bytes_per_s=self._peer_bandwidth_bytes_per_s,
             failures=tuple(sorted(self._failures.values(), key=lambda f: -f.at)),
         )
 
@@ -761,7 +799,8 @@ class DiskStore:
             worker = loop.create_task(
                 pools.run_in(
                     self._download_pool,
-                    self._downloader.download,
+                    self._fetch,
+                    flight,
                     request,
                     progress=flight.progress,
                     on_total=on_total,
@@ -832,9 +871,15 @@ class DiskStore:
             model_uid=source.model_uid,
         )
         self.health.clear(faults.DISK_FULL, faults.DISK_ERROR)  # a whole file was written and synced
-        self._metrics.downloaded_bytes.inc(result.transferred_bytes)
-        self._metrics.download_duration.observe(result.duration_s)
-        if result.transferred_bytes > 0 and result.duration_s > 0:
+        if flight.from_peer:
+            if result.transferred_bytes > 0 and result.duration_s > 0:
+                bw = result.bandwidth_bytes_per_s
+                prev = self._peer_bandwidth_bytes_per_s
+                self._peer_bandwidth_bytes_per_s = bw if prev is None else prev + _BANDWIDTH_EWMA_WEIGHT * (bw - prev)
+        else:
+            self._metrics.downloaded_bytes.inc(result.transferred_bytes)
+            self._metrics.download_duration.observe(result.duration_s)
+        if result.transferred_bytes > 0 and result.duration_s > 0 and not flight.from_peer:
             bw = result.bandwidth_bytes_per_s
             prev = self._bandwidth_bytes_per_s
             self._bandwidth_bytes_per_s = bw if prev is None else prev + _BANDWIDTH_EWMA_WEIGHT * (bw - prev)
@@ -844,6 +889,19 @@ class DiskStore:
         if finished_after_cancel:
             raise asyncio.CancelledError()
         return dest
+
+    def _fetch(self, flight: _Flight, request: DownloadRequest, **kwargs: Any) -> DownloadResult:
+        """Runs in the download thread: the file from another agent holding a verified copy when
+        there is one and a digest to check it against, else from the source (which resumes what a
+        peer left when it can). A peer's failure never reaches the caller: only the source's does."""
+        source = flight.source
+        digest = source.verify_sha256
+        if self.peers is not None and digest is not None:
+            result = self.peers.fetch(request, model=source.key.rsplit("/", 1)[-1], sha256=digest, **kwargs)
+            if result is not None:
+                flight.from_peer = True
+                return result
+        return self._downloader.download(request, **kwargs)
 
     def _reserve(self, key: str, size_bytes: int) -> None:
         """Reserve (or resize the reservation of) `key`; evicts the lowest-ranked files, then parked partials."""

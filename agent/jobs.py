@@ -1052,4 +1052,5 @@ def model_source(objects: kube.Objects, mc: ModelCache, *, resolver: Any = None)
             raise JobFailed(exc.reason, exc.message, retryable=exc.retryable) from None
     return ModelSource(key=f"{objects.namespace}/{mc.name}", url=src.url, sha256=src.sha256, size_bytes=src.size_bytes,
                        format=str(mc.spec.format), allow_pickle=mc.spec.allow_pickle, credentials=credentials,
-                       model_uid=str(mc.metadata.get("uid") or "") or None)
+                       model_uid=str(mc.metadata.get("uid") or "") or None,
+                       published_sha256=mc.status.sha256 if mc.status is not None else None)

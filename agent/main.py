@@ -34,12 +34,14 @@ from stoker.agent import faults, pools, reporter, status_report
 from stoker.agent.reporter import LeaseKeeper, StatusWriter, register
 from stoker.agent.results_dir import ResultsServer
 from stoker.agent.settings import AgentSettings, SettingsError, SizeBytes
-from stoker.api.cacheagent import Bandwidths
+from stoker.api.cacheagent import Bandwidths, PeerEndpoint
 
 if TYPE_CHECKING:  # torch and the modules built on it are imported once the old status is cleared
     import torch
 
     from stoker.agent.disk_store import DiskStore
+    from stoker.agent.peer_fetch import PeerFetcher
+    from stoker.agent.peer_server import PeerMetrics, PeerServer
 
 # Without the agent's extra, fail at import as the `stoker-agent` entry point expects (it names what
 # to install); the modules themselves are imported later, after the old report is cleared.
@@ -226,6 +228,13 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         metrics.watch_tier("ram", weights.ram.snapshot)
     weights.on_evict.append(lambda key: metrics.evictions.labels("vram").inc())
     weights.on_ram_evict.append(lambda key: metrics.evictions.labels("ram").inc())
+    from stoker.agent.peer_server import PeerMetrics
+
+    peer_metrics = PeerMetrics(metrics.registry)
+    peer, peer_endpoint = start_peer_server(settings, store, peer_metrics)
+    if peer is not None and settings.peer_fetch:
+        store.peers = peer_fetcher(settings, objects, name=name, token=peer.settings.token, metrics=peer_metrics)
+        store.duplicate_discount_s = settings.peer_duplicate_discount_s
     credentials.configure(credentials.CredentialResolver.from_grants(
         settings.credentials, secrets_dir=settings.secrets_dir, api_secrets=frozenset(settings.api_secrets or ())))
     await preparing
@@ -277,10 +286,11 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
             slots=settings.job_slots, queue_slots=settings.queue_slots, running=worker.running(),
             failures=list(worker.model_failures.values()),
             bandwidth=Bandwidths(download_bps=round(store.snapshot().download_bandwidth_bytes_per_s or 0),
+                                 peer_bps=round(store.snapshot().peer_bandwidth_bytes_per_s or 0),
                                  disk_to_gpu_bps=round(load_rates.bps("disk")), ram_to_gpu_bps=round(load_rates.bps("ram"))),
             observed_generation=orders.observed_generation, local_faults=health.faults(),
             accepting=not stop.is_set(), hot=orders.hot_models(),
-            results_port=results_server.port if results_server is not None else None)
+            results_port=results_server.port if results_server is not None else None, peer=peer_endpoint)
 
     writer = StatusWriter(objects, name=name, build=build, min_interval_s=settings.status_min_interval_s,
                           on_missing=lambda: register(objects, name=name, pod_name=settings.pod_name or name,
@@ -321,6 +331,10 @@ async def run_agent(settings: RunSettings, stop: asyncio.Event) -> None:
         await asyncio.to_thread(lease.release)
         if results_server is not None:
             results_server.close()
+        if peer is not None:
+            peer.stop()
+        if store.peers is not None:
+            store.peers.downloader.close()
         await asyncio.to_thread(hot.release_all)
         await store.close()
         downloader.close()
@@ -351,6 +365,51 @@ async def watch_local_faults(store: DiskStore, stop: asyncio.Event, *, interval_
         if not stop.is_set() and (store.health.has(faults.DISK_FULL) or store.health.has(faults.DISK_ERROR)):
             if await store.probe():
                 log.info("the cache volume works again; local disk faults cleared")
+
+
+def start_peer_server(settings: AgentSettings, store: DiskStore,
+                      metrics: PeerMetrics) -> tuple[PeerServer | None, PeerEndpoint | None]:
+    """Serve this agent's verified files to the fleet when a peer credential is configured."""
+    from stoker.agent.peer_server import PeerCredentialError, PeerServer, PeerServerSettings, advertised_host, read_token
+
+    try:
+        token = read_token(settings.peer_token_file)
+    except PeerCredentialError as exc:
+        raise SettingsError(str(exc)) from None
+    if token is None:
+        log.info("no peer credential at %s: not serving other agents nor fetching from them", settings.peer_token_file)
+        return None, None
+    try:
+        server = PeerServer(PeerServerSettings(
+            token=token, addr=settings.peer_addr, port=settings.peer_port, max_uploads=settings.peer_max_uploads,
+            upload_bytes_per_s=settings.peer_upload_bytes_per_s), lookup=store.verified_path, metrics=metrics).start()
+    except OSError as exc:
+        raise SettingsError(f"the peer endpoint cannot listen on {settings.peer_addr}:{settings.peer_port} "
+                            f"({exc.strerror}); choose another --peer-port") from None
+    host = advertised_host(advertise=settings.peer_advertise_host, listen=settings.peer_addr)
+    return server, PeerEndpoint(url=server.url(host), max_uploads=settings.peer_max_uploads)
+
+
+def peer_fetcher(settings: AgentSettings, objects: kube.Objects, *, name: str, token: str,
+                 metrics: PeerMetrics) -> PeerFetcher:
+    """Fetches from the fleet's holders before the source; a holder with wrong bytes gets a Warning Event."""
+    from stoker.agent.download import Downloader
+    from stoker.agent.peer_fetch import PeerDirectory, PeerFetcher, peer_download_policy
+
+
+    def report(agent: str, model: str, message: str) -> None:
+        try:
+            body = objects.get("CacheAgent", agent)
+        except Exception as exc:  # noqa: BLE001 - best effort: the log and the metric have it anyway
+            log.warning("could not report peer %s for %s: %s", agent, model, exc)
+            return
+        objects.event(body, reason="PeerChecksumMismatch", message=message, warning=True,
+                      component=f"stoker-agent/{name}")
+
+    return PeerFetcher(PeerDirectory(objects.get, self_name=name), Downloader(peer_download_policy()), token=token,
+                       self_name=name, metrics=metrics, report_bad_peer=report)
+
+
 def build_results_store(settings: RunSettings):  # type: ignore[no-untyped-def]
     """The configured S3-compatible results store, or None (images go to the results folder)."""
     if not settings.results_s3_endpoint and not settings.results_s3_bucket:
@@ -379,7 +438,7 @@ def disk_view(store: DiskStore) -> status_report.DiskView:
         budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, reserved_bytes=snap.reserved_bytes,
         entries=tuple(status_report.DiskEntryView(key=m.key, size_bytes=m.size_bytes, last_used=m.last_used,
                                                   preloaded=m.preloaded, held=m.held, rank_s=m.rank_s,
-                                                  model_uid=m.model_uid)
+                                                  model_uid=m.model_uid, sha256=m.sha256)
                       for m in snap.models),
         downloads=tuple(status_report.DownloadView(key=d.key, bytes_done=d.bytes_done, total_bytes=d.total_bytes)
                         for d in snap.downloads))

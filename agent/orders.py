@@ -145,6 +145,8 @@ class OrderFollower:
                 log.info("order: keep %s in %s", key, tiers[key])
         self.held = wanted
         self.tiers = tiers
+        # Copies another agent also holds: eviction takes them first (a peer can give them back).
+        self.store.set_duplicates(frozenset(f"{self.objects.namespace}/{m}" for m in spec.duplicates))
         self.observed_generation = generation
         self.reconcile()
         self.on_change()

@@ -119,6 +119,24 @@ class AgentSettings(BaseSettings):
     output_timeout_s: float = Field(default=120.0, gt=0)
     """A delivery (every try of the PUT together) not finished this long after it started fails."""
 
+    # ---- peers: the agents of a fleet fetch models from each other ----
+    peer_token_file: pathlib.Path | None = pathlib.Path("/var/run/stoker/peer/token")
+    """File holding the fleet's peer credential (the chart generates it as a Secret mounted into agents only). Without it the agent neither serves other agents nor fetches from them."""
+    peer_port: int = Field(default=8471, ge=0, le=65535)
+    """Port of the peer endpoint; 0 picks a free one."""
+    peer_addr: str = "0.0.0.0"
+    """Address the peer endpoint listens on."""
+    peer_advertise_host: str | None = None
+    """IP address other agents reach this one at (the pod IP, from the downward API); default: peer_addr when it is an address, else this host's."""
+    peer_max_uploads: int = Field(default=2, ge=1, le=64)
+    """Transfers served to other agents at once; more are turned away to another holder."""
+    peer_upload_bytes_per_s: SizeBytes = 400 * 2**20
+    """Cap on the bytes per second served to other agents, all transfers together (0: no cap), so serving never slows the agent's own loads."""
+    peer_fetch: bool = True
+    """Fetch a model from another agent that holds a verified copy before going to its source."""
+    peer_duplicate_discount_s: float = Field(default=8 * 3600.0, ge=0)
+    """Copies the operator says other agents also hold (CacheAgent spec.duplicates) are evicted as if last used this much earlier: a peer can give them back, the fleet's last copy only the source can."""
+
     # ---- jobs and identity ----
     job_slots: int = Field(default=1, ge=1, le=64)
     """Generations this agent runs at once."""
@@ -176,6 +194,11 @@ class AgentSettings(BaseSettings):
                 grants.extend(parsed if isinstance(parsed, list) else [parsed])
             return grants
         return value
+
+    @field_validator("peer_token_file", mode="before")
+    @classmethod
+    def _no_peer_file(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("disk_budget_bytes")
     @classmethod

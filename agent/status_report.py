@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from stoker.agent.faults import FaultView
 from stoker.units import format_usage
 from stoker.api.cacheagent import (
-    Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, LocalFault, ModelFailure, RunningJob,
+    Bandwidths, CacheAgentStatus, CachedModel, DownloadProgress, GpuInfo, LocalFault, ModelFailure, PeerEndpoint,
+    RunningJob,
     TierUsage,
 )
 
@@ -51,6 +52,8 @@ class DiskEntryView:
     """The disk tier's eviction rank (Unix seconds, lowest evicted first); None when never evicted."""
     model_uid: str | None = None
     """The ModelCache the copy was fetched for."""
+    sha256: str | None = None
+    """Digest of the file as downloaded (None for baked-in files): other agents fetch it under this."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,19 +92,22 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
                  running: Sequence[RunningJob], failures: Sequence[ModelFailure], bandwidth: Bandwidths,
                  observed_generation: int | None, queue_slots: int = 0,
                  local_faults: Sequence[FaultView] = (), accepting: bool = True,
-                 hot: Mapping[str, str] | None = None, results_port: int | None = None) -> CacheAgentStatus:
+                 hot: Mapping[str, str] | None = None, results_port: int | None = None,
+                 peer: PeerEndpoint | None = None) -> CacheAgentStatus:
     """The agent's report: each model once, at its fastest tier, LRU timestamps merged, with
     the disk tier's eviction rank (`models[].rank`, read by placement).
 
     `queue_slots` jobs may be bound beyond the `slots` that generate at once; `hot` maps the
     keys of the hot replicas kept loaded to their tier (`models[].hot`). `local_faults` make
     the agent `degraded`; a failure listed there is never a model failure. An agent that is
-    not `accepting` (shutting down) offers no free slots."""
+    not `accepting` (shutting down) offers no free slots. `peer` is the endpoint other agents
+    fetch this agent's files from (None: it serves none)."""
     models: dict[str, CachedModel] = {}
     last_used: dict[str, float] = {}
     for e in disk.entries:
         models[e.key] = CachedModel(name=_name(e.key), tier="disk", size_bytes=e.size_bytes,
-                                    rank=_rank(e.rank_s), preloaded=e.preloaded, held=e.held, uid=e.model_uid)
+                                    rank=_rank(e.rank_s), preloaded=e.preloaded, held=e.held, uid=e.model_uid,
+                                    sha256=None if e.preloaded else e.sha256)
         last_used[e.key] = e.last_used
     for tier_name, tier in (("ram", ram), ("vram", vram)):
         for t in tier.entries:
@@ -109,7 +115,8 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
             models[t.key] = CachedModel(name=_name(t.key), tier=tier_name, size_bytes=base.size_bytes if base else t.size_bytes,
                                         rank=base.rank if base else None,
                                         preloaded=base.preloaded if base else False, held=base.held if base else False,
-                                        uid=base.uid if base else None)
+                                        uid=base.uid if base else None,
+                                        sha256=base.sha256 if base else None)
             last_used[t.key] = max(last_used.get(t.key, 0.0), t.last_used)
     hot = hot or {}
     listed = [m.model_copy(update={"last_used": _time(last_used[k]), "hot": hot.get(k)})
@@ -139,4 +146,5 @@ def build_status(*, identity: Identity, disk: DiskView, ram: TierView, vram: Tie
         bandwidth=bandwidth,
         observed_generation=observed_generation,
         results_port=results_port,
+        peer=peer,
     )

@@ -5,7 +5,11 @@ The cost of running a job on an agent is the estimated time until it could start
     queue wait on the agent (until a generation slot is free for it)
   + for every artifact of the job (checkpoint, LoRAs, VAE) not already in VRAM:
         bytes / bandwidth from the tier where it is (RAM->GPU, disk->GPU,
-        or download then disk->GPU); a download overlaps the wait
+        or fetch then disk->GPU); a fetch overlaps the wait. A fetch comes from
+        another agent (the peer tier) when one that serves peers holds a verified
+        copy (at the fetching agent's peer bandwidth) or is fetching one (after that
+        copy is complete, as the agents fan out), else from the model's source, and
+        only bytes from the source carry `download_weight`
   + the cost of what loading it would evict (re-fetch time of the victims,
     weighted by how much they are used, down when another agent holds a copy, up
     for hot replica targets and for models other pending jobs want).
@@ -154,6 +158,11 @@ class AgentView:
     """Measured bandwidths; None or 0 means not measured yet (defaults apply)."""
     disk_to_gpu_bps: float | None = None
     ram_to_gpu_bps: float | None = None
+    serves_peers: bool = False
+    """In the peer tier: it serves its verified files to other agents and fetches from them
+    (CacheAgent status.peer)."""
+    peer_bps: float | None = None
+    """Measured rate of fetches from other agents; None or 0: `default_peer_bps`."""
     _keys: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
     """Memo of every key the agent has in some tier (computed on first use; the view is immutable)."""
     _first_free: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
@@ -214,6 +223,9 @@ class PlacementSettings:
     """Used until an agent has measured its own (6 GB in 30 s)."""
     default_disk_to_gpu_bps: float = 2e9
     default_ram_to_gpu_bps: float = 20e9
+    default_peer_bps: float = 500e6
+    """Fetches from another agent until measured: about an agent's upload cap shared by
+    two transfers."""
     default_run_s: float = 10.0
     """Expected generation time of a job that does not say."""
     default_remaining_s: float = 5.0
@@ -234,12 +246,16 @@ class PlacementSettings:
     best free one, or, when other jobs' pinned models are all that keep it off an agent,
     reserves that agent until they finish."""
     download_weight: float = 10.0
-    """Cost charged per second of downloading, relative to a second of waiting. Above 1,
-    bytes from the model source count for more than their transfer time (egress, and the
-    copy they push off the disk), so jobs queue behind an agent that holds their model
-    instead of pulling one more copy; start latency is traded for fewer downloads. In the
+    """Cost charged per second of downloading from a model's source, relative to a second of
+    waiting. Above 1, bytes from the source count for more than their transfer time (egress,
+    rate limits, and the copy they push off the disk), so jobs queue behind an agent that
+    holds their model instead of pulling one more copy; start latency is traded for fewer
+    downloads. A fetch from another agent (the peer tier) costs its transfer time only. In the
     fleet simulation 10 against 3 cut duplicate downloads by about half for a p95 start
     latency still several times below a load balancer's (BENCHMARKS.md)."""
+    peer_weight: float = 1.0
+    """Cost charged per second of fetching from another agent, relative to a second of waiting
+    (1: its transfer time only)."""
     evict_cold_weight: float = 0.1
     """Share of a victim's re-fetch time charged when nothing suggests it is needed."""
     evict_use_weight: float = 0.1
@@ -256,6 +272,9 @@ class PlacementSettings:
     evict_duplicate_factor: float = 0.25
     """Disk victims another Ready agent also holds cost this share: losing a duplicate
     loses no model from the fleet, so duplicates are evicted first."""
+    evict_last_copy_weight: float = 1.0
+    """Multiplies the cost of a disk victim that no other agent holds when the evicting agent is in
+    the peer tier: a duplicate comes back from a peer, the last copy only from the source."""
     evict_hot_target_weight: float = 1.0
     """Added when the victim is a hot replica target on that agent."""
     evict_demand_weight: float = 0.5
@@ -274,7 +293,7 @@ class PlacementSettings:
     """Assumed size of an artifact the caller does not know the size of."""
 
     def __post_init__(self) -> None:
-        for name in ("default_download_bps", "default_disk_to_gpu_bps", "default_ram_to_gpu_bps"):
+        for name in ("default_download_bps", "default_disk_to_gpu_bps", "default_ram_to_gpu_bps", "default_peer_bps"):
             if not getattr(self, name) > 0:
                 raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
         if self.cold_candidates < 1 or self.holder_candidates < 1:
@@ -282,6 +301,10 @@ class PlacementSettings:
         for name in ("aging_per_s", "max_head_start_s", "victim_half_life_s", "victim_clock_step_s"):
             if not getattr(self, name) > 0:
                 raise PlacementError(f"PlacementSettings.{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.evict_last_copy_weight >= 1.0:
+            raise PlacementError(f"PlacementSettings.evict_last_copy_weight must be >= 1, got {self.evict_last_copy_weight!r}")
+        if not self.peer_weight >= 1.0:
+            raise PlacementError(f"PlacementSettings.peer_weight must be >= 1, got {self.peer_weight!r}")
         if not self.download_weight >= 1.0:
             raise PlacementError(f"PlacementSettings.download_weight must be >= 1, got {self.download_weight!r}")
 
@@ -520,7 +543,7 @@ class _Agent:
     __slots__ = (
         "view", "name", "vram", "ram", "disk", "downloading", "in_use", "pinned_disk",
         "held_hot", "vram_free", "disk_free", "free_slots", "gen_slots", "busy", "dl", "d2g", "r2g",
-        "victims", "version", "ranks", "can_download", "log",
+        "victims", "version", "ranks", "can_download", "log", "peers", "peer",
     )
 
     def __init__(self, view: AgentView, settings: PlacementSettings) -> None:
@@ -542,6 +565,8 @@ class _Agent:
         self.dl = view.download_bps or settings.default_download_bps
         self.d2g = view.disk_to_gpu_bps or settings.default_disk_to_gpu_bps
         self.r2g = view.ram_to_gpu_bps or settings.default_ram_to_gpu_bps
+        self.peers = view.serves_peers
+        self.peer = view.peer_bps or settings.default_peer_bps
         self.victims: dict[bool, tuple[tuple[float, str, int, float], ...]] = {}
         """Per tier: (order, key, size, cost) of the evictable residents; disk costs before the duplicate discount."""
         self.version = 0
@@ -593,6 +618,8 @@ class _Option:
     downloaded: tuple[str, ...] = field(default=())
     fetch_penalty_s: float = 0.0
     """Cost of new downloads beyond their time (see PlacementSettings.download_weight)."""
+    from_peers: tuple[str, ...] = ()
+    """Artifacts among `downloaded` that come from another agent, not the source."""
 
     @property
     def evicts(self) -> tuple[str, ...]:
@@ -732,6 +759,12 @@ class _Fleet:
         self.effects: list[tuple[str, str, float]] = []
         """(agent, what, value) of what the job being placed did to the fleet: for `replay` (a job
         that waits), or to tell what changed (a binding)."""
+        self.max_peer = max((v.peer_bps or settings.default_peer_bps for v in free_views if v.serves_peers), default=0.0)
+        self.peer_memo: dict[str, tuple[tuple[float, str], ...]] = {}
+        """Per artifact: the two soonest (seconds until a verified copy can be served, agent) among agents
+        in the peer tier that hold or fetch it (kept current as the pass assigns)."""
+        self.fetch_ready: dict[tuple[str, str], float] = {}
+        """(agent, artifact) -> seconds until the copy it started fetching in this pass is complete."""
 
     # -- state access
 
@@ -905,6 +938,39 @@ class _Fleet:
                     break
         return out
 
+    def peer_ready_s(self, key: str, exclude: str) -> float | None:
+        """Seconds until an agent other than `exclude` can serve a verified copy of `key` to a
+        peer (0: it holds one now; more: it is fetching one), or None when none can."""
+        observer = self.observer
+        if observer is not None:
+            observer.holders(key, self.holder_names(key))
+        memo = self.peer_memo.get(key)
+        if memo is None:
+            found: list[tuple[float, str]] = []
+            for name in self.holder_names(key):
+                st = self.states.get(name)
+                view = self.views[name]
+                if not view.serves_peers:
+                    continue
+                t = st.tier(key) if st is not None else _view_tier(view, key)
+                if t is None:
+                    continue
+                ready = self.fetch_ready.get((name, key))
+                if ready is None and t is Tier.MISS:
+                    dl = st.dl if st is not None else (view.download_bps or self.settings.default_download_bps)
+                    done = (st.downloading if st is not None else view.downloading).get(key, 0)
+                    ready = max(0, self.size(key) - done) / dl
+                found.append((ready or 0.0, name))
+                if len(found) >= 2 and sum(1 for r, _ in found if r == 0.0) >= 2:
+                    break  # two can serve now: nothing is sooner
+            memo = self.peer_memo[key] = tuple(sorted(found)[:2])
+        for ready, name in memo:
+            if name != exclude:
+                if observer is not None:
+                    observer.agent(name)  # its copy's progress, and what the pass gave it to fetch
+                return ready
+        return None
+
     # -- one job
 
     def place(self, job: JobView, *, now: float) -> Binding | Waiting | Unplaceable:
@@ -953,6 +1019,9 @@ class _Fleet:
         # than that makes them pointless (the common case of a job queued for a busy holder).
         cold: dict[str, None] = {}
         cold_floor = arts[0][1] * (s.download_weight / self.max_dl + 1.0 / self.max_d2g)
+        if self.max_peer > 0 and self.peer_ready_s(keys[0], "") is not None:
+            # A free agent in the peer tier may fetch it from a holder: no source weight, LAN speed.
+            cold_floor = min(cold_floor, arts[0][1] * (s.peer_weight / self.max_peer + 1.0 / self.max_d2g))
         if model_has_free_holder or best is None or best.cost_s >= cold_floor:
             self._add_cold_candidates(cold, free_cands, failed, total)
             for name in cold:
@@ -1121,14 +1190,14 @@ class _Fleet:
         loads = self._loads(arts, st)
         if loads is None:
             return None
-        load, fetch, _, _, penalty, _, _, _ = loads
+        load, fetch, _, _, penalty, _, _, _, _ = loads
         return max(wait, bind + fetch) + load - fetch + penalty
 
     def _loads(
         self, arts: tuple[tuple[str, int], ...], st: _Agent
-    ) -> tuple[float, float, int, int, float, list[str], list[str], Tier] | None:
-        """(load, fetch, VRAM needed, disk needed, download penalty, loaded, downloaded, checkpoint tier);
-        None when the agent would have to download something but cannot (a full or failing disk)."""
+    ) -> tuple[float, float, int, int, float, list[str], list[str], Tier, list[str]] | None:
+        """(load, fetch, VRAM needed, disk needed, download penalty, loaded, downloaded, checkpoint tier,
+        downloaded from peers); None when the agent would have to download something but cannot (a full or failing disk)."""
         load = 0.0
         fetch = 0.0
         vram_need = 0
@@ -1136,6 +1205,7 @@ class _Fleet:
         penalty = 0.0
         loaded: list[str] = []
         downloaded: list[str] = []
+        from_peers: list[str] = []
         tier = Tier.VRAM
         first = True
         for key, size in arts:
@@ -1159,12 +1229,20 @@ class _Fleet:
                 fetch += part
                 load += part + size / st.d2g
             else:
-                fetch += size / st.dl
-                load += size / st.dl + size / st.d2g
-                penalty += (self.settings.download_weight - 1.0) * size / st.dl
+                ready = self.peer_ready_s(key, st.name) if st.peers else None
+                if ready is not None:
+                    # From the first agent that can serve it (after its own copy is complete).
+                    part = ready + size / st.peer
+                    penalty += (self.settings.peer_weight - 1.0) * size / st.peer
+                    from_peers.append(key)
+                else:
+                    part = size / st.dl
+                    penalty += (self.settings.download_weight - 1.0) * part
+                fetch += part
+                load += part + size / st.d2g
                 disk_need += size
                 downloaded.append(key)
-        return load, fetch, vram_need, disk_need, penalty, loaded, downloaded, tier
+        return load, fetch, vram_need, disk_need, penalty, loaded, downloaded, tier, from_peers
 
     def _evaluate(
         self, arts: tuple[tuple[str, int], ...], st: _Agent, wait: float, bind: float, *, ignore_in_use: bool
@@ -1172,7 +1250,7 @@ class _Fleet:
         loads = self._loads(arts, st)
         if loads is None:
             return None  # its disk is full or failing: only what it holds already
-        load, fetch, vram_need, disk_need, penalty, loaded, downloaded, tier = loads
+        load, fetch, vram_need, disk_need, penalty, loaded, downloaded, tier, from_peers = loads
         evict_s = 0.0
         evict_vram: list[str] = []
         evict_disk: list[str] = []
@@ -1196,7 +1274,7 @@ class _Fleet:
             st, wait, bind, fetch, load, evict_s, tier, tuple(evict_vram), tuple(evict_disk),
             vram_add=vram_need, disk_add=disk_need,
             evicted_vram_bytes=ev_vram, evicted_disk_bytes=ev_disk,
-            loaded=tuple(loaded), downloaded=tuple(downloaded), fetch_penalty_s=penalty,
+            loaded=tuple(loaded), downloaded=tuple(downloaded), fetch_penalty_s=penalty, from_peers=tuple(from_peers),
         )
 
     def _victims(self, st: _Agent, *, vram: bool) -> tuple[tuple[float, str, int, float | None], ...]:
@@ -1305,6 +1383,7 @@ class _Fleet:
         freed = 0
         victims: list[str] = []
         discount = self.settings.evict_duplicate_factor if duplicates and not vram else 1.0
+        last = self.settings.evict_last_copy_weight if st.peers and duplicates and not vram else 1.0
         ranked = self._victims(st, vram=vram)
         by_rank = not vram and bool(st.ranks)
         observer = self.observer
@@ -1320,7 +1399,10 @@ class _Fleet:
                 c = self._victim_cost(st, key, size, c)
             assert c is not None
             # Counting copies costs a fleet lookup: done only for the victims actually taken.
-            cost += c * discount if discount != 1.0 and self.copies(key) > 1 else c
+            if discount != 1.0 or last != 1.0:
+                cost += c * discount if self.copies(key) > 1 else c * last
+            else:
+                cost += c
             freed += size
             victims.append(key)
             if freed >= need:
@@ -1364,6 +1446,13 @@ class _Fleet:
             st.ranks = ranks
         st.victims = {}
         st.version += 1
+        if self.peer_memo:
+            for key in (*opt.downloaded, *opt.evict_disk):
+                self.peer_memo.pop(key, None)
+        if st.peers:
+            for key in opt.downloaded:
+                # Its copy can serve others once fetched.
+                self.fetch_ready[(st.name, key)] = opt.bind_s + opt.fetch_s
         for key in opt.loaded:
             if key not in st.view.keys:
                 self.gained.setdefault(key, {})[st.name] = None
@@ -1460,7 +1549,13 @@ def _gb(size_bytes: float) -> str:
 
 
 def _reason(opt: _Option) -> str:
-    parts = [f"checkpoint {opt.tier.value}" if opt.tier is not Tier.MISS else "checkpoint not cached"]
+    if opt.tier is not Tier.MISS:
+        where = f"checkpoint {opt.tier.value}"
+    elif opt.loaded and opt.loaded[0] in opt.from_peers:
+        where = "checkpoint from a peer"
+    else:
+        where = "checkpoint not cached"
+    parts = [where]
     if opt.load_s > 0:
         parts.append(f"load {opt.load_s:.1f}s")
     if opt.evicts:

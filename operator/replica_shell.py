@@ -32,7 +32,7 @@ from kubernetes.client.exceptions import ApiException
 from stoker import userank
 from stoker.api import Condition, ConditionStatus
 from stoker.api.modelcache import ModelCacheStatus, ModelCopy
-from stoker.operator import metrics, placement, replicas, sourcehealth
+from stoker.operator import metrics, peer_copies, placement, replicas, sourcehealth
 from stoker.operator.scheduler import Writer
 from stoker.operator.state import (ObservedAgent, ObservedModel, State, agent_from_body, agent_view, current_copies,
                                    format_time, measured_sizes, model_size_bytes)
@@ -59,6 +59,8 @@ class Copies:
     """The status `copies` entries (by agent name)."""
     size_bytes: int | None = None
     """The size of a copy as an agent measured it (None: no agent reported one)."""
+    digests: dict[str, int] = dataclasses.field(default_factory=dict)
+    """How many agents report each digest for their copy (downloaded copies only)."""
 
 
 def copies_by_model(agents: list[ObservedAgent], model_uids: dict[str, str]) -> dict[str, Copies]:
@@ -66,6 +68,7 @@ def copies_by_model(agents: list[ObservedAgent], model_uids: dict[str, str]) -> 
     for an earlier ModelCache of the same name (another uid) is nobody's copy (see current_copies)."""
     entries: dict[str, list[dict[str, Any]]] = {}
     sizes: dict[str, int] = {}
+    digests: dict[str, dict[str, int]] = {}
     for a in sorted(agents, key=lambda a: a.name):
         status = a.resource.status
         if status is None:
@@ -79,12 +82,15 @@ def copies_by_model(agents: list[ObservedAgent], model_uids: dict[str, str]) -> 
                     ModelCopy(agent=a.name, tier=entry.tier, held=entry.name in held).wire())
                 if entry.size_bytes > 0:
                     sizes.setdefault(entry.name, entry.size_bytes)
+                if entry.sha256:
+                    counts = digests.setdefault(entry.name, {})
+                    counts[entry.sha256] = counts.get(entry.sha256, 0) + 1
         for d in status.downloads:
             if d.name not in seen:
                 seen.add(d.name)
                 entries.setdefault(d.name, []).append(
                     ModelCopy(agent=a.name, tier="downloading", held=d.name in held).wire())
-    return {name: Copies(found, sizes.get(name)) for name, found in entries.items()}
+    return {name: Copies(found, sizes.get(name), digests.get(name, {})) for name, found in entries.items()}
 
 
 def _round_rate(value: float) -> float:
@@ -170,6 +176,10 @@ class ReplicaShell:
             for orders in plan.orders:
                 started += self._apply_orders(by_name[orders.agent], orders, model_by_name)
             copies = copies_by_model(ns_agents, uids)
+            # Agents outside the tier get an empty list, so one that leaves it keeps no stale word.
+            duplicates = peer_copies.plan_duplicates(views)
+            for name in sorted(by_name):
+                started += self._apply_duplicates(by_name[name], sorted(duplicates.get(name, ())))
             for ms in plan.models:
                 shortfall += ms.shortfall
                 hot_shortfall += ms.hot_shortfall
@@ -230,6 +240,22 @@ class ReplicaShell:
 
         return int(self.writer.submit(key, agent.resource_version, write))
 
+    def _apply_duplicates(self, agent: ObservedAgent, want: list[str]) -> int:
+        """spec.duplicates: the agent's copies another agent of the peer tier also holds. The
+        operator is the field's only writer, so a plain merge patch of it suffices."""
+        if sorted(agent.resource.spec.duplicates) == want:
+            return 0
+        key = f"ca:{agent.key}:duplicates"
+        if not self.writer.may_act(key, agent.resource_version):
+            return 0
+
+        def write() -> None:
+            body = self.writer.objects(agent.namespace).patch("CacheAgent", agent.name, {"spec": {"duplicates": want}})
+            self.state.upsert_agent(body)
+
+        return int(self.writer.submit(key, agent.resource_version, write))
+
+
     def _view(self, agent: ObservedAgent, now_mono: float, model_uids: dict[str, str]) -> placement.AgentView:
         """The agent's view for replica planning (every slot free), reused while the agent, its
         readiness, its bound jobs and the ModelCache uids are unchanged."""
@@ -287,6 +313,7 @@ class ReplicaShell:
             "sizeBytes": size,
             "size": format_bytes(size),
             "sizeSource": size_source,
+            "sha256": published_sha256(model, copies),
             "desiredReplicas": ms.desired,
             "replicas": held_on_disk,
             "selector": f"{MODEL_LABEL}={model.name}",
@@ -322,6 +349,20 @@ class ReplicaShell:
                 self.writer.event(model.ref(), reason=reason, message=message, warning=warning)
 
         return int(self.writer.submit(key, model.resource_version, write))
+
+
+def published_sha256(model: ObservedModel, copies: Copies) -> str | None:
+    """The digest agents verify copies from each other against: spec.source.sha256, else the one
+    already published (the first verified copy's; it never changes for the ModelCache's life, as
+    its URL does not), else the digest most agents report for their copy (ties: by digest)."""
+    spec = model.resource.spec.source.sha256
+    if spec:
+        return spec
+    old = model.resource.status.sha256 if model.resource.status is not None else None
+    if old:
+        return old
+    counts = copies.digests
+    return min(counts, key=lambda d: (-counts[d], d)) if counts else None
 
 
 def m_key(namespace: str, name: str) -> str:

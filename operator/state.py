@@ -451,6 +451,7 @@ def agent_view(agent: ObservedAgent, *, ready: bool, bound: int, in_use: Iterabl
         preloaded=frozenset(preloaded), held=held, held_hot=held_hot, in_use=frozenset(in_use),
         download_bps=st.bandwidth.download_bps or None, disk_to_gpu_bps=st.bandwidth.disk_to_gpu_bps or None,
         ram_to_gpu_bps=st.bandwidth.ram_to_gpu_bps or None,
+        serves_peers=st.peer is not None, peer_bps=st.bandwidth.peer_bps or None,
     )
 
 

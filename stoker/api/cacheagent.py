@@ -30,6 +30,8 @@ class CacheAgentSpec(StokerModel):
     """Models to prefetch and hold. The agent downloads missing ones in the background, behind job downloads."""
     cordon: bool = False
     """Take no new jobs; running jobs finish."""
+    duplicates: list[ObjectName] = Field(default_factory=list, max_length=10000)
+    """Models on this agent's disk that another Ready agent of the peer tier also holds, so that a peer can give them back: the agent evicts them before copies that are the fleet's last. Written by the operator."""
 
 
 class GpuInfo(StokerModel):
@@ -71,6 +73,8 @@ class CachedModel(StokerModel):
     """Held as a replica target."""
     uid: str | None = Field(default=None, max_length=128)
     """metadata.uid of the ModelCache the copy was fetched for. The operator counts a copy only for that ModelCache: one deleted and created again under the same name starts with no copies. Absent for baked-in models."""
+    sha256: str | None = Field(default=None, min_length=64, max_length=64, pattern=r"^[a-f0-9]{64}$")
+    """SHA-256 of the agent's copy, computed as it was downloaded (absent for baked-in files). Other agents fetch it from this agent's peer endpoint under this digest."""
     hot: Literal["vram", "ram"] | None = None
     """Kept loaded in this tier as a hot replica (a hold order with that tier): never evicted while the order stands."""
 
@@ -95,6 +99,17 @@ class Bandwidths(StokerModel):
     """Disk to GPU (or to host memory on a CPU-only agent)."""
     ram_to_gpu_bps: float = 0
     """Pinned host memory to GPU."""
+    peer_bps: float = 0
+    """Fetches from other agents (the peer tier)."""
+
+
+class PeerEndpoint(StokerModel):
+    """Where other agents of the fleet fetch this agent's verified model files."""
+
+    url: str = Field(max_length=256, pattern=r"^http://(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]{1,5}$")
+    """Base URL on the pod network, http://<pod IP>:<port>. A file is at /v1/blobs/sha256/<digest>, for agents that send the fleet's peer credential; nothing else is served."""
+    max_uploads: int = Field(default=2, ge=1, le=64)
+    """Transfers the agent serves at once; more are refused with 503 (try another holder)."""
 
 
 class RunningJob(StokerModel):
@@ -180,13 +195,15 @@ class CacheAgentStatus(StokerModel):
     running: list[RunningJob] = Field(default_factory=list, max_length=1000)
     """Jobs bound to the agent and not finished."""
     model_failures: list[ModelFailure] = Field(default_factory=list, max_length=1000)
-    """Recent failures to fetch or verify a model that the source answered for; the operator marks those ModelCaches Failed. Local faults are never listed here."""
+    """Recent failures to fetch or verify a model that the source answered for; the operator marks those ModelCaches Failed. Local faults are never listed here, nor failures of a fetch from another agent (the agent goes to another holder or the source)."""
     degraded: bool = False
     """The agent has a local fault (see localFaults): it takes no jobs that need a download, and its failures do not count against any model."""
     local_faults: list[LocalFault] = Field(default_factory=list, max_length=16)
     """Faults of the agent itself: a full or failing cache volume, memory exhausted."""
     accepting: bool = True
     """False once the agent is shutting down (SIGTERM): it finishes what runs and takes nothing new."""
+    peer: PeerEndpoint | None = None
+    """The agent's peer endpoint; absent when it does not serve other agents (no peer credential)."""
     bandwidth: Bandwidths = Field(default_factory=Bandwidths)
     """Measured transfer rates."""
     observed_generation: int | None = None

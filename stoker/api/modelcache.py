@@ -130,6 +130,8 @@ class ModelCacheStatus(StokerModel):
     """sizeBytes for people (2.1 GiB), or unknown until an agent downloads the file and no sizeBytes hint is given."""
     size_source: Literal["Measured", "Spec", "Unknown"] = "Unknown"
     """Where sizeBytes comes from: Measured by an agent, the Spec's sizeBytes hint, or Unknown (placement then assumes a typical size for the kind, never shown as a size)."""
+    sha256: str | None = Field(default=None, min_length=64, max_length=64, pattern=r"^[a-f0-9]{64}$")
+    """SHA-256 of the model's bytes: spec.source.sha256 when given, else the digest of the first copy an agent downloaded and reported. Agents verify a copy fetched from another agent against it, and fetch only from the source while it is unknown."""
     desired_replicas: int = 0
     """Disk copies the operator is aiming for (replicas, raised by autoscale)."""
     replicas: int = 0

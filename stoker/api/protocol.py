@@ -34,7 +34,8 @@ Field ownership (one writer per field):
   stoker.api.conditions): whoever moves the job writes the whole list, computed from the
   list on the object it read, with that object's resourceVersion as a precondition, so
   no writer drops another's condition.
-- CacheAgent spec.holds: the operator. spec.cordon: people (kubectl patch).
+- CacheAgent spec.holds and spec.duplicates (its copies another agent of the peer tier also
+  holds, evicted first): the operator. spec.cordon: people (kubectl patch).
 - CacheAgent status, except conditions: the agent, including models[].hot for the hot
   replicas it keeps loaded (a hold at tier vram or ram is loaded once on disk and kept,
   a hold lowered or released is unloaded unless a job uses it). status.conditions (Ready):
@@ -72,6 +73,14 @@ Field ownership (one writer per field):
   up across agents within ten minutes; then the model's jobs fail with ModelUnavailable.
   The condition clears as soon as a Ready agent reports a copy on disk, the ModelCache
   is created again or its spec changes, or the failures age out.
+- The peer tier: CacheAgent status.peer (url of the agent's peer endpoint), models[].sha256
+  (the digest of its copy as downloaded) and bandwidth.peerBps: the agent. ModelCache
+  status.sha256: the operator, spec.source.sha256 when given, else the digest the first
+  agents report for their copies, kept for the ModelCache's life. An agent that needs a
+  model reads ModelCache status.agents (holders, and copies being fetched) and each
+  holder's CacheAgent status, and fetches from a Ready holder whose copy has the digest
+  (`stoker.agent.peer_fetch`); requests carry the fleet's peer credential. A fetch from a
+  peer that fails is never listed in modelFailures.
 
 Attempt-failure reasons that are faults of the agent, not of the job (AGENT_FAULT_REASONS):
 an attempt that ends with one of them (reported by the agent as a retryable attemptFailure,
@@ -96,7 +105,10 @@ a transition emits its Event, as the kubelet does for the containers it runs:
   (ttlSecondsAfterFinished, or the operator's default TTL);
   on the ModelCache: ReplicaAdded, ReplicaReleased, HotReplicaAdded,
   HotReplicaReleased, TargetMet / TargetNotMet, CopiesExist / NoCopies, SourceFailed /
-  SourceRecovered; on the CacheAgent: AgentReady / AgentNotReady.
+  SourceRecovered; on the CacheAgent: AgentReady / AgentNotReady;
+- an agent, on another agent's CacheAgent: PeerChecksumMismatch (Warning) when that agent
+  served it bytes that do not match the model's digest (the fetching agent is the one that
+  saw it).
 The operator does not echo the agent's transitions, so each appears once. Writers
 aggregate repeats (count, first and last timestamp) instead of dropping them.
 """

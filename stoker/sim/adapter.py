@@ -113,7 +113,8 @@ def _remaining_s(sim: Simulator, agent: AgentState, now: float) -> tuple[float, 
 
 
 def agent_view(
-    sim: Simulator, agent: AgentState, now: float, *, queue_slots: bool = True, frequency_ranks: bool = True
+    sim: Simulator, agent: AgentState, now: float, *, queue_slots: bool = True, frequency_ranks: bool = True,
+    peers: bool = False,
 ) -> AgentView:
     """What the operator would read from this agent's CacheAgent status (assumed fresh).
 
@@ -123,7 +124,8 @@ def agent_view(
     are the agent's own eviction ranks, as its CacheAgent status reports them
     (`models[].rank`, the snapshot's `eviction_rank_s`), or with `frequency_ranks=False`
     the last use of each model (`models[].lastUsed`: what placement sees of an agent
-    that reports no rank)."""
+    that reports no rank). `peers`: the agent is in the peer tier (CacheAgent `peer`), with
+    the transfer rate one peer fetch gets (its measured `peerBps`)."""
     fleet = sim.fleet
     disk = agent.disk
     downloading = _downloading(sim, agent, now)
@@ -160,6 +162,9 @@ def agent_view(
         download_bps=fleet.download_bytes_per_s,
         disk_to_gpu_bps=fleet.disk_to_gpu_bytes_per_s,
         ram_to_gpu_bps=fleet.ram_to_gpu_bytes_per_s,
+        serves_peers=peers,
+        peer_bps=min(fleet.peer_bytes_per_s, fleet.peer_upload_bytes_per_s / max(1, fleet.peer_upload_slots))
+        if peers else None,
     )
 
 
@@ -172,8 +177,10 @@ def _downloading(sim: Simulator, agent: AgentState, now: float) -> dict[str, int
     downloading: dict[str, int] = {}
     if agent.downloading is not None:
         size = sim.size[agent.downloading]
+        transfer = agent.transfer
+        rate = transfer.rate if transfer is not None else sim.fleet.download_bytes_per_s
         left_s = max(0.0, agent.download_done_s - now)
-        downloading[agent.downloading] = max(0, int(size - left_s * sim.fleet.download_bytes_per_s))
+        downloading[agent.downloading] = max(0, int(size - min(size, left_s * rate)))
     for key in agent.download_queue:
         downloading.setdefault(key, 0)
     return downloading

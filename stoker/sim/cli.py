@@ -28,20 +28,42 @@ __all__ = ["build", "main", "parse_args", "run_fleet", "run_scaling"]
 
 GB = 10**9
 REFERENCE = "least-conn+LRU"
+WORKLOADS: dict[str, dict[str, object]] = {
+    "default": dict(models=1000, loras=2000, zipf=1.0, agents=20, disk_gb=50.0, ram_gb=32.0, vram_gb=24.0,
+                    families=None),
+    # Thousands of checkpoints, a quarter of them 12-24 GB, a flatter popularity (a community model
+    # hub rather than one product's few base models), on GPUs that hold a 24 GB checkpoint.
+    "flat": dict(models=4000, loras=4000, zipf=0.8, agents=40, disk_gb=50.0, ram_gb=64.0, vram_gb=48.0,
+                 families=workload.FLAT_FAMILIES),
+}
+_FAMILY_NAMES = {workload.Family.SD15: "SD 1.5", workload.Family.SDXL: "SDXL", workload.Family.SD3: "SD3",
+                 workload.Family.FLUX: "FLUX"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stoker sim", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="stoker sim", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Replaying your own workload: --catalog FILE --trace FILE\n\n"
+        + workload.CATALOG_HELP + "\n\n" + workload.TRACE_HELP
+        + "\n\nWith --catalog alone, a synthetic Zipf trace is drawn over your checkpoints (file order is not "
+        "popularity order: the ranking is shuffled by --seed).",
+    )
     p.add_argument("--duration-s", type=float, default=7200.0, help="simulated submit window (default 2 h)")
     p.add_argument("--warmup-s", type=float, default=1800.0, help="jobs submitted earlier are left out of the window table")
     p.add_argument("--load", type=float, default=0.7, help="inference work offered / GPU capacity (default 0.7)")
-    p.add_argument("--models", type=int, default=1000)
-    p.add_argument("--loras", type=int, default=2000)
-    p.add_argument("--zipf", type=float, default=1.0)
-    p.add_argument("--agents", type=int, default=20)
-    p.add_argument("--disk-gb", type=float, default=50.0)
-    p.add_argument("--ram-gb", type=float, default=32.0)
-    p.add_argument("--vram-gb", type=float, default=24.0)
+    p.add_argument(
+        "--workload", choices=sorted(WORKLOADS), default="default",
+        help="synthetic workload and fleet: default (1,000 SD 1.5/SDXL checkpoints, 20 agents with 24 GB GPUs) or "
+        "flat (4,000 checkpoints up to 24 GB, SD3 and FLUX among them, flatter popularity, 40 agents with 48 GB GPUs); "
+        "the options below override its values",
+    )
+    p.add_argument("--models", type=int, default=None, help="checkpoints in the synthetic catalog")
+    p.add_argument("--loras", type=int, default=None)
+    p.add_argument("--zipf", type=float, default=None, help="popularity exponent")
+    p.add_argument("--agents", type=int, default=None)
+    p.add_argument("--disk-gb", type=float, default=None)
+    p.add_argument("--ram-gb", type=float, default=None)
+    p.add_argument("--vram-gb", type=float, default=None)
     p.add_argument("--download-mbps", type=float, default=400.0, help="MB/s per agent")
     p.add_argument(
         "--slots", type=int, default=3,
@@ -55,14 +77,28 @@ def _parser() -> argparse.ArgumentParser:
         "--download-weight", type=float, default=None,
         help="override PlacementSettings.download_weight for the Stoker policies (default: the operator's)",
     )
+    p.add_argument(
+        "--peer-weight", type=float, default=None,
+        help="override PlacementSettings.peer_weight for the Stoker policies (default: the operator's)",
+    )
+    p.add_argument("--peer-mbps", type=float, default=1250.0, help="MB/s an agent fetches from another (default 10 Gbit/s)")
+    p.add_argument("--peer-upload-mbps", type=float, default=1000.0,
+                   help="MB/s an agent serves to others, all transfers together (its upload cap)")
+    p.add_argument("--peer-upload-slots", type=int, default=2, help="transfers an agent serves at once")
     p.add_argument("--interruptions", type=float, default=1.0, help="per agent-hour")
     p.add_argument("--baked", type=int, default=1, help="most popular checkpoints baked into the image")
     p.add_argument("--no-burst", action="store_true", help="no burst (by default a rank-300 model takes 30%% of traffic for 10 min mid-run)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {','.join(POLICIES)}")
-    p.add_argument("--trace", type=pathlib.Path, help="replay a CSV trace (time_s,model,loras) over the synthetic catalog")
+    p.add_argument("--catalog", type=pathlib.Path,
+                   help="your own model list (CSV: name,kind,size[,family,inference_s]; see below) instead of the synthetic one")
+    p.add_argument("--trace", type=pathlib.Path,
+                   help="replay a CSV request log (time_s,model,loras; see below) over --catalog, or the synthetic catalog")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/plots"))
     p.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
+    p.add_argument("--section", default=None,
+                   help="BENCHMARKS.md section to write (default: fleet, or fleet-<workload>; a replay of "
+                   "--catalog/--trace writes none unless named here)")
     p.add_argument("--scaling", action="store_true", help="only measure decision time as agents and pending jobs grow")
     p.add_argument("--scaling-budget-s", type=float, default=120.0, help="stop the scaling grid after this long")
     p.add_argument("--no-explain", action="store_true",
@@ -74,20 +110,21 @@ def build(args: argparse.Namespace) -> tuple[workload.Trace, engine.FleetConfig]
     bursts = () if args.no_burst else (workload.Burst(start_s=args.duration_s * 0.6, duration_s=600.0, rank=300, share=0.3),)
     config = workload.WorkloadConfig(
         n_models=args.models, n_loras=args.loras, zipf_exponent=args.zipf, duration_s=args.duration_s,
-        bursts=bursts, seed=args.seed,
+        bursts=bursts, seed=args.seed, families=WORKLOADS[args.workload]["families"],  # type: ignore[arg-type]
     )
-    catalog = workload.build_catalog(config)
-    defaults = engine.FleetConfig()
-    rate = workload.arrival_rate_for_load(
-        config, catalog, load=args.load, gpus=args.agents, inference_s=dict(defaults.inference_s),
-        lora_apply_s=defaults.lora_apply_s,
-    )
-    config = dataclasses.replace(config, rate_per_s=rate)
-    if args.trace:
-        with args.trace.open() as fh:
-            trace = workload.read_trace_csv(fh, catalog=catalog)
+    if args.catalog:
+        catalog = workload.read_catalog_csv(_read_lines(args.catalog, "catalog"), source=str(args.catalog))
     else:
-        trace = workload.generate_trace(config, catalog)
+        catalog = workload.build_catalog(config)
+    if args.trace:
+        trace = workload.read_trace_csv(_read_lines(args.trace, "trace"), catalog=catalog, source=str(args.trace))
+    else:
+        defaults = engine.FleetConfig()
+        rate = workload.arrival_rate_for_load(
+            config, catalog, load=args.load, gpus=args.agents, inference_s=dict(defaults.inference_s),
+            lora_apply_s=defaults.lora_apply_s,
+        )
+        trace = workload.generate_trace(dataclasses.replace(config, rate_per_s=rate), catalog)
     # Bake the most requested checkpoints of the first minutes into the image, as an
     # operator would bake the base model everyone uses.
     counts: dict[str, int] = {}
@@ -100,6 +137,9 @@ def build(args: argparse.Namespace) -> tuple[workload.Trace, engine.FleetConfig]
         ram_bytes=int(args.ram_gb * GB),
         vram_bytes=int(args.vram_gb * GB),
         download_bytes_per_s=args.download_mbps * 1e6,
+        peer_bytes_per_s=args.peer_mbps * 1e6,
+        peer_upload_bytes_per_s=args.peer_upload_mbps * 1e6,
+        peer_upload_slots=args.peer_upload_slots,
         slots=args.slots,
         prefetch_depth=max(2, args.slots),
         interruptions_per_agent_hour=args.interruptions,
@@ -109,10 +149,29 @@ def build(args: argparse.Namespace) -> tuple[workload.Trace, engine.FleetConfig]
     return trace, fleet
 
 
+def _offered_load(trace: workload.Trace, fleet: engine.FleetConfig) -> float:
+    """Generation seconds the trace asks for / GPU seconds of the fleet over the trace."""
+    cat = trace.catalog
+    work_s = sum(
+        (cat[j.model].inference_s or fleet.inference_s[cat[j.model].family]) + fleet.lora_apply_s * len(j.loras)
+        for j in trace.jobs
+    )
+    return work_s / max(1e-9, fleet.n_agents * max(1.0, trace.duration_s))
+
+
+def _read_lines(path: pathlib.Path, what: str) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as exc:
+        raise workload.WorkloadError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise workload.WorkloadError(f"the {what} file {path} is not UTF-8 text; save it as a CSV in UTF-8") from None
+
+
 def argv_text(args: argparse.Namespace) -> list[str]:
     """The options that differ from the defaults, to print the command that reproduces a run."""
-    defaults = vars(_parser().parse_args([]))
-    out: list[str] = []
+    defaults = vars(parse_args(["--workload", args.workload]))
+    out: list[str] = ["--workload", args.workload] if args.workload != "default" else []
     for key, value in vars(args).items():
         if value != defaults.get(key) and key not in {"out"}:
             flag = "--" + key.replace("_", "-")
@@ -127,6 +186,35 @@ def _verdict(value: float, target: float, *, at_least: bool) -> str:
     return f"missed by {target / value:.2f}x" if at_least else f"missed by {value / target:.2f}x"
 
 
+PEER_TARGETS = {"default": 10.0, "flat": 5.0}
+"""Fewer source bytes than least-connection + LRU asked of the peer tier, per synthetic workload."""
+
+
+def peer_target_lines(summaries: Sequence[report.Summary], bnds: bounds_mod.Bounds, *, target: float | None) -> list[str]:
+    """The peer tier against its targets: source bytes against least-connection + LRU (and what
+    the pooled-cache optimum allows at most), p95 submit->start against today's `stoker`, jobs lost."""
+    ref = next((s for s in summaries if s.policy == REFERENCE), None)
+    peers = next((s for s in summaries if s.policy == "stoker+peers"), None)
+    if ref is None or peers is None:
+        return []
+    base = next((s for s in summaries if s.policy == "stoker"), None)
+    fewer = ref.bytes_downloaded / max(1, peers.bytes_downloaded)
+    ceiling = ref.bytes_downloaded / max(1, bnds.pooled_bytes)
+    text = (f"- `stoker+peers`: {fewer:.2f}x fewer bytes from sources than `{REFERENCE}`"
+            + (f" (>= {target:g}x: {_verdict(fewer, target, at_least=True)})" if target is not None else "")
+            + f"; no policy can do better than {ceiling:.2f}x here: one pooled cache of the whole fleet's disk "
+            f"with optimal replacement (it knows every future request) still downloads "
+            f"{bnds.pooled_bytes / 1e12:.2f} TB"
+            + (f", so {target:g}x is out of reach on this workload" if target is not None and ceiling < target else "")
+            + f". {peers.bytes_from_peers / 1e12:.2f} TB came from peers.")
+    if base is not None:
+        text += (f" p95 submit->start {peers.start_p95_s:.1f} s against {base.start_p95_s:.1f} s for `stoker` "
+                 f"(no worse: {'met' if peers.start_p95_s <= base.start_p95_s else f'missed by {peers.start_p95_s / max(1e-9, base.start_p95_s):.2f}x'}); "
+                 f"{base.bytes_downloaded / max(1, peers.bytes_downloaded):.2f}x fewer source bytes than `stoker`.")
+    text += f" {peers.jobs_lost} jobs lost (0: {'met' if peers.jobs_lost == 0 else 'missed'})."
+    return [text]
+
+
 def targets_lines(summaries: Sequence[report.Summary], bnds: bounds_mod.Bounds) -> list[str]:
     """Issue targets against least-connection + LRU, for each Stoker variant (whole run)."""
     ref = next((s for s in summaries if s.policy == REFERENCE), None)
@@ -134,7 +222,7 @@ def targets_lines(summaries: Sequence[report.Summary], bnds: bounds_mod.Bounds) 
         return []
     lines = ["Against the targets (whole run; target in brackets):", ""]
     for s in summaries:
-        if not s.policy.startswith("stoker"):
+        if not s.policy.startswith("stoker") or s.policy == "stoker+peers":
             continue
         fewer = ref.bytes_downloaded / max(1, s.bytes_downloaded)
         p95 = ref.start_p95_s / max(1e-9, s.start_p95_s)
@@ -217,7 +305,8 @@ def explain_lines(
 
 def _settings(args: argparse.Namespace) -> PlacementSettings | None:
     overrides = {name: value for name, value in (("max_hot_wait_age_s", args.max_hot_wait_s),
-                                                 ("download_weight", args.download_weight)) if value is not None}
+                                                 ("download_weight", args.download_weight),
+                                                 ("peer_weight", args.peer_weight)) if value is not None}
     return PlacementSettings(**overrides) if overrides else None
 
 
@@ -256,12 +345,19 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
     )
     setup = (
         f"{len(trace.jobs)} jobs over {trace.duration_s / 60:.0f} simulated min "
-        f"({len(trace.jobs) / max(1, trace.duration_s):.2f}/s, {args.load:.0%} inference load), "
-        f"{args.models} checkpoints + {args.loras} LoRAs, Zipf {args.zipf}, {fleet.n_agents} agents x "
+        f"({len(trace.jobs) / max(1, trace.duration_s):.2f}/s, {_offered_load(trace, fleet):.0%} inference load), "
+        + (f"{len(trace.catalog.checkpoints)} checkpoints + {len(trace.catalog.loras)} LoRAs"
+           + (f" from {args.catalog.name}" if args.catalog else "")
+           + ("" if args.trace else f", Zipf {args.zipf}")
+           + (f", replaying {args.trace.name}" if args.trace else "") + ", ")
+        + f"{fleet.n_agents} agents x "
         f"{fleet.disk_bytes / GB:.0f} GB disk / {fleet.ram_bytes / GB:.0f} GB RAM / {fleet.vram_bytes / GB:.0f} GB VRAM, "
         f"download {fleet.download_bytes_per_s / 1e6:.0f} MB/s, disk->GPU {fleet.disk_to_gpu_bytes_per_s / 1e9:.0f} GB/s, "
-        f"RAM->GPU {fleet.ram_to_gpu_bytes_per_s / 1e9:.0f} GB/s, generation {fleet.inference_s[workload.Family.SD15]:g} s "
-        f"(SD 1.5) / {fleet.inference_s[workload.Family.SDXL]:g} s (SDXL), {fleet.slots} job slots per agent "
+        f"RAM->GPU {fleet.ram_to_gpu_bytes_per_s / 1e9:.0f} GB/s, generation "
+        + " / ".join(f"{fleet.inference_s[f]:g} s ({_FAMILY_NAMES[f]})" for f in workload.Family
+                     if any(a.family is f for a in trace.catalog.checkpoints))
+        + (" (some checkpoints set their own)" if any(a.inference_s for a in trace.catalog.checkpoints) else "")
+        + f", {fleet.slots} job slots per agent "
         f"under late binding, {fleet.interruptions_per_agent_hour:g} interruption "
         f"per agent-hour (lease grace {fleet.detect_s:.0f} s, replacement after {fleet.replace_delay_s:.0f} s), "
         f"baked-in {', '.join(fleet.baked) or 'none'}, seed {args.seed}"
@@ -293,12 +389,14 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
     print(f"\nWindow: jobs submitted after {args.warmup_s / 60:.0f} min", file=out)
     print(report.bounds_line(bnds, window=True), file=out)
     print(text_window, file=out)
-    print("\nTB downloaded by cause (whole run): first request, another agent had it, every copy evicted, last copy lost to an interruption", file=out)
+    print("\nTB fetched by origin and cause (whole run): first request, another agent had it, every copy evicted, "
+          "last copy lost to an interruption", file=out)
     print(report.causes_table(results), file=out, flush=True)
     paths = report.write_plots(results, bounds=bnds, out_dir=args.out, bursts=trace.bursts)
     print("\nplots: " + ", ".join(str(p) for p in paths), file=out)
     md = [
-        "## Fleet simulation (`stoker sim`)",
+        "## Fleet simulation (`stoker sim`)" if record_section(args) in (None, "fleet")
+        else f"## Fleet simulation, {args.workload} workload (`stoker sim --workload {args.workload}`)",
         "",
         "Simulated fleet driven by the operator's real placement planner (`stoker.operator.planner.Planner` over "
         "`stoker.operator.placement`, with memory between passes and promises to waiting jobs), "
@@ -316,6 +414,14 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
         "weight is "
         f"{(_settings(args) or PlacementSettings()).download_weight:g} (a second of downloading costs as much "
         "as that many seconds of waiting). "
+        "`stoker+peers` is `stoker` with the peer tier: its agents fetch a model from a live agent that holds "
+        f"a verified copy, or is fetching one (then once it is complete), at {fleet.peer_bytes_per_s / 1e6:.0f} MB/s "
+        f"within the holder's upload cap of {fleet.peer_upload_bytes_per_s / 1e6:.0f} MB/s over "
+        f"{fleet.peer_upload_slots} transfers at once, and go to the source only when no agent can serve it; a "
+        "holder lost mid-transfer leaves only its missing bytes to another peer or the source; its placement "
+        "prices a fetch from a peer at that rate without the download weight "
+        f"(peer weight {(_settings(args) or PlacementSettings()).peer_weight:g}). "
+        "`TB down` counts bytes from model sources, `TB peer` bytes between agents. "
         "`x pooled`: bytes / pooled-cache lower bound; `x fewer` and `p95 x`: least-connection+LRU / policy. "
         "Latencies of jobs not started by the end count as their wait so far. `us/binding`: CPU time of the "
         "scheduling passes (building views and deciding) per binding; `core us/binding` and `core us/job`: CPU "
@@ -332,6 +438,7 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
         f"Setup: {setup}.",
         "",
         *targets_lines(whole, bnds),
+        *peer_target_lines(whole, bnds, target=None if args.catalog or args.trace else PEER_TARGETS.get(args.workload)),
         *decision_lines(whole, pass_s=pass_s, bound=pass_bound, examined=pass_examined),
         "",
         *explain_lines(results, whole, bnds, calm),
@@ -344,7 +451,8 @@ def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> str:
         "",
         report.markdown(window, bound_bytes=bnds.window_pooled_bytes, reference=REFERENCE),
         "",
-        "TB downloaded by cause (whole run): `first` request for the file, `duplicate` (another live agent had it "
+        "TB fetched by origin (`source`: the model's URL; `peer`: another agent) and cause (whole run): "
+        "`first` request for the file, `duplicate` (another live agent had it "
         "or was fetching it), `evicted` (every copy had been evicted), `interrupted` (the last copy vanished with "
         "an interrupted agent):",
         "",
@@ -479,7 +587,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--"]:
         args = args[1:]  # `stoker sim -- --option ...` passes the separator through
-    return _parser().parse_args(args)
+    parsed = _parser().parse_args(args)
+    for key, value in WORKLOADS[parsed.workload].items():
+        if key != "families" and getattr(parsed, key) is None:
+            setattr(parsed, key, value)  # the workload's value where no option overrides it
+    return parsed
 
 
 def _machine() -> str:
@@ -497,14 +609,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scaling:
         sections.append(run_scaling(budget_s=args.scaling_budget_s, seed=args.seed))
     else:
-        sections.append(run_fleet(args))
+        try:
+            sections.append(run_fleet(args))
+        except workload.WorkloadError as exc:
+            print(f"stoker sim: {exc}", file=sys.stderr)
+            return 2
     if not args.no_record:
         write_section = _section_writer()
         if write_section is None:
             print("BENCHMARKS.md not written: run from a source checkout (bench/ not found)", file=sys.stderr)
         else:
-            write_section("fleet-scaling" if args.scaling else "fleet", "\n".join(sections))
+            name = record_section(args)
+            if name is not None:
+                write_section(name, "\n".join(sections))
     return 0
+
+
+def record_section(args: argparse.Namespace) -> str | None:
+    """The BENCHMARKS.md section a run writes: a replay of the user's own files writes none unless named."""
+    if args.section:
+        return str(args.section)
+    if args.scaling:
+        return "fleet-scaling"
+    if args.catalog or args.trace:
+        return None
+    return "fleet" if args.workload == "default" else f"fleet-{args.workload}"
 
 
 def _section_writer() -> Callable[[str, str], None] | None:

@@ -11,6 +11,17 @@ agent-hour; the control plane notices after `detect_s` (the lease grace) and put
 the agent's jobs back in the queue; a replacement pod with an empty cache (except
 baked-in models) arrives after `replace_delay_s`.
 
+Each agent fetches one file at a time, from the model source at `download_bytes_per_s`
+or, for policies whose agents fetch from each other (`Policy.peer_fetch`), from a live
+peer that holds a verified copy: at `peer_bytes_per_s`, limited by the holder's upload
+cap (`peer_upload_bytes_per_s` shared by `peer_upload_slots` transfers at a time; a
+fetch waits for a free slot). A file another agent is still fetching is taken from that
+agent once its copy is complete (never a partial file), so concurrent misses of one
+model fan out from the first copy. A holder that vanishes mid-transfer loses the fetch
+its remaining bytes, which are resumed (HTTP Range) from another peer or the source.
+Bytes are counted by origin (source or peer) and by why the fetching agent lacked the
+file (`MissCause`).
+
 Routing is a `Policy`: it is offered the pending jobs at every scheduling
 opportunity and returns bindings. Push policies (load balancers) bind every job at
 once to some agent's local queue; pull policies (Stoker) bind only into free slots
@@ -35,6 +46,8 @@ from stoker.sim.workload import Family, JobRequest, Trace
 
 __all__ = [
     "AgentState",
+    "Origin",
+    "Transfer",
     "FleetConfig",
     "JobRecord",
     "MissCause",
@@ -68,6 +81,14 @@ class MissCause:
     ALL = ("first", "duplicate", "evicted", "interrupted")
 
 
+class Origin:
+    """Where a fetch's bytes came from."""
+
+    SOURCE = "source"
+    PEER = "peer"
+    ALL = ("source", "peer")
+
+
 class Tier:
     VRAM = "vram"
     RAM = "ram"
@@ -88,9 +109,19 @@ class FleetConfig:
     vram_reserved_bytes: int = 4 * GB
     """VRAM kept for activations and the pipeline's own buffers, not for weights."""
     download_bytes_per_s: float = 400e6
+    """From the model source, per agent."""
+    peer_bytes_per_s: float = 1.25e9
+    """From another agent in the cluster (10 Gbit/s), per fetching agent."""
+    peer_upload_bytes_per_s: float = 1e9
+    """An agent's upload cap for serving peers, shared by its upload slots."""
+    peer_upload_slots: int = 2
+    """Transfers an agent serves at once (each at the cap / slots)."""
     disk_to_gpu_bytes_per_s: float = 2e9
     ram_to_gpu_bytes_per_s: float = 20e9
-    inference_s: dict[Family, float] = field(default_factory=lambda: {Family.SD15: 3.0, Family.SDXL: 10.0})
+    inference_s: dict[Family, float] = field(
+        default_factory=lambda: {Family.SD15: 3.0, Family.SDXL: 10.0, Family.SD3: 15.0, Family.FLUX: 20.0}
+    )
+    """Seconds per generation by model family (a catalog row's `inference_s` overrides it)."""
     lora_apply_s: float = 0.15
     slots: int = 3
     """Jobs an agent accepts at once under late binding (one on the GPU, the rest staging)."""
@@ -156,6 +187,30 @@ class JobRecord:
         return self.request.job_id
 
 
+@dataclass(eq=False)
+class Transfer:
+    """One fetch of (the rest of) a file into `dst`."""
+
+    dst: AgentState
+    key: str
+    size: int
+    """Bytes this transfer moves (less than the file after a resume)."""
+    origin: str
+    src: AgentState | None
+    """The serving peer (None for the source)."""
+    start_s: float
+    """When bytes start to flow (later than the request while it waits for the holder's copy or slot)."""
+    end_s: float
+    rate: float
+    cause: str
+    prefetch: bool
+    slot: int = -1
+    """Upload slot on `src`."""
+
+    def done_bytes(self, now: float) -> int:
+        return int(min(self.size, max(0.0, now - self.start_s) * self.rate))
+
+
 @dataclass
 class AgentState:
     """One agent pod (one incarnation of an agent slot)."""
@@ -179,6 +234,12 @@ class AgentState:
     prefetch_queue: deque[str] = field(default_factory=deque)
     downloading: str | None = None
     download_done_s: float = 0.0
+    transfer: Transfer | None = None
+    """The fetch in progress (of `downloading`)."""
+    upload_free_s: list[float] = field(default_factory=list)
+    """When each upload slot is free again."""
+    uploads: list[Transfer] = field(default_factory=list)
+    """Transfers this agent serves or has promised to serve."""
     transient: set[str] = field(default_factory=set)
     """Downloaded without a disk reservation (every byte pinned): used once, then dropped."""
     gpu_job: JobRecord | None = None
@@ -216,6 +277,11 @@ class Policy(Protocol):
     """Interval of `tick` calls (replica planning); math.inf for none."""
     disk_half_life_s: float | None
     """Disk eviction of the policy's agents: the agent's frequency half-life, or None for plain LRU."""
+    peer_fetch: bool
+    """The policy's agents fetch models from each other before going to the source."""
+    duplicate_discount_s: float
+    """Taken off the eviction rank of a copy another agent also holds (CacheAgent spec.duplicates
+    from the operator); 0 for none."""
 
     def assign(self, sim: Simulator, pending: Sequence[JobRecord], now: float) -> list[tuple[JobRecord, AgentState]]: ...
 
@@ -229,6 +295,7 @@ class SimResult:
     end_s: float
     jobs: list[JobRecord]
     bytes_downloaded: int
+    """Bytes from model sources."""
     bytes_prefetched: int
     downloads: int
     transient_downloads: int
@@ -246,7 +313,16 @@ class SimResult:
     """(time, bytes) of every download started."""
     policy_stats: dict[str, float]
     bytes_by_cause: dict[str, int]
-    """Bytes downloaded by why the fleet lacked the file (see `MissCause`)."""
+    """Bytes downloaded from sources by why the fleet lacked the file (see `MissCause`)."""
+    bytes_from_peers: int = 0
+    peer_bytes_by_cause: dict[str, int] = field(default_factory=dict)
+    """Bytes fetched from peers, by the same causes."""
+    peer_log: list[tuple[float, int]] = field(default_factory=list)
+    """(time, bytes) of every peer fetch started."""
+    peer_fetches: int = 0
+    peer_resumes: int = 0
+    """Fetches whose serving peer vanished mid-transfer, resumed elsewhere."""
+    peer_prefetched: int = 0
 
 
 _ARRIVE, _SCHEDULE, _DOWNLOAD, _GPU, _INTERRUPT, _DETECT, _JOIN, _TICK = range(8)
@@ -262,6 +338,10 @@ class Simulator:
         self.catalog = trace.catalog
         self.size = {a.name: a.size_bytes for a in trace.catalog.artifacts}
         self.family = {a.name: a.family for a in trace.catalog.artifacts}
+        self.generation_s = {
+            a.name: a.inference_s if a.inference_s is not None else fleet.inference_s[a.family]
+            for a in trace.catalog.artifacts
+        }
         self.now = 0.0
         self.end_s = trace.duration_s + drain_s
         self._events: list[tuple[float, int, int, object]] = []
@@ -287,6 +367,16 @@ class Simulator:
         self.finished = 0
         self.download_log: list[tuple[float, int]] = []
         self.bytes_by_cause: dict[str, int] = {}
+        self.bytes_from_peers = 0
+        self.peer_bytes_by_cause: dict[str, int] = {}
+        self.peer_log: list[tuple[float, int]] = []
+        self.peer_fetches = 0
+        self.peer_resumes = 0
+        self.peer_prefetched = 0
+        self.peer_fetch = bool(getattr(policy, "peer_fetch", False))
+        self.duplicate_discount_s = float(getattr(policy, "duplicate_discount_s", 0.0))
+        self._committed: dict[str, int] = {}
+        """Live agents holding a complete copy of each artifact (what CacheAgent statuses report)."""
         self._copies: dict[str, int] = {}
         self._lost_by: dict[str, str] = {}
         self._ever: set[str] = set()
@@ -298,7 +388,7 @@ class Simulator:
         return [a for a in self.agents if a.visible]
 
     def inference_s(self, job: JobRecord) -> float:
-        return self.fleet.inference_s[self.family[job.request.model]] + self.fleet.lora_apply_s * len(job.request.loras)
+        return self.generation_s[job.request.model] + self.fleet.lora_apply_s * len(job.request.loras)
 
     def set_holds(self, agent: AgentState, keys: frozenset[str]) -> None:
         """Operator order: keep exactly `keys` on `agent`'s disk, prefetching the missing ones."""
@@ -423,6 +513,7 @@ class Simulator:
             joined_s=self.now,
             disk=disk,
             baked=frozenset(self.fleet.baked),
+            upload_free_s=[self.now] * max(1, self.fleet.peer_upload_slots),
         )
         self.agents_seen += 1
         if slot < len(self.agents):
@@ -439,6 +530,18 @@ class Simulator:
         for key in [*disk.entries, *disk.reservations]:
             if key not in agent.baked:
                 self._lose_copy(key, MissCause.INTERRUPTED)
+        for key in disk.entries:
+            if key not in agent.baked:
+                self._committed[key] = self._committed.get(key, 0) - 1
+        if agent.transfer is not None:
+            self._release_slot(agent.transfer)
+            agent.transfer = None
+        # Fetches it was serving, or was going to serve, carry on from another peer or the source.
+        for upload in list(agent.uploads):
+            if upload.dst.alive and upload.dst.transfer is upload:
+                self._replan(upload)
+            else:
+                self._release_slot(upload)
         self.gpu_seconds += self.now - agent.joined_s
         self._retired_load_s += agent.busy_load_s
         self._retired_infer_s += agent.busy_infer_s
@@ -494,6 +597,10 @@ class Simulator:
                 continue
             size = self.size[key]
             cause = self._miss_cause(key)
+            if self.duplicate_discount_s > 0:
+                # The operator's spec.duplicates: copies another agent also holds go first.
+                shared = frozenset(k for k in agent.disk.entries if self._committed.get(k, 0) > 1)
+                agent.disk = agent.disk.with_duplicates(shared, discount_s=self.duplicate_discount_s)
             try:
                 agent.disk, _, victims = agent.disk.reserve(key, size, now=self.now)
             except adapter.InsufficientCache:
@@ -505,35 +612,135 @@ class Simulator:
                 self._copies[key] = self._copies.get(key, 0) + 1
                 for victim in victims:
                     self._lose_copy(victim, MissCause.EVICTED)
+                    self._committed[victim] = self._committed.get(victim, 0) - 1
             self._ever.add(key)
-            self.bytes_by_cause[cause] = self.bytes_by_cause.get(cause, 0) + size
             agent.downloading = key
             self.downloads += 1
-            self.bytes_downloaded += size
-            self.download_log.append((self.now, size))
-            if prefetch:
-                self.bytes_prefetched += size
-            agent.download_done_s = self.now + size / self.fleet.download_bytes_per_s
-            self._push(agent.download_done_s, _DOWNLOAD, (agent, key))
+            self._start_transfer(agent, key, size, prefetch=prefetch, cause=cause)
             return
 
-    def _miss_cause(self, key: str) -> str:
+    def _start_transfer(self, agent: AgentState, key: str, size: int, *, prefetch: bool, cause: str | None = None) -> None:
+        """Fetch `size` bytes of `key` into `agent`: from the best peer when its policy fetches from
+        peers and some live agent holds or is fetching the file, else from the source."""
+        if cause is None:
+            cause = self._miss_cause(key, fetching=agent)
+        now = self.now
+        plan = self._peer_plan(agent, key) if self.peer_fetch else None
+        if plan is None:
+            rate = self.fleet.download_bytes_per_s
+            transfer = Transfer(agent, key, size, Origin.SOURCE, None, now, now + size / rate, rate, cause, prefetch)
+            self.bytes_by_cause[cause] = self.bytes_by_cause.get(cause, 0) + size
+            self.bytes_downloaded += size
+            self.download_log.append((now, size))
+            if prefetch:
+                self.bytes_prefetched += size
+        else:
+            src, slot, start = plan
+            rate = min(self.fleet.peer_bytes_per_s, self.fleet.peer_upload_bytes_per_s / len(src.upload_free_s))
+            transfer = Transfer(agent, key, size, Origin.PEER, src, start, start + size / rate, rate, cause, prefetch, slot)
+            src.upload_free_s[slot] = transfer.end_s
+            src.uploads.append(transfer)
+            self.peer_bytes_by_cause[cause] = self.peer_bytes_by_cause.get(cause, 0) + size
+            self.bytes_from_peers += size
+            self.peer_log.append((now, size))
+            self.peer_fetches += 1
+            if prefetch:
+                self.peer_prefetched += size
+        agent.transfer = transfer
+        agent.download_done_s = transfer.end_s
+        self._push(transfer.end_s, _DOWNLOAD, (agent, key, transfer))
+
+    def _peer_plan(self, agent: AgentState, key: str) -> tuple[AgentState, int, float] | None:
+        """(holder, upload slot, start time) of the soonest peer fetch of `key`, or None when no
+        live agent holds a copy or is fetching one it will keep."""
+        best: tuple[float, int, str, AgentState, int] | None = None
+        for peer in self.agents:
+            if peer is agent or not peer.alive or key in peer.transient:
+                continue
+            if peer.disk.has(key) and key not in peer.disk.reservations:
+                ready = self.now
+            elif peer.transfer is not None and peer.transfer.key == key:
+                if self._fed_by(peer, agent, key):
+                    continue  # its copy would come from this agent's own: a cycle, never complete
+                ready = peer.transfer.end_s  # its copy, once complete and verified
+            else:
+                continue
+            slot = min(range(len(peer.upload_free_s)), key=peer.upload_free_s.__getitem__)
+            start = max(self.now, ready, peer.upload_free_s[slot])
+            candidate = (start, len(peer.uploads), peer.name, peer, slot)
+            if best is None or candidate[:3] < best[:3]:
+                best = candidate
+        return None if best is None else (best[3], best[4], best[0])
+
+    def _fed_by(self, peer: AgentState, agent: AgentState, key: str) -> bool:
+        """Whether `peer`'s fetch of `key` gets its bytes, directly or through other fetches in
+        progress, from `agent` (whose own fetch is being planned again after its holder vanished)."""
+        seen: set[int] = set()
+        node: AgentState | None = peer
+        while node is not None and node.transfer is not None and node.transfer.key == key and id(node) not in seen:
+            seen.add(id(node))
+            node = node.transfer.src
+            if node is agent:
+                return True
+        return False
+
+    def _release_slot(self, transfer: Transfer) -> None:
+        """`transfer` stops before its end: its holder's slot frees, and bytes it will not move are not counted."""
+        src = transfer.src
+        if src is None or transfer not in src.uploads:
+            return
+        src.uploads.remove(transfer)
+        src.upload_free_s[transfer.slot] = max([self.now, *(u.end_s for u in src.uploads if u.slot == transfer.slot)])
+        self._uncount_peer(transfer, transfer.size - transfer.done_bytes(self.now))
+
+    def _replan(self, transfer: Transfer) -> None:
+        """The peer serving `transfer` vanished: fetch the bytes still missing from another peer
+        or the source, and let fetches that waited for this agent's copy choose again."""
+        dst, key = transfer.dst, transfer.key
+        done = transfer.done_bytes(self.now)
+        self._release_slot(transfer)
+        if done > 0:
+            self.peer_resumes += 1
+        waiting = [u for u in dst.uploads if u.key == key and u.start_s > self.now]
+        for upload in waiting:
+            self._release_slot(upload)
+        self._start_transfer(dst, key, transfer.size - done, prefetch=transfer.prefetch)
+        for upload in waiting:
+            if upload.dst.alive and upload.dst.transfer is upload:
+                self._replan(upload)
+
+    def _uncount_peer(self, transfer: Transfer, size: int) -> None:
+        """Take back bytes counted for a peer fetch that will not move them."""
+        if size <= 0 or transfer.origin != Origin.PEER:
+            return
+        self.bytes_from_peers -= size
+        self.peer_bytes_by_cause[transfer.cause] -= size
+        self.peer_log.append((self.now, -size))
+        if transfer.prefetch:
+            self.peer_prefetched -= size
+
+    def _miss_cause(self, key: str, *, fetching: AgentState | None = None) -> str:
+        """Why the fleet lacked `key` (not counting the copy `fetching` reserved for it)."""
         if key not in self._ever:
             return MissCause.FIRST
-        if self._copies.get(key, 0) > 0:
+        own = 1 if fetching is not None and key in fetching.disk.reservations else 0
+        if self._copies.get(key, 0) - own > 0:
             return MissCause.DUPLICATE
         return self._lost_by.get(key, MissCause.EVICTED)
 
     def _lose_copy(self, key: str, cause: str) -> None:
-        left = self._copies.get(key, 0) - 1
-        self._copies[key] = max(0, left)
-        if left <= 0:
-            self._lost_by[key] = cause
+        self._copies[key] = max(0, self._copies.get(key, 0) - 1)
+        # The latest loss: when no copy is left, the one lost last is why (a fetch in progress
+        # elsewhere counts as a copy until it too is gone).
+        self._lost_by[key] = cause
 
-    def _download_done(self, payload: tuple[AgentState, str]) -> None:
-        agent, key = payload
-        if not agent.alive:
-            return
+    def _download_done(self, payload: tuple[AgentState, str, Transfer]) -> None:
+        agent, key, transfer = payload
+        if not agent.alive or agent.transfer is not transfer:
+            return  # the fetch was re-planned (its peer vanished) or the agent is gone
+        if transfer.src is not None and transfer in transfer.src.uploads:
+            transfer.src.uploads.remove(transfer)
+        agent.transfer = None
         agent.version += 1
         agent.downloading = None
         if key in agent.transient:
@@ -542,6 +749,7 @@ class Simulator:
             # The operator's fleet-wide rank of the model, for policies that publish one.
             hint = getattr(self.policy, "rank_hint", None)
             agent.disk = agent.disk.commit(key, now=self.now, rank_hint_s=hint(key) if hint is not None else None)
+            self._committed[key] = self._committed.get(key, 0) + 1
         self._pump_download(agent)
         self._try_start_gpu(agent)
         if key in agent.held:
@@ -685,6 +893,12 @@ class Simulator:
             download_log=self.download_log,
             policy_stats=dict(getattr(self.policy, "stats", lambda: {})()),
             bytes_by_cause=dict(self.bytes_by_cause),
+            bytes_from_peers=self.bytes_from_peers,
+            peer_bytes_by_cause={k: v for k, v in self.peer_bytes_by_cause.items() if v},
+            peer_log=self.peer_log,
+            peer_fetches=self.peer_fetches,
+            peer_resumes=self.peer_resumes,
+            peer_prefetched=self.peer_prefetched,
         )
 
 

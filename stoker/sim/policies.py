@@ -51,6 +51,8 @@ class _PushPolicy:
     name = "push"
     tick_s = math.inf
     disk_half_life_s = None  # the plain per-node LRU a load balancer's nodes have
+    peer_fetch = False  # every node pulls from the model source
+    duplicate_discount_s = 0.0
 
     def __init__(self, *, seed: int = 1) -> None:
         self.rng = random.Random(f"{self.name}-{seed}")
@@ -153,8 +155,14 @@ class StokerPolicy:
         queue_slots: bool = True,
         fleet_ranks: bool = True,
         promises: PromiseSettings | None = PromiseSettings(),
+        peer_fetch: bool = False,
+        duplicate_discount_s: float = 0.0,
     ) -> None:
         self.name = name
+        self.peer_fetch = peer_fetch
+        """Agents fetch a model from a peer that holds (or is fetching) it before the source."""
+        self.duplicate_discount_s = duplicate_discount_s
+        """Agents evict copies another agent also holds this much earlier (the operator's spec.duplicates)."""
         self.queue_slots = queue_slots
         """Report one generation slot plus queue slots (the agent's one GPU), not all as generation slots."""
         self.fleet_ranks = fleet_ranks
@@ -231,7 +239,8 @@ class StokerPolicy:
         # changes; between changes the agent's last report (remaining times included) stands.
         cached = self._agent_views.get(agent.name)
         if cached is None or cached[0] != agent.version:
-            view = adapter.agent_view(sim, agent, now, queue_slots=self.queue_slots, frequency_ranks=self.fleet_ranks)
+            view = adapter.agent_view(sim, agent, now, queue_slots=self.queue_slots, frequency_ranks=self.fleet_ranks,
+                                      peers=self.peer_fetch)
             self._agent_views[agent.name] = (agent.version, view)
             return view
         return cached[1]
@@ -265,7 +274,13 @@ POLICIES = (
     "stoker",
     "stoker+replicas",
     "stoker+autoscale",
+    "stoker+peers",
 )
+
+
+PEER_DUPLICATE_DISCOUNT_S = 8 * 3600.0
+"""What `stoker+peers` agents take off the rank of a copy another agent also holds, as real agents do
+by default (CacheAgent spec.duplicates)."""
 
 
 def make_policy(key: str, *, seed: int = 1, settings: PlacementSettings | None = None) -> Policy:
@@ -284,6 +299,10 @@ def make_policy(key: str, *, seed: int = 1, settings: PlacementSettings | None =
         return StokerPolicy(name="stoker-lastused", settings=settings, fleet_ranks=False)
     if key == "stoker+replicas":
         return StokerPolicy(name="stoker+replicas", settings=settings, replicas=ReplicaMode(enabled=True))
+    if key == "stoker+peers":
+        # the agent's default with the peer tier on (AgentSettings.peer_duplicate_discount_s)
+        return StokerPolicy(name="stoker+peers", settings=settings, peer_fetch=True,
+                            duplicate_discount_s=PEER_DUPLICATE_DISCOUNT_S)
     if key == "stoker+autoscale":
         return StokerPolicy(
             name="stoker+autoscale", settings=settings, replicas=ReplicaMode(enabled=True, autoscale=True)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stoker.sim.bounds import Bounds
-from stoker.sim.engine import MissCause, SimResult, Tier
+from stoker.sim.engine import MissCause, Origin, SimResult, Tier
 
 __all__ = [
     "Summary",
@@ -43,7 +43,9 @@ class Summary:
     jobs: int
     finished: int
     bytes_downloaded: int
+    """From model sources."""
     bytes_prefetched: int
+    bytes_from_peers: int
     tier_share: dict[str, float]
     start_p50_s: float
     start_p95_s: float
@@ -94,6 +96,7 @@ def summarize(result: SimResult, *, window_start_s: float = 0.0) -> Summary:
         finished=len(finished),
         bytes_downloaded=sum(b for t, b in result.download_log if t >= window_start_s),
         bytes_prefetched=result.bytes_prefetched if window_start_s <= 0 else -1,
+        bytes_from_peers=sum(b for t, b in result.peer_log if t >= window_start_s),
         tier_share={t: c / n for t, c in tiers.items()},
         start_p50_s=percentile(start_lat, 50),
         start_p95_s=percentile(start_lat, 95),
@@ -119,6 +122,7 @@ def summarize(result: SimResult, *, window_start_s: float = 0.0) -> Summary:
 _COLUMNS = (
     ("policy", "{:<24}", lambda s, b, ref: s.policy),
     ("TB down", "{:>8}", lambda s, b, ref: f"{s.bytes_downloaded / 1e12:.2f}"),
+    ("TB peer", "{:>8}", lambda s, b, ref: f"{s.bytes_from_peers / 1e12:.2f}"),
     ("x pooled", "{:>8}", lambda s, b, ref: f"{s.bytes_downloaded / b:.2f}" if b else "-"),
     ("x fewer", "{:>7}", lambda s, b, ref: f"{ref.bytes_downloaded / max(1, s.bytes_downloaded):.2f}" if ref else "-"),
     ("vram%", "{:>6}", lambda s, b, ref: f"{100 * s.tier_share[Tier.VRAM]:.0f}"),
@@ -159,19 +163,24 @@ def markdown(summaries: Sequence[Summary], *, bound_bytes: int, reference: str |
 
 
 def causes_table(results: Sequence[SimResult], *, markdown_table: bool = False) -> str:
-    """TB downloaded per policy by why the fleet lacked the file when the download started."""
-    names = ["policy", *MissCause.ALL, "of which prefetch"]
-    rows = [
-        [r.policy, *(f"{r.bytes_by_cause.get(c, 0) / 1e12:.2f}" for c in MissCause.ALL), f"{r.bytes_prefetched / 1e12:.2f}"]
-        for r in results
-    ]
+    """TB fetched per policy and origin (model source or peer) by why the fetching agent lacked the
+    file when the fetch started (see `MissCause`); peers appear only for policies that use them."""
+    names = ["policy", "origin", *MissCause.ALL, "total", "of which prefetch"]
+    rows: list[list[str]] = []
+    for r in results:
+        by_origin = [(Origin.SOURCE, r.bytes_by_cause, r.bytes_prefetched)]
+        if r.bytes_from_peers or r.peer_bytes_by_cause:
+            by_origin.append((Origin.PEER, r.peer_bytes_by_cause, r.peer_prefetched))
+        for origin, causes, prefetched in by_origin:
+            rows.append([r.policy, origin, *(f"{causes.get(c, 0) / 1e12:.2f}" for c in MissCause.ALL),
+                         f"{sum(causes.values()) / 1e12:.2f}", f"{prefetched / 1e12:.2f}"])
     if markdown_table:
         lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in names) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
     widths = [max(len(n), *(len(row[i]) for row in rows)) for i, n in enumerate(names)]
-    lines = [" ".join(n.rjust(w) if i else n.ljust(w) for i, (n, w) in enumerate(zip(names, widths)))]
-    lines += [" ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [" ".join(n.rjust(w) if i > 1 else n.ljust(w) for i, (n, w) in enumerate(zip(names, widths)))]
+    lines += [" ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows]
     return "\n".join(lines)
 
 

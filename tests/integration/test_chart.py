@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import pathlib
@@ -103,6 +104,68 @@ def test_helm_install_creates_the_operator_agents_and_least_privilege_rbac(helm,
         assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules), role
 
 
+def test_the_peer_credential_is_generated_once_and_mounted_into_agents_only(helm, control_plane, namespace, kubectl) -> None:
+    args = [str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig), "--set", "crds.enabled=false"]
+    proc = subprocess.run([helm, "install", "stoker", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    secret = json.loads(kubectl("get", "secret", "stoker-agent-peer", "-o", "json").stdout)
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) == 48 and token.isalnum()
+    deployments = {d["metadata"]["name"]: d for d in json.loads(kubectl("get", "deploy", "-o", "json").stdout)["items"]}
+    agent = deployments["stoker-agent"]["spec"]["template"]["spec"]
+    [mount] = [m for m in agent["containers"][0]["volumeMounts"] if m["mountPath"] == "/var/run/stoker/peer"]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in agent["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "stoker-agent-peer"
+    env = {e["name"]: e for e in agent["containers"][0]["env"]}
+    assert env["STOKER_PEER_TOKEN_FILE"]["value"] == "/var/run/stoker/peer/token"
+    assert env["STOKER_PEER_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert {"name": "peer", "containerPort": 8471} in [
+        {k: p[k] for k in ("name", "containerPort")} for p in agent["containers"][0]["ports"]]
+    # The operator neither mounts it nor may read Secrets at all.
+    operator = deployments["stoker-operator"]["spec"]["template"]["spec"]
+    assert not any("secret" in v for v in operator.get("volumes", []))
+    rules = json.loads(kubectl("get", "role", "stoker-operator", "-o", "json").stdout)["rules"]
+    assert not any("secrets" in r["resources"] for r in rules)
+    # An upgrade keeps the credential: agents running with the old one still reach each other.
+    proc = subprocess.run([helm, "upgrade", "stoker", *args, "--set", "agent.peer.maxUploads=3"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(kubectl("get", "secret", "stoker-agent-peer", "-o", "json").stdout)
+    assert again["data"]["token"] == secret["data"]["token"]
+
+
+def test_the_peer_credential_is_named_after_the_release_or_brought_by_the_user(helm: str) -> None:
+    def render(*options: str) -> list[dict]:
+        out = subprocess.run([helm, "template", "ab", str(CHART), "--namespace", "ns", *options],
+                             check=True, capture_output=True, text=True).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+
+    docs = render()
+    secrets = [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"]
+    assert "ab-stoker-agent-peer" in secrets
+    agent = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ab-stoker-agent")
+    volume = next(v for v in agent["spec"]["template"]["spec"]["volumes"] if v["name"] == "peer-credential")
+    assert volume["secret"]["secretName"] == "ab-stoker-agent-peer"
+    docs = render("--set", "agent.peer.existingSecret=our-peer-token")
+    assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-peer")]
+    agent = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ab-stoker-agent")
+    volume = next(v for v in agent["spec"]["template"]["spec"]["volumes"] if v["name"] == "peer-credential")
+    assert volume["secret"]["secretName"] == "our-peer-token"
+    bad = subprocess.run([helm, "template", "ab", str(CHART), "--set", "agent.peer.maxUploads=0"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "maxUploads" in bad.stderr
+
+
+def test_the_peer_tier_can_be_turned_off(helm, control_plane, namespace, kubectl) -> None:
+    proc = subprocess.run(
+        [helm, "install", "stoker", str(CHART), "--namespace", namespace, "--kubeconfig", str(control_plane.kubeconfig),
+         "--set", "crds.enabled=false", "--set", "agent.peer.enabled=false"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert kubectl("get", "secret", "stoker-agent-peer", check=False).returncode != 0
+    agent = json.loads(kubectl("get", "deploy", "stoker-agent", "-o", "json").stdout)["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in agent["containers"][0]["env"]}
+    assert "STOKER_PEER_TOKEN_FILE" in env and not env["STOKER_PEER_TOKEN_FILE"]  # set, empty: no peer credential
+    assert not any(v["name"] == "peer-credential" for v in agent["volumes"])
 def notes_manifests(notes: str) -> list[str]:
     """The manifests in NOTES.txt's `kubectl apply -f - <<'EOF'` blocks, unindented."""
     blocks, current = [], None

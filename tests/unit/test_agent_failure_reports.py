@@ -70,6 +70,9 @@ class BadSourceStore:
     def abandon(self, key: str) -> None:
         pass
 
+    def set_duplicates(self, keys: frozenset[str]) -> None:
+        pass
+
 
 async def until(predicate: Callable[[], Any], *, what: str, timeout_s: float = 10) -> Any:
     deadline = time.monotonic() + timeout_s

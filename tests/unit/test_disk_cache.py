@@ -470,3 +470,36 @@ class DiskCacheMachine(RuleBasedStateMachine):
 
 TestDiskCacheMachine = DiskCacheMachine.TestCase
 TestDiskCacheMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+class TestDuplicates:
+    """Copies other agents also hold can come back from a peer: with a discount they go first."""
+
+    def state(self) -> DiskCacheState:
+        s = DiskCacheState(budget_bytes=300)
+        for i, key in enumerate(("busy", "steady", "once")):
+            s, _, _ = s.reserve(key, 100, now=float(i))
+            s = s.commit(key, now=float(i))
+        for t in range(8):  # "busy" and "steady" are used again and again; "once" was used once
+            s = s.pin("busy", now=100.0 + t).unpin("busy", now=100.5 + t)
+            s = s.pin("steady", now=100.0 + t).unpin("steady", now=100.5 + t)
+        return s
+
+    def test_without_a_discount_duplicates_change_nothing(self) -> None:
+        s = self.state()
+        plain = s.reserve("new", 100, now=200.0)[2]
+        assert plain == ("once",)
+        assert s.with_duplicates(frozenset({"busy"}), discount_s=0.0).reserve("new", 100, now=200.0)[2] == plain
+
+    def test_a_duplicate_goes_before_the_fleets_last_copy_of_a_model_used_less(self) -> None:
+        s = self.state().with_duplicates(frozenset({"busy"}), discount_s=8 * 3600.0)
+        assert s.reserve("new", 100, now=200.0)[2] == ("busy",)
+        assert s.reserve("new", 200, now=200.0)[2] == ("busy", "once")
+
+    def test_a_pinned_duplicate_stays(self) -> None:
+        s = self.state().pin("busy", now=150.0).with_duplicates(frozenset({"busy"}), discount_s=8 * 3600.0)
+        assert s.reserve("new", 100, now=200.0)[2] == ("once",)
+
+    def test_a_negative_discount_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="discount_s"):
+            self.state().with_duplicates(frozenset(), discount_s=-1.0)

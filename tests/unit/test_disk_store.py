@@ -210,6 +210,35 @@ class TestEviction:
 
         run(main())
 
+    def test_with_the_peer_tier_on_a_copy_other_agents_also_hold_is_evicted_first(
+        self, server: ModelServer, make_store: Callable[..., DiskStore], tmp_path: pathlib.Path
+    ) -> None:
+        class NoPeerHolds:
+            """The peer tier is on, but no other agent holds what is asked for: the source serves it."""
+
+            def fetch(self, request: object, **kwargs: object) -> None:
+                return None
+
+        async def main(peer_tier: bool) -> list[str]:
+            store = make_store(budget_bytes=int(2.5 * SIZE), cache_dir=tmp_path / f"peer-tier-{peer_tier}")
+            if peer_tier:
+                store.peers = NoPeerHolds()  # type: ignore[assignment]
+                store.duplicate_discount_s = 8 * 3600.0
+            await store.start()
+            await store.ensure(source(server, 0))
+            await store.ensure(source(server, 1))
+            await store.ensure(source(server, 0))  # m0 is the most recently used...
+            store.set_duplicates(frozenset({"team/m0"}))  # ...but another agent holds it too
+            await store.ensure(source(server, 2))
+            kept = sorted(m.key for m in store.snapshot().models)
+            await store.close()
+            return kept
+
+        # without the peer tier the operator's word changes nothing: plain LRU drops m1
+        assert run(main(False)) == ["team/m0", "team/m2"]
+        # with it, m0 can come back from a peer and goes first; m1 is the fleet's only copy
+        assert run(main(True)) == ["team/m1", "team/m2"]
+
     def test_models_in_use_or_held_are_not_evicted_and_the_error_says_why(
         self, server: ModelServer, make_store: Callable[..., DiskStore]
     ) -> None:

@@ -894,3 +894,24 @@ def test_times_in_a_status_never_go_before_the_binding_whatever_the_clocks() -> 
     done = ordered_times({"finishedAt": "2026-01-01T00:00:09Z"}, {**current, "startedAt": "2026-01-01T00:00:12Z"})
     assert done["finishedAt"] == "2026-01-01T00:00:12Z"
     assert ordered_times({"startedAt": "x"}, {}) == {"startedAt": "x"}
+
+
+def test_a_models_source_carries_the_digest_the_fleet_published_for_copies_from_peers() -> None:
+    from stoker.api.modelcache import ModelCache
+
+    def mc(spec_sha: str | None, status_sha: str | None) -> ModelCache:
+        source: dict[str, Any] = {"url": "https://hub.example/m.safetensors"}
+        if spec_sha:
+            source["sha256"] = spec_sha
+        return ModelCache.model_validate({"metadata": {"name": "m", "namespace": "ns"}, "spec": {"source": source},
+                                          "status": {"sha256": status_sha} if status_sha else None})
+
+    objects = type("O", (), {"namespace": "ns"})()
+    published = jobs.model_source(objects, mc(None, "b" * 64))  # type: ignore[arg-type]
+    assert (published.sha256, published.published_sha256, published.verify_sha256) == (None, "b" * 64, "b" * 64)
+    spec = jobs.model_source(objects, mc("a" * 64, "a" * 64))  # type: ignore[arg-type]
+    assert spec.verify_sha256 == "a" * 64
+    unknown = jobs.model_source(objects, mc(None, None))  # type: ignore[arg-type]
+    assert unknown.verify_sha256 is None  # no digest: the source only
+    # the published digest does not change the file's identity (a new digest in status is not a new model)
+    assert published.digest == unknown.digest

@@ -314,6 +314,15 @@ def test_agent_view_reads_each_models_disk_rank_but_none_for_a_baked_in_model() 
     assert agent_view(agent_from_body(agent_body()), ready=True, bound=0, in_use=[]).disk_rank_s == {}
 
 
+def test_agent_view_puts_an_agent_with_a_peer_endpoint_in_the_peer_tier_with_its_measured_rate() -> None:
+    body = agent_body()
+    assert not agent_view(agent_from_body(body), ready=True, bound=0, in_use=[]).serves_peers
+    body["status"]["peer"] = {"url": "http://10.0.0.4:8471", "maxUploads": 2}
+    body["status"]["bandwidth"]["peerBps"] = 9e8
+    view = agent_view(agent_from_body(body), ready=True, bound=0, in_use=[])
+    assert view.serves_peers and view.peer_bps == 9e8
+
+
 # --- source health follows the current ModelCache ----------------------------------
 
 MC_CREATED = "2026-01-01T01:00:00Z"

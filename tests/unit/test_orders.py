@@ -48,6 +48,9 @@ class FailingStore:
     def abandon(self, key: str) -> bool:
         return False
 
+    def set_duplicates(self, keys: frozenset[str]) -> None:
+        self.duplicates = keys
+
     async def prefetch(self, source: object, *, rank_hint_s: float | None = None) -> None:
         self.prefetches += 1
         raise DiskStoreError("HTTPServerError", "the model server answered 503", retryable=True)
@@ -102,3 +105,16 @@ def test_a_held_model_a_job_downloaded_after_its_prefetch_failed_is_neither_retr
         assert passes[0] - before < 5 and store.prefetches == 1
 
     asyncio.run(main())
+
+
+def test_the_operators_word_on_duplicates_reaches_the_disk_tier() -> None:
+    from stoker.agent.orders import OrderFollower
+    from stoker.api.cacheagent import CacheAgentSpec
+
+    store = FailingStore()
+    follower = OrderFollower(objects=type("O", (), {"namespace": "ns"})(), name="a", store=store,  # type: ignore[arg-type]
+                             resolve=lambda mc: None, failures={}, on_change=lambda: None)
+    follower.apply(CacheAgentSpec(duplicates=["m1", "m2"]), generation=2)
+    assert store.duplicates == frozenset({"ns/m1", "ns/m2"})
+    follower.apply(CacheAgentSpec(), generation=3)
+    assert store.duplicates == frozenset()

@@ -368,6 +368,77 @@ class TestBatchPass:
             plan_placement([job("j")], [agent("a"), agent("a")], ARTIFACTS, now=0)
 
 
+class TestPeerTier:
+    """Agents in the peer tier fetch from a holder at their peer bandwidth; only source bytes are weighted."""
+
+    def peers(self, **kw: object) -> list[AgentView]:
+        busy_holder = agent("holder", serves_peers=True, disk=frozenset({"sdxl"}), vram=frozenset({"sdxl"}),
+                            free_slots=0, running_remaining_s=(120.0,))
+        return [busy_holder, agent("free", serves_peers=True, **kw)]
+
+    def test_a_free_agent_fetches_from_a_busy_holder_at_lan_speed_without_the_source_weight(self) -> None:
+        b = only(plan_bindings([job("j")], self.peers(peer_bps=1e9), ARTIFACTS, now=0))
+        assert (b.agent, b.cache_tier) == ("free", Tier.MISS)
+        assert b.load_s == pytest.approx(6.5 * GB / 1e9 + 6.5 * GB / 2e9)
+        assert b.cost_s == pytest.approx(b.load_s)  # no download weight on bytes from a peer
+        assert b.reason.startswith("checkpoint from a peer")
+
+    def test_the_source_weight_does_not_apply_to_a_peer_fetch_but_the_peer_weight_does(self) -> None:
+        heavy = PlacementSettings(download_weight=50)
+        assert only(plan_bindings([job("j")], self.peers(peer_bps=1e9), ARTIFACTS, now=0, settings=heavy)).cost_s == \
+            pytest.approx(6.5 * GB / 1e9 + 6.5 * GB / 2e9)
+        weighted = PlacementSettings(peer_weight=3)
+        b = only(plan_bindings([job("j")], self.peers(peer_bps=1e9), ARTIFACTS, now=0, settings=weighted))
+        assert b.cost_s == pytest.approx(3 * 6.5 * GB / 1e9 + 6.5 * GB / 2e9)
+
+    def test_an_agent_outside_the_peer_tier_pays_the_source_and_waits_for_the_holder_instead(self) -> None:
+        agents = self.peers()
+        agents[1] = dataclasses.replace(agents[1], serves_peers=False)
+        plan = plan_placement([job("j")], agents, ARTIFACTS, now=0)
+        assert plan.bindings == () and plan.waiting[0].agent == "holder"  # 120 s beats 10 x 32 s of source download
+        # a holder outside the peer tier serves nobody: the same choice
+        agents = self.peers()
+        agents[0] = dataclasses.replace(agents[0], serves_peers=False)
+        assert plan_placement([job("j")], agents, ARTIFACTS, now=0).waiting[0].agent == "holder"
+
+    def test_a_copy_being_fetched_is_served_once_complete(self) -> None:
+        # "fetching" has 1.5 of 6.5 GB at 500 MB/s: 10 s to go, then 6.5 s from it at 1 GB/s.
+        agents = [agent("fetching", serves_peers=True, downloading={"sdxl": int(1.5 * GB)}, download_bps=500e6,
+                        free_slots=0, running_remaining_s=(600.0,)),
+                  agent("free", serves_peers=True, peer_bps=1e9)]
+        b = only(plan_bindings([job("j")], agents, ARTIFACTS, now=0))
+        assert b.agent == "free"
+        assert b.load_s == pytest.approx(10.0 + 6.5 + 3.25)
+
+    def test_a_second_job_in_the_same_pass_fans_out_from_the_copy_the_first_one_fetches(self) -> None:
+        agents = [agent("a", serves_peers=True, peer_bps=1e9), agent("b", serves_peers=True, peer_bps=1e9)]
+        first, second = plan_bindings([job("j1", created_at=0), job("j2", created_at=1)], agents, ARTIFACTS, now=10)
+        assert {first.agent, second.agent} == {"a", "b"}
+        source_s = 6.5 * GB / 200e6
+        assert first.load_s == pytest.approx(source_s + 6.5 * GB / 2e9)
+        # waits for the first copy, then fetches it from that agent: never from the source
+        assert second.load_s == pytest.approx(source_s + 6.5 * GB / 1e9 + 6.5 * GB / 2e9)
+        assert second.reason.startswith("checkpoint from a peer")
+
+    def test_a_high_last_copy_weight_makes_room_where_the_victim_is_a_duplicate(self) -> None:
+        # "dup" must evict sd15, which "holder" also has; "last" must evict sd15-alt, held nowhere else.
+        # "last" downloads a little faster, which wins as long as losing a last copy costs no more than a duplicate.
+        full = dict(serves_peers=True, disk_capacity_bytes=7 * GB, disk_free_bytes=5 * GB)
+        agents = [agent("last", disk=frozenset({"sd15-alt"}), download_bps=220e6, **full),
+                  agent("dup", disk=frozenset({"sd15"}), download_bps=200e6, **full),
+                  agent("holder", serves_peers=True, disk=frozenset({"sd15"}), free_slots=0, running_remaining_s=(9.0,))]
+        assert only(plan_bindings([job("j", "sdxl")], agents, ARTIFACTS, now=0)).agent == "last"
+        weighted = PlacementSettings(evict_last_copy_weight=50)
+        b = only(plan_bindings([job("j", "sdxl")], agents, ARTIFACTS, now=0, settings=weighted))
+        assert (b.agent, b.evicts) == ("dup", ("sd15",))
+
+    def test_without_peers_in_the_fleet_peer_settings_change_nothing(self) -> None:
+        agents = [agent("a", disk=frozenset({"sdxl"}), free_slots=0, running_remaining_s=(30.0,)), agent("b")]
+        base = plan_placement([job("j"), job("k", "sd15")], agents, ARTIFACTS, now=0)
+        other = PlacementSettings(peer_weight=7, default_peer_bps=3e9, evict_last_copy_weight=9)
+        assert plan_placement([job("j"), job("k", "sd15")], agents, ARTIFACTS, now=0, settings=other) == base
+
+
 # --- properties over random fleets -------------------------------------------------
 
 MODELS = ["sd15", "sdxl", "flux", "lora-a", "vae"]
@@ -396,6 +467,8 @@ def fleets(draw: st.DrawFn) -> list[AgentView]:
                 disk_rank_s={k: draw(st.floats(0, 1000)) for k in sorted(disk) if draw(st.booleans())},
                 held=draw(st.frozensets(st.sampled_from(sorted(disk)))) if disk else frozenset(),
                 held_hot=draw(keysets), in_use=draw(keysets),
+                serves_peers=draw(st.booleans()), peer_bps=draw(st.sampled_from([None, 2e8, 1e9])),
+                downloading={k: draw(st.integers(0, GB)) for k in draw(keysets) if k not in disk},
             )
         )
     return out
@@ -574,3 +647,14 @@ def test_invariants_hold_on_larger_fleets_where_candidate_caps_and_the_pass_inde
     plan = plan_placement(jobs, agents, ARTIFACTS, now=200, settings=s)
     check_plan(plan, jobs, agents)
     assert plan == plan_placement(list(reversed(jobs)), agents, ARTIFACTS, now=200, settings=s)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fleets(), queues(), st.floats(500, 2000))
+def test_with_nobody_in_the_peer_tier_the_peer_knobs_change_no_plan(agents: list[AgentView], jobs: list[JobView],
+                                                                    now: float) -> None:
+    agents = [dataclasses.replace(a, serves_peers=False) for a in agents]
+    other = PlacementSettings(peer_weight=5, default_peer_bps=5e9, evict_last_copy_weight=4)
+    assert plan_placement(jobs, agents, ARTIFACTS, now=now) == plan_placement(jobs, agents, ARTIFACTS, now=now,
+                                                                               settings=other)
+

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from stoker import userank
-from stoker.operator.replica_shell import ReplicaShell, is_status_write_due
+from stoker.operator.replica_shell import Copies, ReplicaShell, is_status_write_due
 from stoker.operator.state import State, format_time, parse_time
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -115,3 +115,89 @@ class TestWriteDue:
         assert is_status_write_due(self.base, moved, since_write_s=0.0, refresh_s=30.0)
         unpublished = {k: v for k, v in self.base.items() if k not in ("useRank", "useRankCountedThrough")}
         assert is_status_write_due(unpublished, self.base, since_write_s=0.0, refresh_s=30.0)
+
+
+class TestPublishedDigest:
+    """ModelCache status.sha256: what agents verify copies fetched from each other against."""
+
+    def copies(self, *digests: str | None) -> Any:
+        from stoker.operator.replica_shell import copies_by_model
+        from stoker.operator.state import agent_from_body
+
+        agents = [agent_from_body({
+            "apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+            "metadata": {"name": f"a{i}", "namespace": "ns", "uid": f"a{i}", "resourceVersion": "1"},
+            "spec": {}, "status": {"models": [{"name": "sd", "tier": "disk", "sizeBytes": 10,
+                                               **({"sha256": d} if d else {})}]}}) for i, d in enumerate(digests)]
+        return copies_by_model(agents, {}).get("sd", Copies([]))
+
+    def observed(self, *, spec_sha: str | None = None, status_sha: str | None = None) -> Any:
+        from stoker.operator.state import model_from_body
+
+        body = model({"sha256": status_sha} if status_sha else None)
+        if spec_sha:
+            body["spec"]["source"]["sha256"] = spec_sha
+        return model_from_body(body)
+
+    def test_the_specs_digest_wins(self) -> None:
+        from stoker.operator.replica_shell import published_sha256
+
+        assert published_sha256(self.observed(spec_sha="a" * 64), self.copies("b" * 64)) == "a" * 64
+
+    def test_without_one_the_first_copys_digest_is_published_and_kept(self) -> None:
+        from stoker.operator.replica_shell import published_sha256
+
+        assert published_sha256(self.observed(), self.copies()) is None
+        assert published_sha256(self.observed(), self.copies(None)) is None
+        first = published_sha256(self.observed(), self.copies("c" * 64, "d" * 64, "d" * 64))
+        assert first == "d" * 64  # the digest most copies have
+        # once published it stays, whatever copies appear later
+        assert published_sha256(self.observed(status_sha="c" * 64), self.copies("d" * 64)) == "c" * 64
+
+    def test_the_shell_writes_it_into_the_status(self) -> None:
+        state, shell, writer = shell_with()
+        state.upsert_agent({"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+                            "metadata": {"name": "a1", "namespace": "ns", "uid": "a1", "resourceVersion": "1"},
+                            "spec": {}, "status": {"models": [{"name": "sd", "tier": "disk", "sizeBytes": 10,
+                                                               "sha256": "e" * 64}]}})
+        shell.apply_once(now=T0, now_mono=0.0)
+        assert writer.writes and writer.writes[-1]["sha256"] == "e" * 64
+
+
+def test_copies_two_agents_of_the_peer_tier_share_are_written_as_their_duplicates() -> None:
+    def ca(name: str, models: list[str], *, peer: bool = True) -> dict[str, Any]:
+        status: dict[str, Any] = {"models": [{"name": m, "tier": "disk", "sizeBytes": 10} for m in models],
+                                  "slots": 1}
+        if peer:
+            status["peer"] = {"url": "http://10.0.0.1:8471"}
+        return {"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+                "metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "1"},
+                "spec": {}, "status": status}
+
+    state, shell, writer = shell_with()
+    patches: list[tuple[str, dict[str, Any]]] = []
+    writer.fake.patch = lambda kind, name, body, **kw: (patches.append((name, body)), ca(name, []))[1]  # type: ignore[attr-defined]
+    for body in (ca("a1", ["sd", "x"]), ca("a2", ["sd"]), ca("a3", ["x"], peer=False)):
+        state.upsert_agent(body)
+        state.upsert_lease({"metadata": {"name": body["metadata"]["name"], "namespace": "ns", "resourceVersion": "1"},
+                            "spec": {"renewTime": "2026-01-01T00:00:00Z", "leaseDurationSeconds": 15,
+                                     "holderIdentity": body["metadata"]["name"]}}, now_mono=0.0)
+    shell.lease_grace_s = None
+    shell.apply_once(now=T0, now_mono=0.0)
+    assert sorted(patches) == [("a1", {"spec": {"duplicates": ["sd"]}}), ("a2", {"spec": {"duplicates": ["sd"]}})]
+
+
+def test_an_agent_that_left_the_peer_tier_has_its_duplicates_cleared() -> None:
+    state, shell, writer = shell_with()
+    patches: list[tuple[str, dict[str, Any]]] = []
+    # a1 no longer advertises a peer endpoint: its last word on duplicates must not linger
+    a1 = {"apiVersion": "stoker.dev/v1alpha1", "kind": "CacheAgent",
+          "metadata": {"name": "a1", "namespace": "ns", "uid": "a1", "resourceVersion": "1"},
+          "spec": {"duplicates": ["sd"]},
+          "status": {"models": [{"name": "sd", "tier": "disk", "sizeBytes": 10}], "slots": 1}}
+    writer.fake.patch = lambda kind, name, body, **kw: (  # type: ignore[attr-defined]
+        patches.append((name, body)), {**a1, "metadata": {**a1["metadata"], "resourceVersion": "2"}, **body})[1]
+    state.upsert_agent(a1)
+    shell.lease_grace_s = None
+    shell.apply_once(now=T0, now_mono=0.0)
+    assert patches == [("a1", {"spec": {"duplicates": []}})]

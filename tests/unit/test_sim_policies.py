@@ -150,3 +150,11 @@ def test_agent_views_show_one_gpu_with_queue_slots_and_the_agents_eviction_ranks
     assert lastused.disk_rank_s == {"m0001": 26.0}
     old = adapter.agent_view(sim, agent, 30.0, queue_slots=False)
     assert (old.slots, old.queue_slots) == (fleet.slots, 0)
+
+
+def test_peer_tier_agents_discount_duplicates_as_real_agents_do_by_default() -> None:
+    from stoker.agent.settings import AgentSettings
+
+    shipped = AgentSettings.model_fields["peer_duplicate_discount_s"].default
+    assert policies.make_policy("stoker+peers").duplicate_discount_s == shipped > 0
+    assert policies.make_policy("stoker").duplicate_discount_s == 0

@@ -62,8 +62,24 @@ def test_downloads_failures_and_generation_are_carried_through() -> None:
 
 
 def test_measured_bandwidths_are_reported_as_given() -> None:
-    wire = build(bandwidth=Bandwidths(download_bps=5e8, disk_to_gpu_bps=2e9, ram_to_gpu_bps=2.5e10)).wire()
-    assert wire["bandwidth"] == {"downloadBps": 5e8, "diskToGpuBps": 2e9, "ramToGpuBps": 2.5e10}
+    wire = build(bandwidth=Bandwidths(download_bps=5e8, disk_to_gpu_bps=2e9, ram_to_gpu_bps=2.5e10, peer_bps=1e9)).wire()
+    assert wire["bandwidth"] == {"downloadBps": 5e8, "diskToGpuBps": 2e9, "ramToGpuBps": 2.5e10, "peerBps": 1e9}
+
+
+def test_the_peer_endpoint_and_each_copys_digest_are_reported() -> None:
+    from stoker.api.cacheagent import PeerEndpoint
+
+    digest = "ab" * 32
+    disk = sr.DiskView(budget_bytes=10, used_bytes=4, reserved_bytes=0, downloads=(), entries=(
+        sr.DiskEntryView(key="ns/a", size_bytes=4, last_used=1.0, preloaded=False, held=False, sha256=digest),
+        sr.DiskEntryView(key="ns/base", size_bytes=9, last_used=1.0, preloaded=True, held=False,
+                                    sha256="cd" * 32)))
+    wire = build(disk=disk, peer=PeerEndpoint(url="http://10.0.0.7:8471", max_uploads=2)).wire()
+    assert wire["peer"] == {"url": "http://10.0.0.7:8471", "maxUploads": 2}
+    by_name = {m["name"]: m for m in wire["models"]}
+    assert by_name["a"]["sha256"] == digest
+    assert "sha256" not in by_name["base"]  # baked-in files are not offered to peers
+    assert "peer" not in build().wire()
 
 
 def test_a_failure_message_longer_than_the_crd_allows_is_cut_to_fit_not_refused() -> None:

@@ -188,4 +188,13 @@ The agents' model credentials, checked: a JSON object with "grants" (the agents'
 {{- if eq $via "mount" }}{{ $mounted = append $mounted $c.name }}{{ end }}
 {{- end }}
 {{- toJson (dict "grants" $grants "api" $api "mounted" $mounted) }}
+{{- end }}
+
+{{/* The Secret holding the fleet's peer credential: the user's, or the one the chart generates. */}}
+{{- define "stoker.agent.peerSecretName" -}}
+{{- if .Values.agent.peer.existingSecret -}}
+{{- .Values.agent.peer.existingSecret -}}
+{{- else -}}
+{{- printf "%s-peer" (include "stoker.agent.fullname" . | trunc 58 | trimSuffix "-") -}}
+{{- end -}}
 {{- end -}}
