@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
@@ -84,6 +86,11 @@ class Reconciler:
         self.lease_grace_s = lease_grace_s
         self.default_ttl_s = default_ttl_s
         """ttlSecondsAfterFinished of jobs that set none (None: kept forever)."""
+        self._quiet: dict[str, tuple[str, bool | None, frozenset[str], float]] = {}
+        """Jobs a pass found nothing to do for: (resourceVersion, its agent's readiness, failed
+        models, when a deadline or TTL falls due). A job is looked at again only when one of
+        them changes: a pass costs in proportion to what changed, not to every job kept."""
+        self._failed: frozenset[str] = frozenset()
 
     def reconcile_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
         """Start the writes this pass calls for; returns how many were started."""
@@ -102,11 +109,38 @@ class Reconciler:
             started += self._agent_condition(a, ready[a.key])
         failed_models = st.update_source_health(now=now, now_mono=now_mono, grace_s=self.lease_grace_s)
         metrics.SOURCE_FAILED_MODELS.set(len(failed_models))
+        failed = frozenset(failed_models)
+        if failed != self._failed:
+            self._failed = failed
+        failed = self._failed  # the same object while unchanged: compared by identity below
+        quiet = self._quiet
+        if len(quiet) > 2 * len(jobs) + 1000:
+            keys = {j.key for j in jobs}
+            self._quiet = quiet = {k: v for k, v in quiet.items() if k in keys}
         for job in jobs:
+            bound = job.bound_agent
+            bound_ready = None if bound is None else ready.get(f"{job.namespace}/{bound}", False)
+            q = quiet.get(job.key)
+            if (q is not None and q[0] == job.resource_version and q[1] == bound_ready and q[2] is failed
+                    and now < q[3]):
+                continue
             if job.key in inflight or not self.writer.may_act(job.key, job.resource_version):
                 continue
-            started += self._job(job, ready, failed_models, now)
+            write = self._job(job, ready, failed_models, now)
+            if write is None:
+                quiet[job.key] = (job.resource_version, bound_ready, failed, self._due(job))
+            else:
+                quiet.pop(job.key, None)
+                started += int(self.writer.submit(job.key, job.resource_version, write))
         return started
+
+    def _due(self, job: ObservedJob) -> float:
+        """When time alone may give `job` something to do: its deadline, or its TTL once finished."""
+        st = job_state(job)
+        if st.terminal:
+            ttl_s = job.ttl_s if job.ttl_s is not None else self.default_ttl_s
+            return st.finished_at + ttl_s if ttl_s is not None and st.finished_at is not None else math.inf
+        return st.deadline if st.deadline is not None else math.inf
 
     # -- agents
 
@@ -140,19 +174,20 @@ class Reconciler:
     # -- jobs
 
     def _job(self, job: ObservedJob, ready: dict[str, bool], failed_models: dict[str, sourcehealth.SourceVerdict],
-             now: float) -> int:
+             now: float) -> Callable[[], None] | None:
+        """The write `job` calls for now, or None."""
         if job.terminal:
             if job.bound_agent is not None or self._missing_last_record(job):
-                return self._submit(job, self._finish(job, now))
+                return self._finish(job, now)  # type: ignore[no-any-return]
             ttl_s = job.ttl_s if job.ttl_s is not None else self.default_ttl_s
             if ttl_s is not None and jobstate.is_expired(job_state(job), ttl_s=ttl_s, now=now):
-                return self._submit(job, lambda: self._delete(job))
-            return 0
+                return lambda: self._delete(job)
+            return None
         before = job_state(job)
         tr = self._decide(job, before, ready, failed_models, now)
         if tr is not None:
-            return self._submit(job, lambda: self._apply(job, tr))
-        return 0
+            return lambda: self._apply(job, tr)
+        return None
 
     def _decide(self, job: ObservedJob, st: jobstate.JobState, ready: dict[str, bool],
                 failed_models: dict[str, sourcehealth.SourceVerdict], now: float) -> _Transition | None:
@@ -214,9 +249,6 @@ class Reconciler:
             return _Transition(before, after, "Requeued", f"{why}; attempt {after.attempt} is pending ({counted}; "
                                f"{used} of {after.max_attempts} allowed failures used)")
         return _Transition(before, after, "Failed", f"{after.reason}: {after.message}", warning=True)
-
-    def _submit(self, job: ObservedJob, fn: Any) -> int:
-        return int(self.writer.submit(job.key, job.resource_version, fn))
 
     def _unlabel(self, job: ObservedJob) -> str:
         """Remove the binding (label and annotations), recording which one it was; returns the new

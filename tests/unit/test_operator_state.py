@@ -569,3 +569,55 @@ def test_the_agent_records_a_scheduled_time_never_later_than_its_own_writes() ->
     # The operator's clock ahead of the agent's: the agent's own time, so scheduledAt <= startedAt.
     assert scheduled_at(bound, "2026-01-01T00:00:04.000000Z") == "2026-01-01T00:00:04.000000Z"
     assert scheduled_at({"metadata": {}}, "2026-01-01T00:00:04Z") == "2026-01-01T00:00:04Z"
+
+
+class _RecordingWriter:
+    """Takes every write the reconciler starts without running it."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def may_act(self, key: str, resource_version: str) -> bool:
+        return True
+
+    def submit(self, key: str, resource_version: str, fn: Any, **_: Any) -> bool:
+        if not key.startswith("ca:"):  # the agents' Ready conditions are not what is tested here
+            self.submitted.append(key)
+        return True
+
+
+def test_the_reconciler_looks_again_at_a_quiet_job_only_when_it_its_agent_or_the_clock_calls_for_it() -> None:
+    from stoker.operator.failure import Reconciler
+
+    state = ready_state()
+    state.upsert_agent(agent_body())
+    state.upsert_job(job_body("bound", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"},
+                              status={"phase": "Running", "attempt": 1, "agent": "a"}))
+    timed = job_body("timed", status={"phase": "Pending", "attempt": 1})
+    timed["spec"]["timeoutSeconds"] = 60
+    state.upsert_job(timed)
+    writer = _RecordingWriter()
+    rec = Reconciler(state, writer, lease_grace_s=10.0)  # type: ignore[arg-type]
+    looked: list[str] = []
+    decide = rec._job
+    rec._job = lambda job, *a: (looked.append(job.name), decide(job, *a))[1]  # type: ignore[method-assign]
+    start = job_from_body(timed).created_at
+
+    rec.reconcile_once(now=start + 1, now_mono=1.0)
+    assert sorted(looked) == ["bound", "timed"] and writer.submitted == []
+    looked.clear()
+    rec.reconcile_once(now=start + 2, now_mono=2.0)
+    assert looked == [], "nothing changed: no job is looked at again"
+
+    state.upsert_job(timed | {"metadata": {**timed["metadata"], "resourceVersion": "11"}})
+    rec.reconcile_once(now=start + 3, now_mono=3.0)
+    assert looked == ["timed"] and writer.submitted == [], "a new version of the job is looked at"
+    looked.clear()
+
+    rec.reconcile_once(now=start + 61, now_mono=4.0)
+    assert looked == ["timed"] and writer.submitted == ["ns/timed"], "its deadline passed: it fails"
+    looked.clear()
+
+    state.upsert_lease(lease("b", "t1", "2"), now_mono=29.0)  # the watch is alive; a's Lease went unrenewed
+    rec.reconcile_once(now=start + 62, now_mono=30.0)
+    assert "bound" in looked and "ns/bound" in writer.submitted, "its agent was lost: it is requeued"
