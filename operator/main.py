@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="placement cost of a second of downloading relative to a second of waiting; higher trades "
                         "start latency for fewer bytes pulled from model sources (>= 1, default %(default)s, the "
                         "placement core's; env STOKER_DOWNLOAD_WEIGHT)")
+    p.add_argument("--peer-weight", type=float,
+                   default=os.environ.get("STOKER_PEER_WEIGHT") or str(PlacementSettings().peer_weight),
+                   help="placement cost of a second of fetching a model from another agent (the peer tier) relative "
+                        "to a second of waiting; higher keeps jobs with the agents that hold their model rather "
+                        "than spreading copies (>= 1, default %(default)s; env STOKER_PEER_WEIGHT)")
     p.add_argument("--write-threads", type=int, default=16, help="concurrent API writes")
     p.add_argument("--missing-model-grace-s", type=float,
                    default=float(os.environ.get("STOKER_MISSING_MODEL_GRACE_S") or 60.0),
@@ -112,7 +117,8 @@ class Operator:
 
         self.args = args
         self.api = api
-        placement_settings = placement.PlacementSettings(download_weight=args.download_weight)
+        placement_settings = placement.PlacementSettings(download_weight=args.download_weight,
+                                                         peer_weight=args.peer_weight)
         self.state = state.State(placement_settings=placement_settings)
         self.stop = threading.Event()
         self.lost = threading.Event()
@@ -331,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.download_weight >= 1.0:
         parser.error(f"--download-weight must be >= 1 (1 = a download costs only its time), got {args.download_weight}")
+    if not args.peer_weight >= 1.0:
+        parser.error(f"--peer-weight must be >= 1 (1 = a fetch from a peer costs only its time), got {args.peer_weight}")
     logs.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=args.log_format,
                    component="stoker-operator")
     for noisy in ("kopf.objects", "kopf._core.engines.peering", "kopf.activities.probe"):

@@ -253,9 +253,13 @@ class PlacementSettings:
     downloads. A fetch from another agent (the peer tier) costs its transfer time only. In the
     fleet simulation 10 against 3 cut duplicate downloads by about half for a p95 start
     latency still several times below a load balancer's (BENCHMARKS.md)."""
-    peer_weight: float = 1.0
+    peer_weight: float = 8.0
     """Cost charged per second of fetching from another agent, relative to a second of waiting
-    (1: its transfer time only)."""
+    (1: its transfer time only). A fetch from a peer takes no bytes from a source, but the copy
+    it makes takes room on a disk from a model the fleet may hold nowhere else; priced at its
+    time alone, placement spreads copies and the sources see more bytes (BENCHMARKS.md, fleet
+    simulation with peers: weights 1 to 15 on two traces; 8 was the only one no worse than
+    the fleet without peers in both bytes and p95 start on both)."""
     evict_cold_weight: float = 0.1
     """Share of a victim's re-fetch time charged when nothing suggests it is needed."""
     evict_use_weight: float = 0.1

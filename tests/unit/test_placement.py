@@ -368,6 +368,10 @@ class TestBatchPass:
             plan_placement([job("j")], [agent("a"), agent("a")], ARTIFACTS, now=0)
 
 
+AT_TRANSFER_TIME = PlacementSettings(peer_weight=1.0)
+"""A fetch from a peer priced at its time alone: the mechanics below, apart from the default weight."""
+
+
 class TestPeerTier:
     """Agents in the peer tier fetch from a holder at their peer bandwidth; only source bytes are weighted."""
 
@@ -377,14 +381,15 @@ class TestPeerTier:
         return [busy_holder, agent("free", serves_peers=True, **kw)]
 
     def test_a_free_agent_fetches_from_a_busy_holder_at_lan_speed_without_the_source_weight(self) -> None:
-        b = only(plan_bindings([job("j")], self.peers(peer_bps=1e9), ARTIFACTS, now=0))
+        b = only(plan_bindings([job("j")], self.peers(peer_bps=1e9), ARTIFACTS, now=0,
+                               settings=PlacementSettings(peer_weight=1.0)))
         assert (b.agent, b.cache_tier) == ("free", Tier.MISS)
         assert b.load_s == pytest.approx(6.5 * GB / 1e9 + 6.5 * GB / 2e9)
         assert b.cost_s == pytest.approx(b.load_s)  # no download weight on bytes from a peer
         assert b.reason.startswith("checkpoint from a peer")
 
     def test_the_source_weight_does_not_apply_to_a_peer_fetch_but_the_peer_weight_does(self) -> None:
-        heavy = PlacementSettings(download_weight=50)
+        heavy = PlacementSettings(download_weight=50, peer_weight=1.0)
         assert only(plan_bindings([job("j")], self.peers(peer_bps=1e9), ARTIFACTS, now=0, settings=heavy)).cost_s == \
             pytest.approx(6.5 * GB / 1e9 + 6.5 * GB / 2e9)
         weighted = PlacementSettings(peer_weight=3)
@@ -399,20 +404,21 @@ class TestPeerTier:
         # a holder outside the peer tier serves nobody: the same choice
         agents = self.peers()
         agents[0] = dataclasses.replace(agents[0], serves_peers=False)
-        assert plan_placement([job("j")], agents, ARTIFACTS, now=0).waiting[0].agent == "holder"
+        assert plan_placement([job("j")], agents, ARTIFACTS, now=0, settings=AT_TRANSFER_TIME).waiting[0].agent == "holder"
 
     def test_a_copy_being_fetched_is_served_once_complete(self) -> None:
         # "fetching" has 1.5 of 6.5 GB at 500 MB/s: 10 s to go, then 6.5 s from it at 1 GB/s.
         agents = [agent("fetching", serves_peers=True, downloading={"sdxl": int(1.5 * GB)}, download_bps=500e6,
                         free_slots=0, running_remaining_s=(600.0,)),
                   agent("free", serves_peers=True, peer_bps=1e9)]
-        b = only(plan_bindings([job("j")], agents, ARTIFACTS, now=0))
+        b = only(plan_bindings([job("j")], agents, ARTIFACTS, now=0, settings=AT_TRANSFER_TIME))
         assert b.agent == "free"
         assert b.load_s == pytest.approx(10.0 + 6.5 + 3.25)
 
     def test_a_second_job_in_the_same_pass_fans_out_from_the_copy_the_first_one_fetches(self) -> None:
         agents = [agent("a", serves_peers=True, peer_bps=1e9), agent("b", serves_peers=True, peer_bps=1e9)]
-        first, second = plan_bindings([job("j1", created_at=0), job("j2", created_at=1)], agents, ARTIFACTS, now=10)
+        first, second = plan_bindings([job("j1", created_at=0), job("j2", created_at=1)], agents, ARTIFACTS, now=10,
+                                      settings=AT_TRANSFER_TIME)
         assert {first.agent, second.agent} == {"a", "b"}
         source_s = 6.5 * GB / 200e6
         assert first.load_s == pytest.approx(source_s + 6.5 * GB / 2e9)
@@ -427,7 +433,7 @@ class TestPeerTier:
         agents = [agent("last", disk=frozenset({"sd15-alt"}), download_bps=220e6, **full),
                   agent("dup", disk=frozenset({"sd15"}), download_bps=200e6, **full),
                   agent("holder", serves_peers=True, disk=frozenset({"sd15"}), free_slots=0, running_remaining_s=(9.0,))]
-        assert only(plan_bindings([job("j", "sdxl")], agents, ARTIFACTS, now=0)).agent == "last"
+        assert only(plan_bindings([job("j", "sdxl")], agents, ARTIFACTS, now=0, settings=AT_TRANSFER_TIME)).agent == "last"
         weighted = PlacementSettings(evict_last_copy_weight=50)
         b = only(plan_bindings([job("j", "sdxl")], agents, ARTIFACTS, now=0, settings=weighted))
         assert (b.agent, b.evicts) == ("dup", ("sd15",))
@@ -658,3 +664,13 @@ def test_with_nobody_in_the_peer_tier_the_peer_knobs_change_no_plan(agents: list
     assert plan_placement(jobs, agents, ARTIFACTS, now=now) == plan_placement(jobs, agents, ARTIFACTS, now=now,
                                                                                settings=other)
 
+
+
+def test_the_operator_refuses_placement_weights_below_one_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from stoker.operator.main import main
+
+    for flag in ("--download-weight", "--peer-weight"):
+        with pytest.raises(SystemExit) as exc:
+            main([flag, "0.5"])
+        assert exc.value.code == 2
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
