@@ -355,6 +355,11 @@ def run(args: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
                 out["profile_backlog"] = top_entries(prof.out)
             if args.paced_s > 0:
                 rate = args.paced_rate if args.paced_rate > 0 else 0.4 * ceiling
+                if args.agents * args.slots < args.backlog + int(rate * args.paced_s):
+                    # jobs beyond the slots would never bind: the phase would wait for them forever
+                    raise SystemExit(f"the agents' {args.agents * args.slots} slots cannot hold the backlog and "
+                                     f"{int(rate * args.paced_s)} paced jobs ({rate:.0f}/s for {args.paced_s:g} s); "
+                                     f"raise --slots or --agents, or lower --paced-s")
                 paced = [f"job-{next(serial):06d}" for _ in range(int(rate * args.paced_s))]
                 prof = Profiler(op.proc.pid, work / "profile-paced.raw") if args.profile else None
                 out["paced_create_rate"] = create_jobs(api, ns, models, paced, rng, created, rate_per_s=rate)

@@ -169,10 +169,14 @@ class AgentView:
     """Memo of (default remaining seconds, the wait for one more job) (see `_first_free_s`)."""
     _victims: dict[bool, tuple[list[object], tuple[tuple[float, str, int, float], ...]]] | None = field(
         default=None, init=False, repr=False, compare=False, hash=False)
+    """Memo of the eviction victims of each tier and what they were valued with (see `_Fleet._victims`)."""
     _cold_rank: tuple[object, tuple[int, ...] | None, tuple[str, ...], float] | None = field(
         default=None, init=False, repr=False, compare=False, hash=False)
     """Memo of the agent's rank for a cold load (see `_Fleet._cold_rank`)."""
-    """Memo of the eviction victims of each tier and what they were valued with (see `_Fleet._victims`)."""
+    _committed: tuple[object, object, int] | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False)
+    """Memo of the disk the agent has promised (see `_Fleet._committed_bytes`) and the sizes and
+    settings it was counted with."""
 
     @property
     def keys(self) -> frozenset[str]:
@@ -788,13 +792,19 @@ class _Fleet:
         without this a second job would be sent into room the first will take."""
         if view.disk_capacity_bytes is None:
             return 0
+        memo = view._committed
+        if memo is not None and memo[0] is self.sizes and memo[1] is self.settings:
+            return memo[2]  # the same view between passes: counted once
         have = view.disk | view.preloaded
-        return sum(self.size(k) for k in sorted((view.in_use | view.held) - have) if k not in view.downloading)
+        committed = sum(self.size(k) for k in sorted((view.in_use | view.held) - have) if k not in view.downloading)
+        object.__setattr__(view, "_committed", (self.sizes, self.settings, committed))
+        return committed
 
     def all_failed(self, failed: frozenset[str]) -> bool:
         """Whether every eligible agent has failed this job (so none is excluded any more)."""
         views = self.views
         return len(failed) >= len(views) and all(name in failed for name in views)
+
     def log_of(self, name: str) -> tuple[tuple[str, str, float], ...]:
         """What earlier jobs of this pass did to agent `name` (empty when nothing)."""
         st = self.states.get(name)
