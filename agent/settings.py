@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import pathlib
-import re
 import types
 import typing
 from collections.abc import Sequence
@@ -26,18 +25,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from stoker.agent.credentials import CredentialGrant, check_grants
 from stoker.agent.download import DownloadPolicy
 from stoker.agent.output import OutputPolicy
+from stoker.units import parse_bytes
 
 __all__ = ["AgentSettings", "SettingsError", "parse_size_bytes"]
 
 GiB = 2**30
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10,
-    "m": 10**6, "mb": 10**6, "mi": 2**20, "mib": 2**20,
-    "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30,
-    "t": 10**12, "tb": 10**12, "ti": 2**40, "tib": 2**40,
-}  # fmt: skip
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 class SettingsError(ValueError):
@@ -50,10 +42,7 @@ def parse_size_bytes(value: object) -> int:
         raise ValueError("expected a size such as 50GiB, got a boolean")
     if isinstance(value, int):
         return value
-    match = _SIZE.match(str(value))
-    if match is None or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{value!r} is not a size; use bytes or a unit such as 50GiB, 500MiB, 2TB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    return parse_bytes(str(value))
 
 
 def _split_hosts(value: object) -> object:

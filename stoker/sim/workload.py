@@ -23,9 +23,10 @@ import io
 import itertools
 import math
 import random
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from stoker.units import parse_bytes
 
 __all__ = [
     "GB",
@@ -384,22 +385,11 @@ Example:
   0.0,juggernaut-xl,detail-tweaker
   1.7,dreamshaper-8,"""
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40,
-}  # fmt: skip
 
 
 def parse_size(text: str) -> int:
     """`6.9GB`, `2GiB`, `144MB` or plain bytes, as bytes; raises ValueError."""
-    match = _SIZE.match(text)
-    if match is None or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"{text.strip()!r} is not a size: give bytes or a number with a unit (6.9GB, 2GiB, 144MB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    return parse_bytes(text)
 
 
 def _rows(lines: Iterable[str]) -> Iterable[tuple[int, list[str]]]:
