@@ -50,7 +50,7 @@ class PendingReporter:
             models = list(st.models.values())
             inflight = set(st.inflight)
         unplaced = self.placement_messages()
-        facts_by_ns: dict[str, tuple[dict[str, unschedulable.ModelFacts], list[unschedulable.AgentFacts]]] = {}
+        facts_by_ns: dict[str, tuple[dict[str, unschedulable.ModelFacts], unschedulable.FleetFacts]] = {}
         started = 0
         for job in jobs:
             if job.key in inflight or not self.writer.may_act(job.key, job.resource_version):
@@ -60,12 +60,12 @@ class PendingReporter:
                 facts_by_ns[job.namespace] = (
                     {m.name: unschedulable.ModelFacts(m.name, known_size_bytes(m, ns_agents)[0])
                      for m in models if m.namespace == job.namespace},
-                    [unschedulable.AgentFacts(
+                    unschedulable.FleetFacts.of([unschedulable.AgentFacts(
                         name=a.name, ready=st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s),
                         cordoned=a.resource.spec.cordon,
                         disk_budget_bytes=(a.resource.status.disk.budget_bytes or None) if a.resource.status else None,
                         vram_bytes=(a.resource.status.vram.budget_bytes or None) if a.resource.status else None)
-                     for a in ns_agents])
+                     for a in ns_agents]))
             model_facts, agent_facts = facts_by_ns[job.namespace]
             grace = job.missing_grace_s if job.missing_grace_s is not None else self.missing_grace_s
             diagnosis = unschedulable.diagnose(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from stoker.units import format_bytes
 
-__all__ = ["AgentFacts", "Diagnosis", "JobFacts", "ModelFacts", "UnschedulableReason", "diagnose"]
+__all__ = ["AgentFacts", "Diagnosis", "FleetFacts", "JobFacts", "ModelFacts", "UnschedulableReason", "diagnose"]
 
 
 class UnschedulableReason(enum.StrEnum):
@@ -67,6 +67,33 @@ class AgentFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetFacts:
+    """What `diagnose` needs of a namespace's agents, the same for every job: summed once per pass
+    (`of`), so that diagnosing each of many pending jobs does not walk every agent again."""
+
+    agents: int
+    not_ready: int
+    cordoned: int
+    """Ready but cordoned."""
+    usable: int
+    """Ready and not cordoned."""
+    max_disk_bytes: int | None
+    """The largest disk budget of the usable agents, when every one of them reports one."""
+    max_vram_bytes: int | None
+    """The largest GPU memory of the usable agents, when every one of them reports it."""
+
+    @classmethod
+    def of(cls, agents: Sequence[AgentFacts]) -> FleetFacts:
+        usable = [a for a in agents if a.ready and not a.cordoned]
+        disks = [a.disk_budget_bytes for a in usable if a.disk_budget_bytes]
+        vrams = [a.vram_bytes for a in usable if a.vram_bytes]
+        return cls(agents=len(agents), not_ready=sum(1 for a in agents if not a.ready),
+                   cordoned=sum(1 for a in agents if a.ready and a.cordoned), usable=len(usable),
+                   max_disk_bytes=max(disks) if disks and len(disks) == len(usable) else None,
+                   max_vram_bytes=max(vrams) if vrams and len(vrams) == len(usable) else None)
+
+
+@dataclass(frozen=True, slots=True)
 class Diagnosis:
     reason: UnschedulableReason
     message: str
@@ -78,9 +105,11 @@ def _size(n: int) -> str:
     return format_bytes(n)
 
 
-def diagnose(job: JobFacts, *, models: Mapping[str, ModelFacts], agents: Sequence[AgentFacts], now: float,
-             placement_message: str | None = None) -> Diagnosis | None:
-    """The reason `job` cannot be placed now, or None when it can (or only waits for a free agent)."""
+def diagnose(job: JobFacts, *, models: Mapping[str, ModelFacts], agents: Sequence[AgentFacts] | FleetFacts,
+             now: float, placement_message: str | None = None) -> Diagnosis | None:
+    """The reason `job` cannot be placed now, or None when it can (or only waits for a free agent).
+    Pass `FleetFacts.of(agents)` when diagnosing many jobs against the same agents."""
+    fleet = agents if isinstance(agents, FleetFacts) else FleetFacts.of(agents)
     missing = [(name, role) for name, role in job.artifacts if name not in models]
     if missing:
         names = ", ".join(f"{role} {name}" for name, role in missing)
@@ -91,27 +120,22 @@ def diagnose(job: JobFacts, *, models: Mapping[str, ModelFacts], agents: Sequenc
                       f"The job fails if it is still missing {job.missing_grace_s:.0f}s after the job's creation "
                       "(spec.missingModelGraceSeconds)."))
         return Diagnosis(UnschedulableReason.MODEL_CACHE_NOT_FOUND, message, fail=fail)
-    usable = [a for a in agents if a.ready and not a.cordoned]
-    if not usable:
-        not_ready = sum(1 for a in agents if not a.ready)
-        cordoned = sum(1 for a in agents if a.ready and a.cordoned)
+    if not fleet.usable:
         return Diagnosis(UnschedulableReason.NO_READY_AGENT,
-                         f"0/{len(agents)} agents are available: {not_ready} not Ready, {cordoned} cordoned; the job "
-                         "waits for an agent to become Ready (check the agent pods, or uncordon one)")
+                         f"0/{fleet.agents} agents are available: {fleet.not_ready} not Ready, {fleet.cordoned} "
+                         "cordoned; the job waits for an agent to become Ready (check the agent pods, or uncordon one)")
     known = [(name, models[name].size_bytes) for name, _ in job.artifacts if models[name].size_bytes]
     unknown = [name for name, _ in job.artifacts if not models[name].size_bytes]
     total = sum(size for _, size in known)
     note = (f" ({', '.join(unknown)}: size unknown until an agent downloads it, not counted)" if unknown else "")
-    disks = [a.disk_budget_bytes for a in usable if a.disk_budget_bytes]
-    if known and disks and len(disks) == len(usable) and total > max(disks):
+    if known and fleet.max_disk_bytes is not None and total > fleet.max_disk_bytes:
         return Diagnosis(UnschedulableReason.TOO_LARGE_FOR_ANY_AGENT,
-                         f"0/{len(usable)} Ready agents can hold {_size(total)} of files{note}: the largest disk "
-                         f"budget is {_size(max(disks))}; add an agent with a larger agent.cache.budget")
-    vrams = [a.vram_bytes for a in usable if a.vram_bytes]
-    if known and vrams and len(vrams) == len(usable) and total > max(vrams):
+                         f"0/{fleet.usable} Ready agents can hold {_size(total)} of files{note}: the largest disk "
+                         f"budget is {_size(fleet.max_disk_bytes)}; add an agent with a larger agent.cache.budget")
+    if known and fleet.max_vram_bytes is not None and total > fleet.max_vram_bytes:
         return Diagnosis(UnschedulableReason.INSUFFICIENT_VRAM,
-                         f"0/{len(usable)} Ready agents have {_size(total)} of GPU memory for the job's weights{note}: "
-                         f"the most any has is {_size(max(vrams))}; add an agent with a larger GPU")
+                         f"0/{fleet.usable} Ready agents have {_size(total)} of GPU memory for the job's weights{note}: "
+                         f"the most any has is {_size(fleet.max_vram_bytes)}; add an agent with a larger GPU")
     if placement_message:
         return Diagnosis(UnschedulableReason.UNSCHEDULABLE, placement_message + note)
     return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stoker.operator.unschedulable import AgentFacts, JobFacts, ModelFacts, UnschedulableReason, diagnose
+from stoker.operator.unschedulable import AgentFacts, FleetFacts, JobFacts, ModelFacts, UnschedulableReason, diagnose
 
 GiB = 1 << 30
 
@@ -61,3 +61,21 @@ def test_an_agent_that_reports_no_budget_yet_limits_nothing() -> None:
 def test_the_last_placement_message_is_the_fallback() -> None:
     d = diagnose(job(), models=MODELS, agents=[agent()], now=200.0, placement_message="every agent failed this job")
     assert d is not None and d.reason is UnschedulableReason.UNSCHEDULABLE and d.message == "every agent failed this job"
+
+
+def test_the_fleet_is_summed_once_over_the_agents_that_could_take_a_job() -> None:
+    cases = [
+        ([agent()], (1, 0, 0, 1, 50 * GiB, 16 * GiB)),
+        ([agent("a", ready=False), agent("b", cordoned=True)], (2, 1, 1, 0, None, None)),
+        ([agent(vram=16 * GiB), agent("b", vram=8 * GiB)], (2, 0, 0, 2, 50 * GiB, 16 * GiB)),
+        ([agent(disk=100 * GiB), agent("b", disk=None)], (2, 0, 0, 2, None, 16 * GiB)),  # b limits nothing yet
+        ([agent(ready=False, disk=100 * GiB), agent("b")], (2, 1, 0, 1, 50 * GiB, 16 * GiB)),  # only usable ones count
+        ([agent(cordoned=True, vram=80 * GiB), agent("b", vram=None)], (2, 0, 1, 1, 50 * GiB, None)),
+        ([], (0, 0, 0, 0, None, None)),
+    ]
+    for agents, expected in cases:
+        f = FleetFacts.of(agents)
+        assert (f.agents, f.not_ready, f.cordoned, f.usable, f.max_disk_bytes, f.max_vram_bytes) == expected, agents
+    # diagnosing against the sum: the messages of the tests above
+    d = diagnose(job(("big", "model")), models=MODELS, agents=FleetFacts.of([agent(disk=50 * GiB)]), now=200.0)
+    assert d is not None and d.reason is UnschedulableReason.TOO_LARGE_FOR_ANY_AGENT and "80.0 GiB" in d.message
