@@ -39,7 +39,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 from kubernetes import client
 
@@ -178,7 +177,7 @@ class Reconciler:
         """The write `job` calls for now, or None."""
         if job.terminal:
             if job.bound_agent is not None or self._missing_last_record(job):
-                return self._finish(job, now)  # type: ignore[no-any-return]
+                return self._finish(job, now)
             ttl_s = job.ttl_s if job.ttl_s is not None else self.default_ttl_s
             if ttl_s is not None and jobstate.is_expired(job_state(job), ttl_s=ttl_s, now=now):
                 return lambda: self._delete(job)
@@ -288,7 +287,7 @@ class Reconciler:
         agent = job.status_agent or job.bound_agent
         return agent is not None and not any(h.attempt == attempt for h in job.history)
 
-    def _finish(self, job: ObservedJob, now: float) -> Any:
+    def _finish(self, job: ObservedJob, now: float) -> Callable[[], None]:
         def run() -> None:
             missing = self._missing_last_record(job)
             rv = self._unlabel(job) if job.bound_agent is not None else job.resource_version

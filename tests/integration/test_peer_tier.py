@@ -9,7 +9,6 @@ agents and the operator find out through the API server as in a cluster.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import pathlib
 import re
 import secrets
@@ -23,6 +22,7 @@ from stoker import kube
 from stoker.testing import tiny_models
 from stoker.testing.model_server import ModelServer
 from stoker.testing.operator_harness import Process, operator_process, real_agent_process, wait_for
+from stoker.testing.raw_http import raw_get
 
 FILE = "tiny-sd15.safetensors"
 AGENTS = ("agent-a", "agent-b", "agent-c")
@@ -118,21 +118,6 @@ def model(objects: kube.Objects, checkpoint: pathlib.Path) -> Iterator[tuple[Mod
                                           "url": server.url(FILE), "sha256": digest,
                                           "sizeBytes": checkpoint.stat().st_size}}})
         yield server, digest
-
-
-def raw_get(url: str, path: str, token: str | None) -> tuple[int, bytes]:
-    match = re.match(r"^http://([0-9.]+):(\d+)$", url)
-    assert match, url
-    conn = http.client.HTTPConnection(match.group(1), int(match.group(2)), timeout=10)
-    try:
-        conn.putrequest("GET", path, skip_accept_encoding=True)
-        if token is not None:
-            conn.putheader("Authorization", f"Bearer {token}")
-        conn.endheaders()
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def test_a_model_comes_from_its_source_once_then_from_peers_and_concurrent_misses_fan_out(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
 import pathlib
 import threading
 import time
@@ -18,6 +17,7 @@ from stoker.agent.download import DownloadPolicy, Downloader
 from stoker.agent.metrics import AgentMetrics
 from stoker.agent.peer_server import PeerMetrics, PeerServer, PeerServerSettings, TokenBucket, blob_path, parse_range
 from stoker.testing.model_server import ModelServer
+from stoker.testing.raw_http import raw_get
 
 TOKEN = "peer-token-for-tests-0123456789"
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -60,20 +60,6 @@ def get(server: PeerServer, path: str, *, token: str | None = TOKEN, **headers: 
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.get(server.url("127.0.0.1") + path, headers=headers, timeout=10)
-
-
-def raw_get(server: PeerServer, path: str, *, token: str | None = TOKEN) -> tuple[int, bytes]:
-    """A request line sent as written (httpx would normalise dot segments away)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.putrequest("GET", path, skip_accept_encoding=True)
-        if token is not None:
-            conn.putheader("Authorization", f"Bearer {token}")
-        conn.endheaders()
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 class TestServing:
@@ -156,7 +142,7 @@ class TestRefusals:
         "/v1/blobs/sha256/" + "a" * 63 + "/", "/v1/blobs/key/team%2Fm0", "/v1/blobs/sha256/*",
     ])
     def test_a_traversal_or_listing_attempt_gets_nothing(self, peer: PeerServer, lookups: Lookups, path: str) -> None:
-        status, body = raw_get(peer, path)
+        status, body = raw_get(peer.url("127.0.0.1"), path, TOKEN)
         assert status == 404
         assert b"root:" not in body and DATA[:64] not in body
         assert lookups.asked == []  # only a well-formed digest ever reaches the index
@@ -323,3 +309,9 @@ def test_a_slow_cap_sends_its_first_bytes_at_once(lookups: Lookups) -> None:
             waited = time.monotonic() - started
     assert first == DATA[:len(first)]
     assert waited < 1.0  # not a whole 8 MiB slice's worth of waiting at 256 KiB/s
+
+
+def test_the_raw_request_helper_sends_nothing_beyond_loopback() -> None:
+    for url in ("http://10.0.0.1:8471", "https://127.0.0.1:8471", "http://127.0.0.1", "http://models.example:80"):
+        with pytest.raises(ValueError, match="only to http://<loopback address>:<port>"):
+            raw_get(url, "/")
