@@ -128,10 +128,14 @@ def _clamp(timeout: float | None, guard: Guard) -> float | None:
 
 
 class _GuardedStream(httpcore.NetworkStream):
-    def __init__(self, stream: httpcore.NetworkStream) -> None:
+    def __init__(self, stream: httpcore.NetworkStream, read_bytes: int = 0) -> None:
         self._stream = stream
+        self._read_bytes = read_bytes
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        # h11 takes whatever a read returns, so a larger read than httpcore's 64 KiB is safe:
+        # a bulk download then costs one recv and one parser pass per MiB instead of sixteen
+        max_bytes = max(max_bytes, self._read_bytes)
         guard = current()
         if guard is None:
             return self._stream.read(max_bytes, timeout)
@@ -168,15 +172,16 @@ class _GuardedStream(httpcore.NetworkStream):
         if guard is not None:
             guard._check()
             timeout = _clamp(timeout, guard)
-        return _GuardedStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+        return _GuardedStream(self._stream.start_tls(ssl_context, server_hostname, timeout), self._read_bytes)
 
     def get_extra_info(self, info: str) -> typing.Any:
         return self._stream.get_extra_info(info)
 
 
 class _GuardedBackend(httpcore.NetworkBackend):
-    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+    def __init__(self, backend: httpcore.NetworkBackend, read_bytes: int = 0) -> None:
         self._backend = backend
+        self._read_bytes = read_bytes
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: typing.Iterable[typing.Any] | None = None) -> httpcore.NetworkStream:
@@ -184,22 +189,26 @@ class _GuardedBackend(httpcore.NetworkBackend):
         if guard is not None:
             guard._check()
             timeout = _clamp(timeout, guard)
-        return _GuardedStream(self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
+        return _GuardedStream(self._backend.connect_tcp(host, port, timeout, local_address, socket_options), self._read_bytes)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
                             socket_options: typing.Iterable[typing.Any] | None = None) -> httpcore.NetworkStream:
-        return _GuardedStream(self._backend.connect_unix_socket(path, timeout, socket_options))
+        return _GuardedStream(self._backend.connect_unix_socket(path, timeout, socket_options), self._read_bytes)
 
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
 
 
 class GuardedTransport(httpx.HTTPTransport):
-    """httpx's HTTP transport (same arguments), with every connection subject to the thread's `Guard`."""
+    """httpx's HTTP transport (same arguments), with every connection subject to the thread's `Guard`.
 
-    def __init__(self, **kwargs: typing.Any) -> None:
+    `read_bytes`: the least each socket read asks for (0: httpcore's own size); bulk transfers
+    set it to a MiB or so.
+    """
+
+    def __init__(self, *, read_bytes: int = 0, **kwargs: typing.Any) -> None:
         super().__init__(**kwargs)
         pool = getattr(self, "_pool", None)
         if pool is None or not hasattr(pool, "_network_backend"):  # pinned httpx/httpcore versions have it
             raise RuntimeError("this httpx version keeps its connection pool elsewhere; update GuardedTransport")
-        pool._network_backend = _GuardedBackend(pool._network_backend)
+        pool._network_backend = _GuardedBackend(pool._network_backend, read_bytes)

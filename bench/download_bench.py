@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     md = (
         f"## Model download over loopback\n\n"
-        f"Command: `.venv/bin/python bench/download_bench.py --size-gb {args.size_gb:g}` "
+        f"Command: `.venv/bin/python bench/download_bench.py --size-gb {args.size_gb:g} --rounds {args.rounds}` "
         f"({gb:.2f} GB file, {args.rounds} alternating rounds, server in its own process using sendfile).\n"
         f"Machine: {describe_machine()}.\n\n{table}\n\n"
         f"Agent / curl throughput: **{agent_rate / curl_rate:.2f}** "

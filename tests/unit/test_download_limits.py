@@ -10,10 +10,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
+import httpx
 import numpy as np
 import pytest
 import safetensors.numpy
 
+from stoker.agent import http_guard
 from stoker.agent.disk_store import DiskStore, DiskStoreError, ModelSource
 from stoker.agent.download import DownloadError, DownloadFailure, DownloadPolicy, DownloadRequest, Downloader
 from stoker.agent.metrics import AgentMetrics
@@ -89,6 +91,22 @@ class TestTrickles:
         with Downloader(policy(min_bytes_per_s=1000, throughput_window_s=0.2, deadline_s=30)) as d:
             result = d.download(DownloadRequest(url=server.url("m1.safetensors"), dest=tmp_path / "m1"))
         assert result.path.read_bytes() == MODELS["m1.safetensors"]
+
+
+class TestSocketReads:
+    @pytest.mark.parametrize("read_bytes", [0, 1 << 20])
+    def test_a_bulk_client_takes_what_the_socket_holds_in_one_read(self, tmp_path: pathlib.Path, read_bytes: int) -> None:
+        body = bytes(range(256)) * (16 * 1024)  # 4 MiB
+        with ModelServer({"big.bin": body}) as srv, \
+                httpx.Client(transport=http_guard.GuardedTransport(read_bytes=read_bytes)) as client:
+            with client.stream("GET", srv.url("big.bin")) as response:
+                time.sleep(0.3)  # the server fills the loopback socket's buffer (128 KiB or more)
+                chunks = list(response.iter_raw())
+        assert b"".join(chunks) == body
+        if read_bytes:
+            assert 64 * 1024 < max(map(len, chunks)) <= read_bytes
+        else:
+            assert max(map(len, chunks)) <= 64 * 1024  # httpcore's own read size
 
 
 @pytest.fixture
