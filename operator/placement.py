@@ -177,6 +177,8 @@ class AgentView:
         default=None, init=False, repr=False, compare=False, hash=False)
     """Memo of the disk the agent has promised (see `_Fleet._committed_bytes`) and the sizes and
     settings it was counted with."""
+    _state: tuple[object, ...] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    """Memo of the settings and the figures a pass's virtual state of the agent starts from (see `_Agent`)."""
 
     @property
     def keys(self) -> frozenset[str]:
@@ -210,13 +212,20 @@ class JobView:
     agent, has already passed (see `stoker.operator.planner`). Waiting for any busy agent costs that
     much more: the estimates it waited on have proved too low by at least that."""
 
+    _artifact_keys: tuple[str, ...] | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    """Memo of `artifact_keys` (the view is immutable)."""
+
     @property
     def artifact_keys(self) -> tuple[str, ...]:
         """Checkpoint first, then LoRAs and VAE, without duplicates."""
-        keys = [self.model, *self.loras]
-        if self.vae is not None:
-            keys.append(self.vae)
-        return tuple(dict.fromkeys(keys))
+        keys = self._artifact_keys
+        if keys is None:
+            listed = [self.model, *self.loras]
+            if self.vae is not None:
+                listed.append(self.vae)
+            keys = tuple(dict.fromkeys(listed))
+            object.__setattr__(self, "_artifact_keys", keys)
+        return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,7 +563,7 @@ class _Agent:
         "victims", "version", "ranks", "can_download", "log", "peers", "peer",
     )
 
-    def __init__(self, view: AgentView, settings: PlacementSettings) -> None:
+    def __init__(self, view: AgentView, settings: PlacementSettings, committed_bytes: int = 0) -> None:
         self.view = view
         self.name = view.name
         self.vram = view.vram
@@ -562,19 +571,24 @@ class _Agent:
         self.disk = view.disk
         self.downloading = view.downloading
         self.in_use = view.in_use
-        self.pinned_disk = view.held | view.preloaded
         self.held_hot = view.held_hot
-        self.vram_free = _vram_free(view)
-        self.disk_free = _disk_free(view)
-        self.free_slots = view.free_slots if view.free_slots > 0 else 0
-        self.gen_slots = max(1, view.slots)
-        self.busy: list[float] = _busy_times(view, settings)
-        """Heap of the times at which the bound jobs finish."""
-        self.dl = view.download_bps or settings.default_download_bps
-        self.d2g = view.disk_to_gpu_bps or settings.default_disk_to_gpu_bps
-        self.r2g = view.ram_to_gpu_bps or settings.default_ram_to_gpu_bps
         self.peers = view.serves_peers
-        self.peer = view.peer_bps or settings.default_peer_bps
+        # A pass builds a state for most agents it looks at, and a view lives for many passes:
+        # what the state starts from is worked out once per view (and settings).
+        base = view._state
+        if base is None or base[0] is not settings:
+            base = (settings, view.held | view.preloaded, _vram_free(view), _disk_free(view),
+                    view.free_slots if view.free_slots > 0 else 0, max(1, view.slots), tuple(_busy_times(view, settings)),
+                    view.download_bps or settings.default_download_bps,
+                    view.disk_to_gpu_bps or settings.default_disk_to_gpu_bps,
+                    view.ram_to_gpu_bps or settings.default_ram_to_gpu_bps,
+                    view.peer_bps or settings.default_peer_bps)
+            object.__setattr__(view, "_state", base)
+        (_, self.pinned_disk, self.vram_free, disk_free, self.free_slots, self.gen_slots, busy,
+         self.dl, self.d2g, self.r2g, self.peer) = base
+        self.disk_free = max(0.0, disk_free - committed_bytes) if committed_bytes else disk_free
+        self.busy: list[float] = list(busy)
+        """Heap of the times at which the bound jobs finish."""
         self.victims: dict[bool, tuple[tuple[float, str, int, float], ...]] = {}
         """Per tier: (order, key, size, cost) of the evictable residents; disk costs before the duplicate discount."""
         self.version = 0
@@ -781,9 +795,12 @@ class _Fleet:
             self.observer.agent(name)
         st = self.states.get(name)
         if st is None:
-            view = self.views[name]
-            st = self.states[name] = _Agent(view, self.settings)
-            st.disk_free = max(0.0, st.disk_free - self._committed_bytes(view))
+            st = self._new_state(name)
+        return st
+
+    def _new_state(self, name: str) -> _Agent:
+        view = self.views[name]
+        st = self.states[name] = _Agent(view, self.settings, self._committed_bytes(view))
         return st
 
     def _committed_bytes(self, view: AgentView) -> int:
@@ -823,7 +840,7 @@ class _Fleet:
         if heap is None:
             observer, self.observer = self.observer, None  # building it is not a read by the job at hand
             try:
-                heap = [(self._cold_rank(self.state(n)), n, self.state(n).version) for n in self.free_names]
+                heap = [(self._cold_rank(st), n, st.version) for n in self.free_names for st in (self.state(n),)]
             finally:
                 self.observer = observer
             heapq.heapify(heap)
@@ -1504,7 +1521,7 @@ class _Fleet:
         for name, what, value in effects:
             st = self.states.get(name)
             if st is None:
-                st = self.states[name] = _Agent(self.views[name], self.settings)
+                st = self._new_state(name)  # as `state` builds it, without it counting as a read
             if what == "wait":
                 self._apply_wait(st, job_key, value, record=False)
             elif what == "reserve":

@@ -27,6 +27,8 @@ from stoker.operator.placement import (
     Binding,
     JobView,
     PlacementSettings,
+    count_demand,
+    job_order_key,
     plan_bindings,
     plan_placement,
 )
@@ -50,6 +52,8 @@ __all__ = [
     "agent_view",
     "DEFAULT_HALF_LIFE_S",
     "artifact_map",
+    "count_demand",
+    "job_order_key",
     "job_view",
     "new_disk_cache",
     "plan_bindings",

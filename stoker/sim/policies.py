@@ -201,16 +201,22 @@ class StokerPolicy:
             self._agent_views = {}
         if self.fleet_ranks:
             self._count_uses(pending)
-        jobs = [self._job_view(sim, j) for j in pending]
+        # The queue in order and the demand per artifact, as the operator keeps them between passes
+        # (`operator.scheduler`): the planner is called as the operator calls it.
+        jobs = sorted((self._job_view(sim, j) for j in pending), key=self._order_key)
+        demand = adapter.count_demand(jobs)
         views = [self._agent_view(sim, a, now) for a in agents]
         artifacts = self._artifacts
         started = time.thread_time()
-        plan = self.placement.plan(jobs, views, artifacts, now=now)
+        plan = self.placement.plan(jobs, views, artifacts, now=now, jobs_sorted=True, demand=demand)
         self.core_cpu_s += time.thread_time() - started
         self.core_calls += 1
         self.jobs_examined += plan.jobs_examined
         by_id = {str(j.job_id): j for j in pending}
         return [(by_id[b.job_key], by_name[b.agent]) for b in plan.bindings]
+
+    def _order_key(self, job: adapter.JobView) -> tuple[float, float, str]:
+        return adapter.job_order_key(job, settings=self.settings)
 
     def _count_uses(self, pending: Sequence[JobRecord]) -> None:
         """The operator's fleet-wide rank of each artifact: one use per job, at its creation."""

@@ -30,9 +30,10 @@ class CheckingPolicy(policies.StokerPolicy):
         self.differences: list[tuple[float, PlacementPlan, PlacementPlan]] = []
         planner_plan = self.placement.plan
 
-        def plan(jobs, views, artifacts, *, now):  # type: ignore[no-untyped-def]
-            memory = planner_plan(jobs, views, artifacts, now=now)
-            fresh = placement.plan_placement(jobs, views, artifacts, now=now, settings=self.settings, index=self.index)
+        def plan(jobs, views, artifacts, *, now, **queue):  # type: ignore[no-untyped-def]
+            memory = planner_plan(jobs, views, artifacts, now=now, **queue)
+            fresh = placement.plan_placement(jobs, views, artifacts, now=now, settings=self.settings, index=self.index,
+                                             **queue)
             self.passes += 1
             if not same(memory, fresh):
                 self.differences.append((now, memory, fresh))
@@ -72,7 +73,8 @@ def random_agent(rng: random.Random, name: str) -> AgentView:
         disk_capacity_bytes=16 * GB, disk_free_bytes=rng.randint(0, 4) * GB,
         vram=vram, disk=disk, disk_rank_s={k: rng.uniform(0, 7200) for k in sorted(disk)},
         held=frozenset(rng.sample(sorted(disk), rng.randint(0, 1))),
-        in_use=frozenset(rng.sample(sorted(disk), 1)) if bound else frozenset(),
+        # a bound job may still have to download its model: the agent has promised that disk space
+        in_use=frozenset(rng.sample(sorted(disk), 1) + rng.sample(models, rng.randint(0, 1))) if bound else frozenset(),
         download_bps=rng.choice([200e6, 2e9]),
     )
 
@@ -160,3 +162,22 @@ def test_a_broken_promise_sends_the_job_where_it_can_start_long_before_the_hot_w
     assert plan.bindings[0].agent == "cold"
     assert 5.0 + 12.5 < t < 30.0 < PlacementSettings().max_hot_wait_age_s
     assert planner.stats.broken_promises > 0 and planner.promise("j") is None
+
+
+def test_a_replayed_wait_leaves_the_agent_with_the_disk_its_bound_jobs_promised() -> None:
+    # The busy agent owes 3 GB to a bound job whose model is not on its disk yet: 1 GB free on
+    # its report, none in fact. The second job, new in the second pass, weighs it after the
+    # first job's wait was replayed, and must see the same disk as `plan_placement` does.
+    busy = AgentView(name="busy", slots=1, free_slots=0, running_remaining_s=(5.0,), vram_capacity_bytes=24 * GB,
+                     vram_free_bytes=20 * GB, vram=frozenset({"m0"}), disk=frozenset({"m0", "m2"}),
+                     disk_capacity_bytes=10 * GB, disk_free_bytes=1 * GB, in_use=frozenset({"m0", "m1"}))
+    too_small = AgentView(name="small", slots=1, free_slots=1, vram_capacity_bytes=1 * GB)  # fits no job
+    fleet = [busy, too_small]
+    first, second = JobView("a", "m0", created_at=0.0), JobView("b", "m0", loras=("l0",), created_at=1.0)
+    planner = Planner(promises=None)
+    for jobs, now in (([first], 2.0), ([first, second], 2.5)):
+        memory = planner.plan(jobs, fleet, ARTS, now=now)
+        assert same(memory, placement.plan_placement(jobs, fleet, ARTS, now=now)), now
+    assert planner.stats.reused == 1  # the first job's wait, replayed
+    waits = {w.job_key: w for w in memory.waiting}
+    assert set(waits) == {"a", "b"} and waits["b"].cost_s > waits["a"].cost_s
