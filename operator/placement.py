@@ -840,12 +840,35 @@ class _Fleet:
         if heap is None:
             observer, self.observer = self.observer, None  # building it is not a read by the job at hand
             try:
-                heap = [(self._cold_rank(st), n, st.version) for n in self.free_names for st in (self.state(n),)]
+                heap = []
+                for n in self.free_names:
+                    rank = self._remembered_cold_rank(n)
+                    if rank is None:
+                        st = self.state(n)
+                        heap.append((self._cold_rank(st), n, st.version))
+                    else:
+                        heap.append((rank, n, 0))
             finally:
                 self.observer = observer
             heapq.heapify(heap)
             self._cold_heap = heap
         return heap
+
+    def _remembered_cold_rank(self, name: str) -> float | None:
+        """The cold rank an untouched agent's view remembers, when it needed no room on disk and
+        what its free disk was counted with is unchanged; None otherwise. A large fleet is mostly
+        free agents nobody touched: ranking them must not build each one's state on every pass."""
+        if name in self.states:
+            return None
+        view = self.views[name]
+        memo = view._cold_rank
+        if memo is None or memo[0] is not self.settings:  # (the basis is the settings only when no room was needed)
+            return None
+        if view.disk_capacity_bytes is not None:
+            committed = view._committed
+            if committed is None or committed[0] is not self.sizes or committed[1] is not self.settings:
+                return None
+        return memo[3]
 
     def size(self, key: str) -> int:
         info = self.sizes.get(key)

@@ -224,12 +224,10 @@ class _Observer:
         self._read(name).facts.setdefault((what, arg), value)
 
     def holders(self, key: str, names: Iterable[str]) -> None:
-        names = tuple(names)
+        # Noted now, read in `finish`: a job that is bound (most of them, with free agents about)
+        # leaves nothing to remember, and a popular model has hundreds of holders.
         if key not in self.keys:
-            self.keys[key] = (key, self.fleet.gained_of(key), frozenset(names))
-        free = self.fleet.free_names
-        for name in names:
-            self.fact(name, "free", "", name in free)
+            self.keys[key] = (key, self.fleet.gained_of(key), names)  # type: ignore[assignment]
 
     def victims(self, name: str, vram: bool, keys: tuple[str, ...], decays: bool) -> None:
         read = self._read(name)
@@ -249,6 +247,18 @@ class _Observer:
 
     def finish(self, winner: str | None) -> tuple[list[_Read], float]:
         """The reads, and the runner-up bound of a job waiting for `winner`."""
+        fleet = self.fleet
+        free = fleet.free_names
+        # Whether each holder had a free slot when the job was placed: as now, but for an agent the
+        # job itself reserved (its slots are held back since). The job's other effects change no
+        # holder's slots, and each agent it affected was read before, with the log it had then.
+        reserved = {name for name, what, _ in fleet.effects if what == "reserve"}
+        for key, (_, gained, names) in list(self.keys.items()):
+            if not isinstance(names, frozenset):
+                names = frozenset(names)
+                self.keys[key] = (key, gained, names)
+                for name in names:
+                    self.fact(name, "free", "", name in free or name in reserved)
         runner_up = min(self.bounds, default=_INF)
         for read in self.reads.values():
             if read.deep and read.state_reads != 1:

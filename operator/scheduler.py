@@ -124,6 +124,10 @@ class Writer:
         self.events.shutdown()
 
 
+def _by_name(agent: Any) -> str:
+    return agent.name
+
+
 class _Fleet:
     """One namespace's agents as placement saw them last: the reused views and the planner."""
 
@@ -134,7 +138,8 @@ class _Fleet:
         self.views: dict[str, tuple[tuple[str, bool, int, int], placement.AgentView]] = {}
         """agent key -> (CacheAgent resourceVersion, ready, bound-jobs version, ModelCache uids version), view."""
         self.sizes: dict[str, placement.ArtifactInfo] = {}
-        self.sizes_version = -1
+        self.sizes_version: tuple[int, int | None] = (-1, None)
+        """(State.sizes_version, largest VRAM budget) the sizes were worked out with."""
 
 
 class Scheduler:
@@ -182,18 +187,18 @@ class Scheduler:
             queue = list(st.queues.get(namespace, ()))
             demand = dict(st.pending_demand.get(namespace, {}))
             failed = {k.split("/", 1)[1] for k in st.source_failed if k.startswith(f"{namespace}/")}
-            if fleet.sizes_version != st.fleet_version:
+            # A guess must never make a job infeasible: an unknown size is capped at half the
+            # largest VRAM budget (placement refuses agents whose VRAM the job's files exceed).
+            vram = max((v.vram_capacity_bytes for v in views if v.vram_capacity_bytes), default=None)
+            if fleet.sizes_version != (st.sizes_version, vram):
                 measured = measured_sizes((a for a in st.agents.values() if a.namespace == namespace),
                                           st.model_uids())
-                # A guess must never make a job infeasible: an unknown size is capped at half the
-                # largest VRAM budget (placement refuses agents whose VRAM the job's files exceed).
-                vram = max((v.vram_capacity_bytes for v in views if v.vram_capacity_bytes), default=None)
                 sizes = {m.name: placement.ArtifactInfo(m.name, measured.get(
                     m.key, m.resource.spec.source.size_bytes or unknown_size_bytes(m, vram_bytes=vram)))
                     for m in st.models.values() if m.namespace == namespace}
                 if sizes != fleet.sizes:  # the same object while unchanged: the planner's memory rests on it
                     fleet.sizes = sizes
-                fleet.sizes_version = st.fleet_version
+                fleet.sizes_version = (st.sizes_version, vram)
             pending = len(st.pending)
         by_key: dict[str, ObservedJob] = {}
         may_act = self.writer.may_act
@@ -236,15 +241,16 @@ class Scheduler:
         """The namespace's AgentViews in a stable order, reusing each one until it changes."""
         st = self.state
         with st.lock:
-            agents = sorted((a for a in st.agents.values() if a.namespace == namespace), key=lambda a: a.name)
-            versions = {a.key: st.agent_jobs_version.get(a.key, 0) for a in agents}
+            agents = sorted((a for a in st.agents.values() if a.namespace == namespace), key=_by_name)
+            jobs_version = st.agent_jobs_version
+            versions = [jobs_version.get(a.key, 0) for a in agents]
             uids_version = st.uids_version
+            ready_now = st.agents_ready([a.key for a in agents], now_mono=now_mono, grace_s=self.lease_grace_s)
         uids: dict[str, str] | None = None
         out: list[placement.AgentView] = []
         live: dict[str, tuple[tuple[str, bool, int, int], placement.AgentView]] = {}
-        for a in agents:
-            ready = st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s)
-            sig = (a.resource_version, ready, versions[a.key], uids_version)
+        for a, ready, version in zip(agents, ready_now, versions, strict=True):
+            sig = (a.resource_version, ready, version, uids_version)
             cached = fleet.views.get(a.key)
             if cached is None or cached[0] != sig:
                 bound, in_use = st.agent_load(a.key)

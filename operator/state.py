@@ -473,6 +473,21 @@ def known_size_bytes(model: ObservedModel, agents: Iterable[ObservedAgent]) -> t
     return (hint, "Spec") if hint else (None, "Unknown")
 
 
+def _declared_size(model: ObservedModel) -> object:
+    """What of a ModelCache the sizes read (its status, written often, is not part of it)."""
+    spec = model.resource.spec
+    return model.uid, spec.kind, spec.source.size_bytes
+
+
+def _reported_sizes(agent: ObservedAgent) -> object:
+    """What of an agent's report `measured_sizes` reads."""
+    st = agent.resource.status
+    if st is None:
+        return None
+    return (tuple((m.name, m.uid, m.size_bytes) for m in st.models),
+            tuple((f.name, f.size_bytes) for f in st.model_failures))
+
+
 def measured_sizes(agents: Iterable[ObservedAgent], model_uids: Mapping[str, str] | None = None) -> dict[str, int]:
     """"namespace/model" -> size in bytes as some agent reported it (one pass over all reports): the
     size of a copy of the current ModelCache, else the size its source announced to an agent that
@@ -599,6 +614,9 @@ class State:
         seconds, so a long silence means the watch is stuck, not that every agent died."""
         self.synced = threading.Event()
         self.fleet_version = 0
+        self.sizes_version = 0
+        """Bumped when what the artifact sizes are worked out from changes: a ModelCache, or the sizes an
+        agent reports (most CacheAgent updates, a job started or finished, leave them alone)."""
         """Bumped on every CacheAgent or ModelCache change: the replica planner reruns when it moves."""
         self.uids_version = 0
         """Bumped when a ModelCache appears, goes, or is created again under its name (another uid)."""
@@ -753,13 +771,13 @@ class State:
                 self.agent_jobs_version[agent_key] += 1
 
     def upsert_agent(self, body: Mapping[str, Any]) -> None:
-        self._upsert_fleet(self.agents, agent_from_body, body)
+        self._upsert_fleet(self.agents, agent_from_body, body, sizes=_reported_sizes)
 
     def delete_agent(self, body: Mapping[str, Any]) -> None:
         self._delete_fleet(self.agents, body)
 
     def upsert_model(self, body: Mapping[str, Any]) -> None:
-        self._upsert_fleet(self.models, model_from_body, body, on_stored=self._model_stored)
+        self._upsert_fleet(self.models, model_from_body, body, on_stored=self._model_stored, sizes=_declared_size)
 
     def _model_stored(self, model: ObservedModel) -> None:
         if self._model_uids.get(model.key) != model.uid:
@@ -787,8 +805,10 @@ class State:
                 self._forget_model_use(key)
 
     def _upsert_fleet(self, table: dict[str, Any], parse: Callable[[Mapping[str, Any]], Any],
-                      body: Mapping[str, Any], *, on_stored: Callable[[Any], None] | None = None) -> None:
-        """Agents and models: keep the newest version seen; every change bumps the fleet version."""
+                      body: Mapping[str, Any], *, on_stored: Callable[[Any], None] | None = None,
+                      sizes: Callable[[Any], object] | None = None) -> None:
+        """Agents and models: keep the newest version seen; every change bumps the fleet version, and
+        the sizes version unless `sizes` (what of the item the sizes depend on) is unchanged."""
         try:
             item = parse(body)
         except StateError as exc:
@@ -800,6 +820,8 @@ class State:
                 return
             table[item.key] = item
             self.fleet_version += 1
+            if sizes is None or old is None or sizes(old) != sizes(item):
+                self.sizes_version += 1
             if on_stored is not None:
                 on_stored(item)
         self.changed.set()
@@ -809,6 +831,7 @@ class State:
         with self.lock:
             table.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
             self.fleet_version += 1
+            self.sizes_version += 1
         self.changed.set()
 
     def upsert_lease(self, body: Mapping[str, Any], *, now_mono: float) -> None:
@@ -841,14 +864,22 @@ class State:
     def agent_ready(self, agent_key: str, *, now_mono: float, grace_s: float | None) -> bool:
         """True while the agent's Lease keeps being renewed (a renewal seen within the grace)."""
         with self.lock:
-            rec = self.leases.get(agent_key)
-            if rec is None or rec.renew_time is None or not rec.held:
-                return False
-            limit = grace_s if grace_s is not None else (rec.duration_s or 15.0)
-            if now_mono - rec.observed_at <= limit:
-                return True
-            # No news from the Lease watch at all: do not declare agents dead on a stuck stream.
-            return now_mono - self.last_lease_event > limit
+            return self._ready(agent_key, now_mono, grace_s)
+
+    def agents_ready(self, agent_keys: Iterable[str], *, now_mono: float, grace_s: float | None) -> list[bool]:
+        """`agent_ready` of each agent, under one acquisition of the lock (a pass asks for all of them)."""
+        with self.lock:
+            return [self._ready(key, now_mono, grace_s) for key in agent_keys]
+
+    def _ready(self, agent_key: str, now_mono: float, grace_s: float | None) -> bool:
+        rec = self.leases.get(agent_key)
+        if rec is None or rec.renew_time is None or not rec.held:
+            return False
+        limit = grace_s if grace_s is not None else (rec.duration_s or 15.0)
+        if now_mono - rec.observed_at <= limit:
+            return True
+        # No news from the Lease watch at all: do not declare agents dead on a stuck stream.
+        return now_mono - self.last_lease_event > limit
 
     def demand_per_minute(self, model_key: str, *, now: float) -> float:
         with self.lock:

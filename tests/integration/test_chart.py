@@ -196,3 +196,16 @@ def test_the_notes_next_steps_work_as_written(helm, control_plane, namespace, ku
     # Every deployment and service the notes name exists under that name.
     for kind, name in re.findall(r"(deployment|svc)/([a-z0-9-]+)", notes):
         kubectl("get", kind, name)
+
+
+def test_the_pass_interval_reaches_the_operator_within_its_bounds(helm: str) -> None:
+    def operator_args(*options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([helm, "template", "stoker", str(CHART), *options], capture_output=True, text=True)
+
+    rendered = operator_args("--set", "operator.passIntervalSeconds=0.2")
+    assert rendered.returncode == 0, rendered.stderr
+    operator = next(d for d in yaml.safe_load_all(rendered.stdout)
+                    if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "stoker-operator")
+    assert "--pass-interval-s=0.2" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    refused = operator_args("--set", "operator.passIntervalSeconds=9")
+    assert refused.returncode != 0 and "passIntervalSeconds" in refused.stderr, refused.stderr

@@ -621,3 +621,25 @@ def test_the_reconciler_looks_again_at_a_quiet_job_only_when_it_its_agent_or_the
     state.upsert_lease(lease("b", "t1", "2"), now_mono=29.0)  # the watch is alive; a's Lease went unrenewed
     rec.reconcile_once(now=start + 62, now_mono=30.0)
     assert "bound" in looked and "ns/bound" in writer.submitted, "its agent was lost: it is requeued"
+
+
+def test_the_sizes_version_moves_only_when_what_sizes_are_worked_out_from_changes() -> None:
+    state = State()
+    state.upsert_agent(agent_body(rv="5"))
+    state.upsert_model(model_body(rv="1"))
+    before = state.sizes_version
+    moved = agent_body(rv="6")
+    moved["status"]["disk"]["usedBytes"] = 50  # a download went on, a job came and went: no size changed
+    moved["status"]["downloads"] = [{"name": "next", "bytesDone": 9}]
+    state.upsert_agent(moved)
+    assert state.sizes_version == before and state.fleet_version > 0
+    grown = agent_body(rv="7")
+    grown["status"]["models"][0]["sizeBytes"] = 11
+    state.upsert_agent(grown)
+    assert state.sizes_version == before + 1
+    state.upsert_model(model_body(rv="2", status={"replicas": 3, "desiredReplicas": 3}))  # its status: no size in it
+    assert state.models["ns/sd"].resource.status.replicas == 3
+    assert state.sizes_version == before + 1
+    state.upsert_model(model_body(rv="3", uid="mc-sd-2"))  # created again: another ModelCache's copies count
+    state.delete_agent(grown)
+    assert state.sizes_version == before + 3

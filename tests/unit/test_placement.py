@@ -674,3 +674,13 @@ def test_the_operator_refuses_placement_weights_below_one_naming_the_flag(capsys
             main([flag, "0.5"])
         assert exc.value.code == 2
         assert f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+def test_the_operator_refuses_a_pass_interval_out_of_bounds_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from stoker.operator.main import main
+
+    for value in ("-1", "6"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--pass-interval-s", value])
+        assert exc.value.code == 2
+        assert "--pass-interval-s must be between 0 and 5 seconds" in capsys.readouterr().err
