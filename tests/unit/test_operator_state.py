@@ -643,3 +643,17 @@ def test_the_sizes_version_moves_only_when_what_sizes_are_worked_out_from_change
     state.upsert_model(model_body(rv="3", uid="mc-sd-2"))  # created again: another ModelCache's copies count
     state.delete_agent(grown)
     assert state.sizes_version == before + 3
+
+
+def test_the_operator_registers_event_watchers_only_so_kopf_needs_no_diff_base() -> None:
+    import kopf
+
+    from stoker.operator import main
+
+    registry = kopf.OperatorRegistry()
+    main.register_watches(registry, State(), fleet="blue")
+    # The diff base it gives kopf keeps nothing: a change handler registered later would see no changes.
+    assert len(registry._watching.get_all_handlers()) == 4
+    assert not registry._changing.get_all_handlers() and not registry._spawning.get_all_handlers()
+    storage = main._no_diff_base()
+    assert storage.build(body={"spec": {"model": "sd"}}) == {} and storage.fetch(body={}) is None
