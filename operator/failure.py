@@ -100,7 +100,8 @@ class Reconciler:
             jobs = list(st.jobs.values())
             agents = list(st.agents.values())
             inflight = set(st.inflight)
-        ready = {a.key: st.agent_ready(a.key, now_mono=now_mono, grace_s=self.lease_grace_s) for a in agents}
+        keys = [a.key for a in agents]
+        ready = dict(zip(keys, st.agents_ready(keys, now_mono=now_mono, grace_s=self.lease_grace_s), strict=True))
         metrics.AGENTS.set(len(agents))
         metrics.READY_AGENTS.set(sum(ready.values()))
         started = 0
