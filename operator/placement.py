@@ -642,6 +642,15 @@ class _Option:
     """Cost of new downloads beyond their time (see PlacementSettings.download_weight)."""
     from_peers: tuple[str, ...] = ()
     """Artifacts among `downloaded` that come from another agent, not the source."""
+    start_s: float = field(init=False, repr=False, compare=False)
+    """When the job would start (the download overlaps the wait, the load does not)."""
+    cost_s: float = field(init=False, repr=False, compare=False)
+    """What placement minimises: the start, what the evictions cost, and the download penalty."""
+
+    def __post_init__(self) -> None:
+        # Worked out once: every comparison between options reads them.
+        self.start_s = max(self.wait_s, self.bind_s + self.fetch_s) + self.load_s - self.fetch_s
+        self.cost_s = self.start_s + self.evict_s + self.fetch_penalty_s
 
     @property
     def evicts(self) -> tuple[str, ...]:
@@ -652,14 +661,6 @@ class _Option:
         return (self.wait_s, self.bind_s, self.fetch_s, self.load_s, self.evict_s, self.tier, self.evict_vram,
                 self.evict_disk, self.vram_add, self.disk_add, self.evicted_vram_bytes, self.evicted_disk_bytes,
                 self.loaded, self.downloaded, self.fetch_penalty_s)
-
-    @property
-    def start_s(self) -> float:
-        return max(self.wait_s, self.bind_s + self.fetch_s) + self.load_s - self.fetch_s
-
-    @property
-    def cost_s(self) -> float:
-        return self.start_s + self.evict_s + self.fetch_penalty_s
 
 
 class FleetIndex:
@@ -1576,7 +1577,7 @@ def _start_wait(busy: list[float], gen_slots: int) -> float:
         return 0.0
     if n == gen_slots:
         return busy[0]
-    return heapq.nsmallest(n - gen_slots + 1, busy)[-1]
+    return sorted(busy)[n - gen_slots]  # (an agent has a few slots: cheaper than heapq.nsmallest)
 
 
 def _first_free_s(view: AgentView, settings: PlacementSettings) -> float:
