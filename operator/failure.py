@@ -35,6 +35,7 @@ operator's own reasons), Expired (TTL deletion), AgentReady / AgentNotReady.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import time
@@ -77,6 +78,10 @@ def unavailable_message(art: str, verdict: sourcehealth.SourceVerdict,
             "change of the ModelCache's spec; then submit the job again")
 
 
+_WALK_EVERY_S = 10.0
+"""How often the reconciler looks at every job, whatever changed (see `Reconciler._jobs_to_look_at`)."""
+
+
 class Reconciler:
     def __init__(self, state: State, writer: Writer, *, lease_grace_s: float | None,
                  default_ttl_s: float | None = None) -> None:
@@ -90,6 +95,13 @@ class Reconciler:
         models, when a deadline or TTL falls due). A job is looked at again only when one of
         them changes: a pass costs in proportion to what changed, not to every job kept."""
         self._failed: frozenset[str] = frozenset()
+        self._active: set[str] = set()
+        """Jobs the last pass looked at and did not find quiet (a write started, or one could not
+        start): looked at again on the next pass."""
+        self._due: list[tuple[float, str]] = []
+        """Heap of (when a quiet job's deadline or TTL falls due, job key)."""
+        self._was_ready: dict[str, bool] = {}
+        self._walked_at = -math.inf
 
     def reconcile_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
         """Start the writes this pass calls for; returns how many were started."""
@@ -97,7 +109,6 @@ class Reconciler:
         now_mono = time.monotonic() if now_mono is None else now_mono
         st = self.state
         with st.lock:
-            jobs = list(st.jobs.values())
             agents = list(st.agents.values())
             inflight = set(st.inflight)
         keys = [a.key for a in agents]
@@ -110,13 +121,14 @@ class Reconciler:
         failed_models = st.update_source_health(now=now, now_mono=now_mono, grace_s=self.lease_grace_s)
         metrics.SOURCE_FAILED_MODELS.set(len(failed_models))
         failed = frozenset(failed_models)
+        walk = failed != self._failed or now_mono - self._walked_at >= _WALK_EVERY_S
         if failed != self._failed:
             self._failed = failed
         failed = self._failed  # the same object while unchanged: compared by identity below
+        jobs = self._jobs_to_look_at(ready, walk=walk, now=now, now_mono=now_mono)
         quiet = self._quiet
-        if len(quiet) > 2 * len(jobs) + 1000:
-            keys = {j.key for j in jobs}
-            self._quiet = quiet = {k: v for k, v in quiet.items() if k in keys}
+        active: set[str] = set()
+        self._active = active
         for job in jobs:
             bound = job.bound_agent
             bound_ready = None if bound is None else ready.get(f"{job.namespace}/{bound}", False)
@@ -125,16 +137,55 @@ class Reconciler:
                     and now < q[3]):
                 continue
             if job.key in inflight or not self.writer.may_act(job.key, job.resource_version):
+                active.add(job.key)
                 continue
             write = self._job(job, ready, failed_models, now)
             if write is None:
-                quiet[job.key] = (job.resource_version, bound_ready, failed, self._due(job))
+                due = self._due_at(job)
+                quiet[job.key] = (job.resource_version, bound_ready, failed, due)
+                if due != math.inf:
+                    heapq.heappush(self._due, (due, job.key))
             else:
                 quiet.pop(job.key, None)
+                active.add(job.key)
                 started += int(self.writer.submit(job.key, job.resource_version, write))
         return started
 
-    def _due(self, job: ObservedJob) -> float:
+    def _jobs_to_look_at(self, ready: dict[str, bool], *, walk: bool, now: float, now_mono: float
+                         ) -> list[ObservedJob]:
+        """Every job on a full walk (the first pass, failed models changed, and every
+        `_WALK_EVERY_S` as a safety net); else only those whose inputs may have moved: stored or
+        forgotten since, looked at without being found quiet, falling due, or bound to an agent
+        whose readiness changed. The others are quiet for the same reasons as before."""
+        st = self.state
+        touched = st.take_touched_jobs()
+        flipped = [k for k, r in ready.items() if self._was_ready.get(k, False) != r]
+        flipped += [k for k, r in self._was_ready.items() if r and k not in ready]
+        self._was_ready = ready
+        if walk:
+            self._walked_at = now_mono
+            with st.lock:
+                jobs = list(st.jobs.values())
+            if len(self._quiet) > 2 * len(jobs) + 1000:
+                keys = {j.key for j in jobs}
+                self._quiet = {k: v for k, v in self._quiet.items() if k in keys}
+                self._due = [(t, k) for t, k in self._due if k in keys]
+                heapq.heapify(self._due)
+            return jobs
+        keys = touched | self._active
+        due = self._due
+        while due and due[0][0] <= now:
+            keys.add(heapq.heappop(due)[1])
+        with st.lock:
+            for agent_key in flipped:
+                keys.update(st.bound.get(agent_key, ()))
+            jobs = [job for key in keys if (job := st.jobs.get(key)) is not None]
+        for key in touched:
+            if key not in st.jobs:
+                self._quiet.pop(key, None)
+        return jobs
+
+    def _due_at(self, job: ObservedJob) -> float:
         """When time alone may give `job` something to do: its deadline, or its TTL once finished."""
         st = job_state(job)
         if st.terminal:

@@ -613,6 +613,8 @@ class State:
         """Monotonic time of the last Lease event: the leader's own renewals arrive every few
         seconds, so a long silence means the watch is stuck, not that every agent died."""
         self.synced = threading.Event()
+        self.touched_jobs: set[str] = set()
+        """Jobs stored or forgotten since the reconciler last took them (`take_touched_jobs`)."""
         self.fleet_version = 0
         self.sizes_version = 0
         """Bumped when what the artifact sizes are worked out from changes: a ModelCache, or the sizes an
@@ -642,6 +644,7 @@ class State:
                 metrics.count_finished(old, job)
             self.jobs[job.key] = job
             self._index(job)
+            self.touched_jobs.add(job.key)
             if job.uid not in self._seen_uids:
                 self._seen_uids.add(job.uid)
                 for art in set(job.artifacts):
@@ -652,6 +655,12 @@ class State:
                     self.last_used[mk] = max(self.last_used.get(mk, 0.0), job.created_at)
                     self._count_use(mk, job.created_at)
         self.changed.set()
+
+    def take_touched_jobs(self) -> set[str]:
+        """The jobs stored or forgotten since the last call (for one reader: the reconciler)."""
+        with self.lock:
+            touched, self.touched_jobs = self.touched_jobs, set()
+            return touched
 
     def _count_use(self, model_key: str, created_s: float) -> None:
         """One job used the model (the caller holds the lock and counts each job once)."""
@@ -694,6 +703,7 @@ class State:
     def _forget_job(self, job: ObservedJob) -> None:
         self._unindex(job)
         self.jobs.pop(job.key, None)
+        self.touched_jobs.add(job.key)
         self.clear_inflight(job.key)
         if job.uid in self._seen_uids:
             self._seen_uids.discard(job.uid)

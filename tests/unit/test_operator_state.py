@@ -623,6 +623,36 @@ def test_the_reconciler_looks_again_at_a_quiet_job_only_when_it_its_agent_or_the
     assert "bound" in looked and "ns/bound" in writer.submitted, "its agent was lost: it is requeued"
 
 
+def test_a_reconcile_pass_reads_only_the_jobs_whose_inputs_may_have_moved() -> None:
+    from stoker.operator.failure import Reconciler
+
+    state = ready_state()
+    state.upsert_agent(agent_body())
+    for i in range(300):
+        state.upsert_job(job_body(f"p{i}", status={"phase": "Pending", "attempt": 1}))
+    bound = [job_body(f"b{i}", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"},
+                      status={"phase": "Running", "attempt": 1, "agent": "a"}) for i in range(3)]
+    for body in bound:
+        state.upsert_job(body)
+    writer = _RecordingWriter()
+    rec = Reconciler(state, writer, lease_grace_s=10.0)  # type: ignore[arg-type]
+    read: list[int] = []
+    take = rec._jobs_to_look_at
+    rec._jobs_to_look_at = lambda *a, **k: (jobs := take(*a, **k), read.append(len(jobs)))[0]  # type: ignore[method-assign]
+    start = job_from_body(bound[0]).created_at
+
+    rec.reconcile_once(now=start + 1, now_mono=1.0)
+    rec.reconcile_once(now=start + 2, now_mono=2.0)
+    state.upsert_job(job_body("p7", rv="11", status={"phase": "Pending", "attempt": 1}))
+    rec.reconcile_once(now=start + 3, now_mono=3.0)
+    assert read == [303, 0, 1], "the first pass reads every job; then only what changed"
+    state.upsert_lease(lease("b", "t1", "2"), now_mono=8.0)  # the watch is alive; a's Lease went unrenewed
+    rec.reconcile_once(now=start + 4, now_mono=10.5)
+    assert read[-1] == 3 and sorted(writer.submitted) == ["ns/b0", "ns/b1", "ns/b2"], "its agent's jobs requeue"
+    rec.reconcile_once(now=start + 5, now_mono=11.5)
+    assert read[-1] == 303, "every 10 s all of them, whatever changed"
+
+
 def test_the_sizes_version_moves_only_when_what_sizes_are_worked_out_from_changes() -> None:
     state = State()
     state.upsert_agent(agent_body(rv="5"))
