@@ -101,7 +101,9 @@ class Reconciler:
         self._due: list[tuple[float, str]] = []
         """Heap of (when a quiet job's deadline or TTL falls due, job key)."""
         self._was_ready: dict[str, bool] = {}
+        """Each agent's readiness in the last pass: the jobs bound to one that flipped are looked at."""
         self._walked_at = -math.inf
+        """Monotonic time of the last pass that looked at every job."""
 
     def reconcile_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
         """Start the writes this pass calls for; returns how many were started."""
@@ -121,9 +123,10 @@ class Reconciler:
         failed_models = st.update_source_health(now=now, now_mono=now_mono, grace_s=self.lease_grace_s)
         metrics.SOURCE_FAILED_MODELS.set(len(failed_models))
         failed = frozenset(failed_models)
-        walk = failed != self._failed or now_mono - self._walked_at >= _WALK_EVERY_S
-        if failed != self._failed:
+        moved = failed != self._failed
+        if moved:
             self._failed = failed
+        walk = moved or now_mono - self._walked_at >= _WALK_EVERY_S
         failed = self._failed  # the same object while unchanged: compared by identity below
         jobs = self._jobs_to_look_at(ready, walk=walk, now=now, now_mono=now_mono)
         quiet = self._quiet
@@ -180,9 +183,9 @@ class Reconciler:
             for agent_key in flipped:
                 keys.update(st.bound.get(agent_key, ()))
             jobs = [job for key in keys if (job := st.jobs.get(key)) is not None]
-        for key in touched:
-            if key not in st.jobs:
-                self._quiet.pop(key, None)
+            gone = [key for key in touched if key not in st.jobs]
+        for key in gone:
+            self._quiet.pop(key, None)
         return jobs
 
     def _due_at(self, job: ObservedJob) -> float:

@@ -78,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="placement cost of a second of fetching a model from another agent (the peer tier) relative "
                         "to a second of waiting; higher keeps jobs with the agents that hold their model rather "
                         "than spreading copies (>= 1, default %(default)s; env STOKER_PEER_WEIGHT)")
-    p.add_argument("--pass-interval-s", type=float,
-                   default=float(os.environ.get("STOKER_PASS_INTERVAL_S") or 0.05),
+    p.add_argument("--pass-interval-s", type=float, default=os.environ.get("STOKER_PASS_INTERVAL_S") or "0.05",
                    help="least time between the starts of two control passes: a busy fleet's events are planned "
                         "in batches, not one pass per event (adds at most this to a binding's latency; default "
                         "%(default)s; env STOKER_PASS_INTERVAL_S)")

@@ -181,7 +181,7 @@ class _Entry:
 class _Observer:
     """Collects what one placement reads (see `placement.PassObserver`)."""
 
-    __slots__ = ("fleet", "reads", "keys", "whole_fleet", "cut", "bounds")
+    __slots__ = ("fleet", "reads", "keys", "noted", "whole_fleet", "cut", "bounds")
 
     def __init__(self, fleet: placement._Fleet) -> None:
         self.fleet = fleet
@@ -190,6 +190,9 @@ class _Observer:
     def reset(self) -> None:
         self.reads: dict[str, _Read] = {}
         self.keys: dict[str, tuple[str, tuple[str, ...], frozenset[str]]] = {}
+        self.noted: dict[str, tuple[tuple[str, ...], Iterable[str]]] = {}
+        """Artifact -> (agents that gained it earlier in the pass, its holders) as looked up; `finish`
+        turns them into `keys` and facts."""
         self.whole_fleet = False
         self.cut = False
         self.bounds: list[float] = []
@@ -226,8 +229,8 @@ class _Observer:
     def holders(self, key: str, names: Iterable[str]) -> None:
         # Noted now, read in `finish`: a job that is bound (most of them, with free agents about)
         # leaves nothing to remember, and a popular model has hundreds of holders.
-        if key not in self.keys:
-            self.keys[key] = (key, self.fleet.gained_of(key), names)  # type: ignore[assignment]
+        if key not in self.noted:
+            self.noted[key] = (self.fleet.gained_of(key), names)
 
     def victims(self, name: str, vram: bool, keys: tuple[str, ...], decays: bool) -> None:
         read = self._read(name)
@@ -253,12 +256,11 @@ class _Observer:
         # job itself reserved (its slots are held back since). The job's other effects change no
         # holder's slots, and each agent it affected was read before, with the log it had then.
         reserved = {name for name, what, _ in fleet.effects if what == "reserve"}
-        for key, (_, gained, names) in list(self.keys.items()):
-            if not isinstance(names, frozenset):
-                names = frozenset(names)
-                self.keys[key] = (key, gained, names)
-                for name in names:
-                    self.fact(name, "free", "", name in free or name in reserved)
+        for key, (gained, names) in self.noted.items():
+            holders = frozenset(names)
+            self.keys[key] = (key, gained, holders)
+            for name in holders:
+                self.fact(name, "free", "", name in free or name in reserved)
         runner_up = min(self.bounds, default=_INF)
         for read in self.reads.values():
             if read.deep and read.state_reads != 1:

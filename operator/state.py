@@ -616,10 +616,10 @@ class State:
         self.touched_jobs: set[str] = set()
         """Jobs stored or forgotten since the reconciler last took them (`take_touched_jobs`)."""
         self.fleet_version = 0
+        """Bumped on every CacheAgent or ModelCache change: the replica planner reruns when it moves."""
         self.sizes_version = 0
         """Bumped when what the artifact sizes are worked out from changes: a ModelCache, or the sizes an
         agent reports (most CacheAgent updates, a job started or finished, leave them alone)."""
-        """Bumped on every CacheAgent or ModelCache change: the replica planner reruns when it moves."""
         self.uids_version = 0
         """Bumped when a ModelCache appears, goes, or is created again under its name (another uid)."""
         self._model_uids: dict[str, str] = {}

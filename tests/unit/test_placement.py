@@ -684,3 +684,14 @@ def test_the_operator_refuses_a_pass_interval_out_of_bounds_naming_the_flag(caps
             main(["--pass-interval-s", value])
         assert exc.value.code == 2
         assert "--pass-interval-s must be between 0 and 5 seconds" in capsys.readouterr().err
+
+
+def test_a_pass_interval_from_the_environment_that_is_not_a_number_is_refused_naming_the_flag(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from stoker.operator.main import main
+
+    monkeypatch.setenv("STOKER_PASS_INTERVAL_S", "fast")
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "--pass-interval-s: invalid float value: 'fast'" in capsys.readouterr().err
