@@ -495,8 +495,17 @@ class PassObserver(Protocol):
     def victims(self, name: str, vram: bool, keys: tuple[str, ...], decays: bool) -> None:
         """It valued eviction victims `keys` on agent `name` (by demand, and by the victim clock when `decays`)."""
 
-    def cold(self) -> None:
-        """It used the ranking of all free agents for a cold load."""
+    def whole_fleet(self) -> None:
+        """It read something of every agent."""
+
+    def free_candidates(self, names: tuple[str, ...]) -> None:
+        """It weighed the free holders `names` (up to `holder_candidates` of them, best tier first)."""
+
+    def busy_candidates(self, count: int) -> None:
+        """It found `count` busy holders of the checkpoint (up to twice `holder_candidates`)."""
+
+    def cold(self, picked: tuple[str, ...]) -> None:
+        """It took `picked` from the ranking of all free agents for a cold load (see `_Fleet.cold_pick`)."""
 
     def truncated(self) -> None:
         """It left out busy holders beyond `holder_candidates` (by their waits)."""
@@ -1035,25 +1044,13 @@ class _Fleet:
         arts = tuple((k, self.size(k)) for k in keys)
         total = sum(size for _, size in arts)
         aged = now - job.created_at > s.max_hot_wait_age_s
-        failed = job.failed_agents
-        if failed and self.observer is not None:
-            self.observer.cold()  # whether every agent failed the job depends on the whole fleet
-        if failed and self.all_failed(failed):
-            # Each eligible agent failed it once (retryably: other failures end the job). Rather
-            # than wait for an agent that never comes, try them again: the attempts bound it.
-            failed = frozenset()
+        if job.failed_agents and self.observer is not None:
+            self.observer.whole_fleet()  # whether every agent failed the job depends on the whole fleet
+        failed = self._failed(job)
         cap = s.holder_candidates
-
-        # Free agents that hold some of the job's artifacts (best tier first).
-        free_cands: dict[str, None] = {}
-        model_has_free_holder = False
-        for key in keys:
-            if len(free_cands) >= cap:
-                break
-            found = sorted(self.free_holders(key, 2 * cap, failed))
-            model_has_free_holder = model_has_free_holder or (key == keys[0] and bool(found))
-            for _, name in found[: cap - len(free_cands)]:
-                free_cands[name] = None
+        free_cands, model_has_free_holder = self._free_candidates(keys, failed)
+        if self.observer is not None:
+            self.observer.free_candidates(tuple(free_cands))
         best: _Option | None = None
         for name in free_cands:
             best = self._better(best, arts, self.state(name), total, job.overrun_s)
@@ -1061,8 +1058,10 @@ class _Fleet:
         # (LoRAs and VAEs load in well under a second), and only for a job not pending long.
         busy_cands = self.busy_holders(keys[0], 2 * cap, failed) if not aged else []
         busy_cands.sort()
-        if self.observer is not None and len(busy_cands) > cap:
-            self.observer.truncated()
+        if self.observer is not None:
+            self.observer.busy_candidates(len(busy_cands))
+            if len(busy_cands) > cap:
+                self.observer.truncated()
         for wait_lb, _, name in busy_cands[:cap]:
             if best is not None and wait_lb >= best.cost_s:
                 if self.observer is not None:
@@ -1079,6 +1078,8 @@ class _Fleet:
             cold_floor = min(cold_floor, arts[0][1] * (s.peer_weight / self.max_peer + 1.0 / self.max_d2g))
         if model_has_free_holder or best is None or best.cost_s >= cold_floor:
             self._add_cold_candidates(cold, free_cands, failed, total)
+            if self.observer is not None:
+                self.observer.cold(tuple(cold))
             for name in cold:
                 best = self._better(best, arts, self.state(name), total, job.overrun_s)
         elif self.observer is not None:
@@ -1108,6 +1109,49 @@ class _Fleet:
             job.key, st.name, best.cost_s, best.tier, _reason(best),
             load_s=best.load_s, evict_s=best.evict_s, evicts=best.evicts, wait_s=best.wait_s,
         )
+
+    def _free_candidates(self, keys: tuple[str, ...], failed: frozenset[str]) -> tuple[dict[str, None], bool]:
+        """Free agents that hold some of the job's artifacts (best tier first), and whether one of
+        them holds its checkpoint."""
+        cap = self.settings.holder_candidates
+        free_cands: dict[str, None] = {}
+        model_has_free_holder = False
+        for key in keys:
+            if len(free_cands) >= cap:
+                break
+            found = sorted(self.free_holders(key, 2 * cap, failed))
+            model_has_free_holder = model_has_free_holder or (key == keys[0] and bool(found))
+            for _, name in found[: cap - len(free_cands)]:
+                free_cands[name] = None
+        return free_cands, model_has_free_holder
+
+    def _failed(self, job: JobView) -> frozenset[str]:
+        """The agents placing `job` leaves out."""
+        failed = job.failed_agents
+        if failed and self.all_failed(failed):
+            # Each eligible agent failed it once (retryably: other failures end the job). Rather
+            # than wait for an agent that never comes, try them again: the attempts bound it.
+            return frozenset()
+        return failed
+
+    def free_candidates(self, job: JobView) -> tuple[str, ...]:
+        """The free holders placing `job` would now weigh (see `PassObserver.free_candidates`)."""
+        return tuple(self._free_candidates(job.artifact_keys, self._failed(job))[0])
+
+    def busy_candidates(self, job: JobView) -> int:
+        """How many busy holders of its checkpoint placing `job` would now find (see
+        `PassObserver.busy_candidates`)."""
+        return len(self.busy_holders(job.artifact_keys[0], 2 * self.settings.holder_candidates, self._failed(job)))
+
+    def cold_pick(self, job: JobView) -> tuple[str, ...]:
+        """The free agents placing `job` would now take from the cold ranking, when it looks
+        there at all (see `PassObserver.cold`)."""
+        keys = job.artifact_keys
+        failed = self._failed(job)
+        free_cands, _ = self._free_candidates(keys, failed)
+        cold: dict[str, None] = {}
+        self._add_cold_candidates(cold, free_cands, failed, sum(self.size(k) for k in keys))
+        return tuple(cold)
 
     def _reserve(self, job: JobView, arts: tuple[tuple[str, int], ...], total: int, names: list[str]) -> Waiting | None:
         """For a job pending long that fits nowhere now: the best free agent where only pinned
@@ -1204,8 +1248,6 @@ class _Fleet:
         """Take the best few free agents from the cold heap (skipping stale entries)."""
         want = self.settings.cold_candidates
         popped: list[tuple[float, str, int]] = []
-        if self.observer is not None:
-            self.observer.cold()
         heap = self._cold()
         scanned = 0
         limit = 4 * want + len(failed)

@@ -160,8 +160,14 @@ class _Entry:
     """(artifact, agents that got it earlier in the pass, agents holding it) for the artifacts
     whose holders it looked up."""
     fleet: bool
-    """It ranked every free agent for a cold load."""
+    """It read something of every agent (whether each one failed the job)."""
     cold_log: tuple[tuple[str, str, str], ...]
+    free: tuple[str, ...]
+    """The free holders it weighed."""
+    busy: int
+    """The busy holders of the checkpoint it found."""
+    cold: tuple[str, ...] | None
+    """The free agents it took from the ranking of all of them for a cold load, if it looked there."""
     truncated: bool
     """It left out busy holders beyond the cap: which were weighed depends on every wait."""
     runner_up: float
@@ -181,7 +187,7 @@ class _Entry:
 class _Observer:
     """Collects what one placement reads (see `placement.PassObserver`)."""
 
-    __slots__ = ("fleet", "reads", "keys", "noted", "whole_fleet", "cut", "bounds")
+    __slots__ = ("fleet", "reads", "keys", "noted", "all_agents", "free", "busy", "picked", "cut", "bounds")
 
     def __init__(self, fleet: placement._Fleet) -> None:
         self.fleet = fleet
@@ -193,7 +199,10 @@ class _Observer:
         self.noted: dict[str, tuple[tuple[str, ...], Iterable[str]]] = {}
         """Artifact -> (agents that gained it earlier in the pass, its holders) as looked up; `finish`
         turns them into `keys` and facts."""
-        self.whole_fleet = False
+        self.all_agents = False
+        self.free: tuple[str, ...] = ()
+        self.busy = 0
+        self.picked: tuple[str, ...] | None = None
         self.cut = False
         self.bounds: list[float] = []
 
@@ -242,8 +251,17 @@ class _Observer:
                     read.victim_gained[key] = self.fleet.gained_of(key)
         read.decays = read.decays or decays
 
-    def cold(self) -> None:
-        self.whole_fleet = True
+    def whole_fleet(self) -> None:
+        self.all_agents = True
+
+    def free_candidates(self, names: tuple[str, ...]) -> None:
+        self.free = names
+
+    def busy_candidates(self, count: int) -> None:
+        self.busy = count
+
+    def cold(self, picked: tuple[str, ...]) -> None:
+        self.picked = picked
 
     def truncated(self) -> None:
         self.cut = True
@@ -431,7 +449,8 @@ class Planner:
         self._entries[job.key] = _Entry(
             job=job, outcome=outcome, effects=effects, pass_no=self._pass, now=now,
             victim_now=fleet.victim_now, aged=self._aged(job, now), links=self._links,
-            reads=reads, keys=list(observer.keys.values()), fleet=observer.whole_fleet, cold_log=fleet.cold_log,
+            reads=reads, keys=list(observer.keys.values()), fleet=observer.all_agents, cold_log=fleet.cold_log,
+            free=observer.free, busy=observer.busy, cold=observer.picked,
             truncated=observer.cut, runner_up=runner_up,
         )
         if isinstance(outcome, Waiting) and not outcome.reserved:
@@ -451,12 +470,23 @@ class Planner:
         where the outcome stays but what it rests on moved)."""
         if entry.aged != (now - job.created_at > self.settings.max_hot_wait_age_s) or entry.links != self._links:
             return False
-        if entry.fleet and (entry.victim_now != fleet.victim_now or self._fleet_epoch > entry.pass_no
-                            or fleet.cold_log != entry.cold_log):
-            return False
         if entry.now != now and isinstance(entry.outcome, Waiting) and entry.outcome.reserved:
             return False  # its reason tells how long the job has been pending
+        anywhere = (entry.victim_now != fleet.victim_now or self._fleet_epoch > entry.pass_no
+                    or fleet.cold_log != entry.cold_log)
+        if anywhere and entry.fleet:
+            return False
         newcomers: list[str] = []
+        if anywhere and entry.cold is not None:
+            # The ranking of free agents may have moved: agents it offers now that it did not are
+            # weighed below with those new to the job's artifacts (those it no longer offers lost).
+            picked = fleet.cold_pick(job)
+            if picked != entry.cold:
+                if entry.winner() is None:
+                    return False
+                newcomers.extend(name for name in picked if name not in entry.cold)
+                entry.cold = picked
+            entry.cold_log = fleet.cold_log
         key_epoch = self._key_epoch
         any_gained = bool(fleet.gained)
         n = entry.pass_no
@@ -489,13 +519,36 @@ class Planner:
             if winner is None:
                 if not self._unchanged(entry, fleet, job, changed):
                     return False
-            elif not self._still_wins(entry, fleet, job, winner, changed, newcomers):
-                return False
+            else:
+                entrants = self._new_candidates(entry, fleet, job, changed, newcomers)
+                if entrants is None or not self._still_wins(entry, fleet, job, winner, changed, [*newcomers, *entrants]):
+                    return False
             for read in changed:  # the same as far as this job is concerned
                 read.view, read.log = views[read.name], fleet.log_of(read.name)
         entry.victim_now = fleet.victim_now
         entry.pass_no = self._pass
         return True
+
+    def _new_candidates(self, entry: _Entry, fleet: placement._Fleet, job: JobView, changed: list[_Read],
+                        newcomers: list[str]) -> list[str] | None:
+        """The free holders placing the job now would weigh that it did not (a holder that turned busy
+        makes room under `holder_candidates` for one left out before); None when it would now leave
+        out a busy holder of its checkpoint, as it did none before. Each agent that turned busy or
+        free changed, or is new: below the cap, nothing else can move in or out."""
+        cap = self.settings.holder_candidates
+        moved = len(changed) + len(newcomers)
+        if entry.busy + moved > cap:
+            entry.busy = fleet.busy_candidates(job)
+            if entry.busy > cap:
+                return None
+        if len(entry.free) < cap:
+            return []  # every free holder was weighed: one that is new to them changed, or is new
+        free = fleet.free_candidates(job)
+        if free == entry.free:
+            return []
+        weighed = set(entry.free)
+        entry.free = free
+        return [name for name in free if name not in weighed]
 
     def _changed(self, entry: _Entry, fleet: placement._Fleet, read: _Read) -> bool:
         """Whether anything the placement read of this agent may have moved since."""
@@ -535,7 +588,7 @@ class Planner:
                     changed: list[_Read], newcomers: list[str]) -> bool:
         """The job waits for the cheapest option: it still does while that agent still holds its
         checkpoint with no free slot and costs less than anything else did, and every agent that
-        changed, or newly holds one of its artifacts, still costs strictly more."""
+        changed, newly holds one of its artifacts or is newly a candidate, still costs strictly more."""
         assert isinstance(entry.outcome, Waiting)
         win_cost = entry.outcome.cost_s
         option = None
@@ -549,16 +602,21 @@ class Planner:
         for read in changed:
             if read is not winner and not self._loses(entry, fleet, job, read, win_cost):
                 return False
-        known = {read.name for read in entry.reads}
+        known = {read.name: read for read in entry.reads}
         for name in newcomers:
-            if name in known or name not in fleet.views:
+            if name not in fleet.views:
                 continue
-            read = _Read(name, fleet.views[name], fleet.log_of(name))
-            read.deep, read.option = True, _FLOORED  # nothing read yet: any change weighs it again
+            read = known.get(name)
+            if read is not None and read.deep and read in changed:
+                continue  # weighed above
+            if read is None:
+                read = known[name] = _Read(name, fleet.views[name], fleet.log_of(name))
+                entry.reads.append(read)
+            # Nothing weighed yet (or only its slot and tiers, as a holder of something else): any
+            # change weighs it again.
+            read.deep, read.option = True, _FLOORED
             if not self._loses(entry, fleet, job, read, win_cost):
                 return False
-            entry.reads.append(read)
-            known.add(name)
         if option is not None:
             outcome, done_s = fleet.waiting_on(job, option)
             entry.outcome = outcome
