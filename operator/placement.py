@@ -492,6 +492,9 @@ class PassObserver(Protocol):
     def holders(self, key: str, names: Iterable[str]) -> None:
         """It depended on which agents hold `key`, and on whether each of `names` has a free slot."""
 
+    def tiers(self, key: str, tiers: list[tuple[str, Tier | None]]) -> None:
+        """It read the tier of `key` of each agent named (a `fact` of each)."""
+
     def victims(self, name: str, vram: bool, keys: tuple[str, ...], decays: bool) -> None:
         """It valued eviction victims `keys` on agent `name` (by demand, and by the victim clock when `decays`)."""
 
@@ -672,6 +675,11 @@ class _Option:
                 self.loaded, self.downloaded, self.fetch_penalty_s)
 
 
+def _links(v: AgentView) -> tuple[tuple[str, float | None], ...]:
+    links = (("dl", v.download_bps), ("d2g", v.disk_to_gpu_bps))
+    return (*links, ("peer", v.peer_bps)) if v.serves_peers else links
+
+
 class FleetIndex:
     """Optional accelerator for callers that plan many passes over a slowly changing fleet.
 
@@ -692,6 +700,11 @@ class FleetIndex:
         self.views: dict[str, AgentView] = {}
         self.by_key: dict[str, dict[str, AgentView]] = {}
         self.free: dict[str, None] = {}
+        self.free_slots = 0
+        """Free slots of the free agents."""
+        self.links: Counter[tuple[str, float | None]] = Counter()
+        """("dl" | "d2g" | "peer", reported speed) -> free agents reporting it: the fastest free link,
+        without walking every free agent on every pass."""
 
     def sync(self, agents: Sequence[AgentView]) -> None:
         """Bring the index up to date with `agents` (the full fleet, in any order)."""
@@ -725,6 +738,15 @@ class FleetIndex:
                 holders[v.name] = v
             if v.free_slots > 0:
                 self.free[v.name] = None
+                self._count_free(v, 1)
+
+    def _count_free(self, v: AgentView, n: int) -> None:
+        self.free_slots += n * v.free_slots
+        links = self.links
+        for link in _links(v):
+            links[link] += n
+            if not links[link]:
+                del links[link]
 
     def _remove(self, v: AgentView) -> None:
         if self._all.get(v.name) is not v:
@@ -736,7 +758,8 @@ class FleetIndex:
                 del holders[v.name]
                 if not holders:
                     del self.by_key[key]
-            self.free.pop(v.name, None)
+            if self.free.pop(v.name, 0) is None:
+                self._count_free(v, -1)
 
 
 class _Fleet:
@@ -764,24 +787,34 @@ class _Fleet:
             index.sync(agent_list)
             self.eligible: list[AgentView] = []
             self.views = index.views
-            free_views = [self.views[n] for n in index.free]
+            self.free_names: dict[str, None] = dict(index.free)
+            self.free_total = index.free_slots
+            links: Iterable[tuple[str, float | None]] = index.links
         else:
             self.eligible = [v for v in agent_list if v.ready and not v.cordoned]
             self.views = {v.name: v for v in self.eligible}
             if len(self.views) != len(self.eligible) or len({v.name for v in agent_list}) != len(agent_list):
                 raise PlacementError("an agent name appears twice in one placement pass; pass each agent once")
             free_views = [v for v in self.eligible if v.free_slots > 0]
+            self.free_names = {v.name: None for v in free_views}
+            self.free_total = sum(v.free_slots for v in free_views)
+            links = {link for v in free_views for link in _links(v)}
         self.states: dict[str, _Agent] = {}
         self.scan_memo: dict[str, list[str]] = {}
         self.gained: dict[str, dict[str, None]] = {}
         """Keys loaded during the pass onto agents whose view did not have them."""
-        self.free_names: dict[str, None] = {v.name: None for v in free_views}
         self.free_memo: dict[str, dict[str, None]] = {}
         """Per artifact: the agents holding it that still have a free slot (kept current)."""
-        self.free_total = sum(v.free_slots for v in free_views)
         # Fastest links among free agents: a lower bound of any cold load (see `place`).
-        self.max_dl = max((v.download_bps or settings.default_download_bps for v in free_views), default=1.0)
-        self.max_d2g = max((v.disk_to_gpu_bps or settings.default_disk_to_gpu_bps for v in free_views), default=1.0)
+        defaults = {"dl": settings.default_download_bps, "d2g": settings.default_disk_to_gpu_bps,
+                    "peer": settings.default_peer_bps}
+        fastest: dict[str, float] = {}
+        for kind, bps in links:
+            speed = bps or defaults[kind]
+            if speed > fastest.get(kind, -math.inf):
+                fastest[kind] = speed
+        self.max_dl, self.max_d2g = fastest.get("dl", 1.0), fastest.get("d2g", 1.0)
+        self.max_peer = fastest.get("peer", 0.0)
         self._cold_heap: list[tuple[float, str, int]] | None = None
         """Free agents by `_cold_rank`, built when a job first needs cold candidates (see `_cold`)."""
         self.cold_log: tuple[tuple[str, str, str], ...] = ()
@@ -791,7 +824,6 @@ class _Fleet:
         self.effects: list[tuple[str, str, float]] = []
         """(agent, what, value) of what the job being placed did to the fleet: for `replay` (a job
         that waits), or to tell what changed (a binding)."""
-        self.max_peer = max((v.peer_bps or settings.default_peer_bps for v in free_views if v.serves_peers), default=0.0)
         self.peer_memo: dict[str, tuple[tuple[float, str], ...]] = {}
         """Per artifact: the two soonest (seconds until a verified copy can be served, agent) among agents
         in the peer tier that hold or fetch it (kept current as the pass assigns)."""
@@ -975,12 +1007,18 @@ class _Fleet:
                 free_dict = {n: None for n in holders if n in free}
             self.free_memo[key] = free_dict
         out: list[tuple[int, str]] = []
+        tiers: list[tuple[str, Tier | None]] = []
+        states, views = self.states, self.views
         for name in free_dict:
             if name in failed:
                 continue
-            t = self.tier_of(name, key)
+            st = states.get(name)
+            t = st.tier(key) if st is not None else _view_tier(views[name], key)
+            tiers.append((name, t))
             if t is not None:
                 out.append((_TIER_RANK[t], name))
+        if self.observer is not None:
+            self.observer.tiers(key, tiers)
         # The best `limit` by tier then name: which ones does not depend on the order agents were indexed in.
         return heapq.nsmallest(limit, out) if len(out) > limit else out
 

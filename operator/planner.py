@@ -50,6 +50,7 @@ from stoker.operator.placement import (
     PlacementError,
     PlacementPlan,
     PlacementSettings,
+    Tier,
     Unplaceable,
     Waiting,
 )
@@ -187,7 +188,7 @@ class _Entry:
 class _Observer:
     """Collects what one placement reads (see `placement.PassObserver`)."""
 
-    __slots__ = ("fleet", "reads", "keys", "noted", "all_agents", "free", "busy", "picked", "cut", "bounds")
+    __slots__ = ("fleet", "reads", "keys", "noted", "noted_tiers", "all_agents", "free", "busy", "picked", "cut", "bounds")
 
     def __init__(self, fleet: placement._Fleet) -> None:
         self.fleet = fleet
@@ -199,6 +200,8 @@ class _Observer:
         self.noted: dict[str, tuple[tuple[str, ...], Iterable[str]]] = {}
         """Artifact -> (agents that gained it earlier in the pass, its holders) as looked up; `finish`
         turns them into `keys` and facts."""
+        self.noted_tiers: list[tuple[str, list[tuple[str, Tier | None]]]] = []
+        """Tiers read in bulk (of every free holder of an artifact), made facts in `finish`."""
         self.all_agents = False
         self.free: tuple[str, ...] = ()
         self.busy = 0
@@ -241,6 +244,9 @@ class _Observer:
         if key not in self.noted:
             self.noted[key] = (self.fleet.gained_of(key), names)
 
+    def tiers(self, key: str, tiers: list[tuple[str, Tier | None]]) -> None:
+        self.noted_tiers.append((key, tiers))  # like `holders`: facts only for a job that is not bound
+
     def victims(self, name: str, vram: bool, keys: tuple[str, ...], decays: bool) -> None:
         read = self._read(name)
         read.victim_keys = read.victim_keys.union(keys)
@@ -274,6 +280,9 @@ class _Observer:
         # job itself reserved (its slots are held back since). The job's other effects change no
         # holder's slots, and each agent it affected was read before, with the log it had then.
         reserved = {name for name, what, _ in fleet.effects if what == "reserve"}
+        for key, tiers in self.noted_tiers:
+            for name, tier in tiers:
+                self.fact(name, "tier", key, tier)
         for key, (gained, names) in self.noted.items():
             holders = frozenset(names)
             self.keys[key] = (key, gained, holders)

@@ -19,15 +19,20 @@ incrementally; each namespace keeps a `planner.Planner`, which remembers each wa
 job's outcome until something it was computed from changes, and keeps its promised
 start (a job whose agent overruns it goes elsewhere); an agent's `AgentView` object is
 reused until its CacheAgent version, readiness or bound jobs change, which is what tells
-the planner (and its fleet index) that the agent changed.
+the planner (and its fleet index) that the agent changed. A pass reads only the agents
+`State`'s change feed names and those whose Lease lapsed since (a heap of lapse times),
+and every agent every few seconds.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import logging
+import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -128,15 +133,37 @@ def _by_name(agent: Any) -> str:
     return agent.name
 
 
+_WALK_EVERY_S = 10.0
+"""Read every agent of a namespace at least this often, not only those the change feed names."""
+
+
 class _Fleet:
     """One namespace's agents as placement saw them last: the reused views and the planner."""
 
-    __slots__ = ("planner", "views", "sizes", "sizes_version")
+    __slots__ = ("planner", "views", "out", "at", "usable", "vram", "walked_at", "uids_version", "lapses",
+                 "silence_s", "silent", "sizes", "sizes_version")
 
     def __init__(self, settings: placement.PlacementSettings) -> None:
         self.planner = planner.Planner(settings)
         self.views: dict[str, tuple[tuple[str, bool, int, int], placement.AgentView]] = {}
         """agent key -> (CacheAgent resourceVersion, ready, bound-jobs version, ModelCache uids version), view."""
+        self.out: list[placement.AgentView] = []
+        """The views by agent name: the order they are handed to the planner in."""
+        self.at: dict[str, int] = {}
+        """agent key -> its place in `out`."""
+        self.usable: set[str] = set()
+        """Agents Ready, uncordoned and with a free slot: a pass with none plans nothing."""
+        self.vram: Counter[int] = Counter()
+        """VRAM budget -> agents reporting it."""
+        self.walked_at = -math.inf
+        """Monotonic time of the last pass that read every agent."""
+        self.uids_version = -1
+        self.lapses: list[tuple[float, str]] = []
+        """Heap of (monotonic time, agent key) at which an agent read as ready stops being so
+        unless its Lease is renewed (a renewal touches the agent; stale entries are harmless)."""
+        self.silence_s = math.inf
+        """The shortest silence of the Lease watch after which a lapsed agent counts as ready."""
+        self.silent = False
         self.sizes: dict[str, placement.ArtifactInfo] = {}
         self.sizes_version: tuple[int, int | None] = (-1, None)
         """(State.sizes_version, largest VRAM budget) the sizes were worked out with."""
@@ -154,6 +181,8 @@ class Scheduler:
         if self.settings != state.placement_settings:
             raise ValueError("the Scheduler and its State must use the same PlacementSettings (the queue order)")
         self._fleets: dict[str, _Fleet] = {}
+        self._touched: dict[str, set[str]] = {}
+        """namespace -> agents the change feed named that its next pass has yet to read."""
         self.unplaceable: dict[str, str] = {}
         """job key -> why the last pass that examined it found no agent (read by the pending reporter)."""
         self.last_plan = (0, 0, 0, 0)
@@ -167,7 +196,7 @@ class Scheduler:
         st = self.state
         with st.lock:
             metrics.PENDING_JOBS.set(len(st.pending))
-            metrics.BOUND_JOBS.set(sum(len(v) for v in st.bound.values()))
+            metrics.BOUND_JOBS.set(st.bound_jobs)
             namespaces = [ns for ns, q in st.queues.items() if q]
         total = 0
         for namespace in namespaces:
@@ -181,7 +210,7 @@ class Scheduler:
         if fleet is None:
             fleet = self._fleets[namespace] = _Fleet(self.settings)
         views = self._agent_views(namespace, fleet, now_mono)
-        if not any(v.free_slots > 0 and v.ready and not v.cordoned for v in views):
+        if not fleet.usable:
             return 0
         with st.lock:
             queue = list(st.queues.get(namespace, ()))
@@ -189,7 +218,7 @@ class Scheduler:
             failed = {k.split("/", 1)[1] for k in st.source_failed if k.startswith(f"{namespace}/")}
             # A guess must never make a job infeasible: an unknown size is capped at half the
             # largest VRAM budget (placement refuses agents whose VRAM the job's files exceed).
-            vram = max((v.vram_capacity_bytes for v in views if v.vram_capacity_bytes), default=None)
+            vram = max(fleet.vram, default=None)
             if fleet.sizes_version != (st.sizes_version, vram):
                 measured = measured_sizes((a for a in st.agents.values() if a.namespace == namespace),
                                           st.model_uids())
@@ -238,28 +267,82 @@ class Scheduler:
         return total
 
     def _agent_views(self, namespace: str, fleet: _Fleet, now_mono: float) -> list[placement.AgentView]:
-        """The namespace's AgentViews in a stable order, reusing each one until it changes."""
+        """The namespace's AgentViews in a stable order, reusing each one until it changes. Only
+        the agents that may have changed are read: those the change feed names (a CacheAgent,
+        Lease or bound job changed) and those whose readiness lapsed; every agent when the
+        ModelCache uids moved, the Lease watch fell silent (or spoke again), and every
+        `_WALK_EVERY_S` anyway."""
         st = self.state
         with st.lock:
-            agents = sorted((a for a in st.agents.values() if a.namespace == namespace), key=_by_name)
+            touched = self._take_touched(namespace)
+            lapses = fleet.lapses
+            while lapses and lapses[0][0] < now_mono:
+                touched.add(heapq.heappop(lapses)[1])
+            silent = now_mono - st.last_lease_event > fleet.silence_s
+            members = fleet.views
+            walk = (silent or fleet.silent or st.uids_version != fleet.uids_version
+                    or now_mono - fleet.walked_at > _WALK_EVERY_S
+                    or any((key in members) != (key in st.agents) for key in touched))
+            if walk:
+                keys = [a.key for a in sorted((a for a in st.agents.values() if a.namespace == namespace), key=_by_name)]
+                fleet.walked_at, fleet.lapses, fleet.silence_s = now_mono, [], math.inf
+                lapses = fleet.lapses
+            else:
+                keys = [key for key in touched if key in members]
+            fleet.silent = silent
+            uids_version = fleet.uids_version = st.uids_version
             jobs_version = st.agent_jobs_version
-            versions = [jobs_version.get(a.key, 0) for a in agents]
-            uids_version = st.uids_version
-            ready_now = st.agents_ready([a.key for a in agents], now_mono=now_mono, grace_s=self.lease_grace_s)
+            grace = self.lease_grace_s
+            reads = []
+            for key in keys:
+                ready, until, silence = st.readiness(key, now_mono=now_mono, grace_s=grace)
+                if ready and until >= now_mono:
+                    heapq.heappush(lapses, (until, key))
+                fleet.silence_s = min(fleet.silence_s, silence)
+                reads.append((st.agents[key], ready, jobs_version.get(key, 0)))
         uids: dict[str, str] | None = None
-        out: list[placement.AgentView] = []
-        live: dict[str, tuple[tuple[str, bool, int, int], placement.AgentView]] = {}
-        for a, ready, version in zip(agents, ready_now, versions, strict=True):
+        if walk:
+            fleet.views, fleet.out, fleet.at, fleet.usable, fleet.vram = {}, [], {}, set(), Counter()
+        for a, ready, version in reads:
             sig = (a.resource_version, ready, version, uids_version)
-            cached = fleet.views.get(a.key)
+            cached = members.get(a.key)
             if cached is None or cached[0] != sig:
                 bound, in_use = st.agent_load(a.key)
                 uids = st.model_uids() if uids is None else uids
                 cached = (sig, agent_view(a, ready=ready, bound=bound, in_use=in_use, model_uids=uids))
-            live[a.key] = cached
-            out.append(cached[1])
-        fleet.views = live
-        return out
+            self._keep(fleet, a.key, cached, walk=walk)
+        return list(fleet.out)
+
+    @staticmethod
+    def _keep(fleet: _Fleet, key: str, cached: tuple[tuple[str, bool, int, int], placement.AgentView], *,
+              walk: bool) -> None:
+        """Put an agent's view in its place (appended in a walk, which goes in name order)."""
+        view = cached[1]
+        if walk:
+            fleet.at[key] = len(fleet.out)
+            fleet.out.append(view)
+        else:
+            old = fleet.views[key][1]
+            if old is view:
+                return
+            fleet.out[fleet.at[key]] = view
+            if old.vram_capacity_bytes:
+                fleet.vram[old.vram_capacity_bytes] -= 1
+                if not fleet.vram[old.vram_capacity_bytes]:
+                    del fleet.vram[old.vram_capacity_bytes]
+        fleet.views[key] = cached
+        if view.vram_capacity_bytes:
+            fleet.vram[view.vram_capacity_bytes] += 1
+        if view.free_slots > 0 and view.ready and not view.cordoned:
+            fleet.usable.add(key)
+        else:
+            fleet.usable.discard(key)
+
+    def _take_touched(self, namespace: str) -> set[str]:
+        """The agents of `namespace` the change feed named since its last pass (caller holds the lock)."""
+        for key in self.state.take_touched_agents():
+            self._touched.setdefault(key.split("/", 1)[0], set()).add(key)
+        return self._touched.pop(namespace, set())
 
     def _start_binding(self, job: ObservedJob, b: placement.Binding) -> bool:
         attempt = max(1, job.status_attempt)

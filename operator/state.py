@@ -24,6 +24,7 @@ import bisect
 import dataclasses
 import datetime as dt
 import logging
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -208,6 +209,11 @@ class LeaseRecord:
     """Operator monotonic time when renew_time last changed."""
     held: bool = True
     """False once the holder released it (no holderIdentity): the agent shut down."""
+
+
+def _object_key(body: Mapping[str, Any]) -> str:
+    meta = body.get("metadata", {})
+    return f"{meta.get('namespace')}/{meta.get('name')}"
 
 
 def is_older(new_rv: str, old_rv: str) -> bool:
@@ -587,6 +593,8 @@ class State:
         """namespace -> pending jobs per artifact name (placement's `demand`)."""
         self.bound: dict[str, set[str]] = {}
         """agent key -> keys of non-terminal jobs labelled for it."""
+        self.bound_jobs = 0
+        """The jobs in `bound`, all agents together."""
         self.inflight: dict[str, str] = {}
         """job key -> agent key of bindings written (or being written) but not seen on the watch yet."""
         self.inflight_per_agent: Counter[str] = Counter()
@@ -615,6 +623,9 @@ class State:
         self.synced = threading.Event()
         self.touched_jobs: set[str] = set()
         """Jobs stored or forgotten since the reconciler last took them (`take_touched_jobs`)."""
+        self.touched_agents: set[str] = set()
+        """Agents whose CacheAgent, Lease or bound jobs changed since the scheduler last took them
+        (`take_touched_agents`)."""
         self.fleet_version = 0
         """Bumped on every CacheAgent or ModelCache change: the replica planner reruns when it moves."""
         self.sizes_version = 0
@@ -731,8 +742,11 @@ class State:
             self.pending_demand.setdefault(job.namespace, Counter()).update(job.artifacts)
         if job.bound_agent is not None and not job.terminal:
             agent_key = f"{job.namespace}/{job.bound_agent}"
-            self.bound.setdefault(agent_key, set()).add(job.key)
-            self.agent_jobs_version[agent_key] += 1
+            keys = self.bound.setdefault(agent_key, set())
+            if job.key not in keys:
+                keys.add(job.key)
+                self.bound_jobs += 1
+            self._agent_jobs_changed(agent_key)
         if job.bound_agent is not None or job.terminal:
             # The watch now shows the binding (or the job is over): the write is no longer in flight.
             self.clear_inflight(job.key)
@@ -758,10 +772,21 @@ class State:
             keys = self.bound.get(agent_key)
             if keys is not None and job.key in keys:
                 keys.discard(job.key)
-                self.agent_jobs_version[agent_key] += 1
+                self.bound_jobs -= 1
+                self._agent_jobs_changed(agent_key)
                 if not keys:
                     del self.bound[agent_key]
         self.fetch_failing_jobs.discard(job.key)
+
+    def _agent_jobs_changed(self, agent_key: str) -> None:
+        self.agent_jobs_version[agent_key] += 1
+        self.touched_agents.add(agent_key)
+
+    def take_touched_agents(self) -> set[str]:
+        """The agents touched since the last call (see `touched_agents`)."""
+        with self.lock:
+            touched, self.touched_agents = self.touched_agents, set()
+            return touched
 
     def set_inflight(self, job_key: str, agent_key: str) -> None:
         """A binding of `job_key` to `agent_key` is being written (caller holds the lock or not)."""
@@ -769,7 +794,7 @@ class State:
             self.clear_inflight(job_key)
             self.inflight[job_key] = agent_key
             self.inflight_per_agent[agent_key] += 1
-            self.agent_jobs_version[agent_key] += 1
+            self._agent_jobs_changed(agent_key)
 
     def clear_inflight(self, job_key: str) -> None:
         with self.lock:
@@ -778,13 +803,18 @@ class State:
                 self.inflight_per_agent[agent_key] -= 1
                 if self.inflight_per_agent[agent_key] <= 0:
                     del self.inflight_per_agent[agent_key]
-                self.agent_jobs_version[agent_key] += 1
+                self._agent_jobs_changed(agent_key)
 
     def upsert_agent(self, body: Mapping[str, Any]) -> None:
-        self._upsert_fleet(self.agents, agent_from_body, body, sizes=_reported_sizes)
+        self._upsert_fleet(self.agents, agent_from_body, body, sizes=_reported_sizes, on_stored=self._agent_stored)
+
+    def _agent_stored(self, agent: ObservedAgent) -> None:
+        self.touched_agents.add(agent.key)
 
     def delete_agent(self, body: Mapping[str, Any]) -> None:
-        self._delete_fleet(self.agents, body)
+        with self.lock:
+            self._delete_fleet(self.agents, body)
+            self.touched_agents.add(_object_key(body))
 
     def upsert_model(self, body: Mapping[str, Any]) -> None:
         self._upsert_fleet(self.models, model_from_body, body, on_stored=self._model_stored, sizes=_declared_size)
@@ -847,7 +877,7 @@ class State:
     def upsert_lease(self, body: Mapping[str, Any], *, now_mono: float) -> None:
         meta = body.get("metadata", {})
         spec = body.get("spec") or {}
-        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        key = _object_key(body)
         renew = spec.get("renewTime")
         duration = float(spec.get("leaseDurationSeconds") or 0)
         rv = str(meta.get("resourceVersion", ""))
@@ -861,12 +891,14 @@ class State:
                 self.leases[key] = LeaseRecord(rv, renew, duration, now_mono, held)
             else:
                 rec.resource_version, rec.duration_s, rec.held = rv, duration, held
+            self.touched_agents.add(key)
         self.changed.set()
 
     def delete_lease(self, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata", {})
+        key = _object_key(body)
         with self.lock:
-            self.leases.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
+            self.leases.pop(key, None)
+            self.touched_agents.add(key)
         self.changed.set()
 
     # -- queries (callers hold no lock; each takes it briefly)
@@ -881,15 +913,20 @@ class State:
         with self.lock:
             return [self._ready(key, now_mono, grace_s) for key in agent_keys]
 
-    def _ready(self, agent_key: str, now_mono: float, grace_s: float | None) -> bool:
+    def readiness(self, agent_key: str, *, now_mono: float, grace_s: float | None) -> tuple[bool, float, float]:
+        """(`agent_ready`, the monotonic time until which a renewal already seen keeps it ready, the
+        silence of the Lease watch after which an agent whose renewals stopped counts as ready anyway).
+        Caller holds the lock."""
         rec = self.leases.get(agent_key)
         if rec is None or rec.renew_time is None or not rec.held:
-            return False
+            return False, -math.inf, math.inf
         limit = grace_s if grace_s is not None else (rec.duration_s or 15.0)
-        if now_mono - rec.observed_at <= limit:
-            return True
+        until = rec.observed_at + limit
         # No news from the Lease watch at all: do not declare agents dead on a stuck stream.
-        return now_mono - self.last_lease_event > limit
+        return now_mono <= until or now_mono - self.last_lease_event > limit, until, limit
+
+    def _ready(self, agent_key: str, now_mono: float, grace_s: float | None) -> bool:
+        return self.readiness(agent_key, now_mono=now_mono, grace_s=grace_s)[0]
 
     def demand_per_minute(self, model_key: str, *, now: float) -> float:
         with self.lock:

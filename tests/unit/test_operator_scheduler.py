@@ -145,3 +145,48 @@ def test_a_checkpoint_of_unknown_size_is_not_planned_beyond_the_largest_vram_bud
     state.upsert_job(job("cold", "sd", 0))
     sched = Scheduler(state, writer, lease_grace_s=30.0)  # type: ignore[arg-type]
     assert sched.schedule_once(now=NOW, now_mono=1.0) == 1 and writer.submitted == ["ns/cold"]
+
+
+def test_a_pass_reads_only_the_agents_that_changed_and_still_sees_every_readiness_turn() -> None:
+    state, writer = State(), RecordingWriter()
+    fleet(state, [agent("a"), agent("b")])
+    state.upsert_job(job("j0", "nomodel", 0))  # stays pending (no ModelCache): every pass reads the fleet
+    sched = Scheduler(state, writer, lease_grace_s=30.0)  # type: ignore[arg-type]
+    reads: list[str] = []
+    readiness = state.readiness
+
+    def counted(key: str, **kw: Any) -> Any:
+        reads.append(key)
+        return readiness(key, **kw)
+
+    state.readiness = counted  # type: ignore[method-assign]
+
+    def passes(now_mono: float) -> dict[str, bool]:
+        reads.clear()
+        sched.schedule_once(now=NOW, now_mono=now_mono)
+        seen = {k: v.ready for k, (_, v) in sched._fleets["ns"].views.items()}
+        read_by_pass = list(reads)
+        # What reading every agent afresh would give:
+        assert seen == {k: state.agent_ready(k, now_mono=now_mono, grace_s=30.0) for k in state.agents}
+        reads[:] = read_by_pass
+        return seen
+
+    assert passes(1.0) == {"ns/a": True, "ns/b": True} and sorted(reads) == ["ns/a", "ns/b"]
+    assert passes(1.5) == {"ns/a": True, "ns/b": True} and reads == [], "nothing changed: no agent read"
+    renewed = lease("a")
+    renewed["spec"]["renewTime"] = "2026-01-01T00:00:02Z"
+    state.upsert_lease(renewed, now_mono=2.0)
+    assert passes(2.5) == {"ns/a": True, "ns/b": True} and reads == ["ns/a"]
+    assert passes(25.0) == {"ns/a": True, "ns/b": True} and len(reads) == 2, "every agent, every 10 s"
+    # b's renewal is 30 s old: it lapses without any event naming it.
+    assert passes(31.0) == {"ns/a": True, "ns/b": False} and reads == ["ns/b"]
+    # No Lease event for longer than the grace: a stuck watch, not a dead fleet.
+    assert passes(51.0) == {"ns/a": True, "ns/b": True}
+    renewed["spec"]["renewTime"] = "2026-01-01T00:00:52Z"
+    state.upsert_lease(renewed, now_mono=52.0)
+    assert passes(52.5) == {"ns/a": True, "ns/b": False}, "the watch speaks again: b's silence counts"
+    state.upsert_agent(agent("c"))
+    state.upsert_lease(lease("c"), now_mono=53.0)
+    state.delete_agent(agent("b"))
+    assert passes(53.5) == {"ns/a": True, "ns/c": True}
+    assert [v.name for v in sched._agent_views("ns", sched._fleets["ns"], 53.6)] == ["a", "c"]

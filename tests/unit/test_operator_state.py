@@ -88,7 +88,7 @@ def test_state_ignores_events_older_than_what_it_has() -> None:
     state.upsert_job(job_body(rv="15"))
     assert state.jobs["ns/j"].bound_agent == "a"
     assert "ns/j" not in state.pending
-    assert state.bound["ns/a"] == {"ns/j"}
+    assert state.bound["ns/a"] == {"ns/j"} and state.bound_jobs == 1
 
 
 def test_a_binding_stops_being_in_flight_once_the_watch_shows_the_label() -> None:
@@ -105,7 +105,7 @@ def test_deleting_a_job_forgets_it_everywhere() -> None:
     state = State()
     state.upsert_job(job_body(rv="2", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"}))
     state.delete_job(job_body(rv="3"))
-    assert state.jobs == {} and "ns/a" not in state.bound
+    assert state.jobs == {} and "ns/a" not in state.bound and state.bound_jobs == 0
 
 
 def unknown_model_job(i: int) -> dict[str, Any]:
