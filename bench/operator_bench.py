@@ -219,13 +219,20 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-class Sampler(threading.Thread):
-    """(monotonic time, operator CPU seconds, bindings seen) every 0.25 s, and the load average."""
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores; /proc/stat, idle and iowait excluded)."""
+    fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, pid: int, watcher: BindWatcher) -> None:
+
+class Sampler(threading.Thread):
+    """Every 0.25 s: (monotonic time, operator CPU seconds, bindings seen, CPU seconds of each of
+    `others`, busy seconds of the machine); and the load average."""
+
+    def __init__(self, pid: int, watcher: BindWatcher, others: dict[str, int]) -> None:
         super().__init__(daemon=True)
-        self.pid, self.watcher = pid, watcher
-        self.samples: list[tuple[float, float, int]] = []
+        self.pid, self.watcher, self.others = pid, watcher, others
+        self.samples: list[tuple[float, float, int, dict[str, float], float]] = []
         self.loads: list[float] = []
         self.stop_event = threading.Event()
 
@@ -233,18 +240,33 @@ class Sampler(threading.Thread):
         n = 0
         while not self.stop_event.wait(0.25):
             try:
-                self.samples.append((time.monotonic(), cpu_seconds(self.pid), len(self.watcher.bound)))
+                self.samples.append((time.monotonic(), cpu_seconds(self.pid), len(self.watcher.bound),
+                                     {name: cpu_seconds(pid) for name, pid in self.others.items()},
+                                     machine_busy_seconds()))
             except OSError:
                 return
             n += 1
             if n % 20 == 0:
                 self.loads.append(os.getloadavg()[0])
 
-    def cpu_between(self, t0: float, t1: float) -> float:
-        """Operator CPU seconds spent between two monotonic times (nearest samples)."""
+    def _around(self, t0: float, t1: float) -> tuple[tuple[float, float, int, dict[str, float], float], ...]:
         before = max((s for s in self.samples if s[0] <= t0), default=self.samples[0], key=lambda s: s[0])
         after = min((s for s in self.samples if s[0] >= t1), default=self.samples[-1], key=lambda s: s[0])
+        return before, after
+
+    def cpu_between(self, t0: float, t1: float) -> float:
+        """Operator CPU seconds spent between two monotonic times (nearest samples)."""
+        before, after = self._around(t0, t1)
         return after[1] - before[1]
+
+    def cores_between(self, t0: float, t1: float) -> dict[str, float]:
+        """Cores used on average between two monotonic times: the operator, each of `others`, the machine."""
+        before, after = self._around(t0, t1)
+        span = max(1e-9, after[0] - before[0])
+        cores = {"operator": (after[1] - before[1]) / span}
+        cores.update({name: (after[3][name] - before[3][name]) / span for name in self.others})
+        cores["machine"] = (after[4] - before[4]) / span
+        return cores
 
 
 class Profiler:
@@ -335,7 +357,7 @@ def run(args: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
             t_start = time.monotonic()
             op.start()
             assert op.proc is not None
-            sampler = Sampler(op.proc.pid, watcher)
+            sampler = Sampler(op.proc.pid, watcher, {m.name: m.proc.pid for m in cp.servers.values() if m.proc})
             sampler.start()
             prof = Profiler(op.proc.pid, work / "profile-backlog.raw") if args.profile else None
             if backlog:
@@ -346,6 +368,7 @@ def run(args: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
                     "jobs": len(backlog), "rate": (len(times) - 1) / max(1e-9, times[-1] - times[0]),
                     "all_bound_s": times[-1] - t_start, "first_s": times[0] - t_start,
                     "cpu_per_binding_ms": sampler.cpu_between(times[0], times[-1]) / max(1, len(times) - 1) * 1e3,
+                    "cores": sampler.cores_between(times[0], times[-1]),
                     "load": os.getloadavg()[0]}
                 print(f"backlog: {out['backlog']}", flush=True)
             else:
@@ -376,6 +399,7 @@ def run(args: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
                     "p99_ms": pct(lat, 99) * 1e3, "max_ms": max(lat) * 1e3,
                     "bind_rate": (len(times) - 1) / max(1e-9, times[-1] - times[0]),
                     "cpu_per_binding_ms": sampler.cpu_between(times[0], times[-1]) / max(1, len(times) - 1) * 1e3,
+                    "cores": sampler.cores_between(times[0], times[-1]),
                     "load": os.getloadavg()[0]}
                 print(f"paced: {out['paced']}", flush=True)
             per_agent = collections.Counter(watcher.agent_of.values())
@@ -429,6 +453,10 @@ def markdown(args: argparse.Namespace, r: dict[str, Any], load_start: float) -> 
     if cpu:
         rows.append("| operator CPU per binding | " + ", ".join(f"{name} **{ms:.2f} ms**" for name, ms in cpu)
                     + f" | <= 2 ms: {'met' if all(ms <= 2 for _, ms in cpu) else 'missed'} |")
+    shares = [(name, r[name]["cores"]) for name in ("backlog", "paced") if "cores" in r.get(name, {})]
+    if shares:
+        rows.append("| cores in use (of " + str(os.cpu_count()) + ") | " + "; ".join(
+            f"{name}: " + ", ".join(f"{who} {n:.2f}" for who, n in cores.items()) for name, cores in shares) + " | |")
     if "memory" in r:
         m = r["memory"]
         rows.append(f"| operator memory at {m['jobs']:,} jobs | RSS {m['rss_after'] / 2**20:.0f} MiB "
@@ -460,7 +488,9 @@ def markdown(args: argparse.Namespace, r: dict[str, Any], load_start: float) -> 
         "C: preconditioned merge patches of the binding's shape per second from 16 client threads, measured first "
         "in the same run. Backlog rate: bindings from the first to the last, as a watch saw them. Paced latency: "
         "from the create call returning to the label showing on a watch. CPU: the operator process's user + system "
-        "time between the phase's first and last binding, per binding (start-up excluded). Memory: resident set "
+        "time between the phase's first and last binding, per binding (start-up excluded). Cores in use: CPU seconds per "
+        "second over the same span, of each process and of the whole machine (the load generator and the watch "
+        "that times bindings are the rest). Memory: resident set "
         "of the operator process before and after the namespace grew to the stated number of jobs (most of them "
         "pending: the agents' slots are full), per job added.",
     ]

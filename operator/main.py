@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stoker import __version__, logs
@@ -109,7 +110,30 @@ def make_api_client(kubeconfig: str | None, *, pool_size: int) -> Any:
     else:
         config.load_incluster_config(client_configuration=cfg)
     cfg.connection_pool_maxsize = pool_size
+    if cfg.refresh_api_key_hook is not None:
+        cfg.refresh_api_key_hook = _at_most_every(_AUTH_REFRESH_S, cfg.refresh_api_key_hook)
     return client.ApiClient(cfg)
+
+
+_AUTH_REFRESH_S = 5.0
+"""How often the client's credentials are re-read: the kubernetes client's hook re-applies the whole
+configuration before every request (setting the host scans the proxy environment), while it reloads a
+token only once a minute (in-cluster) or five minutes before it expires (kubeconfig)."""
+
+
+def _at_most_every(period_s: float, hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    last = -math.inf
+
+    def throttled(cfg: Any) -> None:
+        nonlocal last, hook
+        now = time.monotonic()
+        if now - last >= period_s:
+            last = now
+            hook(cfg)
+            if cfg.refresh_api_key_hook is not throttled:  # the client's hook installs itself again
+                hook, cfg.refresh_api_key_hook = cfg.refresh_api_key_hook, throttled
+
+    return throttled
 
 
 class Operator:

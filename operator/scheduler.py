@@ -375,6 +375,7 @@ class Scheduler:
         metrics.BIND_LATENCY.observe(max(0.0, time.time() - job.created_at))
         # Take the response in at once so that no later pass sees this job as pending.
         self.state.upsert_job(body)
-        log.info("bound %s attempt %d to %s (%s hit): %s", job.key, attempt, agent, tier, why,
+        # At DEBUG: hundreds a second under load; the Scheduled Event and the 10 s summary say it.
+        log.debug("bound %s attempt %d to %s (%s hit): %s", job.key, attempt, agent, tier, why,
                  extra={"job": job.key, "agent": agent, "model": job.model, "attempt": attempt})
         self.writer.event(job.ref(), reason="Scheduled", message=f"attempt {attempt} bound to {agent}: {why}")

@@ -638,6 +638,10 @@ class State:
     # -- watch input
 
     def upsert_job(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        seen = self.jobs.get(_object_key(body))
+        if seen is not None and seen.resource_version == meta.get("resourceVersion") and seen.uid == meta.get("uid"):
+            return  # the same version again: the watch echoing a write whose response was taken in
         try:
             job = job_from_body(body)
         except StateError as exc:

@@ -687,3 +687,33 @@ def test_the_operator_registers_event_watchers_only_so_kopf_needs_no_diff_base()
     assert not registry._changing.get_all_handlers() and not registry._spawning.get_all_handlers()
     storage = main._no_diff_base()
     assert storage.build(body={"spec": {"model": "sd"}}) == {} and storage.fetch(body={}) is None
+
+
+def test_a_job_seen_again_at_the_version_stored_is_not_taken_in_twice() -> None:
+    state = State()
+    state.upsert_job(job_body(rv="11", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"}))
+    stored = state.jobs["ns/j"]
+    state.take_touched_jobs()
+    # The watch echoes the binding the operator already took in from the patch's response.
+    state.upsert_job(job_body(rv="11", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"}))
+    assert state.jobs["ns/j"] is stored and state.take_touched_jobs() == set()
+    state.upsert_job(job_body(rv="12", labels={"stoker.dev/agent": "a"}, annotations={"stoker.dev/attempt": "1"},
+                              status={"phase": "Running"}))
+    assert state.jobs["ns/j"].resource_version == "12" and state.take_touched_jobs() == {"ns/j"}
+
+
+def test_the_api_clients_credentials_are_applied_again_at_most_every_few_seconds(tmp_path: Any) -> None:
+    from stoker.operator import main
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:6443'}}]\n"
+        "users: [{name: u, user: {token: secret-token}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n")
+    cfg = main.make_api_client(str(kubeconfig), pool_size=4).configuration
+    assert cfg.get_api_key_with_prefix("BearerToken") == "Bearer secret-token"  # a request: the hook applies it
+    cfg.host = "https://127.0.0.2:6443"  # what applying it again would undo
+    for _ in range(3):
+        assert cfg.get_api_key_with_prefix("BearerToken") == "Bearer secret-token"
+    assert cfg.host == "https://127.0.0.2:6443", "applied once, not before every request"
