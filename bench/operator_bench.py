@@ -417,7 +417,10 @@ def run(args: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
                 rss_after = rss_bytes(op.proc.pid)
                 t_mem = time.monotonic()
                 cpu_idle_0 = cpu_seconds(op.proc.pid)
+                prof = Profiler(op.proc.pid, work / "profile-idle.raw") if args.profile else None
                 time.sleep(10.0)  # what holding them costs while nothing happens (no free slot is left)
+                if prof is not None:
+                    prof.stop()  # (raw stacks only: not summarised in the table)
                 out["memory"] = {
                     "jobs": args.memory_jobs, "added": len(more), "rss_before": rss_before, "rss_after": rss_after,
                     "per_job_bytes": (rss_after - rss_before) / max(1, len(more)),

@@ -1007,17 +1007,18 @@ class _Fleet:
                 free_dict = {n: None for n in holders if n in free}
             self.free_memo[key] = free_dict
         out: list[tuple[int, str]] = []
-        tiers: list[tuple[str, Tier | None]] = []
+        tiers: list[tuple[str, Tier | None]] | None = [] if self.observer is not None else None
         states, views = self.states, self.views
         for name in free_dict:
             if name in failed:
                 continue
             st = states.get(name)
             t = st.tier(key) if st is not None else _view_tier(views[name], key)
-            tiers.append((name, t))
+            if tiers is not None:
+                tiers.append((name, t))
             if t is not None:
                 out.append((_TIER_RANK[t], name))
-        if self.observer is not None:
+        if self.observer is not None and tiers is not None:
             self.observer.tiers(key, tiers)
         # The best `limit` by tier then name: which ones does not depend on the order agents were indexed in.
         return heapq.nsmallest(limit, out) if len(out) > limit else out

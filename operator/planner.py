@@ -616,8 +616,10 @@ class Planner:
             if name not in fleet.views:
                 continue
             read = known.get(name)
-            if read is not None and read.deep and read in changed:
-                continue  # weighed above
+            if read is not None and read.deep:
+                if read.option is _FULL:
+                    return False
+                continue  # weighed above if it changed; what it cost then bounds `runner_up`
             if read is None:
                 read = known[name] = _Read(name, fleet.views[name], fleet.log_of(name))
                 entry.reads.append(read)
