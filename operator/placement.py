@@ -504,8 +504,9 @@ class PassObserver(Protocol):
     def free_candidates(self, names: tuple[str, ...]) -> None:
         """It weighed the free holders `names` (up to `holder_candidates` of them, best tier first)."""
 
-    def busy_candidates(self, count: int) -> None:
-        """It found `count` busy holders of the checkpoint (up to twice `holder_candidates`)."""
+    def busy_candidates(self, count: int, cut: tuple[str, ...] | None) -> None:
+        """It found `count` busy holders of the checkpoint (up to twice `holder_candidates`); `cut`:
+        their names, when it stopped looking at that limit (then which ones depends on the order)."""
 
     def cold(self, picked: tuple[str, ...]) -> None:
         """It took `picked` from the ranking of all free agents for a cold load (see `_Fleet.cold_pick`)."""
@@ -1098,7 +1099,9 @@ class _Fleet:
         busy_cands = self.busy_holders(keys[0], 2 * cap, failed) if not aged else []
         busy_cands.sort()
         if self.observer is not None:
-            self.observer.busy_candidates(len(busy_cands))
+            # Past the limit, which busy holders were found depends on the order agents are indexed in.
+            cut = tuple(sorted(name for _, _, name in busy_cands)) if len(busy_cands) >= 2 * cap else None
+            self.observer.busy_candidates(len(busy_cands), cut)
             if len(busy_cands) > cap:
                 self.observer.truncated()
         for wait_lb, _, name in busy_cands[:cap]:
@@ -1177,10 +1180,11 @@ class _Fleet:
         """The free holders placing `job` would now weigh (see `PassObserver.free_candidates`)."""
         return tuple(self._free_candidates(job.artifact_keys, self._failed(job))[0])
 
-    def busy_candidates(self, job: JobView) -> int:
-        """How many busy holders of its checkpoint placing `job` would now find (see
+    def busy_candidates(self, job: JobView) -> tuple[str, ...]:
+        """The busy holders of its checkpoint placing `job` would now find, by name (see
         `PassObserver.busy_candidates`)."""
-        return len(self.busy_holders(job.artifact_keys[0], 2 * self.settings.holder_candidates, self._failed(job)))
+        found = self.busy_holders(job.artifact_keys[0], 2 * self.settings.holder_candidates, self._failed(job))
+        return tuple(sorted(name for _, _, name in found))
 
     def cold_pick(self, job: JobView) -> tuple[str, ...]:
         """The free agents placing `job` would now take from the cold ranking, when it looks

@@ -8,22 +8,26 @@ same virtual fleet (`placement.open_pass`), and remembers what each placement re
 earlier jobs of the pass did to it, and for each what it read (whether it has a free slot,
 the tier it holds an artifact in, its wait for a slot, the job's option on it or a lower
 bound of that); which agents hold the job's artifacts; the demand for the eviction victims
-it valued; the ranking of all free agents when it used it; the victim clock
-(`PlacementSettings.victim_clock_step_s`) and the job's age (past `max_hot_wait_age_s` or not).
+it valued; the free holders it weighed and the busy holders it found (both capped by
+`holder_candidates`); the free agents the ranking of all of them offered for a cold load,
+when it looked there; the victim clock (`PlacementSettings.victim_clock_step_s`) and the
+job's age (past `max_hot_wait_age_s` or not).
 
 On the next pass a job whose inputs are all unchanged is not placed again: what its
 placement did to the virtual fleet (taking the next slot of the agent it waits for) is
 replayed and its outcome reused, so later jobs see exactly the fleet they would have seen.
 When only some agents changed, the outcome of a job waiting for agent W still stands if W
 still holds its checkpoint with no free slot and its option on W (weighed again if W
-changed) still costs less than everything else did, and every changed or new agent's
-option (its lower bound first, weighed only if needed) costs strictly more than W's: the
+changed) still costs less than everything else did, no busy holder would now be left out
+by the cap, and every agent that changed, is new to its artifacts or is now a candidate
+(a free holder under the cap, an agent the cold ranking offers) has an option (its lower
+bound first, weighed only if needed) that costs strictly more than W's: the
 placement is the cheapest option weighed, and it skips only options that cannot beat the
 best, so the winner and whether it is weighed stay the same. A pass thus costs in
 proportion to what changed, and its decisions are `plan_placement`'s on the same arguments;
-a test checks that pass by pass on a simulated fleet. The caller must reuse an agent's
-`AgentView` object while the agent is unchanged (the operator reuses a view until its
-CacheAgent changes): a new object counts as a change.
+tests check that pass by pass on simulated fleets and on hundreds of random ones. The
+caller must reuse an agent's `AgentView` object while the agent is unchanged (the operator
+reuses a view until its CacheAgent changes): a new object counts as a change.
 
 Promises: a job first left waiting for a busy agent is promised the start time that wait
 implied. If it is still pending `margin_s + margin_share * wait` after that time, the
@@ -167,6 +171,8 @@ class _Entry:
     """The free holders it weighed."""
     busy: int
     """The busy holders of the checkpoint it found."""
+    busy_cut: tuple[str, ...] | None
+    """Their names, when it found as many as it looks for (which ones depends on the fleet's order)."""
     cold: tuple[str, ...] | None
     """The free agents it took from the ranking of all of them for a cold load, if it looked there."""
     truncated: bool
@@ -188,7 +194,8 @@ class _Entry:
 class _Observer:
     """Collects what one placement reads (see `placement.PassObserver`)."""
 
-    __slots__ = ("fleet", "reads", "keys", "noted", "noted_tiers", "all_agents", "free", "busy", "picked", "cut", "bounds")
+    __slots__ = ("fleet", "reads", "keys", "noted", "noted_tiers", "all_agents", "free", "busy", "busy_cut", "picked",
+                 "cut", "bounds")
 
     def __init__(self, fleet: placement._Fleet) -> None:
         self.fleet = fleet
@@ -205,6 +212,7 @@ class _Observer:
         self.all_agents = False
         self.free: tuple[str, ...] = ()
         self.busy = 0
+        self.busy_cut: tuple[str, ...] | None = None
         self.picked: tuple[str, ...] | None = None
         self.cut = False
         self.bounds: list[float] = []
@@ -263,8 +271,8 @@ class _Observer:
     def free_candidates(self, names: tuple[str, ...]) -> None:
         self.free = names
 
-    def busy_candidates(self, count: int) -> None:
-        self.busy = count
+    def busy_candidates(self, count: int, cut: tuple[str, ...] | None) -> None:
+        self.busy, self.busy_cut = count, cut
 
     def cold(self, picked: tuple[str, ...]) -> None:
         self.picked = picked
@@ -459,7 +467,7 @@ class Planner:
             job=job, outcome=outcome, effects=effects, pass_no=self._pass, now=now,
             victim_now=fleet.victim_now, aged=self._aged(job, now), links=self._links,
             reads=reads, keys=list(observer.keys.values()), fleet=observer.all_agents, cold_log=fleet.cold_log,
-            free=observer.free, busy=observer.busy, cold=observer.picked,
+            free=observer.free, busy=observer.busy, busy_cut=observer.busy_cut, cold=observer.picked,
             truncated=observer.cut, runner_up=runner_up,
         )
         if isinstance(outcome, Waiting) and not outcome.reserved:
@@ -519,6 +527,9 @@ class Planner:
                        and self._changed(entry, fleet, read)]
         else:
             changed = [read for read in entry.reads if self._changed(entry, fleet, read)]
+        if entry.busy_cut is not None and (anywhere or changed or newcomers):
+            if fleet.busy_candidates(job) != entry.busy_cut:
+                return False
         if changed or newcomers:
             winner = entry.winner()
             views = fleet.views
@@ -547,7 +558,7 @@ class Planner:
         cap = self.settings.holder_candidates
         moved = len(changed) + len(newcomers)
         if entry.busy + moved > cap:
-            entry.busy = fleet.busy_candidates(job)
+            entry.busy = len(fleet.busy_candidates(job))
             if entry.busy > cap:
                 return None
         if len(entry.free) < cap:

@@ -89,17 +89,19 @@ def random_job(rng: random.Random, key: str, now: float) -> JobView:
                    expected_run_s=rng.choice([None, 3.0, 10.0]))
 
 
-def test_the_planner_decides_as_plan_placement_while_random_agents_jobs_demand_and_time_change() -> None:
+@pytest.mark.parametrize(("holders", "cold", "agents", "seeds"), [(2, 2, 10, 400), (1, 1, 14, 200)])
+def test_the_planner_decides_as_plan_placement_while_random_agents_jobs_demand_and_time_change(
+        holders: int, cold: int, agents: int, seeds: int) -> None:
     # Small caps, so that candidates are left out, cold loads are ranked and aged jobs reserve agents.
-    settings = PlacementSettings(holder_candidates=2, cold_candidates=2, max_hot_wait_age_s=200.0)
+    settings = PlacementSettings(holder_candidates=holders, cold_candidates=cold, max_hot_wait_age_s=200.0)
     reused = placed = 0
     # Enough seeds to meet the rare turns: a new holder that pushes the one waited for past the cap,
     # a holder of a LoRA that now holds the checkpoint, a free holder that takes the place of one
-    # that turned busy.
-    for seed in range(400):
+    # that turned busy, more busy holders than are looked for (which ones depends on the fleet's order).
+    for seed in range(seeds):
         rng = random.Random(seed)
         planner, index = Planner(settings, promises=None), placement.FleetIndex()
-        fleet = [random_agent(rng, f"a{i}") for i in range(10)]
+        fleet = [random_agent(rng, f"a{i}") for i in range(agents)]
         now = 1000.0
         jobs = [random_job(rng, f"j{i}", now) for i in range(25)]
         serial = 25
