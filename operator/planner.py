@@ -507,6 +507,8 @@ class Planner:
         key_epoch = self._key_epoch
         any_gained = bool(fleet.gained)
         n = entry.pass_no
+        checkpoint = job.artifact_keys[0]
+        holders_moved = False
         for i, (key, gained, holders) in enumerate(entry.keys):
             now_gained = fleet.gained_of(key) if any_gained else ()
             if key_epoch.get(key, 0) <= n and now_gained == gained:
@@ -516,6 +518,7 @@ class Planner:
             current = frozenset(fleet.holder_names(key))
             newcomers.extend(current - holders)
             entry.keys[i] = (key, now_gained, current)
+            holders_moved = holders_moved or key == checkpoint
         if n == self._pass - 1:
             # Validated in the last pass: only agents that may differ from then, and victims whose
             # demand or copies moved, need a closer look.
@@ -527,7 +530,9 @@ class Planner:
                        and self._changed(entry, fleet, read)]
         else:
             changed = [read for read in entry.reads if self._changed(entry, fleet, read)]
-        if entry.busy_cut is not None and (anywhere or changed or newcomers):
+        if entry.busy_cut is not None and (holders_moved or self._holder_changed(entry, checkpoint, changed)):
+            # Which busy holders placement finds follows the order agents are indexed in, which moves
+            # when one of them changes.
             if fleet.busy_candidates(job) != entry.busy_cut:
                 return False
         if changed or newcomers:
@@ -548,6 +553,11 @@ class Planner:
         entry.victim_now = fleet.victim_now
         entry.pass_no = self._pass
         return True
+
+    @staticmethod
+    def _holder_changed(entry: _Entry, key: str, changed: list[_Read]) -> bool:
+        holders = next((h for k, _, h in entry.keys if k == key), None)
+        return holders is None or any(read.name in holders for read in changed)
 
     def _new_candidates(self, entry: _Entry, fleet: placement._Fleet, job: JobView, changed: list[_Read],
                         newcomers: list[str]) -> list[str] | None:
