@@ -495,6 +495,9 @@ class PassObserver(Protocol):
     def tiers(self, key: str, tiers: list[tuple[str, Tier | None]]) -> None:
         """It read the tier of `key` of each agent named (a `fact` of each)."""
 
+    def waits(self, waits: list[tuple[str, float]]) -> None:
+        """It read the wait for a slot of each agent named (a `fact` of each)."""
+
     def victims(self, name: str, vram: bool, keys: tuple[str, ...], decays: bool) -> None:
         """It valued eviction victims `keys` on agent `name` (by demand, and by the victim clock when `decays`)."""
 
@@ -1030,16 +1033,30 @@ class _Fleet:
         reading every one's wait for every job costs more than the choice among them gains."""
         out: list[tuple[float, int, str]] = []
         free = self.free_names
-        if self.observer is not None:
-            self.observer.holders(key, self.holder_names(key))
+        observer = self.observer
+        tiers: list[tuple[str, Tier | None]] | None = None
+        waits: list[tuple[str, float]] | None = None
+        if observer is not None:
+            observer.holders(key, self.holder_names(key))
+            tiers, waits = [], []
+        states, views = self.states, self.views
         for name in self.holder_names(key):
             if name in free or name in failed:
                 continue
-            t = self.tier_of(name, key)
+            st = states.get(name)
+            t = st.tier(key) if st is not None else _view_tier(views[name], key)
+            if tiers is not None:
+                tiers.append((name, t))
             if t is not None:
-                out.append((self._wait_lower_bound(name), _TIER_RANK[t], name))
+                wait = self._wait_of(name)
+                if waits is not None:
+                    waits.append((name, wait))
+                out.append((wait, _TIER_RANK[t], name))
                 if len(out) >= limit:
                     break
+        if observer is not None and tiers is not None and waits is not None:
+            observer.tiers(key, tiers)
+            observer.waits(waits)
         return out
 
     def peer_ready_s(self, key: str, exclude: str) -> float | None:
@@ -1274,11 +1291,14 @@ class _Fleet:
         return self._wait_lower_bound(name)
 
     def _wait_lower_bound(self, name: str) -> float:
-        st = self.states.get(name)
-        wait = st.start_wait_s() if st is not None else _first_free_s(self.views[name], self.settings)
+        wait = self._wait_of(name)
         if self.observer is not None:
             self.observer.fact(name, "wait", "", wait)
         return wait
+
+    def _wait_of(self, name: str) -> float:
+        st = self.states.get(name)
+        return st.start_wait_s() if st is not None else _first_free_s(self.views[name], self.settings)
 
     def _fits(self, view: AgentView, total: int) -> bool:
         if view.vram_capacity_bytes is not None and total > view.vram_capacity_bytes:

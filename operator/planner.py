@@ -194,7 +194,7 @@ class _Entry:
 class _Observer:
     """Collects what one placement reads (see `placement.PassObserver`)."""
 
-    __slots__ = ("fleet", "reads", "keys", "noted", "noted_tiers", "all_agents", "free", "busy", "busy_cut", "picked",
+    __slots__ = ("fleet", "reads", "keys", "noted", "noted_tiers", "noted_waits", "all_agents", "free", "busy", "busy_cut", "picked",
                  "cut", "bounds")
 
     def __init__(self, fleet: placement._Fleet) -> None:
@@ -208,7 +208,9 @@ class _Observer:
         """Artifact -> (agents that gained it earlier in the pass, its holders) as looked up; `finish`
         turns them into `keys` and facts."""
         self.noted_tiers: list[tuple[str, list[tuple[str, Tier | None]]]] = []
-        """Tiers read in bulk (of every free holder of an artifact), made facts in `finish`."""
+        """Tiers read in bulk (of the free or busy holders of an artifact), made facts in `finish`."""
+        self.noted_waits: list[list[tuple[str, float]]] = []
+        """Waits read in bulk (of the busy holders of the checkpoint), made facts in `finish`."""
         self.all_agents = False
         self.free: tuple[str, ...] = ()
         self.busy = 0
@@ -255,6 +257,9 @@ class _Observer:
     def tiers(self, key: str, tiers: list[tuple[str, Tier | None]]) -> None:
         self.noted_tiers.append((key, tiers))  # like `holders`: facts only for a job that is not bound
 
+    def waits(self, waits: list[tuple[str, float]]) -> None:
+        self.noted_waits.append(waits)
+
     def victims(self, name: str, vram: bool, keys: tuple[str, ...], decays: bool) -> None:
         read = self._read(name)
         read.victim_keys = read.victim_keys.union(keys)
@@ -291,6 +296,9 @@ class _Observer:
         for key, tiers in self.noted_tiers:
             for name, tier in tiers:
                 self.fact(name, "tier", key, tier)
+        for waits in self.noted_waits:
+            for name, wait in waits:
+                self.fact(name, "wait", "", wait)
         for key, (gained, names) in self.noted.items():
             holders = frozenset(names)
             self.keys[key] = (key, gained, holders)
