@@ -702,8 +702,11 @@ def test_a_job_seen_again_at_the_version_stored_is_not_taken_in_twice() -> None:
     assert state.jobs["ns/j"].resource_version == "12" and state.take_touched_jobs() == {"ns/j"}
 
 
-def test_the_api_clients_credentials_are_applied_again_at_most_every_few_seconds(tmp_path: Any) -> None:
+def test_the_api_clients_credentials_are_applied_again_at_most_every_few_seconds(tmp_path: Any,
+                                                                                  monkeypatch: Any) -> None:
     from stoker.operator import main
+
+    monkeypatch.setattr(main, "_AUTH_REFRESH_S", 3600.0)  # the mechanism, not the period: no clock in the test
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
