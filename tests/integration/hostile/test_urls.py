@@ -93,8 +93,14 @@ class TestCredentials:
                                            .get("conditions", []) if c["type"] == "Failed" and c["status"] == "True"),
                                           None), timeout_s=20, message="the ModelCache's Failed condition")
         assert condition["reason"] == "CredentialHostNotAllowed" and "nothing was sent" in condition["message"]
-        events = suite.admin.core.list_namespaced_event(suite.ns, field_selector=f"involvedObject.name={model}").items
-        assert any("CredentialHostNotAllowed" in (e.message or "") for e in events), [e.message for e in events]
+
+        def events() -> list[str]:
+            return [e.message or "" for e in suite.admin.core.list_namespaced_event(
+                suite.ns, field_selector=f"involvedObject.name={model}").items]
+
+        # The Event follows the status write, from the operator's background event writer.
+        wait_for(lambda: any("CredentialHostNotAllowed" in m for m in events()), timeout_s=20,
+                 message=lambda: f"the ModelCache's CredentialHostNotAllowed Event (events: {events()})")
         unharmed()
 
     def test_a_secret_that_was_not_declared_is_never_read_or_sent(self, suite, unharmed, hub) -> None:  # type: ignore[no-untyped-def]
