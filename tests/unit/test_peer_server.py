@@ -17,6 +17,7 @@ from stoker.agent.download import DownloadPolicy, Downloader
 from stoker.agent.metrics import AgentMetrics
 from stoker.agent.peer_server import PeerMetrics, PeerServer, PeerServerSettings, TokenBucket, blob_path, parse_range
 from stoker.testing.model_server import ModelServer
+from stoker.testing.operator_harness import wait_for
 from stoker.testing.raw_http import raw_get
 
 TOKEN = "peer-token-for-tests-0123456789"
@@ -69,7 +70,9 @@ class TestServing:
         assert r.content == DATA
         assert r.headers["etag"] == f'"{DIGEST}"' and r.headers["accept-ranges"] == "bytes"
         assert int(r.headers["content-length"]) == len(DATA)
-        assert peer.metrics.served_bytes._value.get() == len(DATA)
+        # Counted by the server once its last write returns, which may be just after the client has it all.
+        wait_for(lambda: peer.metrics.served_bytes._value.get() == len(DATA), timeout_s=10,
+                 message=lambda: f"served bytes counted: {peer.metrics.served_bytes._value.get()} of {len(DATA)}")
 
     def test_head_gives_the_size_without_the_body(self, peer: PeerServer) -> None:
         r = httpx.head(peer.url("127.0.0.1") + blob_path(DIGEST), headers={"Authorization": f"Bearer {TOKEN}"})
