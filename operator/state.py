@@ -708,7 +708,7 @@ class State:
 
     def delete_job(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata", {})
-        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        key = _object_key(body)
         with self.lock:
             old = self.jobs.get(key)
             if old is not None and old.uid == meta.get("uid", old.uid):
@@ -835,8 +835,7 @@ class State:
             return dict(self._model_uids)
 
     def delete_model(self, body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata", {})
-        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        key = _object_key(body)
         with self.lock:
             self._delete_fleet(self.models, body)
             if self._model_uids.pop(key, None) is not None:
@@ -871,9 +870,8 @@ class State:
         self.changed.set()
 
     def _delete_fleet(self, table: dict[str, Any], body: Mapping[str, Any]) -> None:
-        meta = body.get("metadata", {})
         with self.lock:
-            table.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
+            table.pop(_object_key(body), None)
             self.fleet_version += 1
             self.sizes_version += 1
         self.changed.set()
