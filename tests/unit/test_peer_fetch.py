@@ -16,10 +16,17 @@ import pytest
 from stoker.agent.download import DownloadPolicy, DownloadProgress, DownloadRequest, Downloader, partial_paths
 from stoker.agent.peer_fetch import PeerCandidate, PeerDirectory, PeerFetcher, peer_download_policy, valid_peer_url
 from stoker.agent.peer_server import PeerMetrics, PeerServer, PeerServerSettings
+from stoker.testing.operator_harness import wait_for
 
 TOKEN = "fleet-peer-token-0123456789abcdef"
 DATA = bytes((i * 7) % 251 for i in range(3 << 20))  # 3 MiB
 DIGEST = hashlib.sha256(DATA).hexdigest()
+
+
+def wait_served(server: PeerServer, expected: int) -> None:
+    """The server counts what it sent once its last write returns, which may be just after the client has it all."""
+    wait_for(lambda: server.metrics.served_bytes._value.get() == expected, timeout_s=10,
+             message=lambda: f"served bytes counted: {server.metrics.served_bytes._value.get()} of {expected}")
 
 
 def serve(tmp_path: pathlib.Path, name: str, content: bytes, *, rate: float = 0) -> PeerServer:
@@ -85,7 +92,7 @@ def test_a_model_comes_from_a_holder_verified_and_renamed_into_place(tmp_path: p
         result = f.fetch(req, model="sd", sha256=DIGEST, progress=DownloadProgress())
     assert result is not None and result.sha256 == DIGEST
     assert req.dest.read_bytes() == DATA and not partial_paths(req.dest)[0].exists()
-    assert a.metrics.served_bytes._value.get() == len(DATA)
+    wait_served(a, len(DATA))
     assert f.metrics.fetched_bytes._value.get() == len(DATA)
     assert reports == []
 
@@ -106,7 +113,7 @@ def test_a_holder_serving_wrong_bytes_is_detected_reported_and_bypassed(tmp_path
         fleet.hold("agent-good", good.url("127.0.0.1"))
         second = f.fetch(req, model="sd", sha256=DIGEST, progress=DownloadProgress())
     assert second is not None and req.dest.read_bytes() == DATA
-    assert bad.metrics.served_bytes._value.get() == len(DATA)  # served once, then bypassed
+    wait_served(bad, len(DATA))  # served once, then bypassed
     assert f.metrics.fetch_failures.labels("checksum_mismatch")._value.get() == 1
     assert len(reports) == 1
 
@@ -163,7 +170,7 @@ def test_a_holder_lost_mid_transfer_is_resumed_from_another_without_fetching_aga
         cut.close()
     assert result is not None and req.dest.read_bytes() == DATA
     assert result.resumed_bytes == kept
-    assert b.metrics.served_bytes._value.get() == len(DATA) - kept  # only the rest came from agent-b
+    wait_served(b, len(DATA) - kept)  # only the rest came from agent-b
 
 
 def test_with_no_holder_the_caller_goes_to_the_source_at_once(tmp_path: pathlib.Path, downloader: Downloader) -> None:
@@ -283,7 +290,7 @@ def test_two_disk_tiers_the_second_fetches_from_the_first_and_the_source_sees_on
                 path_b = await stores["agent-b"].ensure(published)
                 assert path_b.read_bytes() == path_a.read_bytes() == data
                 assert source.request_count("m.safetensors", method="GET") == 1
-                assert server_a.metrics.served_bytes._value.get() == len(data)
+                wait_served(server_a, len(data))
                 assert stores["agent-b"].snapshot().peer_bandwidth_bytes_per_s
                 assert stores["agent-b"].snapshot().download_bandwidth_bytes_per_s is None
                 # a damaged holder: agent-c detects it, goes to the source, and records no failure of the model
