@@ -901,15 +901,25 @@ class _Fleet:
         return heap
 
     def _remembered_cold_rank(self, name: str) -> float | None:
-        """The cold rank an untouched agent's view remembers, when it needed no room on disk and
-        what its free disk was counted with is unchanged; None otherwise. A large fleet is mostly
-        free agents nobody touched: ranking them must not build each one's state on every pass."""
+        """The cold rank an untouched agent's view remembers, when what it was worked out from is
+        unchanged (see `_cold_rank`); None otherwise. A large fleet is mostly free agents nobody
+        touched, and in steady state their disks are full: ranking them must not build each one's
+        state on every pass."""
         if name in self.states:
             return None
         view = self.views[name]
         memo = view._cold_rank
-        if memo is None or memo[0] is not self.settings:  # (the basis is the settings only when no room was needed)
+        if memo is None:
             return None
+        if memo[0] is not self.settings:
+            # It needed room: its disk victims must be valued alike (the same settings and sizes,
+            # hence the same committed bytes and free disk) and, in rank order, those it valued
+            # must be as much in demand.
+            ranked = bool(view.disk_rank_s)
+            if self._victim_memo(view, vram=False, ranked=ranked)[0] is not memo[0] or (
+                    ranked and memo[1] != self._capped_demand(memo[2])):
+                return None
+            return memo[3]
         if view.disk_capacity_bytes is not None:
             committed = view._committed
             if committed is None or committed[0] is not self.sizes or committed[1] is not self.settings:
@@ -931,7 +941,7 @@ class _Fleet:
         view = st.view
         need_room = st.disk_free < s.reference_size_bytes
         ranked = need_room and bool(st.ranks)
-        basis: object = self._victim_memo(st, vram=False, ranked=ranked)[0] if need_room else s
+        basis: object = self._victim_memo(view, vram=False, ranked=ranked)[0] if need_room else s
         remembered = view._cold_rank
         if remembered is not None and remembered[0] is basis and (
                 not ranked or remembered[1] == self._capped_demand(remembered[2])):
@@ -1456,7 +1466,7 @@ class _Fleet:
         if st.version == 0:
             # The agent as its view shows it: the view keeps its victims between passes while they are
             # valued alike (same settings, sizes and victim clock, and demand unless in rank order).
-            memo_key, hit = self._victim_memo(st, vram=vram, ranked=ranked)
+            memo_key, hit = self._victim_memo(st.view, vram=vram, ranked=ranked)
             if hit is not None:
                 st.victims[vram] = hit
                 return hit
@@ -1508,12 +1518,12 @@ class _Fleet:
             weight += use
         return weight * size / st.dl  # less for a duplicate: see `_evict`
 
-    def _victim_memo(self, st: _Agent, *, vram: bool, ranked: bool
+    def _victim_memo(self, view: AgentView, *, vram: bool, ranked: bool
                      ) -> tuple[list[object], tuple[tuple[float, str, int, float | None], ...] | None]:
         """What the victims of an unchanged agent's tier are valued with beyond its view
         (settings, sizes, victim clock, and demand for each resident unless in rank order), and
         the victims its view remembers when they were valued with the same."""
-        memo = st.view._victims
+        memo = view._victims
         hit = memo.get(vram) if memo is not None else None
         clock = self.victim_now if ranked else None
         demand = self.demand
@@ -1523,7 +1533,7 @@ class _Fleet:
                 if ranked or key[3] is demand:
                     return key, hit[1]  # type: ignore[return-value]
                 cap = self.settings.evict_demand_cap
-                wants = tuple(min(demand.get(k, 0), cap) for k in (st.vram if vram else st.disk))
+                wants = tuple(min(demand.get(k, 0), cap) for k in (view.vram if vram else view.disk))
                 if wants == key[4]:
                     key[3] = demand  # the same for these residents: compare by identity next time
                     return key, hit[1]  # type: ignore[return-value]
@@ -1531,7 +1541,7 @@ class _Fleet:
         if ranked:
             return [self.settings, self.sizes, clock, None, None], None
         cap = self.settings.evict_demand_cap
-        wants = tuple(min(demand.get(k, 0), cap) for k in (st.vram if vram else st.disk))
+        wants = tuple(min(demand.get(k, 0), cap) for k in (view.vram if vram else view.disk))
         return [self.settings, self.sizes, clock, demand, wants], None
 
     def _evict(

@@ -124,6 +124,31 @@ def test_the_planner_decides_as_plan_placement_while_random_agents_jobs_demand_a
     assert reused > 0, (reused, placed)
 
 
+@pytest.mark.parametrize(("holders", "cold", "agents"), [(2, 2, 10), (1, 1, 14)])
+def test_views_that_remember_earlier_passes_give_the_plans_of_fresh_views(holders: int, cold: int, agents: int) -> None:
+    # Views keep what placement worked out (victims, cold ranks, committed disk) for the next pass;
+    # demand, the clock and other agents move under them. A copy of each view remembers nothing.
+    settings = PlacementSettings(holder_candidates=holders, cold_candidates=cold, max_hot_wait_age_s=200.0)
+    for seed in range(100):
+        rng = random.Random(seed)
+        fleet = [random_agent(rng, f"a{i}") for i in range(agents)]
+        now = 1000.0
+        jobs = [random_job(rng, f"j{i}", now) for i in range(25)]
+        for step in range(60):
+            i = rng.randrange(len(fleet))
+            if rng.random() < 0.5:
+                fleet[i] = dataclasses.replace(fleet[i], free_slots=rng.randint(0, fleet[i].slots + fleet[i].queue_slots))
+            if rng.random() < 0.3:
+                jobs.append(random_job(rng, f"j{seed}-{step}", now))
+            now += rng.choice([0.5, 2.0, 30.0, 70.0])
+            kept = placement.plan_placement(jobs, fleet, ARTS, now=now, settings=settings)
+            bare = placement.plan_placement(jobs, [dataclasses.replace(v) for v in fleet], ARTS, now=now,
+                                            settings=settings)
+            assert same(kept, bare), (seed, step)
+            bound = {b.job_key for b in kept.bindings}
+            jobs = [j for j in jobs if j.key not in bound]
+
+
 def busy_holder_and_cold_agent(*, remaining_s: float = 5.0) -> list[AgentView]:
     hot = AgentView(name="hot", slots=1, free_slots=0, running_remaining_s=(remaining_s,), vram_capacity_bytes=24 * GB,
                     vram_free_bytes=0, vram=frozenset({"m0"}), disk=frozenset({"m0"}), disk_capacity_bytes=50 * GB,
