@@ -684,6 +684,28 @@ def _links(v: AgentView) -> tuple[tuple[str, float | None], ...]:
     return (*links, ("peer", v.peer_bps)) if v.serves_peers else links
 
 
+def _carry_victims(old: AgentView, new: AgentView) -> None:
+    """Let a new view of an agent keep the victims its last view worked out for a tier whose
+    residents, pins, ranks and speeds are unchanged (what `_Fleet._victims` values them from
+    beyond what `_Fleet._victim_memo` checks): an agent reports often (a slot, a rank), its
+    residents change seldom, and valuing them is much of a pass."""
+    memo = old._victims
+    if memo is None or new._victims is not None or old.name != new.name:
+        return
+    kept: dict[bool, tuple[list[object], tuple[tuple[float, str, int, float], ...]]] = {}
+    if False in memo and (old.disk == new.disk and old.disk_rank_s == new.disk_rank_s
+                          and old.download_bps == new.download_bps
+                          and old.held == new.held and old.preloaded == new.preloaded):
+        kept[False] = memo[False]
+    if True in memo and (old.vram == new.vram and old.ram == new.ram and old.disk == new.disk
+                         and old.held_hot == new.held_hot
+                         and (old.download_bps, old.disk_to_gpu_bps, old.ram_to_gpu_bps)
+                         == (new.download_bps, new.disk_to_gpu_bps, new.ram_to_gpu_bps)):
+        kept[True] = memo[True]
+    if kept:
+        object.__setattr__(new, "_victims", kept)
+
+
 class FleetIndex:
     """Optional accelerator for callers that plan many passes over a slowly changing fleet.
 
@@ -721,6 +743,7 @@ class FleetIndex:
             for v in prev[n:]:
                 self._remove(v)
             for i in changed:
+                _carry_victims(prev[i], agents[i])
                 self._add(agents[i])
             for v in agents[n:]:
                 self._add(v)
@@ -1522,27 +1545,30 @@ class _Fleet:
                      ) -> tuple[list[object], tuple[tuple[float, str, int, float | None], ...] | None]:
         """What the victims of an unchanged agent's tier are valued with beyond its view
         (settings, sizes, victim clock, and demand for each resident unless in rank order), and
-        the victims its view remembers when they were valued with the same."""
+        the victims its view remembers when they were valued with the same. The demand is kept
+        in the order of the residents it was counted for (a later view of the same residents,
+        see `_carry_victims`, may list them in another order)."""
         memo = view._victims
         hit = memo.get(vram) if memo is not None else None
         clock = self.victim_now if ranked else None
         demand = self.demand
+        cap = self.settings.evict_demand_cap
         if hit is not None:
             key = hit[0]
             if key[0] is self.settings and key[1] is self.sizes and key[2] == clock:
                 if ranked or key[3] is demand:
                     return key, hit[1]  # type: ignore[return-value]
-                cap = self.settings.evict_demand_cap
-                wants = tuple(min(demand.get(k, 0), cap) for k in (view.vram if vram else view.disk))
+                residents: tuple[str, ...] = key[5]  # type: ignore[assignment]
+                wants = tuple(min(demand.get(k, 0), cap) for k in residents)
                 if wants == key[4]:
                     key[3] = demand  # the same for these residents: compare by identity next time
                     return key, hit[1]  # type: ignore[return-value]
-                return [self.settings, self.sizes, clock, demand, wants], None
+                return [self.settings, self.sizes, clock, demand, wants, residents], None
         if ranked:
-            return [self.settings, self.sizes, clock, None, None], None
-        cap = self.settings.evict_demand_cap
-        wants = tuple(min(demand.get(k, 0), cap) for k in (view.vram if vram else view.disk))
-        return [self.settings, self.sizes, clock, demand, wants], None
+            return [self.settings, self.sizes, clock, None, None, None], None
+        residents = tuple(view.vram if vram else view.disk)
+        wants = tuple(min(demand.get(k, 0), cap) for k in residents)
+        return [self.settings, self.sizes, clock, demand, wants, residents], None
 
     def _evict(
         self, st: _Agent, *, vram: bool, need: int, exclude: Iterable[str], ignore_in_use: bool,

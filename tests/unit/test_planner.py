@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 import pytest
 
@@ -124,26 +125,54 @@ def test_the_planner_decides_as_plan_placement_while_random_agents_jobs_demand_a
     assert reused > 0, (reused, placed)
 
 
+def changed_report(rng: random.Random, view: AgentView) -> AgentView:
+    """The agent's next report: mostly its slots, sometimes its ranks or residents' order too."""
+    changes: dict[str, Any] = {"free_slots": rng.randint(0, view.slots + view.queue_slots)}
+    if rng.random() < 0.3:
+        changes["disk_rank_s"] = {k: r + rng.choice([0.0, 60.0]) for k, r in view.disk_rank_s.items()}
+    if rng.random() < 0.1:
+        changes["download_bps"] = rng.choice([200e6, 2e9])
+    if rng.random() < 0.1:
+        changes["disk_to_gpu_bps"] = rng.choice([None, 5e8, 4e9])
+    if rng.random() < 0.1:
+        changes["held_hot"] = frozenset(rng.sample(sorted(view.vram), len(view.vram) - len(view.held_hot) and 1))
+    if rng.random() < 0.1:
+        changes["ram"] = view.vram - view.ram
+    if rng.random() < 0.1:
+        changes["held"] = frozenset(rng.sample(sorted(view.disk - view.held), 1)) if not view.held else frozenset()
+    if rng.random() < 0.1:  # a model evicted from disk (loaded or not), or one more downloaded
+        key = rng.choice(sorted(set(ARTS) - view.held - view.in_use))
+        changes["disk"] = view.disk ^ {key}
+        if view.disk_rank_s:
+            changes["disk_rank_s"] = {k: view.disk_rank_s.get(k, 7200.0) for k in sorted(changes["disk"])}
+    return dataclasses.replace(view, **changes)
+
+
 @pytest.mark.parametrize(("holders", "cold", "agents"), [(2, 2, 10), (1, 1, 14)])
 def test_views_that_remember_earlier_passes_give_the_plans_of_fresh_views(holders: int, cold: int, agents: int) -> None:
-    # Views keep what placement worked out (victims, cold ranks, committed disk) for the next pass;
-    # demand, the clock and other agents move under them. A copy of each view remembers nothing.
+    # Views keep what placement worked out (victims, cold ranks, committed disk) for the next pass,
+    # and a kept index hands victims on to an agent's next view; demand, the clock and other agents
+    # move under them. A copy of each view remembers nothing; listed in the index's order, it is
+    # placed with the same holders looked at first.
     settings = PlacementSettings(holder_candidates=holders, cold_candidates=cold, max_hot_wait_age_s=200.0)
     for seed in range(100):
         rng = random.Random(seed)
+        # Some agents rank their disk (LRU, frequency), the others leave it to placement.
         fleet = [random_agent(rng, f"a{i}") for i in range(agents)]
+        fleet = [dataclasses.replace(v, disk_rank_s={}) if rng.random() < 0.4 else v for v in fleet]
+        index = placement.FleetIndex()
         now = 1000.0
         jobs = [random_job(rng, f"j{i}", now) for i in range(25)]
         for step in range(60):
             i = rng.randrange(len(fleet))
             if rng.random() < 0.5:
-                fleet[i] = dataclasses.replace(fleet[i], free_slots=rng.randint(0, fleet[i].slots + fleet[i].queue_slots))
+                fleet[i] = changed_report(rng, fleet[i])
             if rng.random() < 0.3:
                 jobs.append(random_job(rng, f"j{seed}-{step}", now))
             now += rng.choice([0.5, 2.0, 30.0, 70.0])
-            kept = placement.plan_placement(jobs, fleet, ARTS, now=now, settings=settings)
-            bare = placement.plan_placement(jobs, [dataclasses.replace(v) for v in fleet], ARTS, now=now,
-                                            settings=settings)
+            kept = placement.plan_placement(jobs, fleet, ARTS, now=now, settings=settings, index=index)
+            bare = placement.plan_placement(jobs, [dataclasses.replace(v) for v in index.views.values()], ARTS,
+                                            now=now, settings=settings)
             assert same(kept, bare), (seed, step)
             bound = {b.job_key for b in kept.bindings}
             jobs = [j for j in jobs if j.key not in bound]
