@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stoker import __version__, logs
+from stoker.operator import gc_policy
 from stoker.operator.placement import PlacementSettings
 
 log = logging.getLogger("stoker.operator")
@@ -234,9 +235,11 @@ class Operator:
     def control_loop(self) -> None:
         last_reconcile = last_replicas = last_summary = last_pending = 0.0
         last_fleet = -1
+        collector = gc_policy.Collector()
         while not self.stop.is_set():
             self.state.changed.wait(0.25)
             self.state.changed.clear()
+            collector.tick(time.monotonic())
             if self.stop.is_set() or not self.leader.is_leader():
                 continue
             try:
