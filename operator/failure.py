@@ -95,6 +95,8 @@ class Reconciler:
         models, when a deadline or TTL falls due). A job is looked at again only when one of
         them changes: a pass costs in proportion to what changed, not to every job kept."""
         self._failed: frozenset[str] = frozenset()
+        self._settled: dict[str, tuple[ObservedAgent, bool]] = {}
+        """Agents whose Ready condition already said their readiness: (the agent as seen, ready)."""
         self._active: set[str] = set()
         """Jobs the last pass looked at and did not find quiet (a write started, or one could not
         start): looked at again on the next pass."""
@@ -118,9 +120,14 @@ class Reconciler:
         metrics.AGENTS.set(len(agents))
         metrics.READY_AGENTS.set(sum(ready.values()))
         started = 0
+        settled = self._settled
+        if len(settled) > len(agents):
+            self._settled = settled = {k: v for k, v in settled.items() if k in ready}
         for a in agents:
-            started += self._agent_condition(a, ready[a.key])
-        failed_models = st.update_source_health(now=now, now_mono=now_mono, grace_s=self.lease_grace_s)
+            seen = settled.get(a.key)
+            if seen is None or seen[0] is not a or seen[1] != ready[a.key]:
+                started += self._agent_condition(a, ready[a.key])
+        failed_models = st.update_source_health(now=now, now_mono=now_mono, grace_s=self.lease_grace_s, ready=ready)
         metrics.SOURCE_FAILED_MODELS.set(len(failed_models))
         failed = frozenset(failed_models)
         moved = failed != self._failed
@@ -203,6 +210,7 @@ class Reconciler:
         current = next((c for c in (status.conditions if status else []) if c.type == "Ready"), None)
         want = ConditionStatus.TRUE if ready else ConditionStatus.FALSE
         if current is not None and current.status == want:
+            self._settled[agent.key] = (agent, ready)  # nothing to do until either changes
             return 0
         key = f"ca:{agent.key}"
         if not self.writer.may_act(key, agent.resource_version):

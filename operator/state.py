@@ -634,6 +634,9 @@ class State:
         self.uids_version = 0
         """Bumped when a ModelCache appears, goes, or is created again under its name (another uid)."""
         self._model_uids: dict[str, str] = {}
+        self._copy_keys: dict[str, tuple[ObservedAgent, int, list[str]]] = {}
+        """Agent key -> (the agent as last seen, uids_version, its current copies' model keys), for
+        `update_source_health`; used only by the thread that calls it."""
 
     # -- watch input
 
@@ -949,50 +952,54 @@ class State:
                 in_use.update(self.jobs[jk].artifacts)
             return len(keys) + self.inflight_per_agent.get(agent_key, 0), frozenset(in_use)
 
-    def update_source_health(self, *, now: float, now_mono: float, grace_s: float | None) -> dict[str, sourcehealth.SourceVerdict]:
-        """Recompute which model sources count as Failed (see `sourcehealth`), store and return it."""
+    def update_source_health(self, *, now: float, now_mono: float, grace_s: float | None,
+                             ready: Mapping[str, bool] | None = None) -> dict[str, sourcehealth.SourceVerdict]:
+        """Recompute which model sources count as Failed (see `sourcehealth`), store and return it.
+        `ready`: each agent's readiness when the caller has just worked it out."""
         with self.lock:
             agents = list(self.agents.values())
             failing = [self.jobs[k] for k in self.fetch_failing_jobs if k in self.jobs]
-            models = {k: m.identity() for k, m in self.models.items()}
-            uids = dict(self._model_uids)
+            models = list(self.models.values())
+            uids, uids_version = dict(self._model_uids), self.uids_version
+        identities = {m.key: m.identity() for m in models}
+        # Per namespace: the disk budgets of its Ready agents, and per model what is known of its
+        # size (the spec's hint, sizes the source announced to agents of the current ModelCache).
+        known: dict[str, tuple[list[int], dict[str, list[int]]]] = {}
+        for m in models:
+            hint = m.resource.spec.source.size_bytes
+            known.setdefault(m.namespace, ([], {}))[1].setdefault(m.key, []).extend([hint] if hint else [])
         failures: list[sourcehealth.FetchFailure] = []
         with_copy: set[str] = set()
+        memo = self._copy_keys
         for a in agents:
-            if a.resource.status is None or not self.agent_ready(a.key, now_mono=now_mono, grace_s=grace_s):
+            st = a.resource.status
+            if st is None or not (ready[a.key] if ready is not None and a.key in ready
+                                  else self.agent_ready(a.key, now_mono=now_mono, grace_s=grace_s)):
                 continue
-            with_copy.update(f"{a.namespace}/{m.name}" for m in current_copies(a, uids))
-            failures.extend(agent_fetch_failures(a, now=now))
+            # An agent's copies change only with its report (or a ModelCache's uid): worked out once per
+            # report, not on every pass over a large fleet.
+            held = memo.get(a.key)
+            if held is None or held[0] is not a or held[1] != uids_version:
+                held = memo[a.key] = (a, uids_version, [f"{a.namespace}/{m.name}" for m in current_copies(a, uids)])
+            with_copy.update(held[2])
+            budgets, sizes = known.setdefault(a.namespace, ([], {}))
+            budgets.append(st.disk.budget_bytes)
+            if st.model_failures:
+                failures.extend(agent_fetch_failures(a, now=now))
+                for f in st.model_failures:
+                    key = f"{a.namespace}/{f.name}"
+                    if f.size_bytes and key in identities and (f.uid is None or f.uid == identities[key].uid):
+                        sizes.setdefault(key, []).append(f.size_bytes)
+        if len(memo) > len(agents):
+            for key in memo.keys() - {a.key for a in agents}:
+                del memo[key]
         for job in failing:
             failures.extend(job_fetch_failures(job, now=now))
-        verdicts = sourcehealth.plan_source_health(failures, with_copy=with_copy, now=now, models=models,
+        verdicts = sourcehealth.plan_source_health(failures, with_copy=with_copy, now=now, models=identities,
                                                    settings=self.source_settings)
-        for namespace, (budgets, sizes) in self._known_sizes(agents, now_mono=now_mono, grace_s=grace_s).items():
+        for namespace, (budgets, sizes) in known.items():
             for key, verdict in sourcehealth.plan_oversize(sizes, budgets=budgets, with_copy=with_copy).items():
                 verdicts.setdefault(key, verdict)
         with self.lock:
             self.source_failed = verdicts
         return verdicts
-
-    def _known_sizes(self, agents: list[ObservedAgent], *, now_mono: float, grace_s: float | None
-                     ) -> dict[str, tuple[list[int], dict[str, list[int]]]]:
-        """Per namespace: the disk budgets of its Ready agents, and per model what is known of its size
-        (the spec's hint, sizes the source announced to agents of the current ModelCache)."""
-        out: dict[str, tuple[list[int], dict[str, list[int]]]] = {}
-        with self.lock:
-            models = list(self.models.values())
-        for m in models:
-            hint = m.resource.spec.source.size_bytes
-            out.setdefault(m.namespace, ([], {}))[1].setdefault(m.key, []).extend([hint] if hint else [])
-        identities = {m.key: m.identity() for m in models}
-        for a in agents:
-            st = a.resource.status
-            if st is None or not self.agent_ready(a.key, now_mono=now_mono, grace_s=grace_s):
-                continue
-            budgets, sizes = out.setdefault(a.namespace, ([], {}))
-            budgets.append(st.disk.budget_bytes)
-            for f in st.model_failures:
-                key = f"{a.namespace}/{f.name}"
-                if f.size_bytes and key in identities and (f.uid is None or f.uid == identities[key].uid):
-                    sizes.setdefault(key, []).append(f.size_bytes)
-        return out
