@@ -22,6 +22,7 @@ SourceRecovered (Failed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -63,6 +64,14 @@ class Copies:
     """How many agents report each digest for their copy (downloaded copies only)."""
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _copy_entry(agent: str, tier: str, held: bool) -> dict[str, Any]:
+    """A status `agents` entry (shared between calls: never modified). The same few per agent
+    turn up on every pass over a large fleet; validating and dumping each one every time cost
+    more than the replica plan."""
+    return ModelCopy(agent=agent, tier=tier, held=held).wire()  # type: ignore[arg-type]
+
+
 def copies_by_model(agents: list[ObservedAgent], model_uids: dict[str, str]) -> dict[str, Copies]:
     """Model name -> its copies on `agents` (one namespace's): one pass over the agents. A copy fetched
     for an earlier ModelCache of the same name (another uid) is nobody's copy (see current_copies)."""
@@ -78,8 +87,7 @@ def copies_by_model(agents: list[ObservedAgent], model_uids: dict[str, str]) -> 
         for entry in current_copies(a, model_uids):
             if entry.name not in seen:
                 seen.add(entry.name)
-                entries.setdefault(entry.name, []).append(
-                    ModelCopy(agent=a.name, tier=entry.tier, held=entry.name in held).wire())
+                entries.setdefault(entry.name, []).append(_copy_entry(a.name, entry.tier, entry.name in held))
                 if entry.size_bytes > 0:
                     sizes.setdefault(entry.name, entry.size_bytes)
                 if entry.sha256:
@@ -88,8 +96,7 @@ def copies_by_model(agents: list[ObservedAgent], model_uids: dict[str, str]) -> 
         for d in status.downloads:
             if d.name not in seen:
                 seen.add(d.name)
-                entries.setdefault(d.name, []).append(
-                    ModelCopy(agent=a.name, tier="downloading", held=d.name in held).wire())
+                entries.setdefault(d.name, []).append(_copy_entry(a.name, "downloading", d.name in held))
     return {name: Copies(found, sizes.get(name), digests.get(name, {})) for name, found in entries.items()}
 
 
@@ -141,6 +148,8 @@ class ReplicaShell:
         self.settings = settings
         self.demand_refresh_s = demand_refresh_s
         self._status_written: dict[str, float] = {}
+        self._wired: dict[str, tuple[ModelCacheStatus, dict[str, Any]]] = {}
+        """Model key -> (its status as last seen, that status's wire form): dumped once per change."""
         self._views: dict[str, tuple[tuple[str, bool, int], placement.AgentView]] = {}
 
     def apply_once(self, *, now: float | None = None, now_mono: float | None = None) -> int:
@@ -155,6 +164,8 @@ class ReplicaShell:
         shortfall = hot_shortfall = 0
         # Views of agents that are gone are dropped with this pass.
         self._views = {a.key: self._views[a.key] for a in agents if a.key in self._views}
+        if len(self._wired) > len(models):
+            self._wired = {m.key: self._wired[m.key] for m in models if m.key in self._wired}
         for ns in sorted({m.namespace for m in models} | {a.namespace for a in agents}):
             ns_models = [m for m in models if m.namespace == ns]
             ns_agents = [a for a in agents if a.namespace == ns]
@@ -329,7 +340,10 @@ class ReplicaShell:
                                       if rank is not None and rank.counted_through_s is not None else None),
             "conditions": conditions,
         }
-        if not is_status_write_due(old.wire(), new, since_write_s=now - self._status_written.get(model.key, -math.inf),
+        wired = self._wired.get(model.key)
+        if wired is None or wired[0] is not old:
+            wired = self._wired[model.key] = (old, old.wire())
+        if not is_status_write_due(wired[1], new, since_write_s=now - self._status_written.get(model.key, -math.inf),
                                    refresh_s=self.demand_refresh_s):
             return 0
         new = {k: v for k, v in new.items() if v is not None}
