@@ -135,7 +135,8 @@ def changed_report(rng: random.Random, view: AgentView) -> AgentView:
     if rng.random() < 0.1:
         changes["disk_to_gpu_bps"] = rng.choice([None, 5e8, 4e9])
     if rng.random() < 0.1:
-        changes["held_hot"] = frozenset(rng.sample(sorted(view.vram), len(view.vram) - len(view.held_hot) and 1))
+        unheld = sorted(view.vram - view.held_hot)  # one more kept loaded as a hot replica, or none
+        changes["held_hot"] = frozenset(rng.sample(unheld, 1)) if unheld else frozenset()
     if rng.random() < 0.1:
         changes["ram"] = view.vram - view.ram
     if rng.random() < 0.1:
